@@ -1,0 +1,469 @@
+"""Typed configuration: dataclasses, YAML files, ``--set key=value`` overrides, validation.
+
+Every field is checked before training starts; a bad one raises :class:`ConfigError` naming the
+field (``optim.base_lr``), what it got and what it accepts. Fields left ``null`` take the chosen
+method's published value when the config is resolved (:func:`resolve`), so switching
+``method=siammae`` on the command line also switches its mask ratio and crop scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from siamae.errors import ConfigError
+
+Arch = Literal["vit_tiny", "vit_small", "vit_base", "vit_large"]
+ViewStrategy = Literal["global_to_local", "local_to_global", "random", "same"]
+SourceKind = Literal["images", "synthetic", "videos", "frames"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+
+
+@dataclass
+class ModelConfig:
+    """The encoder."""
+
+    arch: Arch = "vit_small"
+    patch_size: int = 16
+    img_size: int = 224
+    drop_path: float = 0.0
+
+
+@dataclass
+class DecoderConfig:
+    """The decoder; ``null`` fields take the method's published value."""
+
+    dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_dim: int | None = None
+    dropout: float | None = None
+    norm_style: Literal["post", "pre"] | None = None
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how views are made (views are made in loader workers)."""
+
+    source: SourceKind = "images"
+    path: str | None = None
+    batch_size: int = 32
+    num_workers: int = 8
+    views: ViewStrategy = "global_to_local"
+    global_scale: tuple[float, float] | None = None
+    local_scale: tuple[float, float] = (0.3, 0.6)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    color_jitter: float = 0.0
+    blur: float = 0.0
+    # Frame pairs (SiamMAE): gap drawn uniformly from [min, max) frames, clamped to the video.
+    frame_gap: tuple[int, int] = (4, 48)
+    repeated_sampling: int = 1
+    # Built-in synthetic data (the demo): how many images/videos and at what resolution.
+    synthetic_count: int = 512
+    synthetic_size: int = 128
+    synthetic_frames: int = 24
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and half-cosine decay, set per iteration before each step."""
+
+    base_lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    epochs: float = 400
+    warmup_epochs: float = 20
+    max_steps: int | None = None
+    warmup_steps: int | None = None
+    accum_steps: int = 1
+    clip_grad: float | None = None
+
+
+@dataclass
+class MonitorConfig:
+    """Online k-NN monitor: top-1 on a labelled ImageFolder every ``every_epochs`` (rank 0)."""
+
+    knn_train: str | None = None
+    knn_val: str | None = None
+    every_epochs: int = 1
+    every_steps: int | None = None
+    k: int = 20
+    temperature: float = 0.07
+    img_size: int = 224
+    batch_size: int = 64
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives and how it runs."""
+
+    out_dir: str = "runs/run"
+    seed: int = 0
+    device: str = "auto"
+    precision: Precision = "auto"
+    compile: bool = False
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    progress: bool = True
+    visualize: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    """A whole pre-training run."""
+
+    method: str = "cropmae"
+    mask_ratio: float | None = None
+    norm_pix_loss: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples become lists so YAML and ``weights_only`` checkpoints hold only plain data."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is tuple:
+        return "a list of " + ", ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"config field '{where}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"config field '{where}': expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config field '{where}': expected {_type_name(tp)}, got {value!r}")
+        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"config section '{where}': expected a mapping of fields, got {value!r}"
+            )
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config field '{where}': expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config field '{where}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config field '{where}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config field '{where}': expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config field '{where}': unsupported type {tp}")  # pragma: no cover
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown fields and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = (
+                f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(names)}"
+            )
+            raise ConfigError(f"unknown config field '{path}'{hint}")
+        kwargs[key] = _convert(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``optim.base_lr=1e-3`` -> (['optim', 'base_lr'], 0.001); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set optim.base_lr=1e-3")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: the key is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({err})") from None
+    # YAML reads 1e-3 as a string (it wants 1.0e-3); take what a user meant.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: '{k}' is a value, not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {str(path)!r} does not exist; pass --config with a YAML file (see configs/)"
+        )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping of fields at the top level"
+        )
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or the defaults), apply ``--set`` overrides, check and resolve it."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    return resolve(from_dict(Config, data))
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A resolved config from a plain dict (e.g. one saved in a checkpoint)."""
+    return resolve(from_dict(Config, data))
+
+
+# -- checks and method defaults -----------------------------------------------------------------
+
+
+def _check(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field '{field_name}': {message}")
+
+
+def _check_range(pair: tuple[float, float], name: str, low: float, high: float) -> None:
+    _check(
+        low <= pair[0] <= pair[1] <= high,
+        name,
+        f"expected {low} <= min <= max <= {high}, got {list(pair)}",
+    )
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill ``null`` fields with the method's published values and check every value."""
+    from siamae.methods import METHODS
+
+    if cfg.method not in METHODS:
+        close = difflib.get_close_matches(cfg.method, list(METHODS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"config field 'method': unknown method {cfg.method!r}{hint}; choose one of {', '.join(METHODS)}"
+        )
+    method = METHODS[cfg.method]
+    defaults = method.published_defaults(cfg)
+    if cfg.mask_ratio is None:
+        cfg.mask_ratio = defaults["mask_ratio"]
+    for name, value in defaults.get("decoder", {}).items():
+        if getattr(cfg.decoder, name) is None:
+            setattr(cfg.decoder, name, value)
+    if cfg.data.global_scale is None:
+        cfg.data.global_scale = tuple(defaults["global_scale"])
+
+    _check(
+        0.0 <= cfg.mask_ratio < 1.0, "mask_ratio", f"expected 0 <= ratio < 1, got {cfg.mask_ratio}"
+    )
+    m = cfg.model
+    _check(
+        m.patch_size in (8, 14, 16, 32),
+        "model.patch_size",
+        f"expected 8, 14, 16 or 32, got {m.patch_size}",
+    )
+    _check(
+        m.img_size > 0 and m.img_size % m.patch_size == 0,
+        "model.img_size",
+        f"expected a positive multiple of the patch size {m.patch_size}, got {m.img_size}",
+    )
+    _check(0.0 <= m.drop_path < 1.0, "model.drop_path", f"expected 0 <= p < 1, got {m.drop_path}")
+    d = cfg.decoder
+    for name in ("dim", "depth", "num_heads", "mlp_dim"):
+        value = getattr(d, name)
+        if value is not None:
+            _check(value > 0, f"decoder.{name}", f"expected a positive integer, got {value}")
+    if d.dim is not None and d.num_heads is not None:
+        _check(
+            d.dim % d.num_heads == 0,
+            "decoder.dim",
+            f"{d.dim} is not divisible by decoder.num_heads={d.num_heads}",
+        )
+        _check(
+            d.dim % 4 == 0,
+            "decoder.dim",
+            f"expected a multiple of 4 (2-D sin-cos positions), got {d.dim}",
+        )
+    if d.dropout is not None:
+        _check(0.0 <= d.dropout < 1.0, "decoder.dropout", f"expected 0 <= p < 1, got {d.dropout}")
+    a = cfg.data
+    _check(a.batch_size > 0, "data.batch_size", f"expected a positive integer, got {a.batch_size}")
+    _check(a.num_workers >= 0, "data.num_workers", f"expected 0 or more, got {a.num_workers}")
+    _check_range(a.global_scale, "data.global_scale", 1e-4, 1.0)
+    _check_range(a.local_scale, "data.local_scale", 1e-4, 1.0)
+    _check(
+        0 < a.ratio[0] <= a.ratio[1], "data.ratio", f"expected 0 < min <= max, got {list(a.ratio)}"
+    )
+    _check(0.0 <= a.hflip <= 1.0, "data.hflip", f"expected a probability in [0, 1], got {a.hflip}")
+    _check(a.color_jitter >= 0.0, "data.color_jitter", f"expected 0 or more, got {a.color_jitter}")
+    _check(0.0 <= a.blur <= 1.0, "data.blur", f"expected a probability in [0, 1], got {a.blur}")
+    _check(
+        1 <= a.frame_gap[0] <= a.frame_gap[1],
+        "data.frame_gap",
+        f"expected 1 <= min <= max, got {list(a.frame_gap)}",
+    )
+    _check(
+        a.repeated_sampling >= 1,
+        "data.repeated_sampling",
+        f"expected 1 or more, got {a.repeated_sampling}",
+    )
+    _check(
+        a.synthetic_count > 0,
+        "data.synthetic_count",
+        f"expected a positive integer, got {a.synthetic_count}",
+    )
+    _check(
+        a.synthetic_size >= 32,
+        "data.synthetic_size",
+        f"expected at least 32 pixels, got {a.synthetic_size}",
+    )
+    _check(
+        a.synthetic_frames >= 2,
+        "data.synthetic_frames",
+        f"expected at least 2 frames, got {a.synthetic_frames}",
+    )
+    if a.source != "synthetic":
+        _check(
+            a.path is not None,
+            "data.path",
+            f"source '{a.source}' needs a path; pass --data PATH or use data.source=synthetic",
+        )
+    o = cfg.optim
+    _check(o.base_lr > 0, "optim.base_lr", f"expected a positive number, got {o.base_lr}")
+    _check(0 <= o.min_lr <= o.base_lr * 1e6, "optim.min_lr", f"expected 0 or more, got {o.min_lr}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"expected 0 or more, got {o.weight_decay}")
+    _check(
+        all(0 <= b < 1 for b in o.betas),
+        "optim.betas",
+        f"expected two numbers in [0, 1), got {list(o.betas)}",
+    )
+    _check(o.epochs > 0, "optim.epochs", f"expected a positive number, got {o.epochs}")
+    _check(
+        0 <= o.warmup_epochs <= o.epochs,
+        "optim.warmup_epochs",
+        f"expected 0 <= warmup <= epochs ({o.epochs}), got {o.warmup_epochs}",
+    )
+    if o.max_steps is not None:
+        _check(
+            o.max_steps > 0, "optim.max_steps", f"expected a positive integer, got {o.max_steps}"
+        )
+    if o.warmup_steps is not None:
+        _check(
+            o.warmup_steps >= 0, "optim.warmup_steps", f"expected 0 or more, got {o.warmup_steps}"
+        )
+    _check(o.accum_steps >= 1, "optim.accum_steps", f"expected 1 or more, got {o.accum_steps}")
+    if o.clip_grad is not None:
+        _check(
+            o.clip_grad > 0,
+            "optim.clip_grad",
+            f"expected a positive number or null, got {o.clip_grad}",
+        )
+    r = cfg.run
+    _check(
+        r.checkpoint_every > 0,
+        "run.checkpoint_every",
+        f"expected a positive integer, got {r.checkpoint_every}",
+    )
+    _check(r.log_every > 0, "run.log_every", f"expected a positive integer, got {r.log_every}")
+    _check(
+        r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
+        "run.device",
+        f"expected 'auto', 'cpu' or 'cuda[:N]', got {r.device!r}",
+    )
+    mo = cfg.monitor
+    _check(
+        (mo.knn_train is None) == (mo.knn_val is None),
+        "monitor.knn_val",
+        "the k-NN monitor needs both monitor.knn_train and monitor.knn_val (or neither)",
+    )
+    _check(
+        mo.every_epochs >= 1, "monitor.every_epochs", f"expected 1 or more, got {mo.every_epochs}"
+    )
+    _check(mo.k >= 1, "monitor.k", f"expected 1 or more, got {mo.k}")
+    _check(
+        mo.temperature > 0,
+        "monitor.temperature",
+        f"expected a positive number, got {mo.temperature}",
+    )
+    method.check_config(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,194 @@
+"""``load_encoder``: any checkpoint a user has -> a siamae :class:`Encoder`, loudly.
+
+Accepts this project's training checkpoints, exported ``.safetensors`` encoders, and plain
+state dicts from timm, DINO, MAE and CropMAE code (under ``model``, ``state_dict``, ``teacher``
+or at the top level; ``module.``, ``backbone.``, ``encoder.`` prefixes stripped). Keys that are
+not the encoder's (decoders, heads, mask tokens) are ignored and reported; a missing encoder key
+or a shape that does not fit raises a CheckpointError naming it. Never a silent partial load.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint
+from siamae.errors import CheckpointError
+from siamae.models.vit import VIT_SIZES, Encoder
+
+PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.vit.", "encoder.", "vit.", "model.")
+HEADS_BY_DIM = {size.embed_dim: size.num_heads for size in VIT_SIZES.values()}
+ARCH_BY_DIM = {size.embed_dim: name for name, size in VIT_SIZES.items()}
+
+
+@dataclass
+class LoadReport:
+    """What ``load_encoder`` found: where the weights came from and what matched."""
+
+    source: str
+    kind: str
+    arch: str
+    patch_size: int
+    img_size: int
+    matched: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    method: str | None = None
+    step: int | None = None
+
+    def summary(self) -> str:
+        ignored = f", ignored {len(self.ignored)} non-encoder keys" if self.ignored else ""
+        origin = f" ({self.method}, step {self.step})" if self.method else ""
+        return (
+            f"loaded {self.arch} patch {self.patch_size} ({self.img_size}px) from {self.source} "
+            f"[{self.kind}{origin}]: {len(self.matched)} encoder tensors matched{ignored}"
+        )
+
+
+def _pick_state_dict(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
+    if obj.get("format") == TRAIN_FORMAT:
+        return obj["model"], "siamae training checkpoint"
+    for key in ("state_dict", "model", "teacher", "module", "encoder"):
+        inner = obj.get(key)
+        if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner, f"state dict under '{key}'"
+    if any(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, "plain state dict"
+    raise CheckpointError(
+        "found no tensors under 'model', 'state_dict', 'teacher' or at the top level"
+    )
+
+
+def normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes so keys read like timm's (``blocks.0.attn.qkv.weight``)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        changed = True
+        while changed:
+            changed = False
+            for prefix in PREFIXES:
+                if key.startswith(prefix):
+                    key = key[len(prefix) :]
+                    changed = True
+        out[key] = value
+    return out
+
+
+def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, int, int, dict[str, int]]:
+    """(arch, patch_size, img_size, overrides) from the tensors' shapes."""
+    proj = state.get("patch_embed.proj.weight")
+    if proj is None:
+        raise CheckpointError(
+            "no 'patch_embed.proj.weight' found: this does not look like a ViT encoder"
+        )
+    dim, _, patch, _ = proj.shape
+    depth = 1 + max(
+        (int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1
+    )
+    if depth == 0:
+        raise CheckpointError("no 'blocks.N.*' keys found: this does not look like a ViT encoder")
+    arch = ARCH_BY_DIM.get(dim)
+    overrides: dict[str, int] = {}
+    if arch is None:
+        arch = "vit_small"
+        overrides = {"embed_dim": dim, "num_heads": max(1, dim // 64)}
+    if depth != VIT_SIZES[arch].depth:
+        overrides["depth"] = depth
+    img_size = 224
+    pos = state.get("pos_embed")
+    if pos is not None:
+        n = pos.shape[1] - 1
+        side = int(round(n**0.5))
+        if side * side == n:
+            img_size = side * patch
+    return arch, int(patch), img_size, overrides
+
+
+def encoder_from_state_dict(
+    state: dict[str, torch.Tensor], source: str = "<state dict>", kind: str = "plain state dict"
+) -> tuple[Encoder, LoadReport]:
+    """Build the encoder the tensors describe and load them strictly."""
+    state = normalise_keys(state)
+    arch, patch, img_size, overrides = infer_architecture(state)
+    encoder = Encoder(arch, patch, img_size, **overrides)
+    expected = encoder.vit.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{source}: the encoder needs {len(missing)} tensors the checkpoint lacks, e.g. {missing[:3]}; "
+            "is this a ViT encoder checkpoint?"
+        )
+    for key, tensor in expected.items():
+        if state[key].shape != tensor.shape:
+            raise CheckpointError(
+                f"{source}: tensor '{key}' has shape {tuple(state[key].shape)}, the {arch} patch {patch} "
+                f"encoder needs {tuple(tensor.shape)}"
+            )
+    encoder.vit.load_state_dict({k: state[k] for k in expected}, strict=True)
+    ignored = sorted(k for k in state if k not in expected)
+    report = LoadReport(
+        source,
+        kind,
+        arch if not overrides.get("embed_dim") else f"vit(dim={overrides['embed_dim']})",
+        patch,
+        img_size,
+        matched=list(expected),
+        ignored=ignored,
+    )
+    return encoder, report
+
+
+def load_encoder(path: str | Path, verbose: bool = False) -> Encoder:
+    """Load a frozen-ready encoder (eval mode) from any supported checkpoint.
+
+    The returned module carries ``load_report`` (a :class:`LoadReport`) saying what matched.
+    """
+    obj = load_checkpoint(path)
+    try:
+        state, kind = _pick_state_dict(obj)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {err}") from None
+    if Path(path).suffix == ".safetensors":
+        kind = "exported safetensors"
+    encoder, report = encoder_from_state_dict(state, str(path), kind)
+    if obj.get("format") == TRAIN_FORMAT:
+        report.method = obj.get("method")
+        report.step = obj.get("step")
+        cfg_model = obj.get("config", {}).get("model", {})
+        # The training config is the truth about image size (pos_embed already fixes it).
+        if (
+            cfg_model.get("arch")
+            and cfg_model["arch"] != report.arch
+            and not report.arch.startswith("vit(")
+        ):
+            raise CheckpointError(
+                f"{path}: config says {cfg_model['arch']} but tensors describe {report.arch}"
+            )
+    encoder.load_report = report  # type: ignore[attr-defined]
+    if verbose:
+        print(report.summary())
+    return encoder.eval()
+
+
+def random_encoder(name: str, seed: int = 0) -> Encoder:
+    """An untrained encoder, e.g. ``vit_small_patch16`` or ``vit_tiny_patch8_224``: the baseline."""
+    m = re.fullmatch(r"(vit_(?:tiny|small|base|large))_patch(\d+)(?:_(\d+))?", name)
+    if not m:
+        raise CheckpointError(
+            f"--random-init {name!r}: expected a name like vit_small_patch16 or vit_tiny_patch8_224"
+        )
+    torch.manual_seed(seed)
+    encoder = Encoder(m.group(1), int(m.group(2)), int(m.group(3) or 224))
+    encoder.load_report = LoadReport(  # type: ignore[attr-defined]
+        f"random init (seed {seed})",
+        "random init",
+        m.group(1),
+        int(m.group(2)),
+        int(m.group(3) or 224),
+    )
+    return encoder.eval()

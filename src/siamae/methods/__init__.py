@@ -1,0 +1,28 @@
+"""Pre-training methods. ``METHODS`` is the whole registry: name -> class."""
+
+from siamae.methods.base import Method, MethodOutput, Reconstruction
+from siamae.methods.cropmae import CropMAE, SiamMAE
+from siamae.methods.mae import MAE
+
+METHODS: dict[str, type[Method]] = {
+    "cropmae": CropMAE,
+    "siammae": SiamMAE,
+    "mae": MAE,
+}
+
+
+def build_method(cfg) -> Method:  # noqa: ANN001 - Config, imported lazily by callers
+    """The method named by ``cfg.method``, built from a resolved config."""
+    return METHODS[cfg.method].from_config(cfg)
+
+
+__all__ = [
+    "METHODS",
+    "MAE",
+    "CropMAE",
+    "Method",
+    "MethodOutput",
+    "Reconstruction",
+    "SiamMAE",
+    "build_method",
+]

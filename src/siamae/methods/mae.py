@@ -1,0 +1,95 @@
+"""MAE: encode the visible 25 % of one view, reconstruct the rest (He et al., 2022)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from siamae.methods.base import Method, MethodOutput, Reconstruction, paste_prediction
+from siamae.models.decoder import MAEDecoder
+from siamae.models.masking import masked_mse, pixel_targets, random_masking
+from siamae.models.vit import Encoder
+
+if TYPE_CHECKING:
+    from siamae.config import Config
+
+
+class MAE(Method):
+    """Masked autoencoder baseline: ViT encoder on visible patches + CLS, ViT decoder."""
+
+    name = "mae"
+    num_views = 1
+    view_kind = "single"
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        decoder: MAEDecoder,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = True,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+
+    @classmethod
+    def published_defaults(cls, cfg: Config) -> dict[str, Any]:
+        # MAE ViT-B/16 recipe: ratio 0.75; decoder 512-d, 8 blocks, 16 heads; RRC area (0.2, 1).
+        return {
+            "mask_ratio": 0.75,
+            "decoder": {
+                "dim": 512,
+                "depth": 8,
+                "num_heads": 16,
+                "mlp_dim": 2048,
+                "dropout": 0.0,
+                "norm_style": "pre",
+            },
+            "global_scale": (0.2, 1.0),
+        }
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> MAE:
+        encoder = Encoder(
+            cfg.model.arch, cfg.model.patch_size, cfg.model.img_size, cfg.model.drop_path
+        )
+        d = cfg.decoder
+        decoder = MAEDecoder(
+            encoder.embed_dim,
+            encoder.grid_size,
+            encoder.patch_size,
+            dim=d.dim,
+            depth=d.depth,
+            num_heads=d.num_heads,
+            mlp_ratio=d.mlp_dim / d.dim,
+        )
+        return cls(encoder, decoder, cfg.mask_ratio, cfg.norm_pix_loss)
+
+    def _run(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = batch["images"][:, 0]
+        b = images.shape[0]
+        ids_keep, mask, ids_restore = random_masking(
+            b, self.encoder.num_patches, self.mask_ratio, images.device, batch.get("mask_noise")
+        )
+        latent = self.encoder(images, ids_keep)
+        pred = self.decoder(latent, ids_restore)
+        return images, pred, mask
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
+        images, pred, mask = self._run(batch)
+        target = pixel_targets(images, self.encoder.patch_size, self.norm_pix_loss)
+        loss = masked_mse(pred, target, mask)
+        return MethodOutput(loss, {"mask_ratio_real": mask.mean().detach()})
+
+    @torch.no_grad()
+    def reconstruct(self, batch: dict[str, torch.Tensor]) -> Reconstruction:
+        images, pred, mask = self._run(batch)
+        masked, pasted = paste_prediction(
+            pred.float(), images.float(), mask, self.encoder.patch_size, self.norm_pix_loss
+        )
+        return Reconstruction(None, masked, pasted, images)

@@ -1,0 +1,173 @@
+"""The encoder: a timm VisionTransformer held (not re-written), so its state_dict is timm-native.
+
+Keys are exactly timm's (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.N.*``,
+``norm``), which is what lets an exported encoder load strictly into ``timm.create_model``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+
+from siamae.models.masking import gather_tokens
+from siamae.models.pos_embed import sincos_2d
+
+
+@dataclass(frozen=True)
+class ViTSize:
+    embed_dim: int
+    depth: int
+    num_heads: int
+
+
+VIT_SIZES: dict[str, ViTSize] = {
+    "vit_tiny": ViTSize(192, 12, 3),
+    "vit_small": ViTSize(384, 12, 6),
+    "vit_base": ViTSize(768, 12, 12),
+    "vit_large": ViTSize(1024, 24, 16),
+}
+
+
+def timm_name(arch: str, patch_size: int, img_size: int = 224) -> str:
+    """The timm model name with the same shapes, e.g. ``vit_small_patch16_224``."""
+    return f"{arch}_patch{patch_size}_{img_size}"
+
+
+class Encoder(nn.Module):
+    """A plain ViT that encodes all tokens, a per-sample subset of tokens, or any image size.
+
+    The 2-D sin-cos position embedding is fixed (``requires_grad=False``) with a zero vector
+    for CLS. Images of another size than ``img_size`` get a bicubically interpolated grid.
+    """
+
+    def __init__(
+        self,
+        arch: str = "vit_small",
+        patch_size: int = 16,
+        img_size: int = 224,
+        drop_path_rate: float = 0.0,
+        **overrides: int,
+    ) -> None:
+        super().__init__()
+        if arch not in VIT_SIZES:
+            raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(VIT_SIZES)}")
+        if patch_size not in (8, 14, 16, 32):
+            raise ValueError(f"patch_size must be 8, 14, 16 or 32, got {patch_size}")
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        size = VIT_SIZES[arch]
+        dims = {
+            "embed_dim": size.embed_dim,
+            "depth": size.depth,
+            "num_heads": size.num_heads,
+            **overrides,
+        }
+        self.arch = arch
+        self.patch_size = patch_size
+        self.img_size = img_size
+        self.vit = VisionTransformer(
+            img_size=img_size,
+            patch_size=patch_size,
+            num_classes=0,
+            global_pool="token",
+            mlp_ratio=4.0,
+            qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            drop_path_rate=drop_path_rate,
+            **dims,
+        )
+        # Other image sizes are handled here (interpolated grid), not by timm's strict check.
+        self.vit.patch_embed.strict_img_size = False
+        self.embed_dim: int = dims["embed_dim"]
+        self.num_heads: int = dims["num_heads"]
+        self.depth: int = dims["depth"]
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.vit.pos_embed.requires_grad_(False)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """MAE's initialisation: fixed sin-cos positions, xavier patch projection, N(0, .02) CLS."""
+        with torch.no_grad():
+            self.vit.pos_embed.copy_(
+                sincos_2d(self.embed_dim, self.grid_size, self.grid_size).unsqueeze(0)
+            )
+            w = self.vit.patch_embed.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.normal_(self.vit.cls_token, std=0.02)
+        for name, module in self.vit.named_modules():
+            if name.startswith("patch_embed"):
+                continue
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    # -- pieces ---------------------------------------------------------------------------
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(1, 1 + gh*gw, D): the fixed embedding, bicubically resampled for another grid."""
+        pos = self.vit.pos_embed
+        if grid != (self.grid_size, self.grid_size):
+            pos = resample_abs_pos_embed(
+                pos,
+                new_size=list(grid),
+                old_size=[self.grid_size, self.grid_size],
+                num_prefix_tokens=1,
+            )
+        return pos
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Patch tokens with positions added, and the CLS token with its position.
+
+        Returns (patches (B, N, D), cls (B, 1, D), grid (gh, gw)).
+        """
+        b, _, h, w = images.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        grid = (h // p, w // p)
+        tokens = self.vit.patch_embed(images)
+        pos = self.position_embedding(grid)
+        tokens = tokens + pos[:, 1:]
+        cls = (self.vit.cls_token + pos[:, :1]).expand(b, -1, -1)
+        return tokens, cls, grid
+
+    def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
+        for block in self.vit.blocks:
+            tokens = block(tokens)
+        return self.vit.norm(tokens)
+
+    # -- the three ways to encode -----------------------------------------------------------
+    def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode images.
+
+        Args:
+            images: (B, 3, H, W), normalised. H and W multiples of the patch size.
+            ids_keep: optional (B, K) indices of the patches to encode (the visible ones).
+        Returns:
+            (B, 1 + N, D) or (B, 1 + K, D): CLS first, after the final norm.
+        """
+        tokens, cls, _ = self.embed(images)
+        if ids_keep is not None:
+            tokens = gather_tokens(tokens, ids_keep)
+        return self.run_blocks(torch.cat([cls, tokens], dim=1))
+
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D, H/p, W/p): last block after the final norm, patch tokens only."""
+        tokens, cls, (gh, gw) = self.embed(images)
+        out = self.run_blocks(torch.cat([cls, tokens], dim=1))[:, 1:]
+        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], gh, gw)
+
+
+def build_encoder(
+    arch: str = "vit_small", patch_size: int = 16, img_size: int = 224, **kw: int
+) -> Encoder:
+    return Encoder(arch=arch, patch_size=patch_size, img_size=img_size, **kw)
