@@ -1,0 +1,1 @@
+"""Evaluation of frozen encoders: label propagation (DAVIS, JHMDB, VIP), k-NN and linear probes."""

@@ -1,0 +1,31 @@
+"""Shared fixtures. Tests that need the real data in ../shared/data take its path from here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_data_root() -> Path:
+    env = os.environ.get("SIAMAE_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path of ../shared/data (or $SIAMAE_SHARED_DATA); skips the test where it is absent."""
+    root = _shared_data_root()
+    if not root.is_dir():
+        pytest.skip(f"real data not found at {root}; set SIAMAE_SHARED_DATA to the shared/data folder")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _few_threads() -> None:
+    # Tests run on 2 cores; keep torch from oversubscribing when pytest-xdist or workers run.
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
