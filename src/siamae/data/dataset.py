@@ -1,0 +1,180 @@
+"""The pre-training dataset and sampler: deterministic per (seed, epoch, index), resumable.
+
+Every random choice of a sample (crops, flips, frames, the mask noise) comes from a generator
+seeded by (seed, epoch, index). So a sample is the same whichever worker or process makes it:
+a resumed run sees exactly the data it would have seen, and a global batch split over several
+processes is the same batch as in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from siamae.config import Config
+from siamae.data.sources import (
+    ImageFileSource,
+    SyntheticImageSource,
+    SyntheticVideoSource,
+    UnreadableSample,
+)
+from siamae.data.views import Augment, ViewMaker
+from siamae.errors import DataError
+
+MAX_CONSECUTIVE_BAD = 50
+
+
+class PretrainDataset(Dataset):
+    """Index ``(epoch, i)`` -> ``{"images": uint8 (V, 3, H, W), "mask_noise": (N,), ...}``.
+
+    An unreadable item is skipped (the next index is used instead), counted in ``skipped`` and
+    named in ``skipped_files`` so the training loop can report it.
+    """
+
+    def __init__(self, source, views: ViewMaker, num_patches: int, seed: int = 0) -> None:  # noqa: ANN001
+        self.source = source
+        self.views = views
+        self.num_patches = num_patches
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        skipped: list[str] = []
+        n = len(self.source)
+        for attempt in range(MAX_CONSECUTIVE_BAD):
+            i = (index + attempt) % n
+            rng = np.random.default_rng([self.seed, epoch, i])
+            try:
+                views = self.views(self.source, i, rng)
+            except UnreadableSample as bad:
+                skipped.append(f"{bad.name}\t{bad.reason}")
+                continue
+            images = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).contiguous()
+            noise = torch.from_numpy(rng.random(self.num_patches, dtype=np.float32))
+            return {
+                "images": images,
+                "mask_noise": noise,
+                "index": i,
+                "skipped": len(skipped),
+                "skipped_files": "\n".join(skipped),
+            }
+        raise DataError(
+            f"{MAX_CONSECUTIVE_BAD} consecutive unreadable items starting at {self.source.name(index)!r}; "
+            f"last error: {skipped[-1] if skipped else '?'}. Check the data folder."
+        )
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Shuffled (epoch, index) pairs for one process of ``world_size``; resumable mid-epoch.
+
+    Each epoch is a permutation seeded by (seed, epoch), cut to whole global batches. Global
+    batch s is ``perm[s*B*W : (s+1)*B*W]``; process r takes its r-th slice of B. One process
+    with batch B*W therefore sees exactly the union of what W processes with batch B see.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.global_batch = batch_size * world_size
+        self.batches_per_epoch = size // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"the data has {size} items, fewer than one global batch ({batch_size} x {world_size} processes); "
+                "use more data or a smaller data.batch_size"
+            )
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            perm = torch.randperm(self.size, generator=g).tolist()
+        else:
+            perm = list(range(self.size))
+        for s in range(self.start_batch, self.batches_per_epoch):
+            start = s * self.global_batch + self.rank * self.batch_size
+            for i in perm[start : start + self.batch_size]:
+                yield (self.epoch, i)
+
+
+def build_source(cfg: Config, kind: str):  # noqa: ANN201 - a Source
+    """The source the config names; video kinds come from :mod:`siamae.data.video`."""
+    d = cfg.data
+    video_method = kind == "frames"
+    if d.source == "synthetic":
+        if video_method:
+            return SyntheticVideoSource(
+                d.synthetic_count, d.synthetic_size, d.synthetic_frames, cfg.run.seed
+            )
+        return SyntheticImageSource(d.synthetic_count, d.synthetic_size, cfg.run.seed)
+    if d.source == "images":
+        return ImageFileSource(d.path)
+    from siamae.data import video  # the optional PyAV dependency is imported only when needed
+
+    return video.build_video_source(cfg)
+
+
+def build_dataset(cfg: Config, kind: str, num_patches: int) -> PretrainDataset:
+    d = cfg.data
+    augment = Augment(d.color_jitter, d.blur) if (d.color_jitter > 0 or d.blur > 0) else None
+    views = ViewMaker(
+        kind=kind,
+        out=cfg.model.img_size,
+        strategy=d.views,
+        global_scale=d.global_scale,
+        local_scale=d.local_scale,
+        ratio=d.ratio,
+        hflip=d.hflip,
+        frame_gap=d.frame_gap,
+        augment=augment,
+    )
+    return PretrainDataset(build_source(cfg, kind), views, num_patches, cfg.run.seed)
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "images": torch.stack([s["images"] for s in samples]),
+        "mask_noise": torch.stack([s["mask_noise"] for s in samples]),
+        "index": torch.tensor([s["index"] for s in samples]),
+        "skipped": sum(s["skipped"] for s in samples),
+        "skipped_files": [
+            f for s in samples if s["skipped_files"] for f in s["skipped_files"].split("\n")
+        ],
+    }
+
+
+def build_loader(
+    dataset: PretrainDataset, sampler: EpochSampler, num_workers: int, pin_memory: bool = False
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=sampler.batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

@@ -1,0 +1,159 @@
+"""Where pre-training images come from: image folders, list files, synthetic scenes.
+
+A source gives ``len(source)`` items and, for item i, an image (``load_image``); video sources
+also give frame pairs (``load_frame_pair``). A file that cannot be read raises
+:class:`UnreadableSample`; the dataset skips it, counts it and reports it, never crashing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from siamae.data.synthetic import synthetic_video
+from siamae.errors import DataError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
+
+
+class UnreadableSample(Exception):
+    """A file that cannot be decoded (corrupt, truncated, not an image/video)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+class Source(Protocol):
+    def __len__(self) -> int: ...
+
+    def name(self, index: int) -> str: ...
+
+    def open_image(self, index: int, rng: np.random.Generator) -> Image.Image:
+        """An image, possibly not decoded yet (a lazily opened JPEG can still be drafted)."""
+        ...
+
+
+def read_list_file(path: Path) -> list[Path]:
+    """One path per line (relative to the list file's folder); blank lines and '#' comments skipped."""
+    entries = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        p = Path(line.split()[0])
+        entries.append(p if p.is_absolute() else path.parent / p)
+    return entries
+
+
+def scan_files(root: Path, extensions: set[str]) -> list[Path]:
+    """Every file under ``root`` (recursively) with one of ``extensions``, sorted."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
+
+
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError)
+
+
+def open_lazy(path: Path) -> Image.Image:
+    """Open ``path`` reading only its header; pixels are decoded later (see views.crop_resize)."""
+    try:
+        return Image.open(path)
+    except DECODE_ERRORS as err:
+        raise UnreadableSample(str(path), f"{type(err).__name__}: {err}") from None
+
+
+class ImageFileSource:
+    """Images from a folder (recursive: ImageNet ``<class>/<img>`` or flat) or a list file."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        if not path.exists():
+            raise DataError(
+                f"data path {str(path)!r} does not exist; pass --data with an image folder or a .txt list of images"
+            )
+        if path.is_dir():
+            self.files = scan_files(path, IMAGE_EXTENSIONS)
+        else:
+            self.files = read_list_file(path)
+        if not self.files:
+            raise DataError(
+                f"no images found in {str(path)!r} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                "point --data at a folder of images or a list file"
+            )
+        self.root = path
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, index: int) -> str:
+        return str(self.files[index])
+
+    def open_image(self, index: int, rng: np.random.Generator) -> Image.Image:
+        return open_lazy(self.files[index])
+
+
+class SyntheticImageSource:
+    """``count`` procedural images of ``size`` pixels (see :mod:`siamae.data.synthetic`)."""
+
+    def __init__(self, count: int = 512, size: int = 128, seed: int = 0) -> None:
+        self.count, self.size, self.seed = count, size, seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def name(self, index: int) -> str:
+        return f"synthetic-image-{index}"
+
+    def open_image(self, index: int, rng: np.random.Generator) -> Image.Image:
+        frames, _ = synthetic_video(index, self.size, 1, self.seed)
+        return Image.fromarray(frames[0])
+
+
+class SyntheticVideoSource:
+    """``count`` procedural videos of ``num_frames`` frames; objects move, the background pans."""
+
+    def __init__(
+        self, count: int = 512, size: int = 128, num_frames: int = 24, seed: int = 0
+    ) -> None:
+        self.count, self.size, self.num_frames, self.seed = count, size, num_frames, seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def name(self, index: int) -> str:
+        return f"synthetic-video-{index}"
+
+    def num_frames_of(self, index: int) -> int:
+        return self.num_frames
+
+    def load_frames(self, index: int, frame_ids: list[int]) -> list[Image.Image]:
+        frames, _ = synthetic_video(index, self.size, max(frame_ids) + 1, self.seed)
+        return [Image.fromarray(frames[i]) for i in frame_ids]
+
+    def open_image(self, index: int, rng: np.random.Generator) -> Image.Image:
+        t = int(rng.integers(0, self.num_frames))
+        return self.load_frames(index, [t])[0]
+
+    def load_frame_pair(
+        self, index: int, rng: np.random.Generator, gap: tuple[int, int]
+    ) -> tuple[Image.Image, Image.Image]:
+        first, second = sample_frame_pair(rng, self.num_frames, gap)
+        a, b = self.load_frames(index, [first, second])
+        return a, b
+
+
+def sample_frame_pair(
+    rng: np.random.Generator, num_frames: int, gap: tuple[int, int]
+) -> tuple[int, int]:
+    """Frames (t, t + g): g uniform in [gap_min, gap_max) as the published ``randint``, clamped
+    to the video (a video shorter than the gap gives its first and last frames)."""
+    if num_frames < 2:
+        return 0, 0
+    g = int(rng.integers(gap[0], max(gap[0] + 1, gap[1])))
+    g = min(g, num_frames - 1)
+    t = int(rng.integers(0, num_frames - g))
+    return t, t + g

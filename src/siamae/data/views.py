@@ -1,0 +1,157 @@
+"""View makers: the crop-parameter samplers of the recipes, and fast pixel work.
+
+The sampler is the recipe (areas, aspect ratios, flips); how pixels are decoded and resampled is
+ours: JPEGs are decoded at the smallest 1/2-1/4-1/8 scale that still leaves the crop at least the
+output size (``draft``), and each crop is one fused crop+resize (PIL ``resize(box=...)``,
+bilinear, antialiased). Views come out as uint8 (H, W, 3); normalisation happens on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+
+from siamae.data.sources import DECODE_ERRORS, UnreadableSample
+
+Box = tuple[float, float, float, float]  # top, left, height, width
+
+
+def sample_box(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> Box:
+    """Random resized crop box, BYOL style: area and log-aspect drawn once, sides clamped to the
+    image (no retry loop). Returns integer (top, left, height, width)."""
+    area = width * height * rng.uniform(scale[0], scale[1])
+    log_ratio = rng.uniform(math.log(ratio[0]), math.log(ratio[1]))
+    aspect = math.exp(log_ratio)
+    w = min(max(int(round(math.sqrt(area * aspect))), 1), width)
+    h = min(max(int(round(math.sqrt(area / aspect))), 1), height)
+    top = int(rng.integers(0, height - h + 1))
+    left = int(rng.integers(0, width - w + 1))
+    return float(top), float(left), float(h), float(w)
+
+
+def crop_resize(img: Image.Image, box: Box, out: int) -> Image.Image:
+    """Crop ``box`` (in ``img``'s full-resolution coordinates) and resize to ``out``x``out``.
+
+    A JPEG not yet decoded is decoded at a reduced scale when the crop allows it.
+    """
+    top, left, h, w = box
+    full_w, full_h = img.size
+    name = getattr(img, "filename", "") or "image"
+    try:
+        if img.format == "JPEG" and img.tile:  # tiles not yet decoded
+            scale = min(1.0, max(out / w, out / h))
+            img.draft("RGB", (math.ceil(full_w * scale), math.ceil(full_h * scale)))
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        sx, sy = img.size[0] / full_w, img.size[1] / full_h
+        return img.resize(
+            (out, out),
+            Image.Resampling.BILINEAR,
+            box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy),
+        )
+    except DECODE_ERRORS as err:
+        raise UnreadableSample(str(name), f"{type(err).__name__}: {err}") from None
+
+
+@dataclass
+class Augment:
+    """Photometric options, off in the CropMAE recipe (the paper found they hurt)."""
+
+    color_jitter: float = 0.0
+    blur: float = 0.0
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        if self.color_jitter > 0 and rng.random() < 0.8:
+            s = self.color_jitter
+            for enhance, strength in (
+                (ImageEnhance.Brightness, 0.4),
+                (ImageEnhance.Contrast, 0.4),
+                (ImageEnhance.Color, 0.2),
+            ):
+                img = enhance(img).enhance(
+                    float(rng.uniform(max(0.0, 1 - s * strength), 1 + s * strength))
+                )
+        if self.blur > 0 and rng.random() < self.blur:
+            img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.1, 2.0))))
+        return img
+
+
+def _finish(img: Image.Image, flip: bool) -> np.ndarray:
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(img, dtype=np.uint8)
+
+
+@dataclass
+class ViewMaker:
+    """Makes a sample's views from a source item, all randomness from ``rng``.
+
+    ``kind``: "single" (MAE: one random resized crop), "pair" (CropMAE, with ``strategy``),
+    "frames" (SiamMAE: two frames, same crop, same flip). Pair order is always
+    (reference view encoded whole, view to reconstruct).
+    """
+
+    kind: str
+    out: int = 224
+    strategy: str = "global_to_local"
+    global_scale: tuple[float, float] = (0.1, 1.0)
+    local_scale: tuple[float, float] = (0.3, 0.6)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    frame_gap: tuple[int, int] = (4, 48)
+    augment: Augment | None = None
+
+    def __call__(self, source, index: int, rng: np.random.Generator) -> list[np.ndarray]:  # noqa: ANN001
+        if self.kind == "frames":
+            return self.frame_pair(source, index, rng)
+        img = source.open_image(index, rng)
+        if self.kind == "single":
+            return [self._global(img, rng)[1]]
+        return self.crop_pair(img, rng)
+
+    def _flip(self, rng: np.random.Generator) -> bool:
+        return bool(rng.random() < self.hflip)
+
+    def _aug(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        return self.augment(img, rng) if self.augment is not None else img
+
+    def _global(self, img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+        box = sample_box(rng, img.size[0], img.size[1], self.global_scale, self.ratio)
+        crop = crop_resize(img, box, self.out)
+        return crop, _finish(self._aug(crop, rng), self._flip(rng))
+
+    def _local_from(self, crop: Image.Image, rng: np.random.Generator) -> np.ndarray:
+        box = sample_box(rng, self.out, self.out, self.local_scale, self.ratio)
+        local = crop_resize(crop, box, self.out)
+        return _finish(self._aug(local, rng), self._flip(rng))
+
+    def crop_pair(self, img: Image.Image, rng: np.random.Generator) -> list[np.ndarray]:
+        """CropMAE's four strategies; the local crop is taken from the resized global crop."""
+        if self.strategy == "same":
+            _, view = self._global(img, rng)
+            return [view, view.copy()]
+        if self.strategy == "random":
+            # Both crops come from the decoded image; decode once at full resolution.
+            img = img.convert("RGB")
+            return [self._global(img, rng)[1], self._global(img, rng)[1]]
+        crop, global_view = self._global(img, rng)
+        local_view = self._local_from(crop, rng)
+        if self.strategy == "global_to_local":
+            return [global_view, local_view]
+        return [local_view, global_view]
+
+    def frame_pair(self, source, index: int, rng: np.random.Generator) -> list[np.ndarray]:  # noqa: ANN001
+        """Two frames ``gap`` apart with the SAME random resized crop and the SAME flip."""
+        first, second = source.load_frame_pair(index, rng, self.frame_gap)
+        box = sample_box(rng, first.size[0], first.size[1], self.global_scale, self.ratio)
+        flip = self._flip(rng)
+        return [_finish(crop_resize(f, box, self.out), flip) for f in (first, second)]
