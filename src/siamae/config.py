@@ -90,7 +90,11 @@ class OptimConfig:
 
 @dataclass
 class MonitorConfig:
-    """Online k-NN monitor: top-1 on a labelled ImageFolder every ``every_epochs`` (rank 0)."""
+    """Online k-NN monitor: top-1 on a labelled ImageFolder every ``every_epochs`` (rank 0).
+
+    ``every_steps``, when set, replaces ``every_epochs``. ``img_size`` null: the model's size.
+    Images are resized to ``img_size / crop_pct`` and centre-cropped (1.0 for tiny images).
+    """
 
     knn_train: str | None = None
     knn_val: str | None = None
@@ -98,8 +102,11 @@ class MonitorConfig:
     every_steps: int | None = None
     k: int = 20
     temperature: float = 0.07
-    img_size: int = 224
+    img_size: int | None = None
+    crop_pct: float = 0.875
+    pool: Literal["cls", "mean"] = "cls"
     batch_size: int = 64
+    num_workers: int = 0
 
 
 @dataclass
@@ -456,6 +463,25 @@ def resolve(cfg: Config) -> Config:
         mo.every_epochs >= 1, "monitor.every_epochs", f"expected 1 or more, got {mo.every_epochs}"
     )
     _check(mo.k >= 1, "monitor.k", f"expected 1 or more, got {mo.k}")
+    if mo.every_steps is not None:
+        _check(
+            mo.every_steps >= 1,
+            "monitor.every_steps",
+            f"expected a positive integer or null, got {mo.every_steps}",
+        )
+    if mo.img_size is not None:
+        _check(
+            mo.img_size > 0 and mo.img_size % m.patch_size == 0,
+            "monitor.img_size",
+            f"expected a positive multiple of the patch size {m.patch_size}, got {mo.img_size}",
+        )
+    _check(
+        0.0 < mo.crop_pct <= 1.0,
+        "monitor.crop_pct",
+        f"expected 0 < crop_pct <= 1, got {mo.crop_pct}",
+    )
+    _check(mo.batch_size >= 1, "monitor.batch_size", f"expected 1 or more, got {mo.batch_size}")
+    _check(mo.num_workers >= 0, "monitor.num_workers", f"expected 0 or more, got {mo.num_workers}")
     _check(
         mo.temperature > 0,
         "monitor.temperature",

@@ -1,10 +1,20 @@
 """``load_encoder``: any checkpoint a user has -> a siamae :class:`Encoder`, loudly.
 
-Accepts this project's training checkpoints, exported ``.safetensors`` encoders, and plain
-state dicts from timm, DINO, MAE and CropMAE code (under ``model``, ``state_dict``, ``teacher``
-or at the top level; ``module.``, ``backbone.``, ``encoder.`` prefixes stripped). Keys that are
-not the encoder's (decoders, heads, mask tokens) are ignored and reported; a missing encoder key
-or a shape that does not fit raises a CheckpointError naming it. Never a silent partial load.
+Accepts:
+- this project's training checkpoints (a file, or a run folder with ``checkpoints/last.pt``):
+  exactly the ``encoder.vit.*`` tensors of the method's state dict are used;
+- exported ``.safetensors`` encoders (``siamae export``; the placeholder classifier is ignored,
+  and the JSON sidecar, when present, supplies the method and step);
+- plain state dicts from timm, DINO, MAE, CropMAE and SiamMAE code, under ``model``,
+  ``state_dict``, ``teacher`` (DINO: the teacher, as its evaluations use) or at the top level,
+  with ``module.``, ``backbone.``, ``encoder.`` prefixes stripped. Full training checkpoints of
+  that code that store an ``argparse.Namespace`` of arguments load too (the Namespace alone is
+  allowed on top of ``weights_only``; nothing else pickled is).
+
+Keys that are not the encoder's (decoders, heads, mask tokens) are ignored and reported; a
+missing encoder key or a shape that does not fit raises a CheckpointError naming it. Never a
+silent partial load. Linear-probe checkpoints and feature caches hold no encoder: they raise a
+CheckpointError that says which file to pass instead.
 """
 
 from __future__ import annotations
@@ -48,9 +58,27 @@ class LoadReport:
         )
 
 
+NOT_ENCODERS = {
+    "siamae-linear-v1": "a linear-probe checkpoint (the head only; its encoder is {encoder!r})",
+    "siamae-features-v1": "a cached-feature file of a probe, not an encoder",
+}
+
+
 def _pick_state_dict(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
-    if obj.get("format") == TRAIN_FORMAT:
-        return obj["model"], "siamae training checkpoint"
+    fmt = obj.get("format")
+    if fmt == TRAIN_FORMAT:
+        model = obj.get("model")
+        if not isinstance(model, dict):
+            raise CheckpointError("a siamae training checkpoint without its 'model' weights")
+        encoder = {k: v for k, v in model.items() if k.startswith("encoder.vit.")}
+        if not encoder:
+            raise CheckpointError(
+                "a siamae training checkpoint whose model has no 'encoder.vit.*' tensors"
+            )
+        return encoder, "siamae training checkpoint"
+    if fmt in NOT_ENCODERS:
+        what = NOT_ENCODERS[fmt].format(encoder=obj.get("config", {}).get("encoder"))
+        raise CheckpointError(f"this is {what}; pass the encoder's checkpoint instead")
     for key in ("state_dict", "model", "teacher", "module", "encoder"):
         inner = obj.get(key)
         if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
@@ -65,9 +93,11 @@ def _pick_state_dict(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]
 def normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip wrapper prefixes so keys read like timm's (``blocks.0.attn.qkv.weight``)."""
     out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             continue
+        original = key
         changed = True
         while changed:
             changed = False
@@ -75,7 +105,13 @@ def normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 if key.startswith(prefix):
                     key = key[len(prefix) :]
                     changed = True
+        if key in out and not torch.equal(out[key], value):
+            raise CheckpointError(
+                f"keys {origin[key]!r} and {original!r} both name the encoder tensor {key!r} "
+                "with different values; save the one encoder you mean as a plain state dict"
+            )
         out[key] = value
+        origin[key] = original
     return out
 
 
@@ -119,9 +155,15 @@ def encoder_from_state_dict(
     expected = encoder.vit.state_dict()
     missing = [k for k in expected if k not in state]
     if missing:
+        hint = "is this a ViT encoder checkpoint?"
+        if "norm.weight" in missing and "fc_norm.weight" in state:
+            hint = (
+                "it has 'fc_norm' instead of the final 'norm': a fine-tuned, average-pooled "
+                "classifier, not a pre-trained encoder; pass the pre-training checkpoint"
+            )
         raise CheckpointError(
             f"{source}: the encoder needs {len(missing)} tensors the checkpoint lacks, e.g. {missing[:3]}; "
-            "is this a ViT encoder checkpoint?"
+            + hint
         )
     for key, tensor in expected.items():
         if state[key].shape != tensor.shape:
@@ -148,7 +190,7 @@ def load_encoder(path: str | Path, verbose: bool = False) -> Encoder:
 
     The returned module carries ``load_report`` (a :class:`LoadReport`) saying what matched.
     """
-    obj = load_checkpoint(path)
+    obj = _load_any(path)
     try:
         state, kind = _pick_state_dict(obj)
     except CheckpointError as err:
@@ -156,6 +198,8 @@ def load_encoder(path: str | Path, verbose: bool = False) -> Encoder:
     if Path(path).suffix == ".safetensors":
         kind = "exported safetensors"
     encoder, report = encoder_from_state_dict(state, str(path), kind)
+    if Path(path).suffix == ".safetensors":
+        report.method, report.step = _sidecar_origin(Path(path))
     if obj.get("format") == TRAIN_FORMAT:
         report.method = obj.get("method")
         report.step = obj.get("step")
@@ -173,6 +217,42 @@ def load_encoder(path: str | Path, verbose: bool = False) -> Encoder:
     if verbose:
         print(report.summary())
     return encoder.eval()
+
+
+def _load_any(path: str | Path) -> dict[str, Any]:
+    """``load_checkpoint``, retried with ``argparse.Namespace`` allowed (DINO/MAE/CropMAE
+    training checkpoints store their arguments as one)."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as first:
+        p = Path(path)
+        if p.suffix == ".safetensors" or not p.is_file():
+            raise
+        import argparse
+
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:
+            raise first from None
+        if not isinstance(obj, dict):
+            raise first from None
+        return obj
+
+
+def _sidecar_origin(path: Path) -> tuple[str | None, int | None]:
+    """Method and step from an export's JSON sidecar, if there is one beside it."""
+    import json
+
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        return None, None
+    try:
+        data = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return None, None
+    step = data.get("step")
+    return data.get("method"), int(step) if isinstance(step, int) else None
 
 
 def random_encoder(name: str, seed: int = 0) -> Encoder:

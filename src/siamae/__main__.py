@@ -1,0 +1,7 @@
+"""``python -m siamae`` (also what ``torchrun -m siamae pretrain ...`` runs)."""
+
+import sys
+
+from siamae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,163 @@
+"""The ``siamae`` command. Thin: it parses arguments and calls the library.
+
+Bad input (a missing path, a bad config field, a checkpoint that does not fit) prints one line
+naming the problem and what to do, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from siamae.errors import SiamaeError
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from siamae.config import load_config
+    from siamae.engine.trainer import train
+
+    overrides = list(args.set or [])
+    if args.data is not None:
+        overrides.append(f"data.path={args.data}")
+    if args.out is not None:
+        overrides.append(f"run.out_dir={args.out}")
+    cfg = load_config(args.config, overrides)
+    if args.data is not None and cfg.data.source == "synthetic":
+        # --data names real data: read it as images (or videos for frame-pair methods).
+        from siamae.methods import METHODS
+
+        kind = "videos" if METHODS[cfg.method].view_kind == "frames" else "images"
+        cfg = load_config(args.config, overrides + [f"data.source={kind}"])
+    resume: str | bool = args.resume if args.resume else ("auto" if not args.no_resume else False)
+    summary = train(cfg, resume=resume)
+    if summary.get("world_size", 1) > 1 and not _is_rank0():
+        return 0
+    _print_summary(summary)
+    return 0
+
+
+def _is_rank0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _print_summary(summary: dict) -> None:
+    if summary["interrupted"]:
+        print(
+            f"interrupted ({summary['interrupted']}) at step {summary['step']}/{summary['total_steps']}; "
+            f"checkpoint saved to {summary['checkpoint']}. Run the same command again to resume."
+        )
+        return
+    loss = summary["final_loss"]
+    print(
+        f"done: {summary['method']}, {summary['step']} steps, final loss {loss:.4f}"
+        if loss is not None
+        else "done"
+    )
+    print(f"  run folder:     {summary['run_dir']}")
+    print(f"  checkpoint:     {summary['checkpoint']}")
+    for key in ("reconstruction", "loss_curve"):
+        if key in summary:
+            print(f"  {key.replace('_', ' '):15s} {summary[key]}")
+    if summary.get("skipped"):
+        print(
+            f"  skipped {summary['skipped']} unreadable files (listed in {summary['run_dir']}/skipped_files.txt)"
+        )
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    from siamae.visualize import visualize_checkpoint
+
+    path = visualize_checkpoint(
+        args.checkpoint, args.out, data=args.data, count=args.count, seed=args.seed
+    )
+    print(f"reconstructions written to {path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from siamae.demo import run_demo
+
+    run_demo(out_dir=args.out, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="siamae",
+        description="Pre-train ViTs with CropMAE, SiamMAE or MAE, and evaluate frozen encoders.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "demo", help="pre-train a tiny CropMAE on built-in data (a few minutes on a CPU)"
+    )
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument(
+        "--quick", action="store_true", help="a few steps only: checks the whole path in seconds"
+    )
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("pretrain", help="pre-train an encoder from a config file")
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a field, e.g. --set optim.base_lr=1e-3 (repeatable)",
+    )
+    p.add_argument("--data", help="data path (image folder, list file, videos); sets data.path")
+    p.add_argument("--out", help="run folder; sets run.out_dir")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help="resume from this checkpoint (default: the run folder's last.pt, if any)",
+    )
+    group.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start from scratch even if the run folder has a checkpoint",
+    )
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("visualize", help="picture of reconstructions from a training checkpoint")
+    p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or run folder")
+    p.add_argument("--data", help="data path (default: the checkpoint's own data config)")
+    p.add_argument("--out", help="PNG file (default: <run folder>/reconstruction_step<N>.png)")
+    p.add_argument("--count", type=int, default=4, help="how many samples (rows)")
+    p.add_argument("--seed", type=int, default=0, help="which crops and masks to draw")
+    p.set_defaults(func=_visualize)
+
+    eval_parser = sub.add_parser("eval", help="evaluate a frozen encoder")
+    eval_sub = eval_parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    # eval commands register here
+    from siamae.eval import probe_cli
+
+    probe_cli.register(eval_sub)
+    _ = eval_sub
+
+    # top-level commands register here
+    from siamae import export
+
+    export.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SiamaeError as err:
+        print(f"siamae: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("siamae: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

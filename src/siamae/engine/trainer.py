@@ -1,0 +1,471 @@
+"""The one training loop for every method.
+
+One process or many (torchrun: gloo on CPU, NCCL on GPU); AdamW with the recipe's parameter
+groups; learning rate scaled by the effective batch and set per iteration before each step;
+gradient accumulation; fp16 (with scaling) or bf16 autocast on GPU, fp32 on CPU; optional
+``torch.compile`` and gradient clipping. Checkpoints are atomic and resume exactly: every random
+choice of the data depends on (seed, epoch, index), and the model's RNG state is saved per rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint, save_atomic
+from siamae.config import Config, config_from_dict, save_config
+from siamae.data.dataset import EpochSampler, build_dataset, build_loader
+from siamae.engine import distributed as D
+from siamae.engine.logging import MetricsLogger
+from siamae.engine.optim import build_optimizer, lr_at, set_lr
+from siamae.errors import CheckpointError, ConfigError, TrainingDiverged
+from siamae.methods import Method, build_method
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> ImageNet-normalised float32, on the tensor's device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def pick_device(cfg: Config, info: D.DistInfo) -> torch.device:
+    if cfg.run.device == "auto":
+        return torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"config field 'run.device': {cfg.run.device!r} asked for, but no CUDA device is available; use 'auto' or 'cpu'"
+        )
+    if cfg.run.device == "cuda" and info.enabled:
+        return torch.device(f"cuda:{info.local_rank}")
+    return torch.device(cfg.run.device)
+
+
+def pick_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32."""
+    p = cfg.run.precision
+    if device.type != "cuda":
+        if p in ("fp16", "bf16"):
+            raise ConfigError(
+                f"config field 'run.precision': {p} needs a CUDA device; on CPU use fp32 or auto "
+                "(bf16 on a CPU without bf16 units is hundreds of times slower)"
+            )
+        return None
+    if p == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[p]
+
+
+@dataclass
+class Schedule:
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    effective_batch: int
+
+
+def make_schedule(cfg: Config, batches_per_epoch: int, world_size: int) -> Schedule:
+    o = cfg.optim
+    steps_per_epoch = batches_per_epoch // o.accum_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"config field 'optim.accum_steps': {o.accum_steps} accumulation steps exceed the "
+            f"{batches_per_epoch} batches of one epoch; lower it or use more data"
+        )
+    total = o.max_steps if o.max_steps is not None else max(1, round(o.epochs * steps_per_epoch))
+    warmup = (
+        o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
+    )
+    effective = cfg.data.batch_size * world_size * o.accum_steps
+    return Schedule(
+        steps_per_epoch, total, min(warmup, total), o.base_lr * effective / 256, effective
+    )
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a notebook worker thread)
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+def _ignore_sigint_in_worker(_: int) -> None:
+    # Ctrl-C reaches the whole process group; workers keep serving so the main process can
+    # finish its step and save a checkpoint.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    skipped: int = 0
+    last_checkpoint_step: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def find_resume_checkpoint(run_dir: Path, resume: str | Path | bool | None) -> Path | None:
+    """``resume``: a path, True/"auto" (run_dir/checkpoints/last.pt if present), or False/None."""
+    if resume in (None, False):
+        return None
+    if resume in (True, "auto"):
+        candidate = run_dir / "checkpoints" / "last.pt"
+        return candidate if candidate.is_file() else None
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise CheckpointError(
+            f"--resume {str(resume)!r}: no checkpoint there; pass a .pt file or a run folder"
+        )
+    return path
+
+
+def _method_of(model: nn.Module) -> Method:
+    while not isinstance(model, Method):
+        model = (
+            model.module if hasattr(model, "module") else model._orig_mod
+        )  # DDP / compile wrappers
+    return model
+
+
+def train(
+    cfg: Config, resume: str | Path | bool | None = "auto", stop_after_steps: int | None = None
+) -> dict[str, Any]:
+    """Pre-train ``cfg.method`` and return a summary (run folder, steps, final loss, ...).
+
+    ``stop_after_steps`` interrupts the run after that many optimizer steps of this call, as a
+    signal would (used by tests of resume).
+    """
+    device_kind = "cuda" if (cfg.run.device != "cpu" and torch.cuda.is_available()) else "cpu"
+    info = D.init_distributed(device_kind)
+    try:
+        return _train(cfg, info, resume, stop_after_steps)
+    finally:
+        D.cleanup(info)
+
+
+def _train(
+    cfg: Config, info: D.DistInfo, resume: str | Path | bool | None, stop_after_steps: int | None
+) -> dict[str, Any]:
+    device = pick_device(cfg, info)
+    amp_dtype = pick_precision(cfg, device)
+    run_dir = Path(cfg.run.out_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    resume_path = find_resume_checkpoint(run_dir, resume)
+    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    if checkpoint is not None and checkpoint.get("format") != TRAIN_FORMAT:
+        raise CheckpointError(
+            f"{resume_path}: not a siamae training checkpoint; only those can be resumed"
+        )
+    if checkpoint is not None:
+        saved = config_from_dict(checkpoint["config"])
+        if saved.method != cfg.method or saved.model != cfg.model:
+            raise CheckpointError(
+                f"{resume_path}: it was made for method {saved.method} / {saved.model.arch}, this run is "
+                f"{cfg.method} / {cfg.model.arch}; use another run.out_dir or --no-resume"
+            )
+
+    torch.manual_seed(cfg.run.seed + info.rank)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    D.barrier(info)
+
+    method = build_method(cfg).to(device)
+    dataset = build_dataset(cfg, method.view_kind, method.encoder.num_patches)
+    sampler = EpochSampler(
+        len(dataset), cfg.data.batch_size, info.rank, info.world_size, cfg.run.seed
+    )
+    schedule = make_schedule(cfg, sampler.batches_per_epoch, info.world_size)
+    loader = build_loader(dataset, sampler, cfg.data.num_workers, pin_memory=device.type == "cuda")
+    loader.worker_init_fn = _ignore_sigint_in_worker
+    # A private generator: creating loader iterators must not consume the global RNG, or a
+    # resumed run's dropout would drift from an uninterrupted one.
+    loader.generator = torch.Generator()
+
+    optimizer = build_optimizer(
+        method,
+        schedule.peak_lr,
+        cfg.optim.weight_decay,
+        cfg.optim.betas,
+        fused=device.type == "cuda",
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    state = TrainState()
+    if checkpoint is not None:
+        method.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        state.step = int(checkpoint["step"])
+        state.skipped = int(checkpoint.get("skipped", 0))
+        state.last_checkpoint_step = state.step
+        rng = checkpoint.get("rng", {})
+        cpu_states = rng.get("cpu", [])
+        if len(cpu_states) == info.world_size:
+            torch.set_rng_state(cpu_states[info.rank])
+        if device.type == "cuda" and len(rng.get("cuda", [])) == info.world_size:
+            torch.cuda.set_rng_state(rng["cuda"][info.rank], device)
+
+    model: nn.Module = method
+    if info.enabled:
+        model = DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.run.compile:
+        model = torch.compile(model)
+
+    monitor = None
+    if info.is_main and cfg.monitor.knn_train:
+        from siamae.eval.monitor import build_monitor
+
+        monitor = build_monitor(cfg, device)
+
+    logger = MetricsLogger(run_dir, state.step, cfg.run.tensorboard) if info.is_main else None
+    progress = None
+    if info.is_main and cfg.run.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(
+            total=schedule.total_steps,
+            initial=state.step,
+            desc=f"{cfg.method} pre-training",
+            unit="step",
+            dynamic_ncols=True,
+        )
+
+    def save(tag: str = "last") -> None:
+        cpu_rng = D.gather_rng_states(
+            torch.get_rng_state(), info, device if device.type == "cuda" else torch.device("cpu")
+        )
+        cuda_rng = (
+            D.gather_rng_states(torch.cuda.get_rng_state(device), info, device)
+            if device.type == "cuda"
+            else []
+        )
+        if info.is_main:
+            payload = {
+                "format": TRAIN_FORMAT,
+                "method": cfg.method,
+                "config": cfg.to_dict(),
+                "model": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                "step": state.step,
+                "epoch": state.step // schedule.steps_per_epoch,
+                "skipped": state.skipped,
+                "rng": {"cpu": cpu_rng, "cuda": cuda_rng},
+            }
+            save_atomic(payload, ckpt_dir / f"{tag}.pt")
+        state.last_checkpoint_step = state.step
+        D.barrier(info)
+
+    accum = cfg.optim.accum_steps
+    autocast = (
+        torch.autocast(device.type, dtype=amp_dtype)
+        if amp_dtype is not None
+        else contextlib.nullcontext()
+    )
+    steps_this_call = 0
+    window_samples, window_start = 0, time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    last_loss = float("nan")
+    interrupted = None
+    method.train()
+    with StopRequest() as stop:
+        while state.step < schedule.total_steps and interrupted is None:
+            epoch = state.step // schedule.steps_per_epoch
+            sampler.set_epoch(epoch, (state.step % schedule.steps_per_epoch) * accum)
+            micro = 0
+            iterator = iter(loader)
+            while state.step < schedule.total_steps:
+                if stop.requested:
+                    interrupted = signal.Signals(stop.signal).name
+                    break
+                if stop_after_steps is not None and steps_this_call >= stop_after_steps:
+                    interrupted = "stop_after_steps"
+                    break
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    break
+                except Exception:
+                    if stop.requested:
+                        interrupted = signal.Signals(stop.signal).name
+                        break
+                    raise
+                if batch["skipped"]:
+                    state.skipped += batch["skipped"]
+                    with (run_dir / "skipped_files.txt").open("a") as f:
+                        f.writelines(line + "\n" for line in batch["skipped_files"])
+                inputs = {
+                    "images": normalize_images(batch["images"].to(device, non_blocking=True)),
+                    "mask_noise": batch["mask_noise"].to(device, non_blocking=True),
+                }
+                sync = micro == accum - 1
+                ctx = (
+                    model.no_sync()
+                    if (info.enabled and not sync and hasattr(model, "no_sync"))
+                    else contextlib.nullcontext()
+                )
+                with ctx:
+                    with autocast:
+                        out = model(inputs)
+                    loss = out.loss
+                    if not torch.isfinite(loss.detach()).item():
+                        raise TrainingDiverged(
+                            f"the loss became {loss.item()} at step {state.step} (epoch {epoch}); training stopped. "
+                            + (
+                                f"The last good checkpoint is {ckpt_dir / 'last.pt'} (step {state.last_checkpoint_step}). "
+                                if state.last_checkpoint_step is not None
+                                else "No checkpoint had been written yet. "
+                            )
+                            + "Try a lower optim.base_lr, optim.clip_grad=1.0, or run.precision=bf16/fp32."
+                        )
+                    scaler.scale(loss / accum).backward()
+                loss_sum += loss.detach()
+                loss_count += 1
+                window_samples += batch["images"].shape[0] * info.world_size
+                micro += 1
+                if not sync:
+                    continue
+                micro = 0
+                lr = lr_at(
+                    state.step,
+                    schedule.peak_lr,
+                    cfg.optim.min_lr,
+                    schedule.warmup_steps,
+                    schedule.total_steps,
+                )
+                set_lr(optimizer, lr)
+                if cfg.optim.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                steps_this_call += 1
+
+                if state.step % cfg.run.log_every == 0 or state.step == schedule.total_steps:
+                    mean_loss = D.all_reduce_mean(loss_sum / max(loss_count, 1), info).item()
+                    skipped = int(
+                        D.all_reduce_sum(
+                            torch.tensor(float(state.skipped), device=device), info
+                        ).item()
+                    )
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "step": state.step,
+                        "epoch": round(state.step / schedule.steps_per_epoch, 4),
+                        "loss": mean_loss,
+                        "lr": lr,
+                        "pairs_per_s": window_samples / max(elapsed, 1e-9),
+                        "skipped": skipped,
+                    }
+                    last_loss = mean_loss
+                    loss_sum.zero_()
+                    loss_count = 0
+                    window_samples, window_start = 0, time.perf_counter()
+                    if logger is not None:
+                        logger.log(record)
+                    if progress is not None:
+                        progress.set_postfix(
+                            loss=f"{mean_loss:.4f}",
+                            lr=f"{lr:.2e}",
+                            pairs_s=f"{record['pairs_per_s']:.1f}",
+                        )
+                if progress is not None:
+                    progress.update(1)
+                if (
+                    monitor is not None
+                    and monitor.due(state.step // schedule.steps_per_epoch, state.step)
+                    and (state.step % schedule.steps_per_epoch == 0 or cfg.monitor.every_steps)
+                ):
+                    result = monitor.run(method.encoder)
+                    if logger is not None and result:
+                        logger.log(
+                            {
+                                "step": state.step,
+                                "epoch": round(state.step / schedule.steps_per_epoch, 4),
+                                **result,
+                            }
+                        )
+                    if progress is not None and result:
+                        progress.write(
+                            f"step {state.step}: "
+                            + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+                        )
+                if state.step % cfg.run.checkpoint_every == 0 and state.step < schedule.total_steps:
+                    save()
+        if interrupted is None and state.step >= schedule.total_steps:
+            save()
+        elif interrupted is not None and state.last_checkpoint_step != state.step:
+            save()
+    if progress is not None:
+        progress.close()
+    if logger is not None:
+        logger.close()
+
+    summary = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(ckpt_dir / "last.pt"),
+        "method": cfg.method,
+        "step": state.step,
+        "total_steps": schedule.total_steps,
+        "epoch": state.step / schedule.steps_per_epoch,
+        "final_loss": last_loss,
+        "skipped": state.skipped,
+        "interrupted": interrupted,
+        "effective_batch": schedule.effective_batch,
+        "peak_lr": schedule.peak_lr,
+        "device": str(device),
+        "world_size": info.world_size,
+    }
+    if info.is_main and interrupted is None and cfg.run.visualize:
+        from siamae.viz import save_loss_curve, save_reconstruction
+
+        method.eval()
+        summary["reconstruction"] = str(
+            save_reconstruction(method, dataset, run_dir / "reconstruction.png", device)
+        )
+        summary["loss_curve"] = str(save_loss_curve(run_dir, run_dir / "loss_curve.png"))
+        method.train()
+    if math.isnan(last_loss) and info.is_main:
+        summary["final_loss"] = None
+    return summary

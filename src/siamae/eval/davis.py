@@ -1,0 +1,340 @@
+"""DAVIS semi-supervised video object segmentation by label propagation.
+
+Layout read (official): ``JPEGImages/480p/<seq>/%05d.jpg``, ``Annotations/480p/<seq>/%05d.png``,
+``ImageSets/2017/val.txt`` (or ``2016/val.txt``). Masks are DAVIS-2017 palette PNGs of object
+ids (0 background, 255 void) or DAVIS-2016 grayscale PNGs (0/255, one object).
+
+Written: ``<out>/<seq>/%05d.png`` DAVIS-palette predictions (the submission layout),
+``<out>/per_sequence.csv`` (one row per object), ``<out>/summary.json``, ``<out>/overlays/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from siamae.errors import DataError
+from siamae.eval.metrics_davis import (
+    VOID,
+    SequenceScores,
+    frame_scores,
+    num_objects_of,
+    summarise,
+)
+from siamae.eval.overlay import PALETTE, OverlayRecorder
+from siamae.eval.propagation import (
+    PropagationParams,
+    Timer,
+    frame_size,
+    labels_to_ids,
+    propagate_video,
+    resize_ids,
+)
+
+RESOLUTION = "480p"
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A DAVIS annotation -> (H, W) uint8 object ids (0 background, 255 void).
+
+    Palette PNGs (2017) hold ids directly. Grayscale PNGs holding only 0 and 255 are DAVIS-2016
+    single-object masks: 255 becomes object 1. RGB PNGs are mapped back through the palette.
+    """
+    path = Path(path)
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, ValueError) as err:
+        raise DataError(
+            f"cannot read mask {path}: {err}; re-download the annotation or remove it"
+        ) from None
+    if img.mode == "P":
+        return np.asarray(img, dtype=np.uint8).copy()
+    if img.mode in ("RGB", "RGBA"):
+        rgb = np.asarray(img.convert("RGB"))
+        codes = (
+            (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+        )
+        pal = (
+            (PALETTE[:, 0].astype(np.int32) << 16)
+            | (PALETTE[:, 1].astype(np.int32) << 8)
+            | (PALETTE[:, 2])
+        )
+        lookup = {int(c): i for i, c in enumerate(pal)}
+        uniq, inv = np.unique(codes, return_inverse=True)
+        missing = [hex(int(u)) for u in uniq if int(u) not in lookup]
+        if missing:
+            raise DataError(
+                f"mask {path} is RGB with colours outside the DAVIS palette ({missing[:3]}); "
+                "save it as a palette or grayscale PNG of object ids"
+            )
+        return np.array([lookup[int(u)] for u in uniq], dtype=np.uint8)[inv].reshape(codes.shape)
+    arr = np.asarray(img.convert("L") if img.mode not in ("L", "I", "I;16") else img)
+    if arr.max(initial=0) > 255:
+        raise DataError(f"mask {path} has values above 255; expected object ids")
+    arr = arr.astype(np.uint8)
+    if set(np.unique(arr).tolist()) <= {0, 255}:
+        return (arr == 255).astype(np.uint8)  # DAVIS-2016: one object
+    return arr
+
+
+def write_mask(path: str | Path, ids: np.ndarray) -> None:
+    """Save (H, W) ids as a DAVIS-palette PNG (what the official evaluation reads)."""
+    img = Image.fromarray(np.asarray(ids, dtype=np.uint8), mode="P")
+    img.putpalette(PALETTE.flatten().tolist())
+    img.save(path)
+
+
+def read_frame(path: str | Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except OSError as err:
+        raise DataError(f"cannot read frame {path}: {err}") from None
+
+
+@dataclass
+class DavisSequence:
+    name: str
+    frames: list[Path]
+    masks: list[Path]
+
+    @property
+    def fully_annotated(self) -> bool:
+        return len(self.masks) == len(self.frames)
+
+
+def check_root(root: str | Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"DAVIS root {root} does not exist; pass --data-root pointing at DAVIS/")
+    if not (root / "JPEGImages" / RESOLUTION).is_dir():
+        raise DataError(
+            f"{root} has no JPEGImages/{RESOLUTION}/: not a DAVIS folder "
+            "(expected JPEGImages/480p/<seq>/, Annotations/480p/<seq>/, ImageSets/)"
+        )
+    return root
+
+
+def list_sequences(
+    root: str | Path, split: str | None = None, sequences: list[str] | None = None
+) -> list[str]:
+    """Sequence names: ``sequences`` if given, else those of the split file.
+
+    ``split``: a file path, ``"2017/val"``, ``"val"`` (2017 if present, else 2016), or None (val).
+    """
+    root = check_root(root)
+    if sequences:
+        return list(sequences)
+    candidates: list[Path]
+    if split and Path(split).is_file():
+        candidates = [Path(split)]
+    else:
+        name = split or "val"
+        if "/" in name:
+            candidates = [root / "ImageSets" / f"{name}.txt"]
+        else:
+            candidates = [root / "ImageSets" / y / f"{name}.txt" for y in ("2017", "2016")]
+    for path in candidates:
+        if path.is_file():
+            names = [ln.split()[0] for ln in path.read_text().splitlines() if ln.strip()]
+            return [n.strip("/").split("/")[-1] for n in names]
+    raise DataError(
+        f"no split file found (looked for {', '.join(str(c) for c in candidates)}); "
+        "pass --split FILE or --sequences a,b"
+    )
+
+
+def load_sequence(root: str | Path, name: str) -> DavisSequence:
+    root = Path(root)
+    img_dir = root / "JPEGImages" / RESOLUTION / name
+    ann_dir = root / "Annotations" / RESOLUTION / name
+    frames = sorted(img_dir.glob("*.jpg"))
+    if not frames:
+        raise DataError(f"sequence {name!r}: no frames in {img_dir}; check --sequences/--split")
+    masks = sorted(ann_dir.glob("*.png"))
+    if not masks:
+        raise DataError(f"sequence {name!r}: no annotations in {ann_dir}; the first mask is needed")
+    if masks[0].stem != frames[0].stem:
+        raise DataError(
+            f"sequence {name!r}: first annotation {masks[0].name} does not match first frame "
+            f"{frames[0].name}"
+        )
+    return DavisSequence(name, frames, masks)
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+
+@dataclass
+class DavisResult:
+    summary: dict
+    sequences: list[SequenceScores] = field(default_factory=list)
+
+
+def _scored_size(params: PropagationParams, score_at: str, native: tuple[int, int], patch: int):
+    prop = frame_size(params.resize, native, patch)
+    return prop, (prop if score_at == "resized" else native)
+
+
+@torch.no_grad()
+def evaluate_davis(
+    encoder: torch.nn.Module,
+    root: str | Path,
+    out: str | Path,
+    params: PropagationParams,
+    sequences: list[str] | None = None,
+    split: str | None = None,
+    score_at: str | None = None,
+    void: str = "background",
+    overlays: list[str] | None = None,
+    overlay_kind: str = "png",
+    max_frames: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> DavisResult:
+    """Propagate the first-frame masks of every sequence, write predictions, score, summarise.
+
+    Args:
+        score_at: "resized" (frames AND annotations resized to the propagation size and scored
+            there: the published CropMAE figures) or "native" (predictions resized to the
+            annotation size, nearest). Default: resized for a fixed-size protocol, else native.
+        overlays: sequence names (or ["all"]) for which to save an overlay picture.
+        max_frames: use only the first N frames of each sequence (quick checks; not the protocol).
+    """
+    root = check_root(root)
+    out = Path(out)
+    names = list_sequences(root, split, sequences)
+    seqs = [load_sequence(root, n) for n in names]
+    if score_at is None:
+        score_at = "resized" if "x" in params.resize else "native"
+    if score_at not in ("resized", "native"):
+        raise DataError(f"score_at must be 'resized' or 'native', got {score_at!r}")
+    want_overlay = set(overlays or [])
+    patch = int(encoder.patch_size)
+    encoder = encoder.eval().to(device)
+    timer = Timer()
+    results: list[SequenceScores] = []
+    unscored: list[str] = []
+    sizes: set[str] = set()
+    t_start = time.perf_counter()
+    bar = tqdm(seqs, desc="DAVIS", unit="seq", disable=not progress)
+    for seq in bar:
+        bar.set_postfix_str(seq.name)
+        frames = seq.frames[:max_frames] if max_frames else seq.frames
+        masks = seq.masks[: len(frames)]
+        first = read_mask(masks[0])
+        native = first.shape
+        prop_size, score_size = _scored_size(params, score_at, native, patch)
+        sizes.add(f"{prop_size[0]}x{prop_size[1]}")
+        n_obj = num_objects_of(first)
+        first_ids = np.where(first == VOID, 0, first)
+        scored = seq.fully_annotated and len(frames) >= 3
+        if not scored:
+            unscored.append(seq.name)
+        (out / seq.name).mkdir(parents=True, exist_ok=True)
+        recorder = (
+            OverlayRecorder(len(frames), overlay_kind)
+            if ("all" in want_overlay or seq.name in want_overlay)
+            else None
+        )
+        j_rows, f_rows = [], []
+        frame_iter = (read_frame(p) for p in frames)
+        soft_iter = propagate_video(
+            encoder, frame_iter, first_ids, n_obj + 1, params, prop_size, device, timer
+        )
+        inner = tqdm(
+            soft_iter,
+            total=len(frames),
+            desc=seq.name,
+            unit="frame",
+            leave=False,
+            disable=not progress,
+        )
+        for t, soft in enumerate(inner):
+            if t == 0:
+                pred = resize_ids(first_ids.astype(np.uint8), score_size, exact=False)
+            else:
+                ids = labels_to_ids(soft, prop_size, params.norm_mask).numpy().astype(np.uint8)
+                pred = resize_ids(ids, score_size, exact=True)
+            write_mask(out / seq.name / f"{frames[t].stem}.png", pred)
+            if recorder is not None:
+                recorder.add(t, read_frame(frames[t]), pred)
+            if scored and 0 < t < len(frames) - 1:
+                gt = resize_ids(read_mask(masks[t]), score_size, exact=False)
+                j, f = frame_scores(gt, pred, n_obj, void)
+                j_rows.append(j)
+                f_rows.append(f)
+        if recorder is not None:
+            recorder.save(out / "overlays" / seq.name)
+        if scored:
+            j_arr = np.stack(j_rows, axis=1) if j_rows else np.zeros((n_obj, 0))
+            f_arr = np.stack(f_rows, axis=1) if f_rows else np.zeros((n_obj, 0))
+            results.append(SequenceScores(seq.name, j_arr, f_arr))
+    elapsed = time.perf_counter() - t_start
+    figures = summarise(results)
+    resolution = (
+        f"resized: frames and annotations at {', '.join(sorted(sizes))} (published CropMAE protocol)"
+        if score_at == "resized"
+        else f"native: propagated at {', '.join(sorted(sizes))}, scored at the annotations' size"
+    )
+    report = getattr(encoder, "load_report", None)
+    summary = {
+        "benchmark": "DAVIS (semi-supervised, davis2017-evaluation J&F)",
+        "protocol": params.name,
+        "params": params.to_dict(),
+        "resolution": resolution,
+        "score_at": score_at,
+        "void": void,
+        "sequences": [s.name for s in results],
+        "unscored_sequences": unscored,
+        "max_frames": max_frames,
+        **figures,
+        "encoder": report.summary() if report is not None else repr(type(encoder).__name__),
+        "timing": {
+            "frames": timer.frames,
+            "seconds_total": round(elapsed, 2),
+            "seconds_reading": round(timer.load_s, 2),
+            "seconds_features": round(timer.features_s, 2),
+            "seconds_propagation": round(timer.propagation_s, 2),
+            "features_fps": timer.frames / timer.features_s if timer.features_s else None,
+            "propagation_fps": timer.frames / timer.propagation_s if timer.propagation_s else None,
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for s in results for r in s.object_rows()]
+    with open(out / "per_sequence.csv", "w", newline="") as fh:
+        cols = ["sequence", "object", "J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean",
+                "F-Recall", "F-Decay", "frames"]  # fmt: skip
+        writer = csv.DictWriter(fh, fieldnames=cols)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    return DavisResult(summary, results)
+
+
+def format_summary(summary: dict) -> str:
+    """A few lines for the terminal, naming the protocol and the resolution next to the numbers."""
+    if not summary.get("objects"):
+        return f"DAVIS [{summary['protocol']}]: nothing scored (no fully annotated sequence)"
+    return (
+        f"DAVIS J&F-Mean {summary['J&F-Mean']:.4f} (J {summary['J-Mean']:.4f}, "
+        f"F {summary['F-Mean']:.4f}; J-recall {summary['J-Recall']:.3f}, "
+        f"F-recall {summary['F-Recall']:.3f}, J-decay {summary['J-Decay']:.3f}, "
+        f"F-decay {summary['F-Decay']:.3f}) over {summary['objects']} objects in "
+        f"{len(summary['sequences'])} sequences\n"
+        f"  protocol {summary['protocol']}; scoring {summary['resolution']}\n"
+        f"  encoder: {summary['encoder']}"
+    )

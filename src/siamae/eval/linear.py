@@ -1,0 +1,510 @@
+"""Linear probe of a frozen encoder: BatchNorm1d(affine=False) + Linear, SGD or LARS, cosine.
+
+The recipe follows MAE's linear probing: 90 epochs, 10 warm-up epochs then a half-cosine decay
+set every iteration before the step, lr = base_lr x batch / 256, no weight decay, a BatchNorm
+without affine parameters in front of the classifier. Top-1 on the validation folder.
+
+Two ways to feed the head:
+- ``cache_features=True`` (default): features of centre crops are computed once (and saved in
+  ``out_dir/features`` so a resumed or repeated run reuses them); epochs are then cheap.
+- ``cache_features=False``: every epoch runs the frozen encoder on random-resized crops with
+  horizontal flips (the MAE training augmentation); the validation features are still computed
+  once.
+
+Checkpoints (``out_dir/checkpoints/last.pt``) are plain dicts written atomically after every
+epoch; ``resume=True`` continues from one and gives the same head as an uninterrupted run
+(the shuffling and the augmentation are seeded by (seed, epoch), not by a running generator).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from siamae.checkpoint import load_checkpoint, save_atomic
+from siamae.errors import CheckpointError, SiamaeError
+from siamae.eval.features import (
+    POOLS,
+    EvalTransform,
+    ImageFolder,
+    extract_features,
+    loader,
+    normalize,
+    pool_tokens,
+)
+from siamae.models.vit import Encoder
+
+LINEAR_FORMAT = "siamae-linear-v1"
+FEATURES_FORMAT = "siamae-features-v1"
+
+
+@dataclass
+class LinearConfig:
+    """The linear-probe recipe (defaults: MAE's, with SGD as the default optimiser)."""
+
+    epochs: int = 90
+    batch_size: int = 256
+    optimizer: str = "sgd"  # "sgd" or "lars"
+    base_lr: float = 0.1  # lr = base_lr * batch_size / 256
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    warmup_epochs: float = 10.0
+    min_lr: float = 0.0
+    pool: str = "cls"
+    img_size: int | None = None  # None: the encoder's training size
+    crop_pct: float = 0.875
+    cache_features: bool = True
+    seed: int = 0
+    num_workers: int = 0
+    eval_every: int = 1
+
+    def check(self) -> None:
+        def bad(name: str, msg: str) -> SiamaeError:
+            return SiamaeError(f"linear probe option '{name}': {msg}")
+
+        if self.epochs < 1:
+            raise bad("epochs", f"expected 1 or more, got {self.epochs}")
+        if self.batch_size < 1:
+            raise bad("batch_size", f"expected 1 or more, got {self.batch_size}")
+        if self.optimizer not in ("sgd", "lars"):
+            raise bad("optimizer", f"expected 'sgd' or 'lars', got {self.optimizer!r}")
+        if self.base_lr <= 0:
+            raise bad("lr", f"expected a positive number, got {self.base_lr}")
+        if not 0 <= self.momentum < 1:
+            raise bad("momentum", f"expected 0 <= momentum < 1, got {self.momentum}")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", f"expected 0 or more, got {self.weight_decay}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise bad("warmup_epochs", f"expected 0 <= warmup <= epochs ({self.epochs})")
+        if self.pool not in POOLS:
+            raise bad("pool", f"expected one of {', '.join(POOLS)}, got {self.pool!r}")
+        if not 0 < self.crop_pct <= 1:
+            raise bad("crop_pct", f"expected a number in (0, 1], got {self.crop_pct}")
+        if self.eval_every < 1:
+            raise bad("eval_every", f"expected 1 or more, got {self.eval_every}")
+
+    @property
+    def lr(self) -> float:
+        return self.base_lr * self.batch_size / 256
+
+
+# Fields that may change between a run and its resumption (they do not change the head).
+RESUMABLE_CHANGES = {"num_workers", "eval_every"}
+
+
+class LinearProbe(nn.Module):
+    """(B, D) frozen features -> (B, C) logits through BatchNorm1d(affine=False) and Linear."""
+
+    def __init__(self, dim: int, num_classes: int, seed: int = 0) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.fc = nn.Linear(dim, num_classes)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.fc.weight.normal_(0.0, 0.01, generator=gen)
+            self.fc.bias.zero_()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(features))
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose step for each matrix is scaled by a layer-wise trust ratio.
+
+    For parameters with more than one dimension, the update ``g + wd * p`` is multiplied by
+    ``trust * ||p|| / ||g + wd * p||`` (1 when either norm is zero); vectors (biases) take the
+    plain momentum-SGD step without weight decay.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, trust=trust_coefficient
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    p_norm = p.norm()
+                    u_norm = update.norm()
+                    ratio = torch.where(
+                        (p_norm > 0) & (u_norm > 0),
+                        group["trust"] * p_norm / u_norm,
+                        torch.ones_like(p_norm),
+                    )
+                    update = update.mul(ratio)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(update)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float = 0.0) -> float:
+    """Linear warm-up for ``warmup`` steps, then half-cosine from ``lr`` to ``min_lr``."""
+    if step < warmup:
+        return lr * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class LinearResult:
+    top1: float
+    best_top1: float
+    epochs: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    out_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"protocol": "linear probe (BatchNorm1d + Linear, frozen encoder)"} | (
+            dataclasses.asdict(self)
+        )
+
+
+# -- features ---------------------------------------------------------------------------------
+
+
+def _fingerprint(source: str) -> dict[str, Any]:
+    path = Path(source)
+    if path.is_file():
+        st = path.stat()
+        return {"source": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"source": source}
+
+
+def cached_features(
+    encoder: Encoder,
+    dataset: ImageFolder,
+    cache: Path | None,
+    key: dict[str, Any],
+    device: torch.device | str,
+    batch_size: int,
+    num_workers: int,
+    pool: str,
+    progress: bool,
+    desc: str,
+) -> torch.Tensor:
+    """Features of ``dataset``, read from ``cache`` when its key matches, else computed (and saved)."""
+    if cache is not None and cache.is_file():
+        try:
+            stored = load_checkpoint(cache)
+        except CheckpointError:
+            stored = {}
+        if stored.get("format") == FEATURES_FORMAT and stored.get("key") == key:
+            return stored["features"]
+    feats = extract_features(
+        encoder,
+        dataset,
+        device=device,
+        pool=pool,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+        desc=desc,
+    )
+    if cache is not None:
+        save_atomic({"format": FEATURES_FORMAT, "key": key, "features": feats}, cache)
+    return feats
+
+
+class AugmentedFolder(ImageFolder):
+    """An ImageFolder whose images are random-resized crops (scale 0.08-1) with flips.
+
+    The randomness of item i in epoch e comes from a generator seeded by (seed, e, i) alone,
+    so it is the same in every worker layout and after a resume.
+    """
+
+    def __init__(self, base: ImageFolder, seed: int) -> None:  # noqa: D107 - shares base's scan
+        self.__dict__.update(base.__dict__)
+        self.seed = seed
+        self.epoch = 0
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        path, label = self.samples[i]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        size = self.transform.img_size
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            w, h = image.size
+            box = (0, 0, w, h)
+            for _ in range(10):
+                area = w * h * rng.uniform(0.08, 1.0)
+                log_r = rng.uniform(math.log(3 / 4), math.log(4 / 3))
+                cw = int(round(math.sqrt(area * math.exp(log_r))))
+                ch = int(round(math.sqrt(area / math.exp(log_r))))
+                if 0 < cw <= w and 0 < ch <= h:
+                    x0 = int(rng.integers(0, w - cw + 1))
+                    y0 = int(rng.integers(0, h - ch + 1))
+                    box = (x0, y0, x0 + cw, y0 + ch)
+                    break
+            crop = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+            if rng.random() < 0.5:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            pixels = torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return pixels.contiguous(), label
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+def _feature_batches(
+    feats: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, epoch: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    order = torch.randperm(
+        feats.shape[0], generator=torch.Generator().manual_seed(seed * 100003 + epoch)
+    )
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        if len(idx) < 2 and start > 0:
+            break  # BatchNorm cannot train on a batch of one
+        yield feats[idx], labels[idx]
+
+
+@torch.no_grad()
+def evaluate(head: LinearProbe, feats: torch.Tensor, labels: torch.Tensor, device: Any) -> float:
+    """Top-1 (percent) of the head on (N, D) features."""
+    was = head.training
+    head.eval()
+    correct = 0
+    for start in range(0, feats.shape[0], 1024):
+        logits = head(feats[start : start + 1024].to(device))
+        correct += int((logits.argmax(1).cpu() == labels[start : start + 1024]).sum())
+    head.train(was)
+    return 100.0 * correct / max(1, feats.shape[0])
+
+
+def train_linear(
+    encoder: Encoder,
+    train_dir: str | Path,
+    val_dir: str | Path,
+    out_dir: str | Path | None = None,
+    cfg: LinearConfig | None = None,
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+    source: str = "<encoder>",
+) -> LinearResult:
+    """Train and evaluate a linear probe on a frozen ``encoder``.
+
+    Args:
+        out_dir: where checkpoints, cached features and ``results.json`` go (None: nowhere,
+            no resume).
+        resume: continue from ``out_dir/checkpoints/last.pt`` if it exists.
+        source: the encoder's checkpoint path (recorded, and part of the feature-cache key).
+    Returns:
+        the final and best validation top-1 and the per-epoch history.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cfg or LinearConfig()
+    cfg.check()
+    device = torch.device(device)
+    out = Path(out_dir) if out_dir is not None else None
+    img_size = cfg.img_size or encoder.img_size
+    transform = EvalTransform(img_size, cfg.crop_pct)
+    train_set = ImageFolder(train_dir, transform)
+    val_set = ImageFolder(val_dir, transform, classes=train_set.classes)
+    encoder = encoder.to(device).eval()
+
+    run_info = {
+        "recipe": dataclasses.asdict(cfg),
+        "encoder": source,
+        "train": str(Path(train_dir).resolve()),
+        "val": str(Path(val_dir).resolve()),
+        "classes": train_set.classes,
+    }
+    head = LinearProbe(encoder.embed_dim, len(train_set.classes), seed=cfg.seed).to(device)
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    else:
+        opt = LARS(
+            head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+
+    start_epoch, history = 0, []
+    ckpt_path = out / "checkpoints" / "last.pt" if out is not None else None
+    if resume and ckpt_path is not None and ckpt_path.is_file():
+        start_epoch, history = _restore(ckpt_path, run_info, head, opt)
+
+    key_base = {
+        **_fingerprint(source),
+        "pool": cfg.pool,
+        "img_size": img_size,
+        "crop_pct": cfg.crop_pct,
+    }
+    feat_kw = dict(
+        device=device,
+        batch_size=max(64, min(cfg.batch_size, 512)),
+        num_workers=cfg.num_workers,
+        pool=cfg.pool,
+        progress=progress,
+    )
+    cache_dir = out / "features" if out is not None else None
+    val_feats = cached_features(
+        encoder,
+        val_set,
+        cache_dir / "val.pt" if cache_dir else None,
+        {**key_base, "folder": run_info["val"], "n": len(val_set)},
+        desc="val features",
+        **feat_kw,  # type: ignore[arg-type]
+    )
+    val_labels = val_set.labels
+    train_labels = train_set.labels
+    train_feats = None
+    if cfg.cache_features:
+        train_feats = cached_features(
+            encoder,
+            train_set,
+            cache_dir / "train.pt" if cache_dir else None,
+            {**key_base, "folder": run_info["train"], "n": len(train_set)},
+            desc="train features",
+            **feat_kw,  # type: ignore[arg-type]
+        )
+    augmented = AugmentedFolder(train_set, cfg.seed) if not cfg.cache_features else None
+
+    n = len(train_set)
+    steps_per_epoch = n // cfg.batch_size + (1 if n % cfg.batch_size >= 2 else 0)
+    steps_per_epoch = max(1, steps_per_epoch)
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    head.train()
+    bar = tqdm(
+        range(start_epoch, cfg.epochs), desc="linear probe", unit="epoch", disable=not progress
+    )
+    for epoch in bar:
+        t0 = time.perf_counter()
+        step = epoch * steps_per_epoch
+        loss_sum, seen = 0.0, 0
+        for feats, labels in _epoch_batches(
+            encoder, train_feats, train_labels, augmented, cfg, epoch, device
+        ):
+            lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            logits = head(feats.to(device))
+            loss = F.cross_entropy(logits, labels.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss) * labels.shape[0]
+            seen += labels.shape[0]
+            step += 1
+        record: dict[str, float] = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(1, seen),
+            "lr": lr,
+            "seconds": time.perf_counter() - t0,
+        }
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            record["top1"] = evaluate(head, val_feats, val_labels, device)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.2f}")
+        history.append(record)
+        if ckpt_path is not None:
+            save_atomic(
+                {
+                    "format": LINEAR_FORMAT,
+                    "config": run_info,
+                    "head": head.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                },
+                ckpt_path,
+            )
+    bar.close()
+    evaluated = [h["top1"] for h in history if "top1" in h]
+    top1 = evaluate(head, val_feats, val_labels, device)
+    result = LinearResult(
+        top1=top1,
+        best_top1=max([*evaluated, top1]),
+        epochs=cfg.epochs,
+        history=history,
+        out_dir=str(out) if out is not None else None,
+    )
+    if out is not None:
+        (out / "results.json").write_text(json.dumps(result.to_dict() | run_info, indent=2))
+    return result
+
+
+def _epoch_batches(
+    encoder: Encoder,
+    train_feats: torch.Tensor | None,
+    train_labels: torch.Tensor,
+    augmented: AugmentedFolder | None,
+    cfg: LinearConfig,
+    epoch: int,
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if train_feats is not None:
+        yield from _feature_batches(train_feats, train_labels, cfg.batch_size, cfg.seed, epoch)
+        return
+    assert augmented is not None
+    augmented.epoch = epoch
+    order = torch.randperm(
+        len(augmented), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    ).tolist()
+    subset = torch.utils.data.Subset(augmented, order)
+    for images, labels in loader(subset, cfg.batch_size, cfg.num_workers):
+        if labels.shape[0] < 2:
+            break
+        with torch.no_grad():
+            feats = pool_tokens(encoder(normalize(images, device)), cfg.pool)
+        yield feats, labels
+
+
+def _restore(
+    path: Path, run_info: dict[str, Any], head: LinearProbe, opt: torch.optim.Optimizer
+) -> tuple[int, list[dict[str, float]]]:
+    state = load_checkpoint(path)
+    if state.get("format") != LINEAR_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a linear-probe checkpoint; use another --out-dir or drop --resume"
+        )
+    saved = state["config"]
+    for name in ("encoder", "train", "val", "classes"):
+        if saved.get(name) != run_info[name]:
+            raise CheckpointError(
+                f"cannot resume {path}: it was trained with {name}={saved.get(name)!r}, this run "
+                f"has {run_info[name]!r}; use another --out-dir"
+            )
+    for name, value in run_info["recipe"].items():
+        if name in RESUMABLE_CHANGES:
+            continue
+        if saved["recipe"].get(name) != value:
+            raise CheckpointError(
+                f"cannot resume {path}: option {name} was {saved['recipe'].get(name)!r}, now "
+                f"{value!r}; resume with the same options or use another --out-dir"
+            )
+    head.load_state_dict(state["head"])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["epoch"]), list(state.get("history", []))

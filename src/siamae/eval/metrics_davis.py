@@ -1,0 +1,204 @@
+"""DAVIS region (J) and boundary (F) measures, computed as davis2017-evaluation does.
+
+- J: IoU of the binary masks, 1 when both are empty (union 0).
+- F: one-pixel boundaries of both masks (``seg2bmap``); a predicted boundary pixel counts as
+  matched when a ground-truth boundary pixel lies within a disk of radius
+  ``ceil(bound_th * image diagonal)`` (``bound_th=0.008``), and the other way round for recall.
+  Empty-vs-empty gives 1, empty-vs-nonempty gives 0. The disk dilation of the reference is
+  replaced by an exact nearest-neighbour query on the boundary pixels (same sets, faster).
+- Per object: mean, recall (fraction of frames > 0.5) and decay (mean of the first of four bins
+  minus the mean of the last), as ``davis2017/utils.py:db_statistics``.
+- Semi-supervised task: first and last frames excluded; object ids 1..N with N the largest id in
+  the first ground-truth frame.
+
+Void pixels (255): the official reader turns 255 into background *before* scoring, so its void
+masks are always empty; ``void="background"`` reproduces that (the default). ``void="ignore"``
+removes void pixels from both masks before J and F, as the metric functions allow.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+VOID = 255
+BOUND_TH = 0.008
+
+
+def jaccard(gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None) -> float:
+    """IoU of two boolean masks (H, W), void pixels excluded; 1.0 when the union is empty."""
+    gt = np.asarray(gt, dtype=bool)
+    pred = np.asarray(pred, dtype=bool)
+    if gt.shape != pred.shape:
+        raise ValueError(f"mask shapes differ: {gt.shape} vs {pred.shape}")
+    keep = ~np.asarray(void, dtype=bool) if void is not None else np.ones_like(gt)
+    inter = np.count_nonzero(gt & pred & keep)
+    union = np.count_nonzero((gt | pred) & keep)
+    return 1.0 if union == 0 else inter / union
+
+
+def seg2bmap(seg: np.ndarray) -> np.ndarray:
+    """One-pixel boundary map of a binary mask (boundaries offset half a pixel to the origin).
+
+    A pixel is on the boundary when it differs from its east, south or south-east neighbour;
+    the last row compares east only, the last column south only, the corner is never set.
+    """
+    seg = np.asarray(seg, dtype=bool)
+    e = np.zeros_like(seg)
+    s = np.zeros_like(seg)
+    se = np.zeros_like(seg)
+    e[:, :-1] = seg[:, 1:]
+    s[:-1, :] = seg[1:, :]
+    se[:-1, :-1] = seg[1:, 1:]
+    b = (seg ^ e) | (seg ^ s) | (seg ^ se)
+    b[-1, :] = seg[-1, :] ^ e[-1, :]
+    b[:, -1] = seg[:, -1] ^ s[:, -1]
+    b[-1, -1] = False
+    return b
+
+
+def bound_pixels(shape: tuple[int, ...], bound_th: float = BOUND_TH) -> float:
+    """The tolerance radius in pixels: ``bound_th`` itself if >= 1, else ceil(bound_th * diag)."""
+    return bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*shape[:2]))
+
+
+def _within(src: np.ndarray, dst: np.ndarray, radius: float) -> int:
+    """How many points of ``src`` (n, 2) have a point of ``dst`` within Euclidean ``radius``."""
+    if len(src) == 0 or len(dst) == 0:
+        return 0
+    dist, _ = cKDTree(dst).query(src, k=1, distance_upper_bound=radius + 1e-6)
+    return int(np.count_nonzero(dist <= radius))
+
+
+def boundary_f(
+    gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None, bound_th: float = BOUND_TH
+) -> float:
+    """Boundary F-measure of two boolean masks (H, W), as davis2017-evaluation's ``f_measure``."""
+    gt = np.asarray(gt, dtype=bool)
+    pred = np.asarray(pred, dtype=bool)
+    if gt.shape != pred.shape:
+        raise ValueError(f"mask shapes differ: {gt.shape} vs {pred.shape}")
+    if void is not None:
+        keep = ~np.asarray(void, dtype=bool)
+        gt, pred = gt & keep, pred & keep
+    radius = bound_pixels(gt.shape, bound_th)
+    fg_b = np.argwhere(seg2bmap(pred))
+    gt_b = np.argwhere(seg2bmap(gt))
+    n_fg, n_gt = len(fg_b), len(gt_b)
+    if n_fg == 0 and n_gt == 0:
+        precision, recall = 1.0, 1.0
+    elif n_fg == 0:
+        precision, recall = 1.0, 0.0
+    elif n_gt == 0:
+        precision, recall = 0.0, 1.0
+    else:
+        precision = _within(fg_b, gt_b, radius) / n_fg
+        recall = _within(gt_b, fg_b, radius) / n_gt
+    if precision + recall == 0:
+        return 0.0
+    return 2 * precision * recall / (precision + recall)
+
+
+def db_statistics(values: np.ndarray) -> tuple[float, float, float]:
+    """(mean, recall, decay) of per-frame values, as ``davis2017/utils.py:db_statistics``."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(np.nanmean(v))
+    recall = float(np.nanmean(v > 0.5))
+    ids = (np.round(np.linspace(1, len(v), 5) + 1e-10) - 1).astype(int)
+    bins = [v[ids[i] : ids[i + 1] + 1] for i in range(4)]
+    decay = float(np.nanmean(bins[0]) - np.nanmean(bins[3]))
+    return mean, recall, decay
+
+
+def split_objects(ids: np.ndarray, num_objects: int, void: str = "background") -> tuple:
+    """(H, W) ids -> (N, H, W) bool object masks and the (H, W) void mask (or None)."""
+    ids = np.asarray(ids)
+    objs = ids[None] == np.arange(1, num_objects + 1, dtype=ids.dtype).reshape(-1, 1, 1)
+    void_mask = (ids == VOID) if void == "ignore" else None
+    return objs, void_mask
+
+
+def frame_scores(
+    gt_ids: np.ndarray,
+    pred_ids: np.ndarray,
+    num_objects: int,
+    void: str = "background",
+    bound_th: float = BOUND_TH,
+) -> tuple[np.ndarray, np.ndarray]:
+    """J and F of every object 1..N on one frame: two arrays of shape (N,)."""
+    if gt_ids.shape != pred_ids.shape:
+        raise ValueError(f"mask shapes differ: {gt_ids.shape} vs {pred_ids.shape}")
+    gt, void_mask = split_objects(gt_ids, num_objects, void)
+    pred, _ = split_objects(pred_ids, num_objects)
+    j = np.array([jaccard(g, p, void_mask) for g, p in zip(gt, pred)])
+    f = np.array([boundary_f(g, p, void_mask, bound_th) for g, p in zip(gt, pred)])
+    return j, f
+
+
+def num_objects_of(first_gt: np.ndarray) -> int:
+    """N as the official reader counts it: the largest id of frame 0, void counted as 0."""
+    ids = np.asarray(first_gt)
+    ids = np.where(ids == VOID, 0, ids)
+    return int(ids.max()) if ids.size else 0
+
+
+@dataclass
+class SequenceScores:
+    """Per-object, per-frame J and F of one sequence (scored frames only)."""
+
+    name: str
+    j: np.ndarray  # (N, T_scored)
+    f: np.ndarray  # (N, T_scored)
+
+    def object_rows(self) -> list[dict[str, float | str]]:
+        rows = []
+        for i in range(self.j.shape[0]):
+            jm, jr, jd = db_statistics(self.j[i])
+            fm, fr, fd = db_statistics(self.f[i])
+            rows.append(
+                {
+                    "sequence": self.name,
+                    "object": i + 1,
+                    "J&F-Mean": (jm + fm) / 2,
+                    "J-Mean": jm,
+                    "J-Recall": jr,
+                    "J-Decay": jd,
+                    "F-Mean": fm,
+                    "F-Recall": fr,
+                    "F-Decay": fd,
+                    "frames": int(self.j.shape[1]),
+                }
+            )
+        return rows
+
+
+def score_sequence(
+    name: str,
+    gt_ids: np.ndarray,
+    pred_ids: np.ndarray,
+    void: str = "background",
+    bound_th: float = BOUND_TH,
+) -> SequenceScores:
+    """Semi-supervised scoring of a whole sequence (T, H, W): frames 1..T-2 are scored."""
+    n = num_objects_of(gt_ids[0])
+    scored = range(1, len(gt_ids) - 1)
+    j = np.zeros((n, len(scored)))
+    f = np.zeros((n, len(scored)))
+    for col, t in enumerate(scored):
+        j[:, col], f[:, col] = frame_scores(gt_ids[t], pred_ids[t], n, void, bound_th)
+    return SequenceScores(name, j, f)
+
+
+def summarise(sequences: list[SequenceScores]) -> dict[str, float]:
+    """Global figures: every statistic averaged over all objects of all sequences."""
+    rows = [r for s in sequences for r in s.object_rows()]
+    keys = ["J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"]
+    out = {k: float(np.mean([r[k] for r in rows])) if rows else float("nan") for k in keys}
+    out = {"J&F-Mean": (out["J-Mean"] + out["F-Mean"]) / 2, **out}
+    out["objects"] = len(rows)
+    return out

@@ -1,0 +1,108 @@
+"""Pictures of propagated labels: masks blended over frames, as a PNG strip or an animated GIF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def davis_palette() -> np.ndarray:
+    """(256, 3) uint8: the DAVIS / PASCAL VOC palette (0 black, 1 dark red, 2 green, ...)."""
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    for i in range(256):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal
+
+
+PALETTE = davis_palette()
+
+
+def blend(frame: np.ndarray, ids: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """(H, W, 3) uint8 frame + (H, W) ids -> (H, W, 3) uint8 with objects tinted and outlined."""
+    if frame.shape[:2] != ids.shape:
+        ids = np.asarray(Image.fromarray(ids.astype(np.uint8)).resize(frame.shape[1::-1], 0))
+    ids = np.where(ids == 255, 0, ids).astype(np.uint8)
+    colour = PALETTE[ids].astype(np.float32)
+    fg = (ids > 0)[..., None]
+    out = np.where(fg, frame * (1 - alpha) + colour * alpha, frame.astype(np.float32))
+    edge = np.zeros(ids.shape, dtype=bool)
+    edge[:-1] |= ids[:-1] != ids[1:]
+    edge[:, :-1] |= ids[:, :-1] != ids[:, 1:]
+    out[edge] = 255
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _thumb(image: np.ndarray, height: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    if h == height:
+        return image
+    return np.asarray(Image.fromarray(image).resize((max(1, round(w * height / h)), height), 2))
+
+
+def save_strip(
+    path: str | Path,
+    rows: list[list[np.ndarray]],
+    height: int = 160,
+    gap: int = 4,
+) -> Path:
+    """Save a grid of images (rows of (H, W, 3) uint8) as one PNG, each scaled to ``height``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    thumbs = [[_thumb(im, height) for im in row] for row in rows]
+    width = max(sum(t.shape[1] for t in row) + gap * (len(row) - 1) for row in thumbs)
+    canvas = np.full(
+        (len(thumbs) * height + gap * (len(thumbs) - 1), width, 3), 255, dtype=np.uint8
+    )
+    y = 0
+    for row in thumbs:
+        x = 0
+        for t in row:
+            canvas[y : y + height, x : x + t.shape[1]] = t
+            x += t.shape[1] + gap
+        y += height + gap
+    Image.fromarray(canvas).save(path)
+    return path
+
+
+def save_gif(path: str | Path, frames: list[np.ndarray], fps: int = 8, height: int = 240) -> Path:
+    """Save (H, W, 3) uint8 frames as a looping animated GIF."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(_thumb(f, height)) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return path
+
+
+class OverlayRecorder:
+    """Collects blended frames of one video as they are produced, keeping only what it saves.
+
+    ``strip``: ``count`` evenly spaced frames (first and last included); ``gif``: every frame,
+    thumbnailed to ``height`` so memory stays small.
+    """
+
+    def __init__(self, num_frames: int, kind: str = "png", count: int = 6, height: int = 160):
+        if kind not in ("png", "gif"):
+            raise ValueError(f"overlay kind must be 'png' or 'gif', got {kind!r}")
+        self.kind = kind
+        self.height = height
+        count = max(1, min(count, num_frames))
+        self.keep = set(np.linspace(0, num_frames - 1, count).round().astype(int).tolist())
+        self.frames: list[np.ndarray] = []
+
+    def add(self, t: int, frame: np.ndarray, ids: np.ndarray) -> None:
+        if self.kind == "gif" or t in self.keep:
+            self.frames.append(_thumb(blend(frame, ids), self.height))
+
+    def save(self, path_stem: str | Path) -> Path:
+        stem = Path(path_stem)
+        if self.kind == "gif":
+            return save_gif(stem.with_suffix(".gif"), self.frames, height=self.height)
+        return save_strip(stem.with_suffix(".png"), [self.frames], height=self.height)

@@ -1,0 +1,466 @@
+"""Label propagation through frozen-encoder features; knows nothing of any benchmark.
+
+A frozen encoder turns each frame into an L2-normalised grid of patch features (D, h, w).
+Labels of the first frame are carried forward frame by frame: each target patch looks at the
+context (the first frame, always, plus a queue of the previous frames' predictions), keeps the
+top-k most similar context patches over the whole context, and takes the softmax-weighted sum of
+their soft labels. Each prediction goes back into the queue.
+
+Two protocol presets (``PROTOCOLS``) carry the published parameters; every field can be
+overridden with ``--set key=value`` (``apply_overrides``).
+
+- ``cropmae`` follows the CRW test code used by CropMAE and SiamMAE: the queue starts padded with
+  ``queue`` copies of frame 0, a Euclidean radius (``distance < radius`` grid cells) restricts the
+  queue but never the first frame, labels are one-hot maps downsampled bilinearly to the grid.
+- ``dino`` follows DINO's ``eval_video_segmentation.py``: no padding (the queue grows to 7), a
+  square neighbourhood (``|dy|, |dx| <= 12``) that DINO's code applies to every context frame,
+  the first included (``restrict_first``), labels downsampled nearest to the grid, and each
+  upsampled prediction min-max normalised per channel before the argmax (``norm_mask``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from siamae.errors import SiamaeError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class PropagationParams:
+    """Everything that decides the numbers. ``name`` is printed next to every result."""
+
+    name: str = "cropmae"
+    #: frame size for the encoder: "HxW" fixed, "long:N" (long side N, short side floored to a
+    #: multiple of 64, CRW), "short:N" (short side N, long side floored to a multiple of 64, DINO),
+    #: or "native" (floored to a multiple of the patch size).
+    resize: str = "480x880"
+    temperature: float = 0.7
+    topk: int = 7
+    radius: float = 20.0
+    queue: int = 20
+    neighbourhood: str = "euclidean"  # "euclidean" (distance < radius) or "square" (<= radius)
+    restrict_first: bool = False
+    pad_queue: bool = True
+    label_downsample: str = "bilinear"  # "bilinear" (one-hot, CRW) or "nearest" (DINO)
+    norm_mask: bool = False
+    batch_size: int = 8  # frames per encoder forward
+    chunk: int = 1024  # target patches per affinity block (memory only, not the numbers)
+
+    def validate(self) -> None:
+        """Raise a SiamaeError naming the bad field."""
+        if self.neighbourhood not in ("euclidean", "square"):
+            raise SiamaeError(
+                f"neighbourhood must be 'euclidean' or 'square', got {self.neighbourhood!r}"
+            )
+        if self.label_downsample not in ("bilinear", "nearest"):
+            raise SiamaeError(
+                f"label_downsample must be 'bilinear' or 'nearest', got {self.label_downsample!r}"
+            )
+        if self.topk < 1 or self.queue < 0 or self.temperature <= 0 or self.batch_size < 1:
+            raise SiamaeError("topk and batch_size must be >= 1, queue >= 0, temperature > 0")
+        if self.chunk < 1:
+            raise SiamaeError("chunk must be >= 1")
+        frame_size(self.resize, (480, 854), 16)  # raises on a malformed resize string
+
+    def describe(self) -> str:
+        return (
+            f"protocol {self.name}: resize {self.resize}, T={self.temperature}, top-k {self.topk}, "
+            f"radius {self.radius:g} ({self.neighbourhood}"
+            f"{', first frame too' if self.restrict_first else ''}), queue {self.queue}"
+            f"{' (padded with frame 0)' if self.pad_queue else ''}"
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+_CROPMAE = PropagationParams()
+_DINO = PropagationParams(
+    name="dino",
+    resize="short:480",
+    temperature=0.1,
+    topk=5,
+    radius=12,
+    queue=7,
+    neighbourhood="square",
+    restrict_first=True,
+    pad_queue=False,
+    label_downsample="nearest",
+    norm_mask=True,
+)
+
+#: (protocol, benchmark) -> preset. Benchmarks: "davis", "jhmdb", "vip", "any".
+PROTOCOLS: dict[str, dict[str, PropagationParams]] = {
+    "cropmae": {
+        "any": _CROPMAE,
+        "davis": _CROPMAE,
+        "jhmdb": dataclasses.replace(_CROPMAE, resize="320x320"),
+        "vip": dataclasses.replace(_CROPMAE, resize="long:880", topk=10),
+    },
+    "dino": {"any": _DINO, "davis": _DINO, "jhmdb": _DINO, "vip": _DINO},
+}
+
+
+def protocol(name: str, benchmark: str = "any", overrides: Iterable[str] = ()) -> PropagationParams:
+    """The preset for ``name`` on ``benchmark``, with ``key=value`` overrides applied."""
+    if name not in PROTOCOLS:
+        raise SiamaeError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}")
+    params = PROTOCOLS[name].get(benchmark, PROTOCOLS[name]["any"])
+    return apply_overrides(dataclasses.replace(params), overrides)
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def apply_overrides(params: PropagationParams, overrides: Iterable[str]) -> PropagationParams:
+    """Apply ``key=value`` strings (``--set topk=5``) to a copy of ``params``, typed and checked."""
+    fields = {f.name: f for f in dataclasses.fields(PropagationParams) if f.name != "name"}
+    changes: dict[str, object] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise SiamaeError(
+                f"--set {item!r}: expected key=value with key one of {sorted(fields)}"
+            )
+        kind = type(getattr(params, key))
+        try:
+            changes[key] = _parse_bool(value) if kind is bool else kind(value.strip())
+        except ValueError:
+            raise SiamaeError(f"--set {item!r}: {key} needs a {kind.__name__} value") from None
+    out = dataclasses.replace(params, **changes)
+    out.validate()
+    return out
+
+
+def frame_size(resize: str, size: tuple[int, int], patch: int) -> tuple[int, int]:
+    """The (H, W) a frame of native ``size`` (H, W) is resized to under the ``resize`` rule."""
+    h, w = size
+    try:
+        if resize == "native":
+            out = (h // patch * patch, w // patch * patch)
+        elif resize.startswith(("long:", "short:")):
+            kind, n = resize.split(":")
+            n = int(n)
+            if (kind == "long") == (w > h):  # the side set to n is the width
+                out = (int(int(h * n / w) // 64 * 64), n)
+            else:
+                out = (n, int(int(w * n / h) // 64 * 64))
+        else:
+            hh, ww = resize.lower().split("x")
+            out = (int(hh), int(ww))
+    except ValueError:
+        raise SiamaeError(
+            f"resize {resize!r}: expected 'HxW', 'long:N', 'short:N' or 'native'"
+        ) from None
+    if min(out) < patch:
+        raise SiamaeError(f"resize {resize!r} gives {out[0]}x{out[1]}, smaller than a patch")
+    return out
+
+
+def grid_size(image_size: tuple[int, int], patch: int) -> tuple[int, int]:
+    return image_size[0] // patch, image_size[1] // patch
+
+
+# -- frames -> features -----------------------------------------------------------------------
+
+
+def prepare_frame(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, h, w) float, resized bilinearly and ImageNet-normalised."""
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+@dataclass
+class Timer:
+    """Seconds spent reading frames, in feature extraction and in propagation; frames seen."""
+
+    load_s: float = 0.0
+    features_s: float = 0.0
+    propagation_s: float = 0.0
+    frames: int = 0
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: Callable[[torch.Tensor], torch.Tensor],
+    frames: Iterable[torch.Tensor],
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    timer: Timer | None = None,
+) -> Iterator[torch.Tensor]:
+    """Stream L2-normalised patch features, one (D, h, w) per frame, computed ``batch_size`` frames
+    at a time (``encoder``: (B, 3, H, W) -> (B, D, h, w), e.g. ``Encoder.patch_features``).
+
+    Only one batch of frames and features is held at a time.
+    """
+    batch: list[torch.Tensor] = []
+
+    def run() -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        feats = encoder(torch.stack(batch).to(device))
+        feats = F.normalize(feats.float(), dim=1).cpu()
+        if timer is not None:
+            timer.features_s += time.perf_counter() - t0
+        batch.clear()
+        return list(feats)
+
+    for frame in frames:
+        batch.append(frame)
+        if len(batch) == batch_size:
+            yield from run()
+    if batch:
+        yield from run()
+
+
+# -- labels ---------------------------------------------------------------------------------
+
+
+def one_hot(ids: np.ndarray | torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(H, W) integer ids -> (C, H, W) float one-hot; ids outside [0, C) give all-zero pixels."""
+    t = torch.as_tensor(np.asarray(ids)).long()
+    return (t[None] == torch.arange(num_classes).view(-1, 1, 1)).float()
+
+
+def labels_to_grid(
+    ids: np.ndarray, num_classes: int, grid: tuple[int, int], mode: str = "bilinear"
+) -> torch.Tensor:
+    """First-frame ids (H, W) -> soft labels (C, h, w) on the feature grid.
+
+    ``bilinear``: one-hot per class, downsampled bilinearly (no antialias: OpenCV's INTER_LINEAR,
+    as CRW does). ``nearest``: ids sampled at the cell centres (PIL's nearest, as DINO does), then
+    one-hot.
+    """
+    if mode == "nearest":
+        t = torch.as_tensor(np.asarray(ids)).float()[None, None]
+        small = F.interpolate(t, size=grid, mode="nearest-exact")[0, 0].long()
+        return one_hot(small, num_classes)
+    oh = one_hot(ids, num_classes)[None]
+    return F.interpolate(oh, size=grid, mode="bilinear", align_corners=False)[0]
+
+
+def labels_to_ids(
+    soft: torch.Tensor, size: tuple[int, int], norm_mask: bool = False
+) -> torch.Tensor:
+    """Soft labels (C, h, w) -> (H, W) class indices: bilinear upsampling then argmax.
+
+    With ``norm_mask`` (DINO) every channel is min-max normalised after upsampling.
+    """
+    up = F.interpolate(soft[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    if norm_mask:
+        lo = up.amin(dim=(1, 2), keepdim=True)
+        hi = up.amax(dim=(1, 2), keepdim=True)
+        scaled = (up - lo) / (hi - lo).clamp_min(1e-12)
+        up = torch.where(hi > 0, scaled, up)
+    return up.argmax(dim=0)
+
+
+# -- the engine -----------------------------------------------------------------------------
+
+
+def neighbourhood_mask(grid: tuple[int, int], radius: float, kind: str) -> torch.Tensor:
+    """(N, N) bool, N = h*w: True where context cell (row) may serve target cell (column)."""
+    h, w = grid
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    yy, xx = yy.flatten().float(), xx.flatten().float()
+    dy = yy[:, None] - yy[None, :]
+    dx = xx[:, None] - xx[None, :]
+    if kind == "square":
+        return (dy.abs() <= radius) & (dx.abs() <= radius)
+    return (dy**2 + dx**2).sqrt() < radius
+
+
+class LabelPropagator:
+    """Carries soft labels through a sequence of feature maps.
+
+    Memory is bounded by the context (first frame + ``queue`` frames), not the video length:
+    features are consumed one frame at a time and only the context is kept.
+    """
+
+    def __init__(self, params: PropagationParams) -> None:
+        self.params = params
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _mask(self, grid: tuple[int, int]) -> torch.Tensor:
+        if grid not in self._masks:
+            self._masks[grid] = neighbourhood_mask(
+                grid, self.params.radius, self.params.neighbourhood
+            )
+        return self._masks[grid]
+
+    @torch.no_grad()
+    def step(
+        self,
+        query: torch.Tensor,
+        keys: list[torch.Tensor],
+        labels: list[torch.Tensor],
+        restricted: list[bool],
+    ) -> torch.Tensor:
+        """One target frame.
+
+        Args:
+            query: (D, h, w) L2-normalised features of the target frame.
+            keys: M context feature maps (D, h, w); the same tensor may appear several times
+                (padding) and is then multiplied only once.
+            labels: M soft label maps (C, h, w), one per context frame.
+            restricted: M flags: True where the spatial neighbourhood applies.
+        Returns:
+            (C, h, w) soft labels of the target frame (each cell sums to what its neighbours'
+            labels sum to: 1 for one-hot labels).
+        """
+        p = self.params
+        d, h, w = query.shape
+        n = h * w
+        m = len(keys)
+        q = query.reshape(d, n)
+        # Multiply each distinct context tensor once, then expand to the M context slots.
+        slot_of: dict[int, int] = {}
+        unique: list[torch.Tensor] = []
+        index = []
+        for k in keys:
+            if id(k) not in slot_of:
+                slot_of[id(k)] = len(unique)
+                unique.append(k.reshape(d, n))
+            index.append(slot_of[id(k)])
+        key_mat = torch.stack(unique)  # (U, D, N)
+        ctx_labels = torch.stack([lab.reshape(lab.shape[0], n) for lab in labels], dim=1)
+        ctx_labels = ctx_labels.reshape(ctx_labels.shape[0], m * n)  # (C, M*N)
+        allowed = self._mask((h, w))  # (N_key, N_query)
+        restricted_t = torch.tensor(restricted)
+        index_t = torch.tensor(index)
+        k = min(p.topk, m * n)
+        out = torch.empty(ctx_labels.shape[0], n)
+        for start in range(0, n, p.chunk):
+            stop = min(n, start + p.chunk)
+            aff = torch.einsum("udk,dq->ukq", key_mat, q[:, start:stop])[index_t]  # (M, N, Q)
+            aff = aff / p.temperature
+            if restricted_t.any():
+                block = ~allowed[:, start:stop]
+                aff[restricted_t] = aff[restricted_t].masked_fill(block, float("-inf"))
+            aff = aff.reshape(m * n, stop - start)
+            weights, idx = torch.topk(aff, k, dim=0)  # (k, Q): ONE top-k over all context
+            weights = torch.softmax(weights, dim=0)
+            gathered = ctx_labels[:, idx]  # (C, k, Q)
+            out[:, start:stop] = (gathered * weights[None]).sum(dim=1)
+        return out.reshape(-1, h, w)
+
+    def propagate(
+        self, features: Iterable[torch.Tensor], first_labels: torch.Tensor
+    ) -> Iterator[torch.Tensor]:
+        """Yield (C, h, w) soft labels for every frame; the first is ``first_labels`` itself.
+
+        Args:
+            features: iterable of (D, h, w) L2-normalised feature maps, frame 0 first.
+            first_labels: (C, h, w) soft labels of frame 0 on the same grid.
+        """
+        p = self.params
+        it = iter(features)
+        try:
+            first = next(it)
+        except StopIteration:
+            return
+        if tuple(first.shape[-2:]) != tuple(first_labels.shape[-2:]):
+            raise ValueError(
+                f"labels grid {tuple(first_labels.shape[-2:])} != features grid {tuple(first.shape[-2:])}"
+            )
+        first_labels = first_labels.float()
+        yield first_labels
+        queue: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=max(p.queue, 1))
+        if p.pad_queue and p.queue > 0:
+            queue.extend([(first, first_labels)] * p.queue)
+        for feat in it:
+            ctx = list(queue) if p.queue > 0 else []
+            keys = [first] + [c[0] for c in ctx]
+            labels = [first_labels] + [c[1] for c in ctx]
+            restricted = [p.restrict_first] + [True] * len(ctx)
+            pred = self.step(feat, keys, labels, restricted)
+            if p.queue > 0:
+                queue.append((feat, pred))
+            yield pred
+
+
+def resize_ids(ids: np.ndarray, size: tuple[int, int], exact: bool = False) -> np.ndarray:
+    """Nearest-neighbour resize of an id map. ``exact=False`` samples like OpenCV's INTER_NEAREST
+    (floor(i * scale)), ``exact=True`` like PIL's NEAREST (cell centres)."""
+    if tuple(ids.shape[:2]) == tuple(size):
+        return ids
+    t = torch.from_numpy(np.ascontiguousarray(ids)).float()[None, None]
+    mode = "nearest-exact" if exact else "nearest"
+    return F.interpolate(t, size=size, mode=mode)[0, 0].numpy().astype(ids.dtype)
+
+
+def propagate_video(
+    encoder: torch.nn.Module,
+    frames: Iterable[np.ndarray],
+    first_ids: np.ndarray,
+    num_classes: int,
+    params: PropagationParams,
+    size: tuple[int, int],
+    device: str | torch.device = "cpu",
+    timer: Timer | None = None,
+) -> Iterator[torch.Tensor]:
+    """The whole pipeline for one video.
+
+    Args:
+        encoder: a frozen :class:`~siamae.models.vit.Encoder` (``patch_features``, ``patch_size``).
+        frames: uint8 frames (H, W, 3) at any size, read lazily; resized bilinearly to ``size``.
+        first_ids: (H0, W0) class ids of frame 0 (0 .. num_classes-1).
+        size: (H, W) propagation size, multiples of the patch size.
+    Yields:
+        (C, h, w) soft labels per frame, the first being frame 0's own labels.
+    """
+    timer = timer if timer is not None else Timer()
+    patch = int(encoder.patch_size)
+    if size[0] % patch or size[1] % patch:
+        raise SiamaeError(f"frame size {size} is not a multiple of the patch size {patch}")
+    grid = grid_size(size, patch)
+    if params.label_downsample == "bilinear":
+        first_ids = resize_ids(first_ids, size)  # CRW resizes annotations (nearest) first
+    first_labels = labels_to_grid(first_ids, num_classes, grid, params.label_downsample)
+
+    def tensors() -> Iterator[torch.Tensor]:
+        it = iter(frames)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                frame = prepare_frame(next(it), size)
+            except StopIteration:
+                return
+            timer.load_s += time.perf_counter() - t0
+            yield frame
+
+    feats = extract_features(encoder.patch_features, tensors(), params.batch_size, device, timer)
+    gen = LabelPropagator(params).propagate(feats, first_labels)
+    while True:
+        # Loading and feature batches are timed where they happen; the rest is propagation.
+        before = timer.features_s + timer.load_s
+        t0 = time.perf_counter()
+        try:
+            soft = next(gen)
+        except StopIteration:
+            return
+        spent = timer.features_s + timer.load_s - before
+        timer.propagation_s += time.perf_counter() - t0 - spent
+        timer.frames += 1
+        yield soft
