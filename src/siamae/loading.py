@@ -50,6 +50,10 @@ class LoadReport:
     step: int | None = None
 
     def summary(self) -> str:
+        if self.kind == "random init":
+            return (
+                f"{self.source}: {self.arch} patch {self.patch_size} ({self.img_size}px), untrained"
+            )
         ignored = f", ignored {len(self.ignored)} non-encoder keys" if self.ignored else ""
         origin = f" ({self.method}, step {self.step})" if self.method else ""
         return (

@@ -1,0 +1,197 @@
+"""``siamae eval knn`` and ``siamae eval linear``: image-level probes of a frozen encoder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from siamae.errors import SiamaeError
+
+
+def _add_encoder_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--checkpoint",
+        help="encoder: training checkpoint, run folder, exported .safetensors or a "
+        "timm/DINO/MAE state dict",
+    )
+    src.add_argument(
+        "--random-init",
+        metavar="NAME",
+        help="an untrained encoder as the baseline, e.g. vit_small_patch16 or vit_tiny_patch8_32",
+    )
+    p.add_argument("--train", required=True, help="labelled training ImageFolder (DIR/<class>/*)")
+    p.add_argument("--val", required=True, help="labelled validation ImageFolder (same classes)")
+    p.add_argument(
+        "--pool",
+        choices=("cls", "mean"),
+        default="cls",
+        help="feature: the CLS token (default) or the mean of the patch tokens",
+    )
+    p.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="evaluation size, a multiple of the patch size (default: the encoder's training size)",
+    )
+    p.add_argument(
+        "--crop-pct",
+        type=float,
+        default=0.875,
+        help="resize the short side to img-size/crop-pct, then centre-crop (default 0.875: "
+        "256->224; use 1.0 for tiny images such as CIFAR)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
+    p.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init and of the probe")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _encoder(args: argparse.Namespace):  # noqa: ANN202 - returns (Encoder, source string)
+    from siamae.loading import load_encoder, random_encoder
+
+    if args.checkpoint:
+        encoder = load_encoder(args.checkpoint)
+        source = args.checkpoint
+    else:
+        encoder = random_encoder(args.random_init, seed=args.seed)
+        source = f"random:{args.random_init}:seed{args.seed}"
+    print(encoder.load_report.summary())
+    img_size = args.img_size or encoder.img_size
+    if img_size % encoder.patch_size:
+        raise SiamaeError(
+            f"--img-size {img_size} is not a multiple of the patch size {encoder.patch_size}"
+        )
+    return encoder, source
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``knn`` and ``linear`` to the ``siamae eval`` group."""
+    p = subparsers.add_parser(
+        "knn",
+        help="weighted k-NN top-1/top-5 of frozen features on a labelled ImageFolder",
+        description=(
+            "k-NN probe (DINO protocol): L2-normalised frozen features, cosine similarity, the k "
+            "nearest training images vote with weight exp(sim/T). Features are computed once."
+        ),
+    )
+    _add_encoder_args(p)
+    p.add_argument(
+        "--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbours (several at once)"
+    )
+    p.add_argument("--temperature", type=float, default=0.07, help="vote temperature T")
+    p.add_argument("--out", help="also write the result as JSON to this file")
+    p.set_defaults(func=_run_knn)
+
+    p = subparsers.add_parser(
+        "linear",
+        help="linear probe (BatchNorm1d + Linear on frozen features), top-1",
+        description=(
+            "Linear probe (MAE recipe): frozen encoder, BatchNorm1d(affine=False) + Linear, SGD "
+            "or LARS, warm-up then cosine, 90 epochs. Checkpoints every epoch in OUT_DIR; "
+            "running the same command again resumes."
+        ),
+    )
+    _add_encoder_args(p)
+    p.add_argument(
+        "--out-dir", required=True, help="folder for checkpoints, cached features, results"
+    )
+    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument("--optimizer", choices=("sgd", "lars"), default="sgd")
+    p.add_argument(
+        "--lr", type=float, default=0.1, help="base learning rate; lr = base x batch / 256"
+    )
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-epochs", type=float, default=10.0)
+    p.add_argument(
+        "--cache-features",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compute centre-crop features once (default), or run the encoder on random crops "
+        "every epoch (--no-cache-features)",
+    )
+    p.add_argument("--eval-every", type=int, default=1, help="validate every N epochs")
+    p.add_argument(
+        "--no-resume", action="store_true", help="start again even if OUT_DIR has a checkpoint"
+    )
+    p.set_defaults(func=_run_linear)
+
+
+def _run_knn(args: argparse.Namespace) -> int:
+    from siamae.eval.features import resolve_device
+    from siamae.eval.knn import knn_eval
+
+    if any(k < 1 for k in args.k):
+        raise SiamaeError(f"--k: every k must be 1 or more, got {args.k}")
+    if args.temperature <= 0:
+        raise SiamaeError(f"--temperature must be positive, got {args.temperature}")
+    encoder, source = _encoder(args)
+    result = knn_eval(
+        encoder,
+        args.train,
+        args.val,
+        ks=args.k,
+        temperature=args.temperature,
+        pool=args.pool,
+        img_size=args.img_size,
+        crop_pct=args.crop_pct,
+        batch_size=args.batch_size or 64,
+        num_workers=args.num_workers,
+        device=resolve_device(args.device),
+        progress=not args.no_progress,
+    )
+    result.info["encoder"] = source
+    print(
+        f"k-NN (weighted cosine, T={args.temperature}, {args.pool} features, "
+        f"{result.info['img_size']}px): {result.num_train} train / {result.num_test} val images, "
+        f"{result.num_classes} classes"
+    )
+    print(result.table())
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _run_linear(args: argparse.Namespace) -> int:
+    from siamae.eval.features import resolve_device
+    from siamae.eval.linear import LinearConfig, train_linear
+
+    encoder, source = _encoder(args)
+    cfg = LinearConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size or 256,
+        optimizer=args.optimizer,
+        base_lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        warmup_epochs=min(args.warmup_epochs, args.epochs),
+        pool=args.pool,
+        img_size=args.img_size,
+        crop_pct=args.crop_pct,
+        cache_features=args.cache_features,
+        seed=args.seed,
+        num_workers=args.num_workers,
+        eval_every=args.eval_every,
+    )
+    result = train_linear(
+        encoder,
+        args.train,
+        args.val,
+        out_dir=args.out_dir,
+        cfg=cfg,
+        device=resolve_device(args.device),
+        resume=not args.no_resume,
+        progress=not args.no_progress,
+        source=source,
+    )
+    print(
+        f"linear probe ({cfg.optimizer}, {cfg.epochs} epochs, {args.pool} features): "
+        f"top-1 {result.top1:.2f} (best {result.best_top1:.2f})"
+    )
+    print(f"results in {Path(args.out_dir) / 'results.json'}")
+    return 0
