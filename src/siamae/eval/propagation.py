@@ -343,26 +343,27 @@ class LabelPropagator:
                 slot_of[id(k)] = len(unique)
                 unique.append(k.reshape(d, n))
             index.append(slot_of[id(k)])
-        key_mat = torch.stack(unique)  # (U, D, N)
-        ctx_labels = torch.stack([lab.reshape(lab.shape[0], n) for lab in labels], dim=1)
-        ctx_labels = ctx_labels.reshape(ctx_labels.shape[0], m * n)  # (C, M*N)
-        allowed = self._mask((h, w))  # (N_key, N_query)
-        restricted_t = torch.tensor(restricted)
+        key_mat = torch.cat(unique, dim=1)  # (D, U*N)
+        ctx_labels = torch.cat([lab.reshape(lab.shape[0], n) for lab in labels], dim=1)  # (C, M*N)
+        allowed = self._mask((h, w))  # (N, N), symmetric
+        restricted_slots = [i for i, r in enumerate(restricted) if r]
         index_t = torch.tensor(index)
         k = min(p.topk, m * n)
         out = torch.empty(ctx_labels.shape[0], n)
         for start in range(0, n, p.chunk):
             stop = min(n, start + p.chunk)
-            aff = torch.einsum("udk,dq->ukq", key_mat, q[:, start:stop])[index_t]  # (M, N, Q)
-            aff = aff / p.temperature
-            if restricted_t.any():
-                block = ~allowed[:, start:stop]
-                aff[restricted_t] = aff[restricted_t].masked_fill(block, float("-inf"))
-            aff = aff.reshape(m * n, stop - start)
-            weights, idx = torch.topk(aff, k, dim=0)  # (k, Q): ONE top-k over all context
-            weights = torch.softmax(weights, dim=0)
-            gathered = ctx_labels[:, idx]  # (C, k, Q)
-            out[:, start:stop] = (gathered * weights[None]).sum(dim=1)
+            aff = (q[:, start:stop].T @ key_mat).div_(p.temperature)  # (Q, U*N)
+            aff = aff.view(stop - start, len(unique), n)
+            if len(unique) < m:
+                aff = aff[:, index_t]  # (Q, M, N): padded copies expanded (a fresh tensor)
+            if restricted_slots:
+                block = ~allowed[start:stop]  # (Q, N)
+                for slot in restricted_slots:
+                    aff[:, slot].masked_fill_(block, float("-inf"))
+            weights, idx = torch.topk(aff.view(stop - start, m * n), k, dim=1)  # ONE top-k
+            weights = torch.softmax(weights, dim=1)  # (Q, k)
+            gathered = ctx_labels[:, idx]  # (C, Q, k)
+            out[:, start:stop] = (gathered * weights[None]).sum(dim=2)
         return out.reshape(-1, h, w)
 
     def propagate(

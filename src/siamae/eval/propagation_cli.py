@@ -1,0 +1,199 @@
+"""``siamae eval davis|jhmdb|vip``: label propagation with a frozen encoder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from siamae.errors import SiamaeError
+
+
+def _encoder(args: argparse.Namespace):
+    from siamae.loading import load_encoder, random_encoder
+
+    if args.random_init:
+        encoder = random_encoder(args.random_init, seed=args.seed)
+    else:
+        if not Path(args.checkpoint).exists():
+            raise SiamaeError(f"checkpoint {args.checkpoint} not found; pass an existing file")
+        encoder = load_encoder(args.checkpoint)
+    print(encoder.load_report.summary())
+    return encoder
+
+
+def _params(args: argparse.Namespace, benchmark: str):
+    from siamae.eval.propagation import protocol
+
+    params = protocol(args.protocol, benchmark, args.set or [])
+    print(params.describe())
+    return params
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SiamaeError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return name
+
+
+def _out(args: argparse.Namespace, benchmark: str) -> Path:
+    return Path(args.out or f"runs/eval/{benchmark}-{args.protocol}")
+
+
+def _davis(args: argparse.Namespace) -> int:
+    from siamae.eval.davis import evaluate_davis, format_summary
+
+    encoder = _encoder(args)
+    params = _params(args, "davis")
+    sequences = [s for s in (args.sequences or "").split(",") if s] or None
+    overlays = [s for s in (args.overlay or "").split(",") if s]
+    out = _out(args, "davis")
+    result = evaluate_davis(
+        encoder,
+        args.data_root,
+        out,
+        params,
+        sequences=sequences,
+        split=args.split,
+        score_at=args.score_at,
+        void=args.void,
+        overlays=overlays,
+        overlay_kind=args.overlay_format,
+        max_frames=args.max_frames,
+        device=_device(args.device),
+        progress=not args.no_progress,
+    )
+    print(format_summary(result.summary))
+    print(f"  predictions, per_sequence.csv, summary.json in {out}")
+    return 0
+
+
+def _jhmdb(args: argparse.Namespace) -> int:
+    from siamae.eval.jhmdb import evaluate_jhmdb, format_summary
+
+    encoder = _encoder(args)
+    params = _params(args, "jhmdb")
+    out = _out(args, "jhmdb")
+    summary = evaluate_jhmdb(
+        encoder,
+        args.data_root,
+        out,
+        params,
+        split=args.split,
+        max_clips=args.max_clips,
+        device=_device(args.device),
+        progress=not args.no_progress,
+    )
+    print(format_summary(summary))
+    print(f"  summary.json in {out}")
+    return 0
+
+
+def _vip(args: argparse.Namespace) -> int:
+    from siamae.eval.vip import evaluate_vip, format_summary
+
+    encoder = _encoder(args)
+    params = _params(args, "vip")
+    out = _out(args, "vip")
+    summary = evaluate_vip(
+        encoder,
+        args.data_root,
+        out,
+        params,
+        split=args.split,
+        max_videos=args.max_videos,
+        max_frames=args.max_frames,
+        device=_device(args.device),
+        progress=not args.no_progress,
+    )
+    print(format_summary(summary))
+    print(f"  predictions and summary.json in {out}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--checkpoint",
+        help="encoder: this project's checkpoint, an exported .safetensors, or a timm/DINO/MAE/"
+        "CropMAE state dict ('model', 'state_dict', 'teacher' keys; 'module.', 'backbone.' "
+        "prefixes)",
+    )
+    src.add_argument(
+        "--random-init",
+        metavar="MODEL",
+        help="an untrained encoder, the baseline every table needs, e.g. vit_small_patch16",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default 0)")
+    p.add_argument("--data-root", required=True, help="the benchmark's folder (official layout)")
+    p.add_argument(
+        "--protocol",
+        choices=("cropmae", "dino"),
+        default="cropmae",
+        help="parameter preset: cropmae (default; CropMAE/SiamMAE/CRW) or dino",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a protocol parameter, e.g. --set topk=5 --set resize=240x432 "
+        "(keys: resize, temperature, topk, radius, queue, neighbourhood, restrict_first, "
+        "pad_queue, label_downsample, norm_mask, batch_size, chunk)",
+    )
+    p.add_argument("--out", help="output folder (default: runs/eval/<benchmark>-<protocol>)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``davis``, ``jhmdb`` and ``vip`` to the ``siamae eval`` group."""
+    p = subparsers.add_parser(
+        "davis", help="DAVIS J&F by label propagation (semi-supervised, davis2017-evaluation)"
+    )
+    _common(p)
+    p.add_argument(
+        "--split",
+        help="split: a file, '2017/val', '2016/val' or 'val' (default: ImageSets/2017/val.txt, "
+        "else 2016)",
+    )
+    p.add_argument("--sequences", help="comma-separated sequence names (instead of a split)")
+    p.add_argument(
+        "--score-at",
+        choices=("resized", "native"),
+        default=None,
+        help="resized: frames and annotations resized to the protocol size, as the published "
+        "CropMAE figures (default for fixed-size protocols); native: the annotations' own size",
+    )
+    p.add_argument(
+        "--void",
+        choices=("background", "ignore"),
+        default="background",
+        help="void (255) pixels: background, as the official evaluation reads them (default), "
+        "or ignored in J and F",
+    )
+    p.add_argument(
+        "--overlay", help="comma-separated sequences (or 'all') to picture in <out>/overlays/"
+    )
+    p.add_argument("--overlay-format", choices=("png", "gif"), default="png")
+    p.add_argument(
+        "--max-frames",
+        type=int,
+        help="only the first N frames of each sequence (a quick check, not the protocol)",
+    )
+    p.set_defaults(func=_davis)
+
+    p = subparsers.add_parser("jhmdb", help="JHMDB keypoint propagation, PCK@0.1 and @0.2")
+    _common(p)
+    p.add_argument("--split", help="file of clips (action/clip, or CRW's vallist format)")
+    p.add_argument("--max-clips", type=int, help="only the first N clips (a quick check)")
+    p.set_defaults(func=_jhmdb)
+
+    p = subparsers.add_parser("vip", help="VIP part propagation, mIoU over 20 classes")
+    _common(p)
+    p.add_argument("--split", help="file of video names")
+    p.add_argument("--max-videos", type=int, help="only the first N videos (a quick check)")
+    p.add_argument("--max-frames", type=int, help="only the first N frames of each video")
+    p.set_defaults(func=_vip)

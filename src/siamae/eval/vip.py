@@ -1,0 +1,181 @@
+"""VIP human-part propagation, scored by mIoU over 20 classes as CRW's ``eval_vip.py`` does.
+
+Layout read (official): ``VIP_Fine/Images/<video>/*.jpg`` and
+``VIP_Fine/Annotations/Category_ids/<video>/*.png`` (class ids 0..19; 255 is ignored). ``--data-root``
+may point at the folder holding ``VIP_Fine`` or at ``VIP_Fine`` itself. A split file lists
+videos, one per line (a name, or a path whose last part is the name); without one every video
+is used.
+
+Protocol: labels of the classes present in frame 0 are propagated through the whole video; every
+frame's prediction (frame 0 included, as CRW writes it) is resized (nearest) to its annotation
+and added to one 20 x 20 confusion matrix; mIoU is the mean over classes of
+diag / (gt + pred - diag), classes never seen giving NaN and left out of the mean.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from siamae.errors import DataError
+from siamae.eval.propagation import (
+    PropagationParams,
+    Timer,
+    frame_size,
+    labels_to_ids,
+    propagate_video,
+    resize_ids,
+)
+
+NUM_CLASSES = 20
+CLASSES = (
+    "background", "hat", "hair", "sun-glasses", "upper-clothes", "dress", "coat", "socks",
+    "pants", "gloves", "scarf", "skirt", "torso-skin", "face", "right-arm", "left-arm",
+    "right-leg", "left-leg", "right-shoe", "left-shoe",
+)  # fmt: skip
+
+
+def read_category_ids(path: str | Path) -> np.ndarray:
+    """A VIP ``Category_ids`` PNG -> (H, W) uint8 class ids."""
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img)
+    except OSError as err:
+        raise DataError(f"cannot read annotation {path}: {err}") from None
+    if arr.ndim == 3:
+        arr = arr[..., 0]
+    return arr.astype(np.uint8)
+
+
+def confusion(gt: np.ndarray, pred: np.ndarray, n: int = NUM_CLASSES) -> np.ndarray:
+    """(n, n) counts, rows = ground truth, columns = prediction; gt outside [0, n) ignored."""
+    gt = gt.astype(np.int64).ravel()
+    pred = pred.astype(np.int64).ravel()
+    keep = (gt >= 0) & (gt < n) & (pred >= 0) & (pred < n)
+    return np.bincount(n * gt[keep] + pred[keep], minlength=n * n).reshape(n, n)
+
+
+def miou(hist: np.ndarray) -> tuple[float, np.ndarray]:
+    """(mean IoU over classes with any pixel, per-class IoU with NaN for unseen classes)."""
+    diag = np.diag(hist).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = diag / (hist.sum(1) + hist.sum(0) - diag)
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"), iou
+
+
+def vip_root(root: str | Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"VIP root {root} does not exist; pass --data-root pointing at VIP/")
+    for cand in (root / "VIP_Fine", root):
+        if (cand / "Images").is_dir() and (cand / "Annotations" / "Category_ids").is_dir():
+            return cand
+    raise DataError(f"{root} has no VIP_Fine/Images and VIP_Fine/Annotations/Category_ids")
+
+
+def list_videos(root: Path, split: str | None = None) -> list[str]:
+    if split:
+        path = Path(split)
+        if not path.is_file():
+            raise DataError(f"split file {split} not found")
+        names = [
+            ln.split()[0].rstrip("/").split("/")[-1]
+            for ln in path.read_text().splitlines()
+            if ln.strip()
+        ]
+    else:
+        names = sorted(p.name for p in (root / "Images").iterdir() if p.is_dir())
+    if not names:
+        raise DataError(f"no videos found in {root / 'Images'}")
+    return names
+
+
+@torch.no_grad()
+def evaluate_vip(
+    encoder: torch.nn.Module,
+    root: str | Path,
+    out: str | Path,
+    params: PropagationParams,
+    split: str | None = None,
+    max_videos: int | None = None,
+    max_frames: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Propagate frame-0 part labels through every video; write ``summary.json``."""
+    root = vip_root(root)
+    videos = list_videos(root, split)[:max_videos]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    patch = int(encoder.patch_size)
+    encoder = encoder.eval().to(device)
+    timer = Timer()
+    hist = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    t0 = time.perf_counter()
+    for name in tqdm(videos, desc="VIP", unit="video", disable=not progress):
+        frames = sorted((root / "Images" / name).glob("*.jpg"))[:max_frames]
+        ann_dir = root / "Annotations" / "Category_ids" / name
+        if not frames:
+            raise DataError(f"video {name!r}: no frames in {root / 'Images' / name}")
+        first_ann = ann_dir / f"{frames[0].stem}.png"
+        if not first_ann.is_file():
+            raise DataError(f"video {name!r}: first annotation {first_ann} not found")
+        first = read_category_ids(first_ann)
+        first = np.where(first == 255, 0, first)
+        classes = np.unique(first)  # CRW's label set: the classes present in frame 0
+        index = np.searchsorted(classes, first).astype(np.uint8)
+        with Image.open(frames[0]) as im:
+            native = (im.height, im.width)
+        size = frame_size(params.resize, native, patch)
+        (out / name).mkdir(parents=True, exist_ok=True)
+
+        def read(p: Path) -> np.ndarray:
+            with Image.open(p) as im:
+                return np.asarray(im.convert("RGB"))
+
+        soft_iter = propagate_video(
+            encoder, (read(p) for p in frames), index, len(classes), params, size, device, timer
+        )
+        for t, soft in enumerate(soft_iter):
+            ids = classes[labels_to_ids(soft, size, params.norm_mask).numpy()].astype(np.uint8)
+            ann = ann_dir / f"{frames[t].stem}.png"
+            Image.fromarray(ids).save(out / name / f"{frames[t].stem}.png")
+            if ann.is_file():
+                gt = read_category_ids(ann)
+                hist += confusion(gt, resize_ids(ids, gt.shape, exact=True))
+    mean_iou, per_class = miou(hist)
+    summary = {
+        "benchmark": "VIP (part propagation, mIoU over 20 classes)",
+        "protocol": params.name,
+        "params": params.to_dict(),
+        "videos": len(videos),
+        "mIoU": mean_iou,
+        "per_class_IoU": {
+            c: (None if np.isnan(v) else float(v)) for c, v in zip(CLASSES, per_class)
+        },
+        "encoder": encoder.load_report.summary()
+        if hasattr(encoder, "load_report")
+        else type(encoder).__name__,
+        "timing": {
+            "frames": timer.frames,
+            "seconds_total": round(time.perf_counter() - t0, 2),
+            "seconds_features": round(timer.features_s, 2),
+            "seconds_propagation": round(timer.propagation_s, 2),
+        },
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    return (
+        f"VIP mIoU {summary['mIoU']:.4f} over {summary['videos']} videos\n"
+        f"  protocol {summary['protocol']} (resize {summary['params']['resize']}, top-k "
+        f"{summary['params']['topk']})\n  encoder: {summary['encoder']}"
+    )
