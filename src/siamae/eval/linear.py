@@ -175,16 +175,24 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float = 0.0) ->
 
 @dataclass
 class LinearResult:
+    """Validation top-1 (percent) at the end and at its best, the history, and the head."""
+
     top1: float
     best_top1: float
     epochs: int
     history: list[dict[str, float]] = field(default_factory=list)
     out_dir: str | None = None
+    head: LinearProbe | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"protocol": "linear probe (BatchNorm1d + Linear, frozen encoder)"} | (
-            dataclasses.asdict(self)
-        )
+        return {
+            "protocol": "linear probe (BatchNorm1d + Linear, frozen encoder)",
+            "top1": self.top1,
+            "best_top1": self.best_top1,
+            "epochs": self.epochs,
+            "history": self.history,
+            "out_dir": self.out_dir,
+        }
 
 
 # -- features ---------------------------------------------------------------------------------
@@ -312,7 +320,7 @@ def train_linear(
     progress: bool = True,
     source: str = "<encoder>",
 ) -> LinearResult:
-    """Train and evaluate a linear probe on a frozen ``encoder``.
+    """Train and evaluate a linear probe of a frozen ``encoder`` on two ImageFolders.
 
     Args:
         out_dir: where checkpoints, cached features and ``results.json`` go (None: nowhere,
@@ -322,40 +330,25 @@ def train_linear(
     Returns:
         the final and best validation top-1 and the per-epoch history.
     """
-    from tqdm.auto import tqdm
-
     cfg = cfg or LinearConfig()
     cfg.check()
     device = torch.device(device)
     out = Path(out_dir) if out_dir is not None else None
     img_size = cfg.img_size or encoder.img_size
+    if img_size % encoder.patch_size:
+        raise SiamaeError(
+            f"image size {img_size} is not a multiple of the patch size {encoder.patch_size}"
+        )
     transform = EvalTransform(img_size, cfg.crop_pct)
     train_set = ImageFolder(train_dir, transform)
     val_set = ImageFolder(val_dir, transform, classes=train_set.classes)
     encoder = encoder.to(device).eval()
-
     run_info = {
-        "recipe": dataclasses.asdict(cfg),
         "encoder": source,
         "train": str(Path(train_dir).resolve()),
         "val": str(Path(val_dir).resolve()),
         "classes": train_set.classes,
     }
-    head = LinearProbe(encoder.embed_dim, len(train_set.classes), seed=cfg.seed).to(device)
-    if cfg.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    else:
-        opt = LARS(
-            head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-
-    start_epoch, history = 0, []
-    ckpt_path = out / "checkpoints" / "last.pt" if out is not None else None
-    if resume and ckpt_path is not None and ckpt_path.is_file():
-        start_epoch, history = _restore(ckpt_path, run_info, head, opt)
-
     key_base = {
         **_fingerprint(source),
         "pool": cfg.pool,
@@ -378,11 +371,8 @@ def train_linear(
         desc="val features",
         **feat_kw,  # type: ignore[arg-type]
     )
-    val_labels = val_set.labels
-    train_labels = train_set.labels
-    train_feats = None
     if cfg.cache_features:
-        train_feats = cached_features(
+        train: torch.Tensor | _AugmentedFeatures = cached_features(
             encoder,
             train_set,
             cache_dir / "train.pt" if cache_dir else None,
@@ -390,33 +380,123 @@ def train_linear(
             desc="train features",
             **feat_kw,  # type: ignore[arg-type]
         )
-    augmented = AugmentedFolder(train_set, cfg.seed) if not cfg.cache_features else None
+    else:
+        train = _AugmentedFeatures(encoder, AugmentedFolder(train_set, cfg.seed), cfg, device)
+    return fit_probe(
+        train,
+        train_set.labels,
+        val_feats,
+        val_set.labels,
+        num_classes=len(train_set.classes),
+        cfg=cfg,
+        out_dir=out,
+        device=device,
+        resume=resume,
+        progress=progress,
+        run_info=run_info,
+    )
 
-    n = len(train_set)
-    steps_per_epoch = n // cfg.batch_size + (1 if n % cfg.batch_size >= 2 else 0)
-    steps_per_epoch = max(1, steps_per_epoch)
+
+class _AugmentedFeatures:
+    """Features of freshly augmented training images, computed batch by batch every epoch."""
+
+    def __init__(
+        self, encoder: Encoder, images: AugmentedFolder, cfg: LinearConfig, device: torch.device
+    ) -> None:
+        self.encoder, self.images, self.cfg, self.device = encoder, images, cfg, device
+        self.dim = encoder.embed_dim
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.images.epoch = epoch
+        order = _epoch_order(len(self.images), self.cfg.seed, epoch).tolist()
+        subset = torch.utils.data.Subset(self.images, order)
+        for images, labels in loader(subset, self.cfg.batch_size, self.cfg.num_workers):
+            if labels.shape[0] < 2:
+                break  # BatchNorm cannot train on a batch of one
+            with torch.no_grad():
+                feats = pool_tokens(self.encoder(normalize(images, self.device)), self.cfg.pool)
+            yield feats, labels
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
+def fit_probe(
+    train: torch.Tensor | _AugmentedFeatures,
+    train_labels: torch.Tensor,
+    val_feats: torch.Tensor,
+    val_labels: torch.Tensor,
+    num_classes: int,
+    cfg: LinearConfig | None = None,
+    out_dir: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+    progress: bool = False,
+    run_info: dict[str, Any] | None = None,
+    stop_after_epochs: int | None = None,
+) -> LinearResult:
+    """Train the BatchNorm + Linear head on (N, D) training features; top-1 on validation.
+
+    ``train`` is a feature matrix (cached features) or a source of augmented features.
+    Checkpoints go to ``out_dir/checkpoints/last.pt`` after every epoch; ``resume`` continues
+    from there (the options and ``run_info`` must match the saved ones).
+    ``stop_after_epochs`` ends this call early, as an interruption would (for resume tests).
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cfg or LinearConfig()
+    cfg.check()
+    device = torch.device(device)
+    out = Path(out_dir) if out_dir is not None else None
+    run_info = {"recipe": dataclasses.asdict(cfg), **(run_info or {})}
+    dim = train.shape[1] if isinstance(train, torch.Tensor) else train.dim
+    head = LinearProbe(dim, num_classes, seed=cfg.seed).to(device)
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    else:
+        opt = LARS(
+            head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    start_epoch, history = 0, []
+    ckpt_path = out / "checkpoints" / "last.pt" if out is not None else None
+    if resume and ckpt_path is not None and ckpt_path.is_file():
+        start_epoch, history = _restore(ckpt_path, run_info, head, opt)
+
+    n = len(train)
+    steps_per_epoch = max(1, n // cfg.batch_size + (1 if n % cfg.batch_size >= 2 else 0))
     total = cfg.epochs * steps_per_epoch
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     head.train()
+    lr = lr_at(start_epoch * steps_per_epoch, total, warmup, cfg.lr, cfg.min_lr)
+    end_epoch = cfg.epochs
+    if stop_after_epochs is not None:
+        end_epoch = min(cfg.epochs, start_epoch + stop_after_epochs)
     bar = tqdm(
-        range(start_epoch, cfg.epochs), desc="linear probe", unit="epoch", disable=not progress
+        range(start_epoch, end_epoch), desc="linear probe", unit="epoch", disable=not progress
     )
     for epoch in bar:
         t0 = time.perf_counter()
         step = epoch * steps_per_epoch
         loss_sum, seen = 0.0, 0
-        for feats, labels in _epoch_batches(
-            encoder, train_feats, train_labels, augmented, cfg, epoch, device
-        ):
+        if isinstance(train, torch.Tensor):
+            batches = _feature_batches(train, train_labels, cfg.batch_size, cfg.seed, epoch)
+        else:
+            batches = train.batches(epoch)
+        for feats, labels in batches:
             lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            logits = head(feats.to(device))
-            loss = F.cross_entropy(logits, labels.to(device))
+            loss = F.cross_entropy(head(feats.to(device)), labels.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss) * labels.shape[0]
+            loss_sum += float(loss.detach()) * labels.shape[0]
             seen += labels.shape[0]
             step += 1
         record: dict[str, float] = {
@@ -442,44 +522,22 @@ def train_linear(
                 ckpt_path,
             )
     bar.close()
-    evaluated = [h["top1"] for h in history if "top1" in h]
     top1 = evaluate(head, val_feats, val_labels, device)
+    evaluated = [h["top1"] for h in history if "top1" in h]
     result = LinearResult(
         top1=top1,
         best_top1=max([*evaluated, top1]),
         epochs=cfg.epochs,
         history=history,
         out_dir=str(out) if out is not None else None,
+        head=head,
     )
     if out is not None:
-        (out / "results.json").write_text(json.dumps(result.to_dict() | run_info, indent=2))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(
+            json.dumps(result.to_dict() | run_info, indent=2, default=str) + "\n"
+        )
     return result
-
-
-def _epoch_batches(
-    encoder: Encoder,
-    train_feats: torch.Tensor | None,
-    train_labels: torch.Tensor,
-    augmented: AugmentedFolder | None,
-    cfg: LinearConfig,
-    epoch: int,
-    device: torch.device,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    if train_feats is not None:
-        yield from _feature_batches(train_feats, train_labels, cfg.batch_size, cfg.seed, epoch)
-        return
-    assert augmented is not None
-    augmented.epoch = epoch
-    order = torch.randperm(
-        len(augmented), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-    ).tolist()
-    subset = torch.utils.data.Subset(augmented, order)
-    for images, labels in loader(subset, cfg.batch_size, cfg.num_workers):
-        if labels.shape[0] < 2:
-            break
-        with torch.no_grad():
-            feats = pool_tokens(encoder(normalize(images, device)), cfg.pool)
-        yield feats, labels
 
 
 def _restore(
@@ -491,7 +549,7 @@ def _restore(
             f"{path} is not a linear-probe checkpoint; use another --out-dir or drop --resume"
         )
     saved = state["config"]
-    for name in ("encoder", "train", "val", "classes"):
+    for name in sorted(set(run_info) - {"recipe"}):
         if saved.get(name) != run_info[name]:
             raise CheckpointError(
                 f"cannot resume {path}: it was trained with {name}={saved.get(name)!r}, this run "

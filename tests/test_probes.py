@@ -1,0 +1,241 @@
+"""k-NN and linear probes: known answers on toy features, and the commands on a tiny folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from siamae.checkpoint import load_checkpoint
+from siamae.cli import main
+from siamae.errors import DataError
+from siamae.eval.features import EvalTransform, ImageFolder, extract_features
+from siamae.eval.knn import knn_classify
+from siamae.eval.linear import LinearConfig, fit_probe, lr_at
+from siamae.models.vit import Encoder
+
+COLOURS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
+
+
+def write_folder(root: Path, per_class: int, seed: int, size: int = 32) -> Path:
+    """root/<colour>/<i>.png: noisy images of one colour per class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            noise = rng.integers(-25, 26, size=(size, size + 8, 3))
+            pixels = np.clip(np.array(rgb)[None, None] + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("folders")
+    return write_folder(base / "train", 6, seed=0), write_folder(base / "val", 3, seed=1)
+
+
+# -- k-NN ---------------------------------------------------------------------------------------
+
+
+def two_clusters(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    centres = torch.zeros(2, 16)
+    centres[0, 0], centres[1, 1] = 5.0, 5.0
+    return centres[labels] + 0.1 * torch.randn(n, 16, generator=gen), labels
+
+
+def test_knn_two_separated_clusters_is_perfect() -> None:
+    train_x, train_y = two_clusters(60, seed=0)
+    test_x, test_y = two_clusters(20, seed=1)
+    with pytest.warns(UserWarning, match="larger than the 60 training samples"):
+        result = knn_classify(train_x, train_y, test_x, test_y, ks=(10, 20, 100, 200))
+    assert list(result.top1) == [10, 20, 100, 200]
+    assert all(v == 100.0 for v in result.top1.values())
+    assert all(v == 100.0 for v in result.top5.values())
+
+
+def test_knn_votes_are_weighted_by_exp_sim_over_t() -> None:
+    # Two class-0 neighbours at cosine 0.8 and one class-1 neighbour at cosine 0.99.
+    q = torch.tensor([[1.0, 0.0, 0.0]])
+
+    def at(cos: float, side: float) -> list[float]:
+        return [cos, side * (1 - cos**2) ** 0.5, 0.0]
+
+    train = torch.tensor([at(0.8, 1.0), at(0.8, -1.0), at(0.99, 1.0)])
+    labels = torch.tensor([0, 0, 1])
+    # T=0.07: 2 exp(0.8/0.07) < exp(0.99/0.07): the close neighbour wins.
+    sharp = knn_classify(train, labels, q, torch.tensor([1]), ks=[3], temperature=0.07)
+    assert sharp.top1[3] == 100.0
+    # T=1: 2 exp(0.8) > exp(0.99): the majority wins.
+    flat = knn_classify(train, labels, q, torch.tensor([1]), ks=[3], temperature=1.0)
+    assert flat.top1[3] == 0.0
+    assert flat.top5[3] == 100.0  # two classes: the true one is always in the top 5
+
+
+def test_knn_top5_counts_ranks_below_first() -> None:
+    train = torch.eye(6)
+    labels = torch.arange(6)
+    query = torch.tensor([[1.0, 0.9, 0.8, 0.7, 0.6, 0.0]])
+    r = knn_classify(train, labels, query, torch.tensor([4]), ks=[6], num_classes=6)
+    assert r.top1[6] == 0.0 and r.top5[6] == 100.0
+    r = knn_classify(train, labels, query, torch.tensor([5]), ks=[6], num_classes=6)
+    assert r.top5[6] == 0.0
+
+
+# -- linear probe -------------------------------------------------------------------------------
+
+
+def separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three linearly separable classes in 12-D: blobs around fixed centres, offset and scaled."""
+    centres = torch.tensor([[4.0, 0, 0], [0, 4.0, 0], [0, 0, 4.0]]).repeat(1, 4)
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    x = centres[labels] + torch.randn(n, 12, generator=gen)
+    return 5.0 * x + 3.0, labels  # uncentred and badly scaled: the BatchNorm's job
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "base_lr"), [("sgd", 0.1), ("lars", 0.1 * 16384 / 64)]
+)  # LARS at MAE's lr (blr 0.1 x 16384/256): its steps are a 1e-3 fraction of the weights
+def test_linear_probe_learns_a_separable_set(optimizer: str, base_lr: float) -> None:
+    train_x, train_y = separable(400, seed=0)
+    val_x, val_y = separable(200, seed=1)
+    cfg = LinearConfig(
+        epochs=30, batch_size=64, optimizer=optimizer, base_lr=base_lr, warmup_epochs=2
+    )
+    result = fit_probe(train_x, train_y, val_x, val_y, num_classes=3, cfg=cfg)
+    assert result.top1 >= 97.0, result.history[-1]
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert result.head is not None and not result.head.norm.affine
+
+
+def test_linear_schedule_warms_up_then_decays_to_min() -> None:
+    assert lr_at(0, 100, 10, 1.0) == 0.0
+    assert lr_at(5, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(100, 100, 10, 1.0, min_lr=0.01) == pytest.approx(0.01)
+
+
+def test_linear_probe_resume_is_exact(tmp_path: Path) -> None:
+    train_x, train_y = separable(200, seed=0)
+    val_x, val_y = separable(50, seed=1)
+    cfg = LinearConfig(epochs=4, batch_size=32, warmup_epochs=1)
+    whole = fit_probe(train_x, train_y, val_x, val_y, 3, cfg, out_dir=tmp_path / "a")
+    fit_probe(train_x, train_y, val_x, val_y, 3, cfg, out_dir=tmp_path / "b", stop_after_epochs=2)
+    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["epoch"] == 2
+    resumed = fit_probe(train_x, train_y, val_x, val_y, 3, cfg, out_dir=tmp_path / "b", resume=True)
+    assert whole.head is not None and resumed.head is not None
+    for (name, a), b in zip(whole.head.state_dict().items(), resumed.head.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    # A changed recipe cannot silently continue someone else's run.
+    other = LinearConfig(epochs=4, batch_size=32, warmup_epochs=1, base_lr=0.2)
+    with pytest.raises(Exception, match="base_lr"):
+        fit_probe(train_x, train_y, val_x, val_y, 3, other, out_dir=tmp_path / "b", resume=True)
+
+
+# -- features and the commands --------------------------------------------------------------------
+
+
+def test_eval_transform_resizes_short_side_and_centre_crops() -> None:
+    from PIL import Image
+
+    image = Image.new("RGB", (80, 40), (10, 20, 30))
+    out = EvalTransform(32, 0.875)(image)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    assert EvalTransform(224).resize == 256
+
+
+def test_features_cls_and_mean_pool(folders: tuple[Path, Path]) -> None:
+    torch.manual_seed(0)
+    encoder = Encoder("vit_tiny", 16, 32, depth=2)
+    data = ImageFolder(folders[1], EvalTransform(32, 1.0))
+    assert data.classes == sorted(COLOURS) and len(data) == 9
+    encoder.train()
+    cls = extract_features(encoder, data, pool="cls", batch_size=4, progress=False)
+    mean = extract_features(encoder, data, pool="mean", batch_size=4, progress=False)
+    assert encoder.training  # mode restored
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    from siamae.eval.features import normalize
+
+    with torch.no_grad():
+        tokens = encoder.eval()(normalize(images, "cpu"))
+    torch.testing.assert_close(cls, tokens[:, 0])
+    torch.testing.assert_close(mean, tokens[:, 1:].mean(1))
+
+
+def test_image_folder_errors_name_the_problem(tmp_path: Path, folders: tuple[Path, Path]) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        ImageFolder(tmp_path / "nope", EvalTransform(32))
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images"):
+        ImageFolder(tmp_path / "empty", EvalTransform(32))
+    with pytest.raises(DataError, match="classes the training folder lacks"):
+        ImageFolder(folders[1], EvalTransform(32), classes=["red"])
+
+
+def test_knn_command(folders: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "knn.json"
+    code = main(
+        ["eval", "knn", "--random-init", "vit_tiny_patch16_32", "--train", str(folders[0]),
+         "--val", str(folders[1]), "--k", "1", "5", "--crop-pct", "1.0", "--num-workers", "0",
+         "--no-progress", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "weighted cosine, T=0.07" in printed and "top-1" in printed
+    result = json.loads(out.read_text())
+    assert result["num_train"] == 18 and result["num_test"] == 9 and result["num_classes"] == 3
+    assert set(result["top1"]) == {"1", "5"}
+    # Solid colours are far apart even for a random ViT.
+    assert result["top1"]["1"] == 100.0
+
+
+def test_knn_command_bad_folder_exits_2(tmp_path: Path, capsys) -> None:
+    code = main(
+        ["eval", "knn", "--random-init", "vit_tiny_patch16_32", "--train", str(tmp_path / "x"),
+         "--val", str(tmp_path / "y"), "--no-progress"]
+    )  # fmt: skip
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_linear_command_checkpoints_and_resumes(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    args = ["eval", "linear", "--random-init", "vit_tiny_patch16_32", "--train", str(folders[0]),
+            "--val", str(folders[1]), "--crop-pct", "1.0", "--num-workers", "0", "--no-progress",
+            "--batch-size", "8", "--epochs", "3", "--warmup-epochs", "1"]  # fmt: skip
+    assert main([*args, "--out-dir", str(tmp_path / "a")]) == 0
+    ckpt = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["format"] == "siamae-linear-v1" and ckpt["epoch"] == 3
+    assert (tmp_path / "a" / "features" / "train.pt").is_file()
+    first = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert 0.0 <= first["top1"] <= 100.0 and first["recipe"]["optimizer"] == "sgd"
+    # Again: resumes from the finished checkpoint, trains nothing, same answer.
+    assert main([*args, "--out-dir", str(tmp_path / "a")]) == 0
+    again = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert again["top1"] == first["top1"] and len(again["history"]) == 3
+    # On-the-fly random crops instead of cached features, with LARS.
+    assert (
+        main(
+            [
+                *args,
+                "--out-dir",
+                str(tmp_path / "b"),
+                "--no-cache-features",
+                "--optimizer",
+                "lars",
+                "--epochs",
+                "1",
+            ]
+        )  # fmt: skip
+        == 0
+    )
+    assert not (tmp_path / "b" / "features" / "train.pt").exists()
