@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint
-from siamae.errors import CheckpointError, SiamaeError
+from siamae.errors import SiamaeError
 from siamae.eval.features import IMAGENET_MEAN, IMAGENET_STD
 from siamae.loading import load_encoder
 from siamae.models.vit import VIT_SIZES, Encoder, timm_name
@@ -152,15 +151,14 @@ def export_encoder(
         state["head.weight"] = torch.zeros(info["num_classes"], info["embed_dim"])
         state["head.bias"] = torch.zeros(info["num_classes"])
 
-    meta = _training_meta(checkpoint)
     sidecar = {
         "format": EXPORT_FORMAT,
         "weights": out.name,
         "source": str(checkpoint),
-        "method": meta.get("method") or report.method,
-        "step": meta.get("step", report.step),
-        "epoch": meta.get("epoch"),
-        "recipe": meta.get("config"),
+        "method": report.method,
+        "step": report.step,
+        "epoch": report.epoch,
+        "recipe": report.config,
         "arch": encoder.arch,
         "patch_size": encoder.patch_size,
         "img_size": encoder.img_size,
@@ -186,32 +184,6 @@ def export_encoder(
     json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
     return out, json_path
-
-
-def _training_meta(checkpoint: str | Path) -> dict[str, Any]:
-    """Method, step, epoch and config of a siamae training checkpoint ({} for other files)."""
-    path = Path(checkpoint)
-    if path.suffix == ".safetensors":
-        side = path.with_suffix(".json")
-        if side.is_file():
-            try:
-                data = json.loads(side.read_text())
-                return {
-                    "method": data.get("method"),
-                    "step": data.get("step"),
-                    "epoch": data.get("epoch"),
-                    "config": data.get("recipe"),
-                }
-            except (OSError, ValueError):
-                return {}
-        return {}
-    try:
-        obj = load_checkpoint(path)
-    except CheckpointError:
-        return {}
-    if obj.get("format") != TRAIN_FORMAT:
-        return {}
-    return {k: obj.get(k) for k in ("method", "step", "epoch", "config")}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

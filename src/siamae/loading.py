@@ -48,6 +48,8 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)
     method: str | None = None
     step: int | None = None
+    epoch: int | float | None = None
+    config: dict[str, Any] | None = field(default=None, repr=False)
 
     def summary(self) -> str:
         if self.kind == "random init":
@@ -203,10 +205,12 @@ def load_encoder(path: str | Path, verbose: bool = False) -> Encoder:
         kind = "exported safetensors"
     encoder, report = encoder_from_state_dict(state, str(path), kind)
     if Path(path).suffix == ".safetensors":
-        report.method, report.step = _sidecar_origin(Path(path))
+        _read_sidecar(Path(path), report)
     if obj.get("format") == TRAIN_FORMAT:
         report.method = obj.get("method")
         report.step = obj.get("step")
+        report.epoch = obj.get("epoch")
+        report.config = obj.get("config")
         cfg_model = obj.get("config", {}).get("model", {})
         # The training config is the truth about image size (pos_embed already fixes it).
         if (
@@ -244,19 +248,24 @@ def _load_any(path: str | Path) -> dict[str, Any]:
         return obj
 
 
-def _sidecar_origin(path: Path) -> tuple[str | None, int | None]:
-    """Method and step from an export's JSON sidecar, if there is one beside it."""
+def _read_sidecar(path: Path, report: LoadReport) -> None:
+    """Method, step, epoch and recipe from an export's JSON sidecar, if there is one beside it."""
     import json
 
     side = path.with_suffix(".json")
     if not side.is_file():
-        return None, None
+        return
     try:
         data = json.loads(side.read_text())
     except (OSError, ValueError):
-        return None, None
+        return
+    if not isinstance(data, dict):
+        return
     step = data.get("step")
-    return data.get("method"), int(step) if isinstance(step, int) else None
+    report.method = data.get("method")
+    report.step = int(step) if isinstance(step, int) else None
+    report.epoch = data.get("epoch")
+    report.config = data.get("recipe")
 
 
 def random_encoder(name: str, seed: int = 0) -> Encoder:
