@@ -31,15 +31,27 @@ MAX_CONSECUTIVE_BAD = 50
 class PretrainDataset(Dataset):
     """Index ``(epoch, i)`` -> ``{"images": uint8 (V, 3, H, W), "mask_noise": (N,), ...}``.
 
+    With ``repeats`` R > 1 (repeated sampling) an item holds R samples of one source item
+    (R frame pairs from one decoded video): images (R, V, 3, H, W), mask_noise (R, N);
+    :func:`collate` flattens them into the batch.
+
     An unreadable item is skipped (the next index is used instead), counted in ``skipped`` and
     named in ``skipped_files`` so the training loop can report it.
     """
 
-    def __init__(self, source, views: ViewMaker, num_patches: int, seed: int = 0) -> None:  # noqa: ANN001
+    def __init__(
+        self,
+        source,  # noqa: ANN001
+        views: ViewMaker,
+        num_patches: int,
+        seed: int = 0,
+        repeats: int = 1,
+    ) -> None:
         self.source = source
         self.views = views
         self.num_patches = num_patches
         self.seed = seed
+        self.repeats = repeats
 
     def __len__(self) -> int:
         return len(self.source)
@@ -52,12 +64,21 @@ class PretrainDataset(Dataset):
             i = (index + attempt) % n
             rng = np.random.default_rng([self.seed, epoch, i])
             try:
-                views = self.views(self.source, i, rng)
+                if self.repeats == 1:
+                    views = np.stack(self.views(self.source, i, rng))
+                else:
+                    views = np.stack(
+                        [
+                            np.stack(v)
+                            for v in self.views.repeated(self.source, i, rng, self.repeats)
+                        ]
+                    )
             except UnreadableSample as bad:
                 skipped.append(f"{bad.name}\t{bad.reason}")
                 continue
-            images = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).contiguous()
-            noise = torch.from_numpy(rng.random(self.num_patches, dtype=np.float32))
+            images = torch.from_numpy(views).movedim(-1, -3).contiguous()
+            shape = (self.num_patches,) if self.repeats == 1 else (self.repeats, self.num_patches)
+            noise = torch.from_numpy(rng.random(shape, dtype=np.float32))
             return {
                 "images": images,
                 "mask_noise": noise,
@@ -118,8 +139,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
                 yield (self.epoch, i)
 
 
-def build_source(cfg: Config, kind: str):  # noqa: ANN201 - a Source
-    """The source the config names; video kinds come from :mod:`siamae.data.video`."""
+def build_source(cfg: Config, kind: str, cache_dir: str | None = None):  # noqa: ANN201 - a Source
+    """The source the config names; video kinds come from :mod:`siamae.data.video` (their index
+    is cached in ``cache_dir``, by default the run folder when it exists)."""
     d = cfg.data
     video_method = kind == "frames"
     if d.source == "synthetic":
@@ -132,10 +154,24 @@ def build_source(cfg: Config, kind: str):  # noqa: ANN201 - a Source
         return ImageFileSource(d.path)
     from siamae.data import video  # the optional PyAV dependency is imported only when needed
 
-    return video.build_video_source(cfg)
+    return video.build_video_source(cfg, cache_dir)
 
 
-def build_dataset(cfg: Config, kind: str, num_patches: int) -> PretrainDataset:
+def loader_batch_size(cfg: Config) -> int:
+    """Items per loader batch: ``data.batch_size`` counts samples (pairs); with repeated
+    sampling R each item gives R of them, so a batch holds ``batch_size / R`` items."""
+    d = cfg.data
+    if d.batch_size % d.repeated_sampling:
+        raise DataError(
+            f"data.batch_size {d.batch_size} is not a multiple of data.repeated_sampling "
+            f"{d.repeated_sampling}; a batch must hold whole groups of repeated samples"
+        )
+    return d.batch_size // d.repeated_sampling
+
+
+def build_dataset(
+    cfg: Config, kind: str, num_patches: int, cache_dir: str | None = None
+) -> PretrainDataset:
     d = cfg.data
     augment = Augment(d.color_jitter, d.blur) if (d.color_jitter > 0 or d.blur > 0) else None
     views = ViewMaker(
@@ -149,14 +185,20 @@ def build_dataset(cfg: Config, kind: str, num_patches: int) -> PretrainDataset:
         frame_gap=d.frame_gap,
         augment=augment,
     )
-    return PretrainDataset(build_source(cfg, kind), views, num_patches, cfg.run.seed)
+    return PretrainDataset(
+        build_source(cfg, kind, cache_dir), views, num_patches, cfg.run.seed, d.repeated_sampling
+    )
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack samples into a batch; repeated samples (images (R, V, 3, H, W)) are flattened."""
+    repeated = samples[0]["images"].dim() == 5
+    join = torch.cat if repeated else torch.stack
+    reps = samples[0]["images"].shape[0] if repeated else 1
     return {
-        "images": torch.stack([s["images"] for s in samples]),
-        "mask_noise": torch.stack([s["mask_noise"] for s in samples]),
-        "index": torch.tensor([s["index"] for s in samples]),
+        "images": join([s["images"] for s in samples]),
+        "mask_noise": join([s["mask_noise"] for s in samples]),
+        "index": torch.tensor([s["index"] for s in samples]).repeat_interleave(reps),
         "skipped": sum(s["skipped"] for s in samples),
         "skipped_files": [
             f for s in samples if s["skipped_files"] for f in s["skipped_files"].split("\n")

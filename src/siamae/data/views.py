@@ -152,6 +152,21 @@ class ViewMaker:
     def frame_pair(self, source, index: int, rng: np.random.Generator) -> list[np.ndarray]:  # noqa: ANN001
         """Two frames ``gap`` apart with the SAME random resized crop and the SAME flip."""
         first, second = source.load_frame_pair(index, rng, self.frame_gap)
+        return self._same_crop(first, second, rng)
+
+    def _same_crop(
+        self, first: Image.Image, second: Image.Image, rng: np.random.Generator
+    ) -> list[np.ndarray]:
         box = sample_box(rng, first.size[0], first.size[1], self.global_scale, self.ratio)
         flip = self._flip(rng)
         return [_finish(crop_resize(f, box, self.out), flip) for f in (first, second)]
+
+    def repeated(
+        self, source, index: int, rng: np.random.Generator, count: int
+    ) -> list[list[np.ndarray]]:  # noqa: ANN001
+        """``count`` samples of one item (repeated sampling). Frame pairs come from one decode
+        of the video where the source can (``load_frame_pairs``), each with its own crop+flip."""
+        if self.kind == "frames" and hasattr(source, "load_frame_pairs"):
+            pairs = source.load_frame_pairs(index, rng, self.frame_gap, count)
+            return [self._same_crop(a, b, rng) for a, b in pairs]
+        return [self(source, index, rng) for _ in range(count)]
