@@ -21,7 +21,9 @@ def shared_data() -> Path:
     """Path of ../shared/data (or $SIAMAE_SHARED_DATA); skips the test where it is absent."""
     root = _shared_data_root()
     if not root.is_dir():
-        pytest.skip(f"real data not found at {root}; set SIAMAE_SHARED_DATA to the shared/data folder")
+        pytest.skip(
+            f"real data not found at {root}; set SIAMAE_SHARED_DATA to the shared/data folder"
+        )
     return root
 
 

@@ -132,7 +132,8 @@ def _ignore_sigint_in_worker(_: int) -> None:
 @dataclass
 class TrainState:
     step: int = 0
-    skipped: int = 0
+    skipped: int = 0  # unreadable files met so far (distinct names, this process)
+    skipped_names: set[str] = field(default_factory=set)
     last_checkpoint_step: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -233,6 +234,7 @@ def _train(
             scaler.load_state_dict(checkpoint["scaler"])
         state.step = int(checkpoint["step"])
         state.skipped = int(checkpoint.get("skipped", 0))
+        state.skipped_names = set(checkpoint.get("skipped_names", []))
         state.last_checkpoint_step = state.step
         rng = checkpoint.get("rng", {})
         cpu_states = rng.get("cpu", [])
@@ -288,6 +290,7 @@ def _train(
                 "step": state.step,
                 "epoch": state.step // schedule.steps_per_epoch,
                 "skipped": state.skipped,
+                "skipped_names": sorted(state.skipped_names),
                 "rng": {"cpu": cpu_rng, "cuda": cuda_rng},
             }
             save_atomic(payload, ckpt_dir / f"{tag}.pt")
@@ -329,10 +332,21 @@ def _train(
                         interrupted = signal.Signals(stop.signal).name
                         break
                     raise
-                if batch["skipped"]:
-                    state.skipped += batch["skipped"]
+                new = [
+                    line
+                    for line in batch["skipped_files"]
+                    if line.split("\t")[0] not in state.skipped_names
+                ]
+                if new:
+                    state.skipped_names.update(line.split("\t")[0] for line in new)
+                    state.skipped += len(new)
                     with (run_dir / "skipped_files.txt").open("a") as f:
-                        f.writelines(line + "\n" for line in batch["skipped_files"])
+                        f.writelines(line + "\n" for line in new)
+                    if progress is not None:
+                        progress.write(
+                            f"skipped unreadable file {new[0]}"
+                            + (f" (+{len(new) - 1} more)" if len(new) > 1 else "")
+                        )
                 inputs = {
                     "images": normalize_images(batch["images"].to(device, non_blocking=True)),
                     "mask_noise": batch["mask_noise"].to(device, non_blocking=True),

@@ -1,0 +1,217 @@
+"""Sources, crop samplers, view geometry of each strategy, corrupt files, the sampler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from siamae.config import load_config
+from siamae.data.dataset import EpochSampler, PretrainDataset, build_dataset, collate
+from siamae.data.sources import (
+    ImageFileSource,
+    SyntheticImageSource,
+    SyntheticVideoSource,
+    sample_frame_pair,
+)
+from siamae.data.synthetic import synthetic_image, synthetic_video
+from siamae.data.views import ViewMaker, sample_box
+from siamae.errors import DataError
+
+SIDE = 256
+
+
+class CoordinateSource:
+    """One image whose red channel is x and green channel y: a view's pixels say where it came from."""
+
+    def __init__(self, width: int = SIDE, height: int = SIDE) -> None:
+        ys, xs = np.mgrid[0:height, 0:width]
+        arr = np.stack(
+            [xs * 255 // (width - 1), ys * 255 // (height - 1), np.zeros_like(xs)], -1
+        ).astype(np.uint8)
+        self.image = Image.fromarray(arr)
+
+    def __len__(self) -> int:
+        return 1
+
+    def open_image(self, index: int, rng: np.random.Generator) -> Image.Image:
+        return self.image.copy()
+
+
+def _extent(view: np.ndarray) -> tuple[float, float, float, float]:
+    """(x0, x1, y0, y1) in [0, 255] coordinates covered by a view (flip-proof: min/max)."""
+    r, g = view[..., 0].astype(float), view[..., 1].astype(float)
+    return r.min(), r.max(), g.min(), g.max()
+
+
+def _area_fraction(extent: tuple[float, float, float, float]) -> float:
+    x0, x1, y0, y1 = extent
+    return (x1 - x0 + 1) * (y1 - y0 + 1) / 256**2
+
+
+def test_sample_box_stays_inside_and_respects_area() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        top, left, h, w = sample_box(rng, 300, 200, (0.1, 1.0), (3 / 4, 4 / 3))
+        assert 0 <= top and top + h <= 200 and 0 <= left and left + w <= 300
+        assert h >= 1 and w >= 1
+        assert w * h <= 300 * 200 * 1.0 + 1
+    areas = [
+        np.prod(sample_box(rng, 1000, 1000, (0.3, 0.6), (1.0, 1.0))[2:]) / 1e6 for _ in range(200)
+    ]
+    assert 0.29 <= min(areas) and max(areas) <= 0.61
+
+
+def test_global_to_local_local_crop_lies_inside_global_crop() -> None:
+    maker = ViewMaker(
+        "pair", out=64, strategy="global_to_local", global_scale=(0.1, 1.0), local_scale=(0.3, 0.6)
+    )
+    source = CoordinateSource()
+    for seed in range(20):
+        g, l = maker(source, 0, np.random.default_rng(seed))
+        gx0, gx1, gy0, gy1 = _extent(g)
+        lx0, lx1, ly0, ly1 = _extent(l)
+        tol = 3  # bilinear resampling at the borders
+        assert gx0 - tol <= lx0 and lx1 <= gx1 + tol and gy0 - tol <= ly0 and ly1 <= gy1 + tol
+        global_area = _area_fraction((gx0, gx1, gy0, gy1))
+        assert 0.07 <= global_area <= 1.0
+        local_rel = _area_fraction((lx0, lx1, ly0, ly1)) / global_area
+        assert 0.2 <= local_rel <= 0.75
+
+
+def test_local_to_global_swaps_the_roles() -> None:
+    source = CoordinateSource()
+    a = ViewMaker("pair", out=64, strategy="global_to_local")(source, 0, np.random.default_rng(3))
+    b = ViewMaker("pair", out=64, strategy="local_to_global")(source, 0, np.random.default_rng(3))
+    assert np.array_equal(a[0], b[1]) and np.array_equal(a[1], b[0])
+
+
+def test_random_views_are_two_independent_global_crops_and_same_views_are_identical() -> None:
+    source = CoordinateSource()
+    contained = 0
+    for seed in range(20):
+        v1, v2 = ViewMaker("pair", out=64, strategy="random", global_scale=(0.1, 0.3))(
+            source, 0, np.random.default_rng(seed)
+        )
+        e1, e2 = _extent(v1), _extent(v2)
+        assert 0.05 <= _area_fraction(e1) <= 0.4 and 0.05 <= _area_fraction(e2) <= 0.4
+        contained += e1[0] <= e2[0] and e2[1] <= e1[1] and e1[2] <= e2[2] and e2[3] <= e1[3]
+    assert contained < 20  # not nested like global->local
+    s1, s2 = ViewMaker("pair", out=64, strategy="same")(source, 0, np.random.default_rng(0))
+    assert np.array_equal(s1, s2)
+
+
+def test_flips_are_independent_per_view() -> None:
+    source = CoordinateSource()
+    maker = ViewMaker(
+        "pair", out=32, strategy="same", global_scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0
+    )
+    view = maker(source, 0, np.random.default_rng(0))[0]
+    assert view[0, 0, 0] > view[0, -1, 0]  # flipped: x decreases left to right
+    flips = set()
+    for seed in range(30):
+        g, l = ViewMaker("pair", out=32, hflip=0.5)(source, 0, np.random.default_rng(seed))
+        flips.add((bool(g[0, 0, 0] > g[0, -1, 0]), bool(l[0, 0, 0] > l[0, -1, 0])))
+    assert len(flips) >= 3  # every combination of the two flips occurs
+
+
+def test_views_are_uint8_and_deterministic_per_index(tmp_path: Path) -> None:
+    cfg = load_config(
+        None,
+        [
+            "data.source=synthetic",
+            "data.synthetic_count=8",
+            "model.img_size=32",
+            "model.patch_size=8",
+        ],
+    )
+    ds = build_dataset(cfg, "pair", 16)
+    a, b = ds[(0, 3)], ds[(0, 3)]
+    assert a["images"].dtype == torch.uint8 and a["images"].shape == (2, 3, 32, 32)
+    assert torch.equal(a["images"], b["images"]) and torch.equal(a["mask_noise"], b["mask_noise"])
+    assert not torch.equal(ds[(1, 3)]["images"], a["images"])  # another epoch, other crops
+
+
+def test_frame_pairs_share_crop_and_flip_and_respect_gap() -> None:
+    source = SyntheticVideoSource(count=2, size=64, num_frames=30)
+    frames, _ = synthetic_video(0, 64, 30)
+    rng = np.random.default_rng(5)
+    maker = ViewMaker(
+        "frames", out=64, global_scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, frame_gap=(4, 48)
+    )
+    first, second = maker(source, 0, rng)
+    # with a full-frame crop and no flip, each view equals some frame, `gap` apart
+    matches = [
+        [t for t in range(30) if np.abs(frames[t].astype(int) - v.astype(int)).mean() < 1.0]
+        for v in (first, second)
+    ]
+    assert len(matches[0]) == 1 and len(matches[1]) == 1
+    assert 4 <= matches[1][0] - matches[0][0] <= 29
+    for seed in range(50):
+        t0, t1 = sample_frame_pair(np.random.default_rng(seed), 100, (4, 48))
+        assert 4 <= t1 - t0 <= 47 and 0 <= t0 and t1 < 100
+    assert sample_frame_pair(np.random.default_rng(0), 10, (4, 48))[1] <= 9  # clamped to the video
+
+
+def _write_images(folder: Path, count: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        p = folder / f"img{i}.jpg"
+        Image.fromarray(synthetic_image(i, 48)).save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+def test_corrupt_files_are_skipped_counted_and_named(tmp_path: Path) -> None:
+    good = _write_images(tmp_path / "classA", 5)
+    truncated = tmp_path / "classB" / "truncated.jpg"
+    truncated.parent.mkdir()
+    data = good[0].read_bytes()
+    truncated.write_bytes(data[: len(data) // 3])
+    (tmp_path / "classB" / "notes.jpg").write_text("this is not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    source = ImageFileSource(tmp_path)
+    assert len(source) == 8  # recursive scan found all, the bad ones included
+    ds = PretrainDataset(source, ViewMaker("pair", out=32), num_patches=16)
+    skipped: set[str] = set()
+    for i in range(len(source)):
+        sample = ds[(0, i)]
+        assert sample["images"].shape == (2, 3, 32, 32)
+        skipped.update(line.split("\t")[0] for line in sample["skipped_files"].split("\n") if line)
+    assert {Path(s).name for s in skipped} == {"truncated.jpg", "notes.jpg", "empty.png"}
+
+
+def test_list_file_and_missing_paths(tmp_path: Path) -> None:
+    paths = _write_images(tmp_path / "imgs", 3)
+    listing = tmp_path / "train.txt"
+    listing.write_text("# my list\n" + "\n".join(f"imgs/{p.name}" for p in paths) + "\n")
+    assert len(ImageFileSource(listing)) == 3
+    with pytest.raises(DataError, match="does not exist"):
+        ImageFileSource(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images found"):
+        ImageFileSource(tmp_path / "empty")
+
+
+def test_sampler_splits_global_batches_across_processes() -> None:
+    single = list(EpochSampler(20, batch_size=4, seed=1))
+    ranks = [list(EpochSampler(20, batch_size=2, rank=r, world_size=2, seed=1)) for r in range(2)]
+    for step in range(5):
+        global_batch = single[step * 4 : (step + 1) * 4]
+        assert global_batch == ranks[0][step * 2 : step * 2 + 2] + ranks[1][step * 2 : step * 2 + 2]
+    resumed = EpochSampler(20, batch_size=4, seed=1)
+    resumed.set_epoch(0, start_batch=2)
+    assert list(resumed) == single[8:]
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        EpochSampler(3, batch_size=4)
+
+
+def test_collate_stacks_uint8_views() -> None:
+    ds = PretrainDataset(SyntheticImageSource(4, 48), ViewMaker("single", out=32), num_patches=16)
+    batch = collate([ds[(0, i)] for i in range(4)])
+    assert batch["images"].shape == (4, 1, 3, 32, 32) and batch["images"].dtype == torch.uint8
+    assert batch["mask_noise"].shape == (4, 16) and batch["skipped"] == 0

@@ -1,0 +1,221 @@
+"""The training loop: checkpoints, exact resume, signals, divergence, DDP equivalence."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from siamae.config import load_config
+from siamae.engine.optim import lr_at, param_groups
+from siamae.engine.trainer import train
+from siamae.errors import TrainingDiverged
+from siamae.methods import build_method
+from siamae.methods.cropmae import CropMAE
+
+TINY = [
+    "model.arch=vit_tiny",
+    "model.img_size=32",
+    "model.patch_size=8",
+    "data.source=synthetic",
+    "data.synthetic_count=32",
+    "data.synthetic_size=48",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "optim.base_lr=1e-3",
+    "optim.warmup_steps=2",
+    "run.log_every=1",
+    "run.progress=false",
+    "run.visualize=false",
+    "run.tensorboard=false",
+]
+
+
+def _cfg(tmp: Path, *extra: str):  # noqa: ANN202
+    return load_config(None, [*TINY, f"run.out_dir={tmp}", *extra])
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def test_schedule_warms_up_then_decays_to_min_lr() -> None:
+    assert lr_at(0, 1.0, 0.1, 10, 100) == 0.0
+    assert lr_at(5, 1.0, 0.1, 10, 100) == pytest.approx(0.5)
+    assert lr_at(10, 1.0, 0.1, 10, 100) == pytest.approx(1.0)
+    assert lr_at(55, 1.0, 0.1, 10, 100) == pytest.approx(0.55)
+    assert lr_at(100, 1.0, 0.1, 10, 100) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_biases_norms_positions_and_tokens() -> None:
+    model = build_method(load_config(None, TINY))
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "encoder.vit.cls_token" in no_decay_names and "decoder.mask_token" in no_decay_names
+    assert all(
+        n.endswith((".bias", "cls_token", "mask_token")) or "norm" in n for n in no_decay_names
+    )
+    assert "encoder.vit.pos_embed" not in no_decay_names | {
+        names[id(p)] for p in decay["params"]
+    }  # frozen
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+def test_run_folder_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
+    summary = train(_cfg(tmp_path, "optim.max_steps=3"), resume=False)
+    assert summary["step"] == 3 and summary["effective_batch"] == 8
+    assert summary["peak_lr"] == pytest.approx(1e-3 * 8 / 256)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["format"] == "siamae-train-v1" and ckpt["step"] == 3 and ckpt["method"] == "cropmae"
+    assert ckpt["config"]["model"]["arch"] == "vit_tiny"
+    assert (tmp_path / "config.yaml").is_file()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[0].startswith("step,epoch,loss,lr")
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_stop_and_resume_gives_bit_identical_weights(tmp_path: Path) -> None:
+    # 6 steps cross an epoch boundary (4 steps an epoch); dropout stays on (0.1) so the RNG
+    # state must be restored exactly too.
+    extra = ["optim.max_steps=6", "decoder.dropout=0.1"]
+    whole = train(_cfg(tmp_path / "whole", *extra), resume=False)
+    first = train(_cfg(tmp_path / "split", *extra), resume=False, stop_after_steps=3)
+    assert first["interrupted"] == "stop_after_steps" and first["step"] == 3
+    second = train(_cfg(tmp_path / "split", *extra), resume="auto")
+    assert second["step"] == 6 and whole["step"] == 6
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the metrics read as one run: steps 1..6 once each
+    steps = [
+        int(line.split(",")[0])
+        for line in (tmp_path / "split" / "metrics.csv").read_text().splitlines()[1:]
+    ]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_with_loader_workers_is_exact(tmp_path: Path) -> None:
+    extra = ["optim.max_steps=4", "data.num_workers=2"]
+    train(_cfg(tmp_path / "whole", *extra), resume=False)
+    train(_cfg(tmp_path / "split", *extra), resume=False, stop_after_steps=1)
+    train(_cfg(tmp_path / "split", *extra), resume=True)
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    real_forward = CropMAE.forward
+    calls = {"n": 0}
+
+    def poisoned(self, batch):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        out = real_forward(self, batch)
+        if calls["n"] == 4:
+            out.loss = out.loss * float("nan")
+        return out
+
+    with mock.patch.object(CropMAE, "forward", poisoned), pytest.raises(TrainingDiverged) as err:
+        train(_cfg(tmp_path, "optim.max_steps=6", "run.checkpoint_every=2"), resume=False)
+    assert "nan" in str(err.value) and "step 3" in str(err.value) and "step 2" in str(err.value)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "siamae",
+        "pretrain",
+        "--config",
+        str(Path(__file__).parents[1] / "configs" / "demo.yaml"),
+        "--out",
+        str(run),
+        "--set",
+        "optim.max_steps=100000",
+        "--set",
+        "data.num_workers=1",
+        "--set",
+        "model.img_size=32",
+        "--set",
+        "data.batch_size=4",
+        "--set",
+        "run.log_every=1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    assert (run / "metrics.jsonl").exists(), proc.communicate(timeout=30)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "interrupted (SIGTERM)" in out
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] >= 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            "data.batch_size=4",
+            "optim.max_steps=3",
+            "decoder.dropout=0",
+            f"run.out_dir={out_dir}",
+        ],
+    )
+    train(cfg, resume=False)
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
+    # Dropout off: dropout masks are drawn per process, the one thing that cannot match.
+    single = tmp_path / "single"
+    train(_cfg(single, "data.batch_size=8", "optim.max_steps=3", "decoder.dropout=0"), resume=False)
+    mp.start_processes(
+        _ddp_worker,
+        args=(2, _free_port(), str(tmp_path / "ddp")),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    a, b = _weights(single), _weights(tmp_path / "ddp")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    loss_single = [line for line in (single / "metrics.csv").read_text().splitlines()[1:]]
+    loss_ddp = [line for line in (tmp_path / "ddp" / "metrics.csv").read_text().splitlines()[1:]]
+    for x, y in zip(loss_single, loss_ddp):
+        assert float(x.split(",")[2]) == pytest.approx(float(y.split(",")[2]), rel=1e-4)
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)
+    assert len(ckpt["rng"]["cpu"]) == 2  # every rank's RNG state is kept for resume
