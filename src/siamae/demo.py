@@ -62,6 +62,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str
     print(f"  checkpoint:      {summary['checkpoint']}")
     print(f"  reconstructions: {summary.get('reconstruction')}")
     print(f"  loss curve:      {summary.get('loss_curve')}")
+    _propagation_step(summary, cfg, run_dir)
     print()
     print("what to try next:")
     print(f"  siamae visualize --checkpoint {summary['checkpoint']}")
@@ -72,3 +73,25 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str
         "  siamae pretrain --config configs/cropmae_vits16_in1k.yaml --data /path/to/imagenet/train"
     )
     return summary
+
+
+def _propagation_step(summary: dict[str, Any], cfg: Config, run_dir: Path) -> None:
+    """Label propagation on synthetic videos: the trained encoder vs the same one untrained."""
+    from siamae.eval.synthetic_videos import evaluate_synthetic
+    from siamae.loading import load_encoder, random_encoder
+
+    trained = load_encoder(summary["checkpoint"])
+    untrained = random_encoder(
+        f"{cfg.model.arch}_patch{cfg.model.patch_size}_{cfg.model.img_size}", seed=cfg.run.seed
+    )
+    res = evaluate_synthetic({"trained": trained, "random init": untrained}, run_dir)
+    print()
+    print("label propagation on 3 built-in synthetic videos (protocol cropmae, J&F as DAVIS):")
+    for name in ("trained", "random init"):
+        r = res[name]
+        print(
+            f"  {name:12s} J&F-Mean {r['J&F-Mean']:.3f} (J {r['J-Mean']:.3f}, F {r['F-Mean']:.3f})"
+        )
+    print(
+        f"  overlay picture: {res['picture']['path']} (rows: {', '.join(res['picture']['rows'])})"
+    )
