@@ -71,9 +71,9 @@ def test_global_to_local_local_crop_lies_inside_global_crop() -> None:
     )
     source = CoordinateSource()
     for seed in range(20):
-        g, l = maker(source, 0, np.random.default_rng(seed))
+        g, loc = maker(source, 0, np.random.default_rng(seed))
         gx0, gx1, gy0, gy1 = _extent(g)
-        lx0, lx1, ly0, ly1 = _extent(l)
+        lx0, lx1, ly0, ly1 = _extent(loc)
         tol = 3  # bilinear resampling at the borders
         assert gx0 - tol <= lx0 and lx1 <= gx1 + tol and gy0 - tol <= ly0 and ly1 <= gy1 + tol
         global_area = _area_fraction((gx0, gx1, gy0, gy1))
@@ -113,8 +113,8 @@ def test_flips_are_independent_per_view() -> None:
     assert view[0, 0, 0] > view[0, -1, 0]  # flipped: x decreases left to right
     flips = set()
     for seed in range(30):
-        g, l = ViewMaker("pair", out=32, hflip=0.5)(source, 0, np.random.default_rng(seed))
-        flips.add((bool(g[0, 0, 0] > g[0, -1, 0]), bool(l[0, 0, 0] > l[0, -1, 0])))
+        g, loc = ViewMaker("pair", out=32, hflip=0.5)(source, 0, np.random.default_rng(seed))
+        flips.add((bool(g[0, 0, 0] > g[0, -1, 0]), bool(loc[0, 0, 0] > loc[0, -1, 0])))
     assert len(flips) >= 3  # every combination of the two flips occurs
 
 
