@@ -338,3 +338,17 @@ def test_siammae_training_steps_on_real_videos(
     summary = trainer.train(cfg)
     assert summary is not None
     assert (tmp_path / "run" / V.INDEX_FILE).is_file()
+
+
+def test_k400_recipes() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    siam = load_config(root / "siammae_vits16_k400.yaml", ["data.path=/data/k400"])
+    crop = load_config(root / "cropmae_vits16_k400.yaml", ["data.path=/data/k400"])
+    for cfg in (siam, crop):
+        assert cfg.model.arch == "vit_small" and cfg.model.patch_size == 16
+        assert cfg.data.source == "videos" and cfg.data.global_scale == (0.5, 1.0)
+        assert cfg.optim.base_lr == 1e-4 and cfg.optim.epochs == 400
+        assert cfg.optim.warmup_epochs == 20 and cfg.run.precision == "fp16"
+        assert cfg.data.repeated_sampling == 1
+    assert siam.method == "siammae" and siam.mask_ratio == 0.95 and siam.data.frame_gap == (4, 48)
+    assert crop.method == "cropmae" and crop.mask_ratio == 0.985
