@@ -1,0 +1,80 @@
+"""The command line: errors exit 2 with one line naming the problem; the demo path end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from siamae.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, never a traceback
+    assert err[0].startswith("siamae: error: ")
+    return err[0]
+
+
+def test_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["pretrain", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in _error_line(capsys)
+
+
+def test_bad_field_is_named(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    args = ["pretrain", "--config", str(CONFIGS / "demo.yaml"), "--out", str(tmp_path), "--set", "optim.base_lr=abc"]
+    assert main(args) == 2
+    assert "'optim.base_lr'" in _error_line(capsys)
+    assert not (tmp_path / "checkpoints").exists()  # failed before training
+
+
+def test_missing_data_path(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    args = ["pretrain", "--config", str(CONFIGS / "cropmae_vits16_in1k.yaml"), "--data", str(tmp_path / "imagenet"), "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    assert "imagenet" in _error_line(capsys)
+    assert main(["pretrain", "--config", str(CONFIGS / "cropmae_vits16_in1k.yaml")]) == 2
+    assert "'data.path'" in _error_line(capsys)
+
+
+def test_bad_checkpoints(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["visualize", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in _error_line(capsys)
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint at all")
+    assert main(["visualize", "--checkpoint", str(broken)]) == 2
+    assert "broken.pt" in _error_line(capsys)
+    plain = tmp_path / "plain.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, plain)
+    assert main(["visualize", "--checkpoint", str(plain)]) == 2
+    assert "training checkpoint" in _error_line(capsys)
+
+
+def test_demo_path_end_to_end_then_visualize(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    run = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    for name in ("config.yaml", "metrics.csv", "metrics.jsonl", "reconstruction.png", "loss_curve.png", "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+        assert str(run) in out
+    assert "what to try next" in out
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["method"] == "cropmae" and ckpt["step"] > 0
+    picture = tmp_path / "rec.png"
+    assert main(["visualize", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--out", str(picture), "--count", "2"]) == 0
+    assert picture.stat().st_size > 1000
+
+
+def test_pretrain_resumes_from_the_run_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    base = ["pretrain", "--config", str(CONFIGS / "demo.yaml"), "--out", str(tmp_path),
+            "--set", "model.img_size=32", "--set", "data.synthetic_count=16", "--set", "data.batch_size=8",
+            "--set", "data.num_workers=0", "--set", "run.visualize=false", "--set", "run.progress=false"]
+    assert main([*base, "--set", "optim.max_steps=2"]) == 0
+    assert main([*base, "--set", "optim.max_steps=4"]) == 0  # auto-resume: continues at step 2
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == [2, 4]  # log_every 10: each run logs its final step; the resumed one goes on at 3
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    assert main([*base, "--set", "method=mae", "--set", "optim.max_steps=6"]) == 2
+    assert "method" in _error_line(capsys)
