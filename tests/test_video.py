@@ -245,6 +245,12 @@ def test_frame_folders(frames_root: Path) -> None:
     t = int(twin.integers(0, 12 - g))
     assert Path(a.filename).name == f"{t + 1:05d}.jpg"
     assert Path(b.filename).name == f"{t + g + 1:05d}.jpg"
+    # Repeated frames (and repeated sampling) get their own lazily opened image each.
+    a, b = src.load_frames(1, [3, 3])
+    assert a is not b
+    maker = ViewMaker(kind="frames", out=32, global_scale=(0.5, 1.0))
+    groups = maker.repeated(src, 1, np.random.default_rng(0), 4)
+    assert len(groups) == 4 and all(v.shape == (32, 32, 3) for g in groups for v in g)
     lst = frames_root / "list.txt"
     lst.write_text("office/cup 0 9\n")
     assert len(V.make_source(lst, "frames", progress=False)) == 1

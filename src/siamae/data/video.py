@@ -311,20 +311,23 @@ class FrameFolderSource(_VideoSourceBase):
 
     kind = "frames"
 
-    def _read(self, index: int, wanted: list[int]) -> dict[int, Image.Image]:
+    def load_frames(self, index: int, frame_ids: Iterable[int]) -> list[Image.Image]:
+        # One lazily opened image per request, even for a repeated frame: cropping drafts
+        # (decodes at reduced scale) the image it is given, so objects are not shared.
+        ids = list(frame_ids)
         folder = self.entries[index]["path"]
         try:
             names = list_frames(folder)
         except OSError as err:
             raise UnreadableSample(folder, f"{type(err).__name__}: {err}") from None
-        if wanted[-1] >= len(names):
+        if ids and max(ids) >= len(names):
             raise UnreadableSample(
                 folder,
                 f"has {len(names)} frames, the index lists {self.entries[index]['num_frames']}; "
                 "delete video_index.json to re-index",
             )
-        # Opened lazily: JPEG frames are decoded at reduced scale by the crop (views.crop_resize).
-        return {i: open_lazy(Path(folder) / names[i]) for i in wanted}
+        # JPEG frames are decoded at reduced scale by the crop (views.crop_resize).
+        return [open_lazy(Path(folder) / names[i]) for i in ids]
 
 
 # -- finding items ------------------------------------------------------------------------------
