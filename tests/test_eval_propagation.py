@@ -232,3 +232,19 @@ def test_davis_random_init_tiny_vit(shared_data, tmp_path):
 
     assert Image.open(tmp_path / "native" / "dog" / "00001.png").size == (854, 480)
     assert "native" in res.summary["resolution"]
+
+
+@pytest.mark.parametrize("size", [None, (480, 880)])
+def test_davis_ground_truth_folder_scores_one(shared_data, tmp_path, size):
+    """The real masks written as a submission folder score J&F = 1.0, native and resized."""
+    from siamae.eval.davis import load_sequence, read_mask, score_predictions, write_mask
+    from siamae.eval.propagation import resize_ids
+
+    root = shared_data / "DAVIS"
+    seq = load_sequence(root, "motocross-jump")
+    (tmp_path / seq.name).mkdir()
+    for m in seq.masks:
+        ids = read_mask(m)
+        write_mask(tmp_path / seq.name / f"{m.stem}.png", resize_ids(ids, size) if size else ids)
+    summary, _ = score_predictions(root, tmp_path, sequences=[seq.name])
+    assert summary["J&F-Mean"] == 1.0 and summary["objects"] == 1

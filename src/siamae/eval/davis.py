@@ -338,3 +338,34 @@ def format_summary(summary: dict) -> str:
         f"  protocol {summary['protocol']}; scoring {summary['resolution']}\n"
         f"  encoder: {summary['encoder']}"
     )
+
+
+def score_predictions(
+    root: str | Path,
+    predictions: str | Path,
+    sequences: list[str] | None = None,
+    split: str | None = None,
+    void: str = "background",
+) -> tuple[dict, list[SequenceScores]]:
+    """Score a folder of palette PNGs in the submission layout (``<dir>/<seq>/%05d.png``).
+
+    Annotations are resized (nearest, as the published protocol) to the predictions' size where
+    the two differ, so a 480x880 folder is scored the published way and a native one natively.
+    Sequences whose folder is missing or incomplete are skipped and listed.
+    """
+    root = check_root(root)
+    predictions = Path(predictions)
+    results, skipped = [], []
+    for name in list_sequences(root, split, sequences):
+        seq = load_sequence(root, name)
+        files = [predictions / name / f"{m.stem}.png" for m in seq.masks]
+        if not seq.fully_annotated or not all(f.is_file() for f in files):
+            skipped.append(name)
+            continue
+        preds = [read_mask(f) for f in files]
+        gts = [resize_ids(read_mask(m), preds[0].shape) for m in seq.masks]
+        n = num_objects_of(gts[0])
+        j, f = zip(*(frame_scores(g, p, n, void) for g, p in zip(gts[1:-1], preds[1:-1])))
+        results.append(SequenceScores(name, np.stack(j, axis=1), np.stack(f, axis=1)))
+    summary = {**summarise(results), "sequences": [s.name for s in results], "skipped": skipped}
+    return summary, results
