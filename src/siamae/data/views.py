@@ -2,8 +2,9 @@
 
 The sampler is the recipe (areas, aspect ratios, flips); how pixels are decoded and resampled is
 ours: JPEGs are decoded at the smallest 1/2-1/4-1/8 scale that still leaves the crop at least the
-output size (``draft``), and each crop is one fused crop+resize (PIL ``resize(box=...)``,
-bilinear, antialiased). Views come out as uint8 (H, W, 3); normalisation happens on the device.
+output size (``draft``), and each crop is one fused crop+resize on uint8 pixels with torch's
+vectorised antialiased bilinear kernel (about 3x faster than PIL's resize on one core, and the
+same filter). Views come out as uint8 (H, W, 3); normalisation happens on the device.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter
 
 from siamae.data.sources import DECODE_ERRORS, UnreadableSample
@@ -38,28 +41,60 @@ def sample_box(
     return float(top), float(left), float(h), float(w)
 
 
-def crop_resize(img: Image.Image, box: Box, out: int) -> Image.Image:
-    """Crop ``box`` (in ``img``'s full-resolution coordinates) and resize to ``out``x``out``.
+def decode(
+    img: Image.Image, box: Box | None = None, out: int | None = None
+) -> tuple[np.ndarray, float, float]:
+    """Decode to uint8 (H, W, 3). With ``box`` and ``out``, a JPEG not yet decoded is decoded at
+    the smallest DCT scale (1/2, 1/4, 1/8) that leaves the crop at least ``out`` pixels a side.
 
-    A JPEG not yet decoded is decoded at a reduced scale when the crop allows it.
+    Returns the pixels and the (x, y) scale from full-resolution coordinates to them.
     """
-    top, left, h, w = box
     full_w, full_h = img.size
     name = getattr(img, "filename", "") or "image"
     try:
-        if img.format == "JPEG" and img.tile:  # tiles not yet decoded
+        if (
+            box is not None and out is not None and img.format == "JPEG" and img.tile
+        ):  # not decoded yet
+            _, _, h, w = box
             scale = min(1.0, max(out / w, out / h))
             img.draft("RGB", (math.ceil(full_w * scale), math.ceil(full_h * scale)))
         if img.mode != "RGB":
             img = img.convert("RGB")
-        sx, sy = img.size[0] / full_w, img.size[1] / full_h
-        return img.resize(
-            (out, out),
-            Image.Resampling.BILINEAR,
-            box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy),
-        )
+        pixels = np.array(img)  # writable, so torch can view it without a copy or a warning
     except DECODE_ERRORS as err:
         raise UnreadableSample(str(name), f"{type(err).__name__}: {err}") from None
+    return pixels, pixels.shape[1] / full_w, pixels.shape[0] / full_h
+
+
+def resize_box(
+    pixels: np.ndarray, box: Box, out: int, sx: float = 1.0, sy: float = 1.0
+) -> np.ndarray:
+    """Crop ``box`` (full-resolution coordinates, scaled by ``sx``, ``sy``) from uint8 (H, W, 3)
+    pixels and resize it to (out, out, 3): bilinear, antialiased, in one pass."""
+    top, left, h, w = box
+    y0, x0 = int(round(top * sy)), int(round(left * sx))
+    y1 = min(pixels.shape[0], max(y0 + 1, int(round((top + h) * sy))))
+    x1 = min(pixels.shape[1], max(x0 + 1, int(round((left + w) * sx))))
+    # (H, W, 3) -> (1, 3, h, w) as a view: channels-last memory, the fast uint8 kernel's layout.
+    crop = torch.from_numpy(pixels[y0:y1, x0:x1]).permute(2, 0, 1).unsqueeze(0)
+    if crop.shape[-2:] == (out, out):
+        return np.ascontiguousarray(pixels[y0:y1, x0:x1])
+    resized = F.interpolate(
+        crop, size=(out, out), mode="bilinear", antialias=True, align_corners=False
+    )
+    return resized[0].permute(1, 2, 0).numpy()
+
+
+def crop_resize(img: Image.Image | np.ndarray, box: Box, out: int) -> np.ndarray:
+    """Crop ``box`` (in ``img``'s full-resolution coordinates) and resize to (out, out, 3) uint8.
+
+    ``img`` is a PIL image (decoded here, at a reduced scale when the crop allows it) or
+    already-decoded uint8 (H, W, 3) pixels.
+    """
+    if isinstance(img, np.ndarray):
+        return resize_box(img, box, out)
+    pixels, sx, sy = decode(img, box, out)
+    return resize_box(pixels, box, out, sx, sy)
 
 
 @dataclass
@@ -85,10 +120,8 @@ class Augment:
         return img
 
 
-def _finish(img: Image.Image, flip: bool) -> np.ndarray:
-    if flip:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(img, dtype=np.uint8)
+def _finish(pixels: np.ndarray, flip: bool) -> np.ndarray:
+    return pixels[:, ::-1] if flip else pixels
 
 
 @dataclass
@@ -121,15 +154,20 @@ class ViewMaker:
     def _flip(self, rng: np.random.Generator) -> bool:
         return bool(rng.random() < self.hflip)
 
-    def _aug(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
-        return self.augment(img, rng) if self.augment is not None else img
+    def _aug(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.augment is None:
+            return pixels
+        return np.asarray(self.augment(Image.fromarray(pixels), rng))
 
-    def _global(self, img: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
-        box = sample_box(rng, img.size[0], img.size[1], self.global_scale, self.ratio)
+    def _global(
+        self, img: Image.Image | np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        width, height = (img.shape[1], img.shape[0]) if isinstance(img, np.ndarray) else img.size
+        box = sample_box(rng, width, height, self.global_scale, self.ratio)
         crop = crop_resize(img, box, self.out)
         return crop, _finish(self._aug(crop, rng), self._flip(rng))
 
-    def _local_from(self, crop: Image.Image, rng: np.random.Generator) -> np.ndarray:
+    def _local_from(self, crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         box = sample_box(rng, self.out, self.out, self.local_scale, self.ratio)
         local = crop_resize(crop, box, self.out)
         return _finish(self._aug(local, rng), self._flip(rng))
@@ -141,8 +179,8 @@ class ViewMaker:
             return [view, view.copy()]
         if self.strategy == "random":
             # Both crops come from the decoded image; decode once at full resolution.
-            img = img.convert("RGB")
-            return [self._global(img, rng)[1], self._global(img, rng)[1]]
+            pixels, _, _ = decode(img)
+            return [self._global(pixels, rng)[1], self._global(pixels, rng)[1]]
         crop, global_view = self._global(img, rng)
         local_view = self._local_from(crop, rng)
         if self.strategy == "global_to_local":

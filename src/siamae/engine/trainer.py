@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint, save_atomic
 from siamae.config import Config, config_from_dict, save_config
-from siamae.data.dataset import EpochSampler, build_dataset, build_loader
+from siamae.data.dataset import EpochSampler, build_dataset, build_loader, loader_batch_size
 from siamae.engine import distributed as D
 from siamae.engine.logging import MetricsLogger
 from siamae.engine.optim import build_optimizer, lr_at, set_lr
@@ -60,7 +60,10 @@ def pick_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         if p in ("fp16", "bf16"):
             # The recipes ask for fp16 on GPUs; on a CPU mixed precision is slower, not faster.
-            warnings.warn(f"run.precision={p} applies to CUDA devices; training in fp32 on {device}", stacklevel=2)
+            warnings.warn(
+                f"run.precision={p} applies to CUDA devices; training in fp32 on {device}",
+                stacklevel=2,
+            )
         return None
     if p == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -207,8 +210,9 @@ def _train(
 
     method = build_method(cfg).to(device)
     dataset = build_dataset(cfg, method.view_kind, method.encoder.num_patches)
+    # With repeated sampling one loader item holds several pairs; data.batch_size counts pairs.
     sampler = EpochSampler(
-        len(dataset), cfg.data.batch_size, info.rank, info.world_size, cfg.run.seed
+        len(dataset), loader_batch_size(cfg), info.rank, info.world_size, cfg.run.seed
     )
     schedule = make_schedule(cfg, sampler.batches_per_epoch, info.world_size)
     loader = build_loader(dataset, sampler, cfg.data.num_workers, pin_memory=device.type == "cuda")
