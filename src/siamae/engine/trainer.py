@@ -209,7 +209,10 @@ def _train(
     D.barrier(info)
 
     method = build_method(cfg).to(device)
-    dataset = build_dataset(cfg, method.view_kind, method.encoder.num_patches)
+    # The video index (frame counts) is cached in the run folder: a restart does not rescan.
+    dataset = build_dataset(
+        cfg, method.view_kind, method.encoder.num_patches, cache_dir=str(run_dir)
+    )
     # With repeated sampling one loader item holds several pairs; data.batch_size counts pairs.
     sampler = EpochSampler(
         len(dataset), loader_batch_size(cfg), info.rank, info.world_size, cfg.run.seed
