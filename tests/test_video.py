@@ -100,14 +100,15 @@ def test_pairs_are_gap_apart_with_same_crop_and_flip(
     for v in VIDEOS:
         i = names[v]
         n = source.num_frames_of(i)
+        pairs, draws = [], []
         for seed in range(3):
-            rng = np.random.default_rng([seed, i])
-            a, b = source.load_frame_pair(i, rng, gap)
+            pairs.append(source.load_frame_pair(i, np.random.default_rng([seed, i]), gap))
             # The same draws, replayed: frame t and t + g with g in [4, 48) clamped to the video.
             twin = np.random.default_rng([seed, i])
             g = min(int(twin.integers(gap[0], gap[1])), n - 1)
-            t = int(twin.integers(0, n - g))
-            _, full = reference(videos_dir / v, {t, t + g})
+            draws.append((int(twin.integers(0, n - g)), g))
+        _, full = reference(videos_dir / v, {t + d for t, g in draws for d in (0, g)})
+        for (a, b), (t, g) in zip(pairs, draws):
             assert np.array_equal(np.asarray(a), full[t]), f"{v} first frame"
             assert np.array_equal(np.asarray(b), full[t + g]), f"{v} second frame"
             assert 4 <= g < 48 or g == n - 1
@@ -121,12 +122,18 @@ def test_views_share_crop_and_flip(source: V.VideoFileSource, videos_dir: Path) 
     for v in ("bikes.mp4", "cup.mp4"):
         i = names[v]
         n = source.num_frames_of(i)
-        for seed in range(6):
+        seeds = range(6)
+        starts = []
+        for seed in seeds:
+            twin = np.random.default_rng(seed)
+            g = min(int(twin.integers(4, 48)), n - 1)
+            starts.append((int(twin.integers(0, n - g)), g))
+        _, full = reference(videos_dir / v, {t + d for t, g in starts for d in (0, g)})
+        for seed in seeds:
             views = maker(source, i, np.random.default_rng(seed))
             twin = np.random.default_rng(seed)
             g = min(int(twin.integers(4, 48)), n - 1)
             t = int(twin.integers(0, n - g))
-            _, full = reference(videos_dir / v, {t, t + g})
             h, w = full[t].shape[:2]
             box = sample_box(twin, w, h, (0.5, 1.0), maker.ratio)
             flip = bool(twin.random() < 0.5)
