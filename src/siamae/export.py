@@ -87,7 +87,8 @@ def _check_against_timm(
             f"--timm-name {name!r} is not a timm model; pick one with the encoder's shape, e.g. "
             f"{', '.join(close) or 'vit_small_patch16_224'}"
         )
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    with torch.device("meta"):  # shapes only: no memory, no (slow) weight initialisation
+        model = timm.create_model(name, pretrained=False, **kwargs)
     expected = model.state_dict()
     head_keys = {k for k in expected if k.startswith("head.")}
     body = {k: v for k, v in expected.items() if k not in head_keys}

@@ -157,8 +157,13 @@ def encoder_from_state_dict(
     """Build the encoder the tensors describe and load them strictly."""
     state = normalise_keys(state)
     arch, patch, img_size, overrides = infer_architecture(state)
-    encoder = Encoder(arch, patch, img_size, **overrides)
+    # Built on the meta device: every tensor is overwritten by the strict load below, so the
+    # (slow, for large ViTs on a CPU) random initialisation is skipped.
+    with torch.device("meta"):
+        encoder = Encoder(arch, patch, img_size, **overrides)
     expected = encoder.vit.state_dict()
+    if set(encoder.state_dict()) != {f"vit.{k}" for k in expected}:  # pragma: no cover
+        raise RuntimeError("Encoder holds tensors outside .vit; load_encoder must initialise them")
     missing = [k for k in expected if k not in state]
     if missing:
         hint = "is this a ViT encoder checkpoint?"
@@ -177,6 +182,7 @@ def encoder_from_state_dict(
                 f"{source}: tensor '{key}' has shape {tuple(state[key].shape)}, the {arch} patch {patch} "
                 f"encoder needs {tuple(tensor.shape)}"
             )
+    encoder = encoder.to_empty(device="cpu")
     encoder.vit.load_state_dict({k: state[k] for k in expected}, strict=True)
     ignored = sorted(k for k in state if k not in expected)
     report = LoadReport(
