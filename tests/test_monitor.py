@@ -117,6 +117,8 @@ def test_pretraining_weights_are_the_same_with_and_without_the_monitor(
 ) -> None:
     from siamae.engine.trainer import train
 
+    # Batch-4 steps of a tiny ViT: one thread is faster, and far faster on a busy machine.
+    torch.set_num_threads(1)
     base = [
         "method=cropmae", "model.arch=vit_tiny", "model.img_size=32", "model.patch_size=16",
         "data.source=synthetic", "data.synthetic_count=8", "data.synthetic_size=32",

@@ -199,7 +199,10 @@ class LinearResult:
 
 
 def _fingerprint(source: str) -> dict[str, Any]:
+    """What identifies the encoder's weights: the file's path, size and modification time."""
     path = Path(source)
+    if path.is_dir() and (path / "checkpoints" / "last.pt").is_file():
+        path = path / "checkpoints" / "last.pt"  # a run folder: the checkpoint it resolves to
     if path.is_file():
         st = path.stat()
         return {"source": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -477,52 +480,61 @@ def fit_probe(
     end_epoch = cfg.epochs
     if stop_after_epochs is not None:
         end_epoch = min(cfg.epochs, start_epoch + stop_after_epochs)
-    bar = tqdm(
-        range(start_epoch, end_epoch), desc="linear probe", unit="epoch", disable=not progress
-    )
-    for epoch in bar:
-        t0 = time.perf_counter()
-        step = epoch * steps_per_epoch
-        loss_sum, seen = 0.0, 0
-        if isinstance(train, torch.Tensor):
-            batches = _feature_batches(train, train_labels, cfg.batch_size, cfg.seed, epoch)
-        else:
-            batches = train.batches(epoch)
-        for feats, labels in batches:
-            lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss = F.cross_entropy(head(feats.to(device)), labels.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach()) * labels.shape[0]
-            seen += labels.shape[0]
-            step += 1
-        record: dict[str, float] = {
-            "epoch": epoch + 1,
-            "loss": loss_sum / max(1, seen),
-            "lr": lr,
-            "seconds": time.perf_counter() - t0,
-        }
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            record["top1"] = evaluate(head, val_feats, val_labels, device)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.2f}")
-        history.append(record)
-        if ckpt_path is not None:
-            save_atomic(
-                {
-                    "format": LINEAR_FORMAT,
-                    "config": run_info,
-                    "head": head.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "epoch": epoch + 1,
-                    "history": history,
-                },
-                ckpt_path,
-            )
-    bar.close()
-    top1 = evaluate(head, val_feats, val_labels, device)
+    # The head is tiny: on a CPU it trains on one thread. Multi-threaded BatchNorm and matmuls
+    # on (B, D) tensors are slower there, by orders of magnitude on a busy machine.
+    one_thread = device.type == "cpu" and isinstance(train, torch.Tensor)
+    threads = torch.get_num_threads()
+    if one_thread:
+        torch.set_num_threads(1)
+    try:
+        bar = tqdm(
+            range(start_epoch, end_epoch), desc="linear probe", unit="epoch", disable=not progress
+        )
+        for epoch in bar:
+            t0 = time.perf_counter()
+            step = epoch * steps_per_epoch
+            loss_sum, seen = 0.0, 0
+            if isinstance(train, torch.Tensor):
+                batches = _feature_batches(train, train_labels, cfg.batch_size, cfg.seed, epoch)
+            else:
+                batches = train.batches(epoch)
+            for feats, labels in batches:
+                lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss = F.cross_entropy(head(feats.to(device)), labels.to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += float(loss.detach()) * labels.shape[0]
+                seen += labels.shape[0]
+                step += 1
+            record: dict[str, float] = {
+                "epoch": epoch + 1,
+                "loss": loss_sum / max(1, seen),
+                "lr": lr,
+                "seconds": time.perf_counter() - t0,
+            }
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                record["top1"] = evaluate(head, val_feats, val_labels, device)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.2f}")
+            history.append(record)
+            if ckpt_path is not None:
+                save_atomic(
+                    {
+                        "format": LINEAR_FORMAT,
+                        "config": run_info,
+                        "head": head.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "epoch": epoch + 1,
+                        "history": history,
+                    },
+                    ckpt_path,
+                )
+        bar.close()
+        top1 = evaluate(head, val_feats, val_labels, device)
+    finally:
+        torch.set_num_threads(threads)
     evaluated = [h["top1"] for h in history if "top1" in h]
     result = LinearResult(
         top1=top1,
