@@ -2,7 +2,7 @@
 
 Every image or video is a pure function of (seed, index), so the demo needs no download and
 runs the same everywhere. Videos move each object along its own straight path with a little
-spin while the background pans, and come with per-pixel object-id masks (0 background, 1..K
+spin while the background pans and the lighting drifts, and come with per-pixel object-id masks (0 background, 1..K
 objects; later objects occlude earlier ones): labels to propagate and check against.
 """
 
@@ -100,6 +100,13 @@ def synthetic_video(
     """
     rng = np.random.default_rng([seed, index, 0x5A4E])
     background, pan, objects = _scene(rng)
+    # Lighting that drifts over time (auto-exposure, passing clouds): a correspondence must see
+    # through it, which matching raw colours alone cannot.
+    gain_amplitude, gain_period, gain_phase = (
+        rng.uniform(0.1, 0.3),
+        rng.uniform(6, 12),
+        rng.uniform(0, 2 * np.pi),
+    )
     h, w = size, width or size
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
     x, y = (xs + 0.5) / max(h, w), (ys + 0.5) / max(h, w)
@@ -113,7 +120,8 @@ def synthetic_video(
             shade = 0.75 + 0.25 * np.clip(1 - (u**2 + v**2) / (obj.radii.max() ** 2 * 2), 0, 1)
             img = np.where(inside[..., None], obj.texture.render(u, v) * shade[..., None], img)
             masks[t][inside] = k
-        frames[t] = np.clip(img, 0, 255).astype(np.uint8)
+        gain = 1 + gain_amplitude * np.sin(2 * np.pi * t / gain_period + gain_phase)
+        frames[t] = np.clip(img * gain, 0, 255).astype(np.uint8)
     return frames, masks
 
 
