@@ -219,3 +219,15 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
         assert float(x.split(",")[2]) == pytest.approx(float(y.split(",")[2]), rel=1e-4)
     ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)
     assert len(ckpt["rng"]["cpu"]) == 2  # every rank's RNG state is kept for resume
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path: Path) -> None:
+    # Two micro-batches of 4 see the same samples (and masks) as one batch of 8; the lr follows
+    # the effective batch, so the weights match up to float summation order.
+    common = ["optim.max_steps=2", "decoder.dropout=0"]
+    big = train(_cfg(tmp_path / "big", "data.batch_size=8", *common), resume=False)
+    acc = train(_cfg(tmp_path / "acc", "data.batch_size=4", "optim.accum_steps=2", *common), resume=False)
+    assert big["effective_batch"] == acc["effective_batch"] == 8
+    a, b = _weights(tmp_path / "big"), _weights(tmp_path / "acc")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
