@@ -25,14 +25,30 @@ def test_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path)
 
 
 def test_bad_field_is_named(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    args = ["pretrain", "--config", str(CONFIGS / "demo.yaml"), "--out", str(tmp_path), "--set", "optim.base_lr=abc"]
+    args = [
+        "pretrain",
+        "--config",
+        str(CONFIGS / "demo.yaml"),
+        "--out",
+        str(tmp_path),
+        "--set",
+        "optim.base_lr=abc",
+    ]
     assert main(args) == 2
     assert "'optim.base_lr'" in _error_line(capsys)
     assert not (tmp_path / "checkpoints").exists()  # failed before training
 
 
 def test_missing_data_path(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    args = ["pretrain", "--config", str(CONFIGS / "cropmae_vits16_in1k.yaml"), "--data", str(tmp_path / "imagenet"), "--out", str(tmp_path / "run")]
+    args = [
+        "pretrain",
+        "--config",
+        str(CONFIGS / "cropmae_vits16_in1k.yaml"),
+        "--data",
+        str(tmp_path / "imagenet"),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert main(args) == 2
     assert "imagenet" in _error_line(capsys)
     assert main(["pretrain", "--config", str(CONFIGS / "cropmae_vits16_in1k.yaml")]) == 2
@@ -52,29 +68,103 @@ def test_bad_checkpoints(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
     assert "training checkpoint" in _error_line(capsys)
 
 
-def test_demo_path_end_to_end_then_visualize(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_demo_path_end_to_end_then_visualize(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     run = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(run)]) == 0
     out = capsys.readouterr().out
-    for name in ("config.yaml", "metrics.csv", "metrics.jsonl", "reconstruction.png", "loss_curve.png", "checkpoints/last.pt"):
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "metrics.jsonl",
+        "reconstruction.png",
+        "loss_curve.png",
+        "checkpoints/last.pt",
+    ):
         assert (run / name).is_file(), name
         assert str(run) in out
     assert "what to try next" in out
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["method"] == "cropmae" and ckpt["step"] > 0
     picture = tmp_path / "rec.png"
-    assert main(["visualize", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--out", str(picture), "--count", "2"]) == 0
+    assert (
+        main(
+            [
+                "visualize",
+                "--checkpoint",
+                str(run / "checkpoints" / "last.pt"),
+                "--out",
+                str(picture),
+                "--count",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert picture.stat().st_size > 1000
 
 
-def test_pretrain_resumes_from_the_run_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    base = ["pretrain", "--config", str(CONFIGS / "demo.yaml"), "--out", str(tmp_path),
-            "--set", "model.img_size=32", "--set", "data.synthetic_count=16", "--set", "data.batch_size=8",
-            "--set", "data.num_workers=0", "--set", "run.visualize=false", "--set", "run.progress=false"]
+def test_pretrain_resumes_from_the_run_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    base = [
+        "pretrain",
+        "--config",
+        str(CONFIGS / "demo.yaml"),
+        "--out",
+        str(tmp_path),
+        "--set",
+        "model.img_size=32",
+        "--set",
+        "data.synthetic_count=16",
+        "--set",
+        "data.batch_size=8",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "run.visualize=false",
+        "--set",
+        "run.progress=false",
+    ]
     assert main([*base, "--set", "optim.max_steps=2"]) == 0
     assert main([*base, "--set", "optim.max_steps=4"]) == 0  # auto-resume: continues at step 2
-    steps = [int(line.split(",")[0]) for line in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
-    assert steps == [2, 4]  # log_every 10: each run logs its final step; the resumed one goes on at 3
+    steps = [
+        int(line.split(",")[0]) for line in (tmp_path / "metrics.csv").read_text().splitlines()[1:]
+    ]
+    assert steps == [
+        2,
+        4,
+    ]  # log_every 10: each run logs its final step; the resumed one goes on at 3
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
     assert main([*base, "--set", "method=mae", "--set", "optim.max_steps=6"]) == 2
     assert "method" in _error_line(capsys)
+
+
+def test_resume_with_a_checkpoint_of_another_shape_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    base = [
+        "pretrain",
+        "--config",
+        str(CONFIGS / "demo.yaml"),
+        "--out",
+        str(tmp_path),
+        "--set",
+        "model.img_size=32",
+        "--set",
+        "data.synthetic_count=16",
+        "--set",
+        "data.batch_size=8",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "run.visualize=false",
+        "--set",
+        "run.progress=false",
+        "--set",
+        "optim.max_steps=1",
+    ]
+    assert main(base) == 0
+    assert main([*base, "--set", "decoder.dim=64", "--set", "optim.max_steps=2"]) == 2
+    assert "do not fit" in _error_line(capsys)

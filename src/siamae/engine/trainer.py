@@ -234,8 +234,15 @@ def _train(
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     state = TrainState()
     if checkpoint is not None:
-        method.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            method.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0][:300]
+            raise CheckpointError(
+                f"{resume_path}: its weights do not fit this run's model ({first}); the config differs "
+                "from the one it was made with: use another run.out_dir or --no-resume"
+            ) from None
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         state.step = int(checkpoint["step"])
