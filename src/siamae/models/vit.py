@@ -79,6 +79,7 @@ class Encoder(nn.Module):
             qkv_bias=True,
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
             drop_path_rate=drop_path_rate,
+            weight_init="skip",  # initialize_weights() below sets every tensor (MAE scheme)
             **dims,
         )
         # Other image sizes are handled here (interpolated grid), not by timm's strict check.
