@@ -226,7 +226,9 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path: Path) -> None:
     # the effective batch, so the weights match up to float summation order.
     common = ["optim.max_steps=2", "decoder.dropout=0"]
     big = train(_cfg(tmp_path / "big", "data.batch_size=8", *common), resume=False)
-    acc = train(_cfg(tmp_path / "acc", "data.batch_size=4", "optim.accum_steps=2", *common), resume=False)
+    acc = train(
+        _cfg(tmp_path / "acc", "data.batch_size=4", "optim.accum_steps=2", *common), resume=False
+    )
     assert big["effective_batch"] == acc["effective_batch"] == 8
     a, b = _weights(tmp_path / "big"), _weights(tmp_path / "acc")
     for k in a:
