@@ -7,6 +7,7 @@ also give frame pairs (``load_frame_pair``). A file that cannot be read raises
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Protocol
 
@@ -59,9 +60,15 @@ DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFEr
 
 
 def open_lazy(path: Path) -> Image.Image:
-    """Open ``path`` reading only its header; pixels are decoded later (see views.crop_resize)."""
+    """Open ``path``, parsing only its header; pixels are decoded later (see views.crop_resize).
+
+    The file is read in one call: PIL's own reader pulls a JPEG in dozens of small reads.
+    """
     try:
-        return Image.open(path)
+        with open(path, "rb") as f:
+            img = Image.open(io.BytesIO(f.read()))
+        img.filename = str(path)  # named in the report if decoding fails later
+        return img
     except DECODE_ERRORS as err:
         raise UnreadableSample(str(path), f"{type(err).__name__}: {err}") from None
 
