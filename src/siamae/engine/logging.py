@@ -7,7 +7,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-CSV_COLUMNS = ["step", "epoch", "loss", "lr", "pairs_per_s", "skipped", "knn_top1", "knn_top5"]
+CSV_COLUMNS = [
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "pairs_per_s",
+    "data_wait",
+    "skipped",
+    "knn_top1",
+    "knn_top5",
+]
 
 
 def _truncate_jsonl(path: Path, max_step: int) -> None:

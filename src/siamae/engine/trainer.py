@@ -318,6 +318,7 @@ def _train(
     )
     steps_this_call = 0
     window_samples, window_start = 0, time.perf_counter()
+    data_wait = 0.0  # seconds this log window spent waiting for the loader
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
     last_loss = float("nan")
@@ -337,7 +338,9 @@ def _train(
                     interrupted = "stop_after_steps"
                     break
                 try:
+                    wait_start = time.perf_counter()
                     batch = next(iterator)
+                    data_wait += time.perf_counter() - wait_start
                 except StopIteration:
                     break
                 except Exception:
@@ -423,12 +426,15 @@ def _train(
                         "loss": mean_loss,
                         "lr": lr,
                         "pairs_per_s": window_samples / max(elapsed, 1e-9),
+                        # A loader that keeps up leaves this near 0.
+                        "data_wait": data_wait / max(elapsed, 1e-9),
                         "skipped": skipped,
                     }
                     last_loss = mean_loss
                     loss_sum.zero_()
                     loss_count = 0
                     window_samples, window_start = 0, time.perf_counter()
+                    data_wait = 0.0
                     if logger is not None:
                         logger.log(record)
                     if progress is not None:
@@ -436,6 +442,7 @@ def _train(
                             loss=f"{mean_loss:.4f}",
                             lr=f"{lr:.2e}",
                             pairs_s=f"{record['pairs_per_s']:.1f}",
+                            data_wait=f"{record['data_wait']:.0%}",
                         )
                 if progress is not None:
                     progress.update(1)
