@@ -106,66 +106,39 @@ def test_demo_path_end_to_end_then_visualize(
     assert picture.stat().st_size > 1000
 
 
+def _small_pretrain(out: Path, *sets: str) -> list[str]:
+    """``siamae pretrain`` of the demo config, shrunk to seconds, with extra ``--set`` values."""
+    small = [
+        "model.img_size=32",
+        "data.synthetic_count=16",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "run.visualize=false",
+        "run.progress=false",
+        *sets,
+    ]
+    args = ["pretrain", "--config", str(CONFIGS / "demo.yaml"), "--out", str(out)]
+    for value in small:
+        args += ["--set", value]
+    return args
+
+
 def test_pretrain_resumes_from_the_run_folder(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    base = [
-        "pretrain",
-        "--config",
-        str(CONFIGS / "demo.yaml"),
-        "--out",
-        str(tmp_path),
-        "--set",
-        "model.img_size=32",
-        "--set",
-        "data.synthetic_count=16",
-        "--set",
-        "data.batch_size=8",
-        "--set",
-        "data.num_workers=0",
-        "--set",
-        "run.visualize=false",
-        "--set",
-        "run.progress=false",
-    ]
-    assert main([*base, "--set", "optim.max_steps=2"]) == 0
-    assert main([*base, "--set", "optim.max_steps=4"]) == 0  # auto-resume: continues at step 2
-    steps = [
-        int(line.split(",")[0]) for line in (tmp_path / "metrics.csv").read_text().splitlines()[1:]
-    ]
-    assert steps == [
-        2,
-        4,
-    ]  # log_every 10: each run logs its final step; the resumed one goes on at 3
+    assert main(_small_pretrain(tmp_path, "optim.max_steps=2")) == 0
+    assert main(_small_pretrain(tmp_path, "optim.max_steps=4")) == 0  # auto-resume at step 2
+    metrics = (tmp_path / "metrics.csv").read_text().splitlines()[1:]
+    # log_every is 10: each run logs its final step, and the resumed run went on at step 3
+    assert [int(line.split(",")[0]) for line in metrics] == [2, 4]
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
-    assert main([*base, "--set", "method=mae", "--set", "optim.max_steps=6"]) == 2
+    assert main(_small_pretrain(tmp_path, "method=mae", "optim.max_steps=6")) == 2
     assert "method" in _error_line(capsys)
 
 
 def test_resume_with_a_checkpoint_of_another_shape_is_refused(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    base = [
-        "pretrain",
-        "--config",
-        str(CONFIGS / "demo.yaml"),
-        "--out",
-        str(tmp_path),
-        "--set",
-        "model.img_size=32",
-        "--set",
-        "data.synthetic_count=16",
-        "--set",
-        "data.batch_size=8",
-        "--set",
-        "data.num_workers=0",
-        "--set",
-        "run.visualize=false",
-        "--set",
-        "run.progress=false",
-        "--set",
-        "optim.max_steps=1",
-    ]
-    assert main(base) == 0
-    assert main([*base, "--set", "decoder.dim=64", "--set", "optim.max_steps=2"]) == 2
+    assert main(_small_pretrain(tmp_path, "optim.max_steps=1")) == 0
+    assert main(_small_pretrain(tmp_path, "decoder.dim=64", "optim.max_steps=2")) == 2
     assert "do not fit" in _error_line(capsys)

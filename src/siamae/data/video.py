@@ -27,6 +27,7 @@ later, while training, raises :class:`UnreadableSample` and the dataset skips an
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
@@ -243,7 +244,7 @@ def _decode(
 # -- sources ------------------------------------------------------------------------------------
 
 
-class _VideoSourceBase:
+class _VideoSourceBase(abc.ABC):
     """Shared by video files and frame folders: ``entries`` are probed index records."""
 
     kind = ""
@@ -267,8 +268,9 @@ class _VideoSourceBase:
         got = self._read(index, sorted(set(ids)))
         return [got[i] for i in ids]
 
+    @abc.abstractmethod
     def _read(self, index: int, wanted: list[int]) -> dict[int, Image.Image]:
-        raise NotImplementedError
+        """Decode the ``wanted`` frames (sorted, unique) of item ``index``."""
 
     def open_image(self, index: int, rng: np.random.Generator) -> Image.Image:
         """One random frame (CropMAE / MAE on video)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,7 +38,7 @@ class Reconstruction:
     original: torch.Tensor
 
 
-class Method(nn.Module):
+class Method(nn.Module, metaclass=abc.ABCMeta):
     """A pre-training method: an encoder plus its own heads and loss.
 
     ``forward(batch)`` takes ``batch["images"]``: (B, V, 3, H, W) normalised floats, V the
@@ -52,20 +53,22 @@ class Method(nn.Module):
     encoder: Encoder
 
     @classmethod
+    @abc.abstractmethod
     def published_defaults(cls, cfg: Config) -> dict[str, Any]:
         """Recipe values for fields left ``null``: mask_ratio, decoder.*, global_scale."""
-        raise NotImplementedError
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Method-specific checks beyond the generic ones; raise ConfigError."""
 
     @classmethod
+    @abc.abstractmethod
     def from_config(cls, cfg: Config) -> Method:
-        raise NotImplementedError
+        """Build the method from a resolved config."""
 
+    @abc.abstractmethod
     def reconstruct(self, batch: dict[str, torch.Tensor]) -> Reconstruction:
-        raise NotImplementedError
+        """What a picture of the reconstruction needs (no gradient)."""
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights with timm key names (what export writes)."""
