@@ -262,15 +262,9 @@ class _VideoSourceBase(abc.ABC):
     def num_frames_of(self, index: int) -> int:
         return int(self.entries[index]["num_frames"])
 
+    @abc.abstractmethod
     def load_frames(self, index: int, frame_ids: Iterable[int]) -> list[Image.Image]:
         """Frames ``frame_ids`` (any order, repeats allowed) of item ``index``."""
-        ids = list(frame_ids)
-        got = self._read(index, sorted(set(ids)))
-        return [got[i] for i in ids]
-
-    @abc.abstractmethod
-    def _read(self, index: int, wanted: list[int]) -> dict[int, Image.Image]:
-        """Decode the ``wanted`` frames (sorted, unique) of item ``index``."""
 
     def open_image(self, index: int, rng: np.random.Generator) -> Image.Image:
         """One random frame (CropMAE / MAE on video)."""
@@ -297,6 +291,12 @@ class VideoFileSource(_VideoSourceBase):
     """Video files (mp4, avi, webm, mkv, ...) decoded with PyAV, seeking to the frames needed."""
 
     kind = "videos"
+
+    def load_frames(self, index: int, frame_ids: Iterable[int]) -> list[Image.Image]:
+        # Each wanted frame is decoded once, in one forward pass from the nearest keyframe.
+        ids = list(frame_ids)
+        got = self._read(index, sorted(set(ids)))
+        return [got[i] for i in ids]
 
     def _read(self, index: int, wanted: list[int]) -> dict[int, Image.Image]:
         e = self.entries[index]
