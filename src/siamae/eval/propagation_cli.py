@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from siamae.errors import SiamaeError
-
 
 def _encoder(args: argparse.Namespace):
     from siamae.loading import load_encoder, random_encoder
@@ -14,9 +12,7 @@ def _encoder(args: argparse.Namespace):
     if args.random_init:
         encoder = random_encoder(args.random_init, seed=args.seed)
     else:
-        if not Path(args.checkpoint).exists():
-            raise SiamaeError(f"checkpoint {args.checkpoint} not found; pass an existing file")
-        encoder = load_encoder(args.checkpoint)
+        encoder = load_encoder(args.checkpoint)  # names a missing or unfit file itself
     print(encoder.load_report.summary())
     return encoder
 
@@ -29,14 +25,10 @@ def _params(args: argparse.Namespace, benchmark: str):
     return params
 
 
-def _device(name: str) -> str:
-    import torch
+def _device(name: str):  # noqa: ANN202 - torch.device, imported lazily
+    from siamae.eval.features import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SiamaeError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return name
+    return resolve_device(name)
 
 
 def _out(args: argparse.Namespace, benchmark: str) -> Path:
