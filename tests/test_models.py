@@ -183,3 +183,24 @@ def test_pre_norm_option_builds_and_differs() -> None:
     assert not torch.allclose(a, b)  # same weights, other norm placement
     with pytest.raises(ValueError, match="norm_style"):
         CrossSelfDecoder(24, 4, 4, dim=16, depth=1, num_heads=2, norm_style="middle")  # type: ignore[arg-type]
+
+
+def test_decoder_qkv_init_is_one_joint_xavier_draw() -> None:
+    """q, k, v drawn as ONE Xavier-uniform (3D, D) matrix, as nn.MultiheadAttention does."""
+    torch.manual_seed(0)
+    dim = 256
+    dec = CrossSelfDecoder(64, 4, 8, dim=dim, depth=2, num_heads=8, mlp_dim=64)
+    joint_std = math.sqrt(2.0 / (dim + 3 * dim))  # 0.0442 at D=256
+    reference = torch.nn.MultiheadAttention(dim, 8).in_proj_weight.detach().std().item()
+    assert abs(joint_std - reference) / reference < 0.05
+    for block in dec.blocks:
+        for attn in (block.cross_attn, block.self_attn):
+            q, kv = attn.q.weight.detach(), attn.kv.weight.detach()
+            for part in (q, kv, torch.cat([q, kv])):
+                assert abs(part.std().item() - joint_std) / joint_std < 0.05
+            bound = math.sqrt(6.0 / (4 * dim))  # the joint draw's uniform bound, not q's own
+            assert q.abs().max() <= bound and q.abs().max() > 0.95 * bound
+            assert torch.count_nonzero(attn.q.bias) == 0 and torch.count_nonzero(attn.kv.bias) == 0
+            # the output projection keeps the per-Linear Xavier init, as out_proj does
+            proj_std = math.sqrt(2.0 / (2 * dim))
+            assert abs(attn.proj.weight.std().item() - proj_std) / proj_std < 0.05

@@ -32,6 +32,23 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attn_drop = attn_drop
 
+    @torch.no_grad()
+    def init_joint_in_projection(self) -> None:
+        """Initialise q, k and v as ONE Xavier-uniform (3D, D) matrix, zero bias.
+
+        The published decoder uses ``nn.MultiheadAttention``, whose ``in_proj_weight`` is a
+        single (3D, D) tensor drawn Xavier-uniform as a whole (std sqrt(2 / 4D): 0.0442 at
+        D=256). Drawing q (D, D) and kv (2D, D) one by one would make them 1.41x and 1.15x
+        wider, so they are cut from one joint draw instead.
+        """
+        dim = self.q.in_features
+        joint = torch.empty(3 * dim, dim, device=self.q.weight.device, dtype=self.q.weight.dtype)
+        nn.init.xavier_uniform_(joint)
+        self.q.weight.copy_(joint[:dim])
+        self.kv.weight.copy_(joint[dim:])
+        nn.init.zeros_(self.q.bias)
+        nn.init.zeros_(self.kv.bias)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, Nq, D) queries; context: (B, Nk, D) keys/values (x itself when None)."""
         b, nq, d = x.shape
@@ -120,6 +137,11 @@ class MaskedDecoderBase(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        # After the per-Linear pass, as in the published model: its init loop never reaches
+        # nn.MultiheadAttention's joint in-projection (the output projection it does reach).
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.init_joint_in_projection()
 
     def queries(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Encoder output of the masked view (B, 1 + K, E) -> (B, 1 + N, D) decoder queries."""
