@@ -18,7 +18,7 @@ from siamae.models.masking import (
     unpatchify,
     unshuffle_with_mask_tokens,
 )
-from siamae.models.pos_embed import sincos_2d
+from siamae.models.pos_embed import resample_grid_dino, resample_position_table, sincos_2d
 from siamae.models.vit import Encoder
 
 
@@ -204,3 +204,79 @@ def test_decoder_qkv_init_is_one_joint_xavier_draw() -> None:
             # the output projection keeps the per-Linear Xavier init, as out_proj does
             proj_std = math.sqrt(2.0 / (2 * dim))
             assert abs(attn.proj.weight.std().item() - proj_std) / proj_std < 0.05
+
+
+def _cubic_weights(scale: float, n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) bicubic (a = -0.75) resampling matrix, half-pixel centres, from 1/scale.
+
+    Written out by hand (not F.interpolate) so the test checks which scale is used: DINO's
+    (h + 0.1) / h0, not h / h0.
+    """
+
+    def kernel(x: float) -> float:
+        a, x = -0.75, abs(x)
+        if x <= 1:
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+        if x < 2:
+            return (((x - 5) * x + 8) * x - 4) * a
+        return 0.0
+
+    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for out in range(n_out):
+        src = (out + 0.5) / scale - 0.5
+        base = math.floor(src)
+        for tap in range(base - 1, base + 3):
+            weights[out, min(max(tap, 0), n_in - 1)] += kernel(src - tap)
+    return weights
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), [((4, 4), (6, 10)), ((14, 14), (30, 55)), ((7, 5), (3, 4))]
+)
+def test_dino_position_resampling_equals_direct_reference(old, new) -> None:
+    torch.manual_seed(0)
+    (h0, w0), (h, w) = old, new
+    table = torch.randn(1, h0 * w0, 8)
+    got = resample_grid_dino(table, old, new)
+    assert got.shape == (1, h * w, 8)
+    # The direct F.interpolate call of the published evaluation code ...
+    grid = table.reshape(1, h0, w0, 8).permute(0, 3, 1, 2)
+    direct = torch.nn.functional.interpolate(
+        grid, scale_factor=((h + 0.1) / h0, (w + 0.1) / w0), mode="bicubic", align_corners=False
+    )
+    assert torch.allclose(got, direct.permute(0, 2, 3, 1).reshape(1, h * w, 8), atol=1e-6)
+    # ... and a hand-written bicubic with the same scale factors.
+    rows = _cubic_weights((h + 0.1) / h0, h0, h)
+    cols = _cubic_weights((w + 0.1) / w0, w0, w)
+    by_hand = torch.einsum("yi,dij,xj->yxd", rows, grid[0].double(), cols).reshape(1, h * w, 8)
+    assert torch.allclose(got.double(), by_hand, atol=1e-5)
+    # Resampling to the exact size (h / h0) samples elsewhere: the +0.1 is not a no-op.
+    exact = _cubic_weights(h / h0, h0, h)
+    by_size = torch.einsum("yi,dij,xj->yxd", exact, grid[0].double(), cols).reshape(1, h * w, 8)
+    assert not torch.allclose(got.double(), by_size, atol=1e-4)
+
+
+def test_encoder_position_resampling_option() -> None:
+    from timm.layers import resample_abs_pos_embed
+
+    enc = Encoder("vit_tiny", 8, 32).eval()
+    assert enc.pos_resample == "dino"  # the published evaluations' formula is the default
+    assert enc.position_embedding((4, 4)) is enc.vit.pos_embed  # trained grid: untouched
+    pos = enc.vit.pos_embed.detach()
+    dino = enc.position_embedding((6, 10))
+    assert torch.equal(dino[:, :1], pos[:, :1])  # CLS row kept
+    assert torch.allclose(dino[:, 1:], resample_grid_dino(pos[:, 1:], (4, 4), (6, 10)))
+    enc.pos_resample = "timm"
+    timm_table = enc.position_embedding((6, 10))
+    expected = resample_abs_pos_embed(pos, new_size=[6, 10], old_size=[4, 4], num_prefix_tokens=1)
+    assert torch.allclose(timm_table, expected)
+    assert not torch.allclose(timm_table, dino, atol=1e-3)  # antialiased: another table
+    x = torch.randn(1, 3, 48, 80)
+    timm_features = enc.patch_features(x)
+    enc.pos_resample = "dino"
+    assert not torch.allclose(enc.patch_features(x), timm_features)
+    with pytest.raises(ValueError, match="pos_resample"):
+        enc.pos_resample = "nearest"
+    assert torch.equal(
+        resample_position_table(pos, (4, 4), (4, 4), mode="timm"), pos
+    )  # same grid, any mode

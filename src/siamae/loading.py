@@ -28,7 +28,8 @@ import torch
 
 from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint
 from siamae.errors import CheckpointError
-from siamae.models.vit import VIT_SIZES, Encoder
+from siamae.models.pos_embed import POS_RESAMPLE_HELP
+from siamae.models.vit import SUPPORTED_PATCH_SIZES, VIT_SIZES, Encoder
 
 PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.vit.", "encoder.", "vit.", "model.")
 HEADS_BY_DIM = {size.embed_dim: size.num_heads for size in VIT_SIZES.values()}
@@ -54,7 +55,8 @@ class LoadReport:
     def summary(self) -> str:
         if self.kind == "random init":
             return (
-                f"{self.source}: {self.arch} patch {self.patch_size} ({self.img_size}px), untrained"
+                f"{self.source}: {self.arch} patch {self.patch_size} ({self.img_size}px), "
+                f"untrained, {RANDOM_INIT_POSITIONS}"
             )
         ignored = f", ignored {len(self.ignored)} non-encoder keys" if self.ignored else ""
         origin = f" ({self.method}, step {self.step})" if self.method else ""
@@ -233,6 +235,14 @@ def load_encoder(path: str | Path, verbose: bool = False) -> Encoder:
     return encoder.eval()
 
 
+def describe_encoder(encoder: Encoder) -> str:
+    """One line for results: where the weights came from and how the position grid is resampled."""
+    report = getattr(encoder, "load_report", None)
+    origin = report.summary() if report is not None else type(encoder).__name__
+    mode = getattr(encoder, "pos_resample", "dino")
+    return f"{origin}; position grid at other sizes: {mode}, {POS_RESAMPLE_HELP[mode]}"
+
+
 def _load_any(path: str | Path) -> dict[str, Any]:
     """``load_checkpoint``, retried with ``argparse.Namespace`` allowed (DINO/MAE/CropMAE
     training checkpoints store their arguments as one)."""
@@ -274,15 +284,36 @@ def _read_sidecar(path: Path, report: LoadReport) -> None:
     report.config = data.get("recipe")
 
 
+RANDOM_INIT_POSITIONS = (
+    "fixed 2-D sin-cos position embedding (the official eval class leaves a random "
+    "baseline's at zero; sin-cos is the fairer baseline)"
+)
+
+
 def random_encoder(name: str, seed: int = 0) -> Encoder:
-    """An untrained encoder, e.g. ``vit_small_patch16`` or ``vit_tiny_patch8_224``: the baseline."""
+    """An untrained encoder, e.g. ``vit_small_patch16`` or ``vit_tiny_patch8_224``: the baseline.
+
+    Its position embedding is the fixed 2-D sin-cos table every trained encoder here has (not
+    zeros, as the official evaluation's random baseline): its summary says so.
+    """
     m = re.fullmatch(r"(vit_(?:tiny|small|base|large))_patch(\d+)(?:_(\d+))?", name)
     if not m:
         raise CheckpointError(
             f"--random-init {name!r}: expected a name like vit_small_patch16 or vit_tiny_patch8_224"
         )
+    arch, patch, img_size = m.group(1), int(m.group(2)), int(m.group(3) or 224)
+    if patch not in SUPPORTED_PATCH_SIZES:
+        raise CheckpointError(
+            f"--random-init {name!r}: patch size {patch} is not supported; use one of "
+            f"{', '.join(map(str, SUPPORTED_PATCH_SIZES))} (e.g. {arch}_patch16)"
+        )
+    if img_size < patch or img_size % patch:
+        raise CheckpointError(
+            f"--random-init {name!r}: image size {img_size} is not a multiple of the patch size "
+            f"{patch}; use e.g. {arch}_patch{patch}_{max(1, round(img_size / patch)) * patch}"
+        )
     torch.manual_seed(seed)
-    encoder = Encoder(m.group(1), int(m.group(2)), int(m.group(3) or 224))
+    encoder = Encoder(arch, patch, img_size)
     encoder.load_report = LoadReport(  # type: ignore[attr-defined]
         f"random init (seed {seed})",
         "random init",

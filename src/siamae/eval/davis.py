@@ -289,7 +289,8 @@ def evaluate_davis(
         if score_at == "resized"
         else f"native: propagated at {', '.join(sorted(sizes))}, scored at the annotations' size"
     )
-    report = getattr(encoder, "load_report", None)
+    from siamae.loading import describe_encoder
+
     summary = {
         "benchmark": "DAVIS (semi-supervised, davis2017-evaluation J&F)",
         "protocol": params.name,
@@ -301,7 +302,7 @@ def evaluate_davis(
         "unscored_sequences": unscored,
         "max_frames": max_frames,
         **figures,
-        "encoder": report.summary() if report is not None else repr(type(encoder).__name__),
+        "encoder": describe_encoder(encoder),
         "timing": {
             "frames": timer.frames,
             "seconds_total": round(elapsed, 2),

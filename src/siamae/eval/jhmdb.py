@@ -235,15 +235,15 @@ def evaluate_jhmdb(
         gts.append(gt)
         rows.append({"clip": clip.name, "frames": pred.shape[2], **pck([pred], [gt])})
         np.save(out / f"{clip.name.replace('/', '__')}_joints.npy", pred)
+    from siamae.loading import describe_encoder
+
     summary = {
         "benchmark": "JHMDB (keypoint propagation, PCK)",
         "protocol": params.name,
         "params": params.to_dict(),
         "clips": len(clips),
         **pck(preds, gts),
-        "encoder": getattr(encoder, "load_report", None).summary()
-        if hasattr(encoder, "load_report")
-        else type(encoder).__name__,
+        "encoder": describe_encoder(encoder),
         "timing": {
             "frames": timer.frames,
             "seconds_total": round(time.perf_counter() - t0, 2),

@@ -164,6 +164,7 @@ def knn_eval(
         "features": pool,
         "img_size": img_size,
         "crop_pct": crop_pct,
+        "pos_resample": getattr(encoder, "pos_resample", "dino"),
         "train": str(train_dir),
         "val": str(val_dir),
     }

@@ -357,6 +357,8 @@ def train_linear(
         "pool": cfg.pool,
         "img_size": img_size,
         "crop_pct": cfg.crop_pct,
+        # Features at another size than the trained one depend on how the grid is resampled.
+        "pos_resample": getattr(encoder, "pos_resample", "dino"),
     }
     feat_kw = dict(
         device=device,

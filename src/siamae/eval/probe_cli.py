@@ -46,11 +46,19 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init and of the probe")
+    p.add_argument(
+        "--pos-resample",
+        choices=("dino", "timm"),
+        default="dino",
+        help="position grid at sizes other than the trained one: dino (default, as the "
+        "published evaluations: bicubic, scale factor (h + 0.1) / h0, no antialias) or timm "
+        "(timm's antialiased resample_abs_pos_embed)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _encoder(args: argparse.Namespace):  # noqa: ANN202 - returns (Encoder, source string)
-    from siamae.loading import load_encoder, random_encoder
+    from siamae.loading import describe_encoder, load_encoder, random_encoder
 
     if args.checkpoint:
         encoder = load_encoder(args.checkpoint)
@@ -58,7 +66,8 @@ def _encoder(args: argparse.Namespace):  # noqa: ANN202 - returns (Encoder, sour
     else:
         encoder = random_encoder(args.random_init, seed=args.seed)
         source = f"random:{args.random_init}:seed{args.seed}"
-    print(encoder.load_report.summary())
+    encoder.pos_resample = args.pos_resample
+    print(describe_encoder(encoder))
     img_size = args.img_size or encoder.img_size
     if img_size % encoder.patch_size:
         raise SiamaeError(
@@ -144,6 +153,7 @@ def _run_knn(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result.info["encoder"] = source
+    result.info["pos_resample"] = encoder.pos_resample
     print(
         f"k-NN (weighted cosine, T={args.temperature}, {args.pool} features, "
         f"{result.info['img_size']}px): {result.num_train} train / {result.num_test} val images, "

@@ -7,13 +7,14 @@ from pathlib import Path
 
 
 def _encoder(args: argparse.Namespace):
-    from siamae.loading import load_encoder, random_encoder
+    from siamae.loading import describe_encoder, load_encoder, random_encoder
 
     if args.random_init:
         encoder = random_encoder(args.random_init, seed=args.seed)
     else:
         encoder = load_encoder(args.checkpoint)  # names a missing or unfit file itself
-    print(encoder.load_report.summary())
+    encoder.pos_resample = args.pos_resample
+    print(describe_encoder(encoder))
     return encoder
 
 
@@ -120,6 +121,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="an untrained encoder, the baseline every table needs, e.g. vit_small_patch16",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default 0)")
+    p.add_argument(
+        "--pos-resample",
+        choices=("dino", "timm"),
+        default="dino",
+        help="position grid at sizes other than the trained one: dino (default, as the "
+        "published evaluations: bicubic, scale factor (h + 0.1) / h0, no antialias) or timm "
+        "(timm's antialiased resample_abs_pos_embed)",
+    )
     p.add_argument("--data-root", required=True, help="the benchmark's folder (official layout)")
     p.add_argument(
         "--protocol",

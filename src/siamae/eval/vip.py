@@ -150,6 +150,8 @@ def evaluate_vip(
                 gt = read_category_ids(ann)
                 hist += confusion(gt, resize_ids(ids, gt.shape, exact=True))
     mean_iou, per_class = miou(hist)
+    from siamae.loading import describe_encoder
+
     summary = {
         "benchmark": "VIP (part propagation, mIoU over 20 classes)",
         "protocol": params.name,
@@ -159,9 +161,7 @@ def evaluate_vip(
         "per_class_IoU": {
             c: (None if np.isnan(v) else float(v)) for c, v in zip(CLASSES, per_class)
         },
-        "encoder": encoder.load_report.summary()
-        if hasattr(encoder, "load_report")
-        else type(encoder).__name__,
+        "encoder": describe_encoder(encoder),
         "timing": {
             "frames": timer.frames,
             "seconds_total": round(time.perf_counter() - t0, 2),

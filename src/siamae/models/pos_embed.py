@@ -34,3 +34,66 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> tor
     if cls_token:
         emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
     return torch.from_numpy(emb).float()
+
+
+# How a position table is resampled to another grid at evaluation:
+#   "dino": what the published propagation code runs (DINO's ``interpolate_pos_encoding``):
+#           bicubic, scale factor (h + 0.1) / h0 by (w + 0.1) / w0, no antialiasing;
+#   "timm": timm's ``resample_abs_pos_embed`` (bicubic to the exact size, antialiased).
+POS_RESAMPLE_MODES: tuple[str, ...] = ("dino", "timm")
+POS_RESAMPLE_HELP = {
+    "dino": "DINO's formula (bicubic, scale factor (h + 0.1) / h0, no antialias)",
+    "timm": "timm's resample_abs_pos_embed (bicubic, antialiased)",
+}
+
+
+def resample_grid_dino(
+    patch_pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]
+) -> torch.Tensor:
+    """(1, h0*w0, D) patch positions -> (1, h*w, D) by DINO's formula.
+
+    ``F.interpolate`` is given the scale factor, not the size: the sampling positions follow
+    (h + 0.1) / h0 (the 0.1 avoids floating-point rounding to h - 1 rows), which is what the
+    published DINO/CropMAE evaluations computed; the output has exactly h x w cells.
+    """
+    import torch.nn.functional as F
+
+    (h0, w0), (h, w) = old_grid, new_grid
+    dim = patch_pos.shape[-1]
+    grid = patch_pos.reshape(1, h0, w0, dim).permute(0, 3, 1, 2)
+    out = F.interpolate(
+        grid.float(),
+        scale_factor=((h + 0.1) / h0, (w + 0.1) / w0),
+        mode="bicubic",
+        align_corners=False,
+    )
+    if out.shape[-2:] != (h, w):  # pragma: no cover - the +0.1 makes the floor land on h, w
+        raise RuntimeError(f"DINO resampling gave a {tuple(out.shape[-2:])} grid, not {(h, w)}")
+    return out.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, dim)
+
+
+def resample_position_table(
+    pos: torch.Tensor,
+    old_grid: tuple[int, int],
+    new_grid: tuple[int, int],
+    mode: str = "dino",
+    num_prefix_tokens: int = 1,
+) -> torch.Tensor:
+    """(1, prefix + h0*w0, D) -> (1, prefix + h*w, D); prefix (CLS) rows are kept as they are."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    if mode == "dino":
+        prefix, patches = pos[:, :num_prefix_tokens], pos[:, num_prefix_tokens:]
+        return torch.cat([prefix, resample_grid_dino(patches, old_grid, new_grid)], dim=1)
+    if mode == "timm":
+        from timm.layers import resample_abs_pos_embed
+
+        return resample_abs_pos_embed(
+            pos,
+            new_size=list(new_grid),
+            old_size=list(old_grid),
+            num_prefix_tokens=num_prefix_tokens,
+        )
+    raise ValueError(
+        f"unknown position resampling {mode!r}; choose one of {', '.join(POS_RESAMPLE_MODES)}"
+    )

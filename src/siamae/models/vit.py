@@ -11,11 +11,10 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from siamae.models.masking import gather_tokens
-from siamae.models.pos_embed import sincos_2d
+from siamae.models.pos_embed import POS_RESAMPLE_MODES, resample_position_table, sincos_2d
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,9 @@ VIT_SIZES: dict[str, ViTSize] = {
 }
 
 
+SUPPORTED_PATCH_SIZES: tuple[int, ...] = (8, 14, 16, 32)
+
+
 def timm_name(arch: str, patch_size: int, img_size: int = 224) -> str:
     """The timm model name with the same shapes, e.g. ``vit_small_patch16_224``."""
     return f"{arch}_patch{patch_size}_{img_size}"
@@ -42,7 +44,10 @@ class Encoder(nn.Module):
     """A plain ViT that encodes all tokens, a per-sample subset of tokens, or any image size.
 
     The 2-D sin-cos position embedding is fixed (``requires_grad=False``) with a zero vector
-    for CLS. Images of another size than ``img_size`` get a bicubically interpolated grid.
+    for CLS. Images of another size than ``img_size`` get a bicubically interpolated grid,
+    by DINO's formula (``pos_resample="dino"``, what the published evaluations ran) or timm's
+    antialiased ``resample_abs_pos_embed`` (``"timm"``). Pre-training encodes the trained size,
+    where nothing is resampled; only evaluation sizes differ.
     """
 
     def __init__(
@@ -51,12 +56,14 @@ class Encoder(nn.Module):
         patch_size: int = 16,
         img_size: int = 224,
         drop_path_rate: float = 0.0,
+        pos_resample: str = "dino",
         **overrides: int,
     ) -> None:
         super().__init__()
+        self.pos_resample = pos_resample
         if arch not in VIT_SIZES:
             raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(VIT_SIZES)}")
-        if patch_size not in (8, 14, 16, 32):
+        if patch_size not in SUPPORTED_PATCH_SIZES:
             raise ValueError(f"patch_size must be 8, 14, 16 or 32, got {patch_size}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
@@ -112,18 +119,28 @@ class Encoder(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    @property
+    def pos_resample(self) -> str:
+        """How the position grid is resampled for another image size: "dino" or "timm"."""
+        return self._pos_resample
+
+    @pos_resample.setter
+    def pos_resample(self, mode: str) -> None:
+        if mode not in POS_RESAMPLE_MODES:
+            raise ValueError(
+                f"pos_resample must be one of {', '.join(POS_RESAMPLE_MODES)}, got {mode!r}"
+            )
+        self._pos_resample = mode
+
     # -- pieces ---------------------------------------------------------------------------
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
-        """(1, 1 + gh*gw, D): the fixed embedding, bicubically resampled for another grid."""
-        pos = self.vit.pos_embed
-        if grid != (self.grid_size, self.grid_size):
-            pos = resample_abs_pos_embed(
-                pos,
-                new_size=list(grid),
-                old_size=[self.grid_size, self.grid_size],
-                num_prefix_tokens=1,
-            )
-        return pos
+        """(1, 1 + gh*gw, D): the fixed embedding, resampled (``pos_resample``) for another grid."""
+        return resample_position_table(
+            self.vit.pos_embed,
+            (self.grid_size, self.grid_size),
+            tuple(grid),  # type: ignore[arg-type]
+            mode=self.pos_resample,
+        )
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Patch tokens with positions added, and the CLS token with its position.
