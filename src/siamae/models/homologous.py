@@ -1,0 +1,80 @@
+"""MixedAE's homologous attention, computed with a plain timm ViT block's own weights.
+
+Per query, only the k largest attention logits are kept (the rest set to -inf) before the
+softmax, so a patch of a mixed image attends mostly to patches of its own source once the task
+is learned. It has no parameters of its own: these functions read a timm ``Block``'s
+``norm1``, ``attn.{qkv, q_norm, k_norm, norm, proj}``, ``ls1``, ``drop_path1`` and MLP and apply
+them in timm's order. The encoder stays a plain ``VisionTransformer`` (strict timm loading),
+and everything after pre-training (evaluation, probes, export, fine-tuning) uses its ordinary
+attention: nothing is patched into the model.
+
+The logits, top-k and softmax are computed in fp32 even under autocast: top-k of bf16 logits
+would break many ties at random and the selection decides which keys exist at all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def topk_attention(attn: nn.Module, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A timm ``Attention``'s forward with only the top-k logits of each query kept.
+
+    Args:
+        attn: ``timm.models.vision_transformer.Attention`` (its weights are used, not changed).
+        x: (B, L, D) tokens (after the block's first norm).
+        k: keys kept per query, 1 <= k <= L. With k = L it equals ordinary attention.
+    Returns:
+        (B, L, D) the attention output after ``proj``, and (B, heads, L, k) the indices of the
+        kept keys of every query (for the homologous precision).
+    """
+    b, length, _ = x.shape
+    if not 1 <= k <= length:
+        raise ValueError(f"top-k attention needs 1 <= k <= {length} keys, got k={k}")
+    if getattr(attn, "gate", None) is not None:
+        raise ValueError("gated timm attention is not supported by homologous attention")
+    heads, head_dim = attn.num_heads, attn.head_dim
+    qkv = attn.qkv(x).reshape(b, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, key, v = qkv.unbind(0)
+    q, key = attn.q_norm(q), attn.k_norm(key)
+    logits = (q.float() * attn.scale) @ key.float().transpose(-2, -1)  # (B, H, L, L) fp32
+    kept = logits.topk(k, dim=-1).indices
+    # Exactly k keys per query, ties included: a mask from the indices, not a value threshold.
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, kept, True)
+    weights = logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+    weights = attn.attn_drop(weights)
+    out = (weights @ v.float()).to(v.dtype)
+    out = out.transpose(1, 2).reshape(b, length, heads * head_dim)
+    out = attn.norm(out)
+    out = attn.proj_drop(attn.proj(out))
+    return out, kept
+
+
+def homologous_block(
+    block: nn.Module, x: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A timm ``Block``'s forward with top-k attention; returns (tokens, kept key indices)."""
+    attended, kept = topk_attention(block.attn, block.norm1(x), k)
+    x = x + block.drop_path1(block.ls1(attended))
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return x, kept
+
+
+def homologous_precision(kept: torch.Tensor, source_of: torch.Tensor) -> torch.Tensor:
+    """Share of the kept keys of each patch query that come from the query's own source image.
+
+    Args:
+        kept: (G, H, 1 + N, k) kept key indices (token 0 is CLS, which belongs to no source and
+            so never counts as homologous).
+        source_of: (G, N) the source slot of every patch position.
+    Returns:
+        A scalar: the mean over groups, heads and patch queries (CLS queries left out).
+    """
+    g, heads, length, k = kept.shape
+    cls_source = torch.full((g, 1), -1, dtype=source_of.dtype, device=source_of.device)
+    token_source = torch.cat([cls_source, source_of], dim=1)  # (G, 1 + N)
+    flat = kept[:, :, 1:].reshape(g, -1)
+    key_source = torch.gather(token_source, 1, flat).view(g, heads, length - 1, k)
+    query_source = source_of.view(g, 1, length - 1, 1)
+    return (key_source == query_source).float().mean()

@@ -1,0 +1,273 @@
+"""MixedAE: mixing, homologous attention, unmixing, the contrastive loss, and training."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import pytest
+import torch
+from timm.models.vision_transformer import Block
+
+from siamae.data.mixing import group_partition, mix_images, unmix_index, unmix_latent
+from siamae.methods.mixedae import MixedAE, homologous_contrastive_loss, parse_topk_blocks
+from siamae.models.decoder import MAEDecoder
+from siamae.models.homologous import homologous_block, homologous_precision, topk_attention
+from siamae.models.masking import patchify, unshuffle_with_mask_tokens
+from siamae.models.vit import Encoder
+
+R = 4
+PATCH = 8
+SIZE = 32  # 4 x 4 = 16 patches, 4 per source
+
+
+def _images(b: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randn(b, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def _noise(b: int = 8, n: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.rand(b, n, generator=torch.Generator().manual_seed(seed))
+
+
+# -- mixing ------------------------------------------------------------------------------------
+
+
+def test_partitions_of_a_group_are_disjoint_cover_the_grid_with_n_over_r_each() -> None:
+    n = 16
+    part = group_partition(_noise(12, n), R)
+    assert part.order.shape == (3, n) and part.source_of.shape == (3, n)
+    for g in range(3):
+        chunks = [set(part.order[g, j * (n // R) : (j + 1) * (n // R)].tolist()) for j in range(R)]
+        assert all(len(c) == n // R for c in chunks)
+        assert set().union(*chunks) == set(range(n))
+        assert sum(len(c) for c in chunks) == n  # so pairwise disjoint
+        for j, chunk in enumerate(chunks):
+            assert {p for p in range(n) if part.source_of[g, p] == j} == chunk
+
+
+def test_partition_is_made_from_each_group_s_first_sample_noise() -> None:
+    noise = _noise(8)
+    part = group_partition(noise, R)
+    other = noise.clone()
+    other[1:4] = torch.rand(3, 16)  # the other members' noise does not matter
+    assert torch.equal(group_partition(other, R).source_of, part.source_of)
+    other[4] = torch.rand(16)  # the second group's first sample decides its partition
+    changed = group_partition(other, R).source_of
+    assert torch.equal(changed[0], part.source_of[0]) and not torch.equal(
+        changed[1], part.source_of[1]
+    )
+
+
+def test_mixed_image_equals_the_sources_at_their_positions() -> None:
+    images = _images()
+    part = group_partition(_noise(), R)
+    mixed = mix_images(images, part, PATCH)
+    assert mixed.shape == (2, 3, SIZE, SIZE)
+    mixed_patches, source_patches = patchify(mixed, PATCH), patchify(images, PATCH)
+    for g in range(2):
+        for pos in range(16):
+            src = g * R + int(part.source_of[g, pos])
+            assert torch.equal(mixed_patches[g, pos], source_patches[src, pos])
+
+
+def test_unmixed_decoder_input_of_each_image_holds_exactly_its_own_tokens() -> None:
+    images = _images()
+    part = group_partition(_noise(), R)
+    mixed_patches = patchify(mix_images(images, part, PATCH), PATCH)  # (G, N, F) as "tokens"
+    cls = torch.arange(2, dtype=torch.float32).view(2, 1, 1).expand(-1, 1, mixed_patches.shape[-1])
+    latent = torch.cat([cls + 100.0, mixed_patches], dim=1)
+    index = unmix_index(part)
+    per_image = unmix_latent(latent, index)
+    assert per_image.shape == (8, 1 + 16 // R, mixed_patches.shape[-1])
+    mask_token = torch.full((1, 1, mixed_patches.shape[-1]), 1e6)
+    filled = unshuffle_with_mask_tokens(per_image[:, 1:], mask_token, index.ids_restore)
+    own = patchify(images, PATCH)
+    for b in range(8):
+        g, slot = b // R, b % R
+        assert torch.equal(per_image[b, 0], latent[g, 0])  # the group's CLS
+        supplied = part.source_of[g] == slot
+        assert torch.equal(index.mask[b], (~supplied).float())
+        assert torch.equal(filled[b][supplied], own[b][supplied])
+        assert (filled[b][~supplied] == 1e6).all()
+        assert int(supplied.sum()) == 16 // R
+
+
+# -- homologous attention ----------------------------------------------------------------------
+
+
+def _block(dim: int = 32, heads: int = 4) -> Block:
+    torch.manual_seed(0)
+    return Block(dim, heads, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+
+
+def test_topk_attention_equals_ordinary_attention_at_k_equal_all_tokens() -> None:
+    block = _block().eval()
+    x = torch.randn(3, 17, 32)
+    out, kept = homologous_block(block, x, k=17)
+    assert kept.shape == (3, 4, 17, 17)
+    torch.testing.assert_close(out, block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_topk_attention_keeps_exactly_k_keys_per_query_even_with_ties() -> None:
+    block = _block().eval()
+    x = torch.randn(2, 17, 32)
+    _, kept = topk_attention(block.attn, x, k=5)
+    assert kept.shape == (2, 4, 17, 5)
+    assert all(len(set(row.tolist())) == 5 for row in kept.reshape(-1, 5))
+    # The kept keys are the 5 largest logits of each query.
+    attn = block.attn
+    q, k, _ = attn.qkv(x).reshape(2, 17, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    top_values = logits.topk(5, dim=-1).values
+    assert torch.allclose(
+        torch.gather(logits, -1, kept).sort(-1).values, top_values.sort(-1).values
+    )
+    # All logits equal (q = 0): a value threshold would keep all 17 keys; exactly k must stay,
+    # so each output is the mean of the values of the k kept keys.
+    with torch.no_grad():
+        attn.qkv.weight[:32].zero_()
+        attn.qkv.bias[:32].zero_()
+    out, kept = topk_attention(attn, x, k=5)
+    v = attn.qkv(x)[..., 64:].reshape(2, 17, 4, 8).transpose(1, 2)  # (B, H, L, hd)
+    chosen = torch.gather(
+        v.unsqueeze(2).expand(-1, -1, 17, -1, -1), 3, kept[..., None].expand(-1, -1, -1, -1, 8)
+    )
+    expected = attn.proj(chosen.mean(3).transpose(1, 2).reshape(2, 17, 32))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_topk_attention_runs_its_selection_in_fp32_under_autocast() -> None:
+    block = _block().eval()
+    x = torch.randn(2, 17, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, kept = homologous_block(block, x, k=17)
+        reference = block(x)
+    assert out.dtype == reference.dtype
+    torch.testing.assert_close(out.float(), reference.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_homologous_precision_counts_kept_keys_of_the_query_s_own_source() -> None:
+    source_of = torch.tensor([[0, 0, 1, 1]])
+    # Token 0 is CLS; tokens 1..4 are the patches. Query 1 (source 0) keeps CLS and token 2
+    # (source 0): 1 of 2. Query 2 keeps tokens 1, 2: 2 of 2. Queries 3, 4 keep 3 and 1: 1 of 2.
+    kept = torch.tensor([[[[0, 1], [0, 2], [1, 2], [3, 1], [4, 1]]]])
+    assert homologous_precision(kept, source_of).item() == pytest.approx((1 + 2 + 1 + 1) / 8)
+
+
+# -- the contrastive loss ----------------------------------------------------------------------
+
+
+def _supcon_direct(tokens: torch.Tensor, source_of: torch.Tensor, t: float) -> float:
+    total, count = 0.0, 0
+    for g in range(tokens.shape[0]):
+        z = [v / v.norm() for v in tokens[g].double()]
+        n = len(z)
+        for i in range(n):
+            denom = sum(math.exp(float(z[i] @ z[a]) / t) for a in range(n) if a != i)
+            pos = [p for p in range(n) if p != i and source_of[g, p] == source_of[g, i]]
+            total += -sum(math.log(math.exp(float(z[i] @ z[p]) / t) / denom) for p in pos) / len(
+                pos
+            )
+            count += 1
+    return total / count
+
+
+def test_contrastive_loss_matches_the_supcon_formula_on_a_hand_made_case() -> None:
+    # Two sources of two patches in 2-D: source 0 points right, source 1 up (one patch tilted).
+    tokens = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    source_of = torch.tensor([[0, 0, 1, 1]])
+    t = 0.1
+    # Anchor 0: positive 1 (cos 1), others cos 0 and cos 1/sqrt2.
+    c = 1 / math.sqrt(2)
+    l0 = -math.log(math.exp(1 / t) / (math.exp(1 / t) + math.exp(0) + math.exp(c / t)))
+    l2 = -math.log(math.exp(c / t) / (math.exp(0) + math.exp(0) + math.exp(c / t)))
+    l3 = -math.log(math.exp(c / t) / (math.exp(c / t) + math.exp(c / t) + math.exp(c / t)))
+    expected = (l0 + l0 + l2 + l3) / 4  # anchor 1 is anchor 0 mirrored
+    loss = homologous_contrastive_loss(tokens, source_of, t)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(_supcon_direct(tokens, source_of, t), rel=1e-5)
+
+
+def test_contrastive_loss_matches_the_direct_formula_on_random_groups() -> None:
+    torch.manual_seed(3)
+    tokens = torch.randn(2, 16, 8)
+    source_of = group_partition(torch.rand(8, 16), R).source_of
+    loss = homologous_contrastive_loss(tokens, source_of, 0.1)
+    assert loss.item() == pytest.approx(_supcon_direct(tokens, source_of, 0.1), rel=1e-5)
+
+
+def test_topk_blocks_option_is_parsed_and_checked() -> None:
+    assert parse_topk_blocks("all", 3) == (0, 1, 2)
+    assert parse_topk_blocks("none", 3) == ()
+    assert parse_topk_blocks("2,0", 3) == (0, 2)
+    assert parse_topk_blocks(1, 3) == (1,)
+    with pytest.raises(ValueError, match="0..2"):
+        parse_topk_blocks("0,3", 3)
+    with pytest.raises(ValueError, match="block indices"):
+        parse_topk_blocks("first", 3)
+
+
+# -- the method --------------------------------------------------------------------------------
+
+
+def _method(**kw) -> MixedAE:  # noqa: ANN003
+    torch.manual_seed(0)
+    encoder = Encoder("vit_tiny", PATCH, SIZE, depth=3)  # 3 blocks keep the tests fast
+    decoder = MAEDecoder(encoder.embed_dim, encoder.grid_size, PATCH, dim=64, depth=2, num_heads=4)
+    return MixedAE(encoder, decoder, R, **kw)
+
+
+def _batch(b: int = 8) -> dict[str, torch.Tensor]:
+    return {"images": _images(b).unsqueeze(1), "mask_noise": _noise(b)}
+
+
+def test_default_k_is_one_source_plus_one_and_segment_embeddings_live_outside_the_vit() -> None:
+    method = _method()
+    assert method.topk == math.ceil(17 / R) == 5
+    assert method.topk_blocks == (0, 1, 2)
+    assert method.segment_embed.shape == (R, 192)
+    assert not any("segment" in k for k in method.encoder.vit.state_dict())
+
+
+def test_loss_is_finite_logs_its_terms_and_falls_on_a_one_batch_overfit() -> None:
+    method = _method()
+    batch = _batch()
+    opt = torch.optim.AdamW(method.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        out = method(batch)
+        assert torch.isfinite(out.loss)
+        losses.append(out.loss.item())
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert set(out.logs) == {"loss_recon", "loss_contrast", "homologous_precision"}
+    assert out.loss.item() == pytest.approx(
+        (out.logs["loss_recon"] + out.logs["loss_contrast"]).item(), rel=1e-6
+    )
+    assert 0.0 <= out.logs["homologous_precision"].item() <= 1.0
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert method.segment_embed.grad is not None and method.segment_embed.grad.abs().sum() > 0
+
+
+def test_naive_mixing_has_ordinary_attention_no_segments_and_no_contrastive_gradient() -> None:
+    method = _method(topk_blocks=(), segment_embed="none", contrastive_weight=0.0)
+    out = method(_batch())
+    assert "homologous_precision" not in out.logs
+    assert out.loss.item() == pytest.approx(out.logs["loss_recon"].item())
+    assert method.segment_embed is None
+
+
+def test_picture_shows_each_group_mixed_outlined_and_every_source_reconstructed() -> None:
+    method = _method().eval()
+    batch = _batch()
+    columns = method.picture({k: v[:6] for k, v in batch.items()})  # 6 -> one whole group
+    assert [title for title, _ in columns][2:] == ["reconstruction", "original"]
+    for _, image in columns:
+        assert image.shape == (R, 3, SIZE, SIZE) and image.min() >= 0 and image.max() <= 1
+    mixed = columns[0][1]
+    assert torch.equal(mixed[0], mixed[3])  # one mixed input per group, on each source's row
+    red = torch.tensor([0.90, 0.10, 0.10]).view(3, 1)
+    corner = mixed[0][:, 0, :]  # top border row of the top row of patches: outline colours
+    assert (corner == red).all(0).any()
+    assert method.picture({k: v[:3] for k, v in batch.items()}) is None
