@@ -59,6 +59,60 @@ def scan_files(root: Path, extensions: set[str]) -> list[Path]:
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError)
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> an 8-bit RGB image, its values scaled by what the mode means.
+
+    ``Image.convert("RGB")`` alone clips wide modes: a 16-bit PNG comes out white. Here:
+
+    - ``I;16`` (16-bit, any byte order): 0..65535 scaled to 0..255 (divided by 257, rounded);
+    - ``I`` (32-bit integer): values up to 255 taken as they are (8-bit data in a wide mode),
+      up to 65535 divided by 257 (16-bit data, e.g. TIFF); negative or larger values have no
+      defined range: the file raises :class:`UnreadableSample` (skipped and counted);
+    - ``F`` (float): 0..1 when its maximum is at most 1 (scaled by 255), else taken as 0..255;
+      clipped to that range, NaN read as 0;
+    - alpha (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent colour) is dropped and the colour
+      kept, as torchvision's and timm's loaders do (``convert("RGB")``): no background is
+      composited;
+    - ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``1``, ``L``, ``P``: PIL's own conversion.
+
+    A mode PIL cannot convert raises :class:`UnreadableSample`, so the dataset skips and counts
+    the file. Wire it where pixels are decoded (``views.decode``).
+    """
+    if img.mode == "RGB":
+        return img
+    name = getattr(img, "filename", "") or "image"
+    try:
+        if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+            gray = _wide_to_uint8(np.asarray(img), img.mode, name)
+            return Image.fromarray(gray, "L").convert("RGB")
+        if img.mode == "P" and "transparency" in img.info:
+            # Through RGBA: PIL warns when a palette with transparency goes straight to RGB.
+            img = img.convert("RGBA")
+        return img.convert("RGB")
+    except DECODE_ERRORS as err:
+        raise UnreadableSample(str(name), f"{type(err).__name__}: {err}") from None
+
+
+def _wide_to_uint8(values: np.ndarray, mode: str, name: str) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float pixel array -> uint8, by the rules of :func:`to_rgb`."""
+    if mode == "F":
+        values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if values.size and values.max() <= 1.0:
+            values = values * 255.0
+        return np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8)
+    values = values.astype(np.int64)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if low < 0 or high > 65535:
+        raise UnreadableSample(
+            name,
+            f"{mode} pixels span {low}..{high}, outside 0..65535 (no known range to scale to "
+            "8 bits); save the image as 8- or 16-bit",
+        )
+    if mode == "I" and high <= 255:
+        return values.astype(np.uint8)
+    return np.rint(values / 257.0).astype(np.uint8)
+
+
 def open_lazy(path: Path) -> Image.Image:
     """Open ``path``, parsing only its header; pixels are decoded later (see views.crop_resize).
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from siamae.data.sources import UnreadableSample, to_rgb
 from siamae.errors import DataError, SiamaeError
 from siamae.models.vit import Encoder
 
@@ -52,7 +53,7 @@ class EvalTransform:
         from PIL import Image
 
         assert isinstance(image, Image.Image)
-        image = image.convert("RGB")
+        image = to_rgb(image)  # 16-bit, float, CMYK, alpha: scaled, not clipped
         w, h = image.size
         scale = self.resize / min(w, h)
         new_w, new_h = max(self.resize, round(w * scale)), max(self.resize, round(h * scale))
@@ -133,7 +134,7 @@ class ImageFolder(Dataset):
                     # Decode-time reduction: never below the size the resize needs.
                     image.draft("RGB", (self.transform.resize, self.transform.resize))
                 pixels = self.transform(image)
-        except (UnidentifiedImageError, OSError, ValueError) as err:
+        except (UnidentifiedImageError, UnreadableSample, OSError, ValueError) as err:
             raise DataError(
                 f"image {str(path)!r} could not be decoded ({err}); remove or replace it"
             ) from None

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from siamae.checkpoint import load_checkpoint, save_atomic
+from siamae.data.sources import to_rgb
 from siamae.errors import CheckpointError, SiamaeError
 from siamae.eval.features import (
     POOLS,
@@ -263,7 +264,7 @@ class AugmentedFolder(ImageFolder):
         rng = np.random.default_rng([self.seed, self.epoch, i])
         size = self.transform.img_size
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = to_rgb(image)
             w, h = image.size
             box = (0, 0, w, h)
             for _ in range(10):
