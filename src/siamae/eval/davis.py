@@ -276,12 +276,16 @@ def evaluate_davis(
                 j, f = frame_scores(gt, pred, n_obj, void)
                 j_rows.append(j)
                 f_rows.append(f)
-        if recorder is not None:
-            recorder.save(out / "overlays" / seq.name)
         if scored:
             j_arr = np.stack(j_rows, axis=1) if j_rows else np.zeros((n_obj, 0))
             f_arr = np.stack(f_rows, axis=1) if f_rows else np.zeros((n_obj, 0))
             results.append(SequenceScores(seq.name, j_arr, f_arr))
+        if recorder is not None:
+            score = f"J&F {summarise(results[-1:])['J&F-Mean']:.3f}" if scored else "not scored"
+            recorder.save(
+                out / "overlays" / seq.name,
+                title=f"{seq.name}: propagated masks ({params.name} protocol, {score})",
+            )
     elapsed = time.perf_counter() - t_start
     figures = summarise(results)
     resolution = (

@@ -72,6 +72,69 @@ def save_strip(
     return path
 
 
+def save_labelled_grid(
+    path: str | Path,
+    rows: list[list[np.ndarray]],
+    row_labels: list[str],
+    column_labels: list[str] | None = None,
+    title: str | None = None,
+    height: int = 160,
+    label_rows: set[int] | None = None,
+) -> Path:
+    """Save a grid of images with a title, a label left of each row and one above each column.
+
+    Args:
+        rows: rows of (H, W, 3) uint8 images, each scaled to ``height`` pixels.
+        row_labels: one label per row (e.g. "trained\nJ&F 0.634").
+        column_labels: one label per column (e.g. "frame 5"), drawn above the rows in
+            ``label_rows`` (default: the first row only), so stacked blocks each get them.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    if len(row_labels) != len(rows):
+        raise ValueError(f"{len(rows)} rows but {len(row_labels)} row labels")
+    thumbs = [[_thumb(im, height) for im in row] for row in rows]
+    ncols = max(len(row) for row in thumbs)
+    aspect = max(t.shape[1] for row in thumbs for t in row) / height
+    cell = 1.25  # inches per image row: labels stay legible at 100 dpi
+    label_rows = {0} if label_rows is None else label_rows
+    fig = Figure(
+        figsize=(1.6 + ncols * cell * aspect, 0.6 + len(rows) * (cell + 0.12)), layout="constrained"
+    )
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    for r, row in enumerate(thumbs):
+        for c in range(ncols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(row):
+                ax.imshow(row[c])
+            else:
+                ax.set_axis_off()
+            if c == 0:
+                ax.set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=9)
+            if column_labels and r in label_rows and c < len(column_labels):
+                ax.set_title(column_labels[c], fontsize=8, pad=2)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+def _caption(image: np.ndarray, text: str) -> np.ndarray:
+    """Write ``text`` in the top-left corner (white on a dark box), for animated pictures."""
+    from PIL import ImageDraw
+
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    box = draw.textbbox((3, 2), text)
+    draw.rectangle((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill=(0, 0, 0))
+    draw.text((3, 2), text, fill=(255, 255, 255))
+    return np.asarray(canvas)
+
+
 def save_gif(path: str | Path, frames: list[np.ndarray], fps: int = 8, height: int = 240) -> Path:
     """Save (H, W, 3) uint8 frames as a looping animated GIF."""
     path = Path(path)
@@ -96,13 +159,26 @@ class OverlayRecorder:
         count = max(1, min(count, num_frames))
         self.keep = set(np.linspace(0, num_frames - 1, count).round().astype(int).tolist())
         self.frames: list[np.ndarray] = []
+        self.frame_ids: list[int] = []
 
     def add(self, t: int, frame: np.ndarray, ids: np.ndarray) -> None:
         if self.kind == "gif" or t in self.keep:
-            self.frames.append(_thumb(blend(frame, ids), self.height))
+            image = _thumb(blend(frame, ids), self.height)
+            if self.kind == "gif":
+                image = _caption(image, f"frame {t}")
+            self.frames.append(image)
+            self.frame_ids.append(t)
 
-    def save(self, path_stem: str | Path) -> Path:
+    def save(self, path_stem: str | Path, title: str | None = None) -> Path:
+        """``<stem>.png`` (titled strip, frame numbers above) or ``<stem>.gif``."""
         stem = Path(path_stem)
         if self.kind == "gif":
             return save_gif(stem.with_suffix(".gif"), self.frames, height=self.height)
-        return save_strip(stem.with_suffix(".png"), [self.frames], height=self.height)
+        return save_labelled_grid(
+            stem.with_suffix(".png"),
+            [self.frames],
+            ["prediction\n(frame 0 given)"],
+            [f"frame {t}" for t in self.frame_ids],
+            title=title or stem.name,
+            height=self.height,
+        )

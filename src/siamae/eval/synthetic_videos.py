@@ -15,7 +15,7 @@ import torch
 
 from siamae.data.synthetic import synthetic_video
 from siamae.eval.metrics_davis import score_sequence, summarise
-from siamae.eval.overlay import blend, save_strip
+from siamae.eval.overlay import blend, save_labelled_grid
 from siamae.eval.propagation import labels_to_ids, propagate_video, protocol
 
 
@@ -41,25 +41,45 @@ def evaluate_synthetic(
 ) -> dict[str, dict]:
     """J&F of each named encoder on ``videos`` synthetic videos; optionally an overlay picture.
 
-    The picture (``<out_dir>/propagation.png``) has one row per encoder on the first video, plus
-    a ground-truth row, at evenly spaced frames.
+    The picture (``<out_dir>/propagation.png``) shows every video at evenly spaced frames
+    (numbered above): a ground-truth row, then one row per encoder labelled with its J&F on that
+    video; the title gives each encoder's J&F over all videos.
     """
     params = replace(protocol("cropmae"), resize="native", batch_size=num_frames)
     data = [synthetic_video(i, size, num_frames, seed) for i in range(videos)]
-    results: dict[str, dict] = {}
-    rows: list[list[np.ndarray]] = []
     picks = np.linspace(0, num_frames - 1, 5).round().astype(int)
-    frames0, masks0 = data[0]
-    rows.append([blend(frames0[t], masks0[t]) for t in picks])
-    for name, encoder in encoders.items():
-        scores = []
-        for i, (frames, masks) in enumerate(data):
+    scores: dict[str, list] = {name: [] for name in encoders}
+    blocks: list[list[tuple[str, list[np.ndarray]]]] = []
+    for i, (frames, masks) in enumerate(data):
+        block = [(f"video {i + 1}\nground truth", [blend(frames[t], masks[t]) for t in picks])]
+        for name, encoder in encoders.items():
             pred = predict(encoder.eval(), frames, masks, params)
-            scores.append(score_sequence(f"synthetic{i}", masks, pred))
-            if i == 0:
-                rows.append([blend(frames[t], pred[t]) for t in picks])
-        results[name] = summarise(scores)
+            score = score_sequence(f"synthetic{i}", masks, pred)
+            scores[name].append(score)
+            jf = summarise([score])["J&F-Mean"]
+            block.append((f"{name}\nJ&F {jf:.3f}", [blend(frames[t], pred[t]) for t in picks]))
+        blocks.append(block)
+    results: dict[str, dict] = {name: summarise(s) for name, s in scores.items()}
     if out_dir is not None:
-        path = save_strip(Path(out_dir) / "propagation.png", rows, height=size)
-        results["picture"] = {"path": str(path), "rows": ["ground truth", *encoders]}
+        overall = ", ".join(f"{name} {results[name]['J&F-Mean']:.3f}" for name in encoders)
+        rows = [row for block in blocks for _, row in block]
+        labels = [label for block in blocks for label, _ in block]
+        per_block = 1 + len(encoders)
+        path = save_labelled_grid(
+            Path(out_dir) / "propagation.png",
+            rows,
+            labels,
+            [f"frame {t}" for t in picks],
+            title=(
+                f"Label propagation on {videos} synthetic videos (cropmae protocol)\n"
+                f"J&F-Mean over all videos: {overall}"
+            ),
+            height=size,
+            label_rows={b * per_block for b in range(len(blocks))},
+        )
+        results["picture"] = {
+            "path": str(path),
+            "rows": ["ground truth", *encoders],
+            "row_labels": [label.replace("\n", ", ") for label in labels],
+        }
     return results

@@ -1,0 +1,91 @@
+"""Pictures a researcher reads without the console: titles, row labels, frame numbers, legends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from siamae.eval.overlay import OverlayRecorder, save_labelled_grid
+
+
+def _ink(region: np.ndarray) -> int:
+    """Dark pixels (text, lines) in an RGB(A) region of a white-background picture."""
+    return int((region[..., :3].min(axis=-1) < 100).sum())
+
+
+def _left_margin(picture: np.ndarray) -> np.ndarray:
+    """What lies left of the first image's frame (the first column mostly dark)."""
+    dark = picture[..., :3].min(axis=-1) < 100
+    border = int(np.argmax(dark.mean(axis=0) > 0.5))
+    return picture[:, : max(0, border - 2)]
+
+
+def _top_margin(picture: np.ndarray) -> np.ndarray:
+    """What lies above the first image's frame (the first row mostly dark)."""
+    dark = picture[..., :3].min(axis=-1) < 100
+    border = int(np.argmax(dark.mean(axis=1) > 0.5))
+    return picture[: max(0, border - 2)]
+
+
+def _grid(tmp_path: Path, name: str, **labels) -> np.ndarray:
+    rows = [[np.full((32, 48, 3), 230, np.uint8)] * 3 for _ in range(2)]
+    row_labels = labels.pop("row_labels", ["", ""])
+    path = save_labelled_grid(tmp_path / name, rows, row_labels, height=32, **labels)
+    return np.asarray(Image.open(path))
+
+
+def test_labelled_grid_draws_title_row_and_column_labels(tmp_path: Path) -> None:
+    bare = _grid(tmp_path, "bare.png")
+    labelled = _grid(
+        tmp_path,
+        "labelled.png",
+        row_labels=["ground truth", "trained\nJ&F 0.512"],
+        column_labels=["frame 0", "frame 5", "frame 9"],
+        title="Label propagation",
+    )
+    # The margins left of and above the images hold text only when there are labels.
+    assert _ink(_left_margin(bare)) == 0 and _ink(_top_margin(bare)) == 0
+    assert _ink(_left_margin(labelled)) > 50  # row labels
+    assert _ink(_top_margin(labelled)) > 50  # title and frame numbers
+    with pytest.raises(ValueError, match="row labels"):
+        save_labelled_grid(tmp_path / "x.png", [[bare[:8, :8, :3]]], ["a", "b"])
+
+
+def test_overlay_png_has_frame_numbers_and_gif_frames_are_captioned(tmp_path: Path) -> None:
+    frame = np.full((40, 60, 3), 200, np.uint8)
+    ids = np.zeros((40, 60), np.uint8)
+    ids[10:30, 20:40] = 1
+    png = OverlayRecorder(10, "png", count=3, height=40)
+    for t in range(10):
+        png.add(t, frame, ids)
+    assert png.frame_ids == [0, 4, 9]  # evenly spaced, first and last included: the labels
+    path = png.save(tmp_path / "dog", title="dog: propagated masks (J&F 0.700)")
+    picture = np.asarray(Image.open(path))
+    assert _ink(_top_margin(picture)) > 50 and _ink(_left_margin(picture)) > 20
+    gif = OverlayRecorder(3, "gif", height=40)
+    for t in range(3):
+        gif.add(t, frame, ids)
+    assert _ink(gif.frames[0][:14, :50]) > 10  # "frame 0" written in the corner
+    assert not np.array_equal(gif.frames[0], gif.frames[1])  # each frame its own number
+    assert gif.save(tmp_path / "dog").suffix == ".gif"
+
+
+def test_synthetic_propagation_picture_shows_every_video_with_scores(tmp_path: Path) -> None:
+    from siamae.eval.synthetic_videos import evaluate_synthetic
+    from siamae.loading import random_encoder
+
+    encoders = {
+        "trained": random_encoder("vit_tiny_patch8_32", seed=0),
+        "random init": random_encoder("vit_tiny_patch8_32", seed=1),
+    }
+    res = evaluate_synthetic(encoders, tmp_path, videos=2, size=32, num_frames=4)
+    labels = res["picture"]["row_labels"]
+    assert len(labels) == 2 * 3  # every video: ground truth, trained, random init
+    assert labels[0] == "video 1, ground truth" and labels[3] == "video 2, ground truth"
+    assert labels[1].startswith("trained, J&F 0.") or labels[1] == "trained, J&F 1.000"
+    assert labels[5].startswith("random init, J&F ")
+    picture = np.asarray(Image.open(res["picture"]["path"]))
+    assert _ink(_top_margin(picture)) > 50 and _ink(_left_margin(picture)) > 50
