@@ -125,8 +125,12 @@ def export_encoder(
     checkpoint: str | Path,
     out: str | Path,
     timm_name: str | None = None,
+    ema: bool = False,
 ) -> tuple[Path, Path]:
     """Write the encoder of ``checkpoint`` as timm-loadable safetensors plus a JSON sidecar.
+
+    A ``siamae finetune`` checkpoint exports as the whole classifier (encoder, fc_norm and the
+    trained head; ``ema``: its EMA weights), see :func:`siamae.methods.finetune.export_classifier`.
 
     Args:
         checkpoint: anything :func:`siamae.load_encoder` reads (training checkpoint, run folder,
@@ -141,6 +145,12 @@ def export_encoder(
     out = Path(out)
     if out.suffix != ".safetensors":
         raise SiamaeError(f"--out {str(out)!r}: the export is a .safetensors file; name it so")
+    from siamae.methods.finetune import export_classifier, is_finetune_checkpoint
+
+    if is_finetune_checkpoint(checkpoint):
+        return export_classifier(checkpoint, out, timm_name, ema=ema)
+    if ema:
+        raise SiamaeError("--ema applies to fine-tuning checkpoints (siamae finetune) only")
     encoder = load_encoder(checkpoint)
     report = encoder.load_report  # type: ignore[attr-defined]
     name = timm_name or default_timm_name(encoder)
@@ -208,11 +218,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="timm model name (default: from arch and patch size, e.g. vit_small_patch16_224)",
     )
+    p.add_argument(
+        "--ema", action="store_true", help="fine-tuning checkpoints: export the EMA weights"
+    )
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    weights, sidecar = export_encoder(args.checkpoint, args.out, args.timm_name)
+    weights, sidecar = export_encoder(args.checkpoint, args.out, args.timm_name, args.ema)
     info = json.loads(sidecar.read_text())
     print(
         f"wrote {weights} ({info['timm_name']}{', ' + str(info['timm_kwargs']) if info['timm_kwargs'] else ''})"
