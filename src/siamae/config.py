@@ -126,6 +126,35 @@ class RunConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Full fine-tuning (method=finetune), the MAE/BEiT recipe; drop-path is model.drop_path.
+
+    ``data.path`` is the training ImageFolder, ``val`` the validation one (top-1/top-5 every
+    epoch). ``checkpoint``: the pre-trained encoder (anything load_encoder reads; null: random
+    init). Mixup/cutmix are alphas (0: off); ``smoothing`` is label smoothing; ``reprob`` the
+    random-erasing probability; ``aa`` timm's augmentation policy (null: none).
+    """
+
+    checkpoint: str | None = None
+    val: str | None = None
+    num_classes: int | None = None  # null: the number of class folders
+    layer_decay: float = 0.65
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1
+    reprob: float = 0.25
+    aa: str | None = "rand-m9-mstd0.5-inc1"
+    global_pool: bool = True  # average-pooled patch tokens + fc_norm; false: the CLS token
+    head_init: float = 2e-5
+    ema: bool = False
+    ema_decay: float = 0.9999
+    eval_crop_pct: float = 0.875
+    eval_batch_size: int = 128
+
+
+@dataclass
 class Config:
     """A whole pre-training run."""
 
@@ -138,6 +167,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
