@@ -70,7 +70,7 @@ def bench(
     torch.manual_seed(0)
     method = build_method(cfg).to(device).train()
     model = torch.compile(method) if compile_model else method
-    optimizer = build_optimizer(method, 1e-4, 0.05, (0.9, 0.95), fused=True)
+    optimizer = build_optimizer(method.param_groups(0.05), 1e-4, (0.9, 0.95), fused=True)
     views = method.num_views
     n = method.encoder.num_patches
     batch_data = {

@@ -56,19 +56,28 @@ def test_schedule_warms_up_then_decays_to_min_lr() -> None:
     assert lr_at(100, 1.0, 0.1, 10, 100) == pytest.approx(0.1)
 
 
-def test_no_weight_decay_on_biases_norms_positions_and_tokens() -> None:
-    model = build_method(load_config(None, TINY))
-    decay, no_decay = param_groups(model, 0.05)
+@pytest.mark.parametrize("method", ["cropmae", "siammae", "mae"])
+def test_weight_decay_follows_timms_rule_for_every_method(method: str) -> None:
+    """As published: every 2+ dim tensor but biases decays (CLS and mask tokens too); 1-D
+    tensors do not; frozen tensors (position tables) are in no group."""
+    model = build_method(load_config(None, [*TINY, f"method={method}"]))
+    decay, no_decay = model.param_groups(0.05)
     names = {id(p): n for n, p in model.named_parameters()}
-    no_decay_names = {names[id(p)] for p in no_decay["params"]}
-    assert "encoder.vit.cls_token" in no_decay_names and "decoder.mask_token" in no_decay_names
+    decayed = {names[id(p)] for p in decay["params"]}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | exempt == trainable and not decayed & exempt
+    assert "encoder.vit.cls_token" in decayed and "decoder.mask_token" in decayed
     assert all(
-        n.endswith((".bias", "cls_token", "mask_token")) or "norm" in n for n in no_decay_names
+        p.ndim >= 2 and not n.endswith(".bias") for n, p in model.named_parameters() if n in decayed
     )
-    assert "encoder.vit.pos_embed" not in no_decay_names | {
-        names[id(p)] for p in decay["params"]
-    }  # frozen
+    assert all(dict(model.named_parameters())[n].ndim == 1 for n in exempt)
+    assert "encoder.vit.pos_embed" not in trainable
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    # The option exempts the tokens, as many re-implementations do.
+    decay2, no_decay2 = param_groups(model, 0.05, no_decay_tokens=True)
+    exempt2 = {names[id(p)] for p in no_decay2["params"]}
+    assert exempt2 - exempt == {"encoder.vit.cls_token", "decoder.mask_token"}
 
 
 def test_run_folder_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
@@ -135,7 +144,10 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_and_exits_with_128_plus_signal(
+    signum: int, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     cmd = [
         sys.executable,
@@ -163,12 +175,18 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
     while time.time() < deadline and not (run / "metrics.jsonl").exists():
         time.sleep(0.5)
     assert (run / "metrics.jsonl").exists(), proc.communicate(timeout=30)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "interrupted (SIGTERM)" in out
-    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    # Saved, but not finished: 128 + the signal number, never 0 ("done") for scripts.
+    assert proc.returncode == 128 + signum, err
+    assert f"interrupted ({signal.Signals(signum).name})" in out
+    ckpt_path = run / "checkpoints" / "last.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["step"] >= 1
+    # Written with the user's umask (mkstemp alone would leave it 0600).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert ckpt_path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def _free_port() -> int:

@@ -31,10 +31,19 @@ def _pretrain(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides + [f"data.source={kind}"])
     resume: str | bool = args.resume if args.resume else ("auto" if not args.no_resume else False)
     summary = train(cfg, resume=resume)
-    if summary.get("world_size", 1) > 1 and not _is_rank0():
-        return 0
-    _print_summary(summary)
-    return 0
+    if summary.get("world_size", 1) == 1 or _is_rank0():
+        _print_summary(summary)
+    return exit_code(summary)
+
+
+# A run stopped by a signal saved its checkpoint, but it did not finish: scripts must not read
+# it as done. The shell's convention: 128 + the signal number.
+INTERRUPTED_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def exit_code(summary: dict) -> int:
+    """0 for a finished run, 130 / 143 for a run stopped (and saved) by SIGINT / SIGTERM."""
+    return INTERRUPTED_EXIT_CODES.get(summary.get("interrupted") or "", 0)
 
 
 def _is_rank0() -> bool:

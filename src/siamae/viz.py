@@ -32,15 +32,10 @@ def save_reconstruction(
     The masks come from the samples' own noise, so the picture is the same however often it is
     made, and making it does not touch the global RNG.
     """
-    from siamae.data.dataset import collate
-    from siamae.engine.trainer import normalize_images
+    from siamae.data.dataset import batch_to_device, collate
 
     samples = [dataset[(0, i)] for i in range(min(count, len(dataset)))]
-    batch = collate(samples)
-    inputs = {
-        "images": normalize_images(batch["images"].to(device)),
-        "mask_noise": batch["mask_noise"].to(device),
-    }
+    inputs = batch_to_device(collate(samples), device)
     was_training = method.training
     method.eval()
     rec = method.reconstruct(inputs)

@@ -22,14 +22,28 @@ from siamae.data.sources import (
     SyntheticVideoSource,
     UnreadableSample,
 )
-from siamae.data.views import Augment, ViewMaker
+from siamae.data.views import Augment, ViewMaker, ViewSample
 from siamae.errors import DataError
 
 MAX_CONSECUTIVE_BAD = 50
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Fields of a loader batch that are bookkeeping, not model inputs.
+BOOKKEEPING = ("index", "skipped", "skipped_files")
+
+
+def _split(made: list[np.ndarray] | ViewSample) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A view maker's result -> (stacked views (V, H, W, 3), extras)."""
+    if isinstance(made, ViewSample):
+        return np.stack(made.views), made.extras
+    return np.stack(made), {}
 
 
 class PretrainDataset(Dataset):
     """Index ``(epoch, i)`` -> ``{"images": uint8 (V, 3, H, W), "mask_noise": (N,), ...}``.
+
+    A view maker that returns a :class:`ViewSample` adds its extras (boxes, masks, labels) to the
+    item under their own names, as tensors.
 
     With ``repeats`` R > 1 (repeated sampling) an item holds R samples of one source item
     (R frame pairs from one decoded video): images (R, V, 3, H, W), mask_noise (R, N);
@@ -65,14 +79,13 @@ class PretrainDataset(Dataset):
             rng = np.random.default_rng([self.seed, epoch, i])
             try:
                 if self.repeats == 1:
-                    views = np.stack(self.views(self.source, i, rng))
+                    views, extras = _split(self.views(self.source, i, rng))
                 else:
-                    views = np.stack(
-                        [
-                            np.stack(v)
-                            for v in self.views.repeated(self.source, i, rng, self.repeats)
-                        ]
-                    )
+                    made = [
+                        _split(v) for v in self.views.repeated(self.source, i, rng, self.repeats)
+                    ]
+                    views = np.stack([v for v, _ in made])
+                    extras = {k: np.stack([e[k] for _, e in made]) for k in made[0][1]}
             except UnreadableSample as bad:
                 skipped.append(f"{bad.name}\t{bad.reason}")
                 continue
@@ -80,6 +93,7 @@ class PretrainDataset(Dataset):
             shape = (self.num_patches,) if self.repeats == 1 else (self.repeats, self.num_patches)
             noise = torch.from_numpy(rng.random(shape, dtype=np.float32))
             return {
+                **{name: torch.as_tensor(np.asarray(value)) for name, value in extras.items()},
                 "images": images,
                 "mask_noise": noise,
                 "index": i,
@@ -169,12 +183,11 @@ def loader_batch_size(cfg: Config) -> int:
     return d.batch_size // d.repeated_sampling
 
 
-def build_dataset(
-    cfg: Config, kind: str, num_patches: int, cache_dir: str | None = None
-) -> PretrainDataset:
+def build_view_maker(cfg: Config, kind: str) -> ViewMaker:
+    """The crop-based view maker of CropMAE (``pair``), SiamMAE (``frames``) and MAE (``single``)."""
     d = cfg.data
     augment = Augment(d.color_jitter, d.blur) if (d.color_jitter > 0 or d.blur > 0) else None
-    views = ViewMaker(
+    return ViewMaker(
         kind=kind,
         out=cfg.model.img_size,
         strategy=d.views,
@@ -184,20 +197,36 @@ def build_dataset(
         hflip=d.hflip,
         frame_gap=d.frame_gap,
         augment=augment,
+        sampler=d.crop_sampler,
+        interpolation=d.interpolation or "bilinear",
     )
-    return PretrainDataset(
-        build_source(cfg, kind, cache_dir), views, num_patches, cfg.run.seed, d.repeated_sampling
-    )
+
+
+def build_dataset(
+    cfg: Config,
+    kind: str,
+    num_patches: int,
+    cache_dir: str | None = None,
+    views=None,  # noqa: ANN001 - a view maker; default: build_view_maker(cfg, kind)
+    source=None,  # noqa: ANN001 - a source; default: build_source(cfg, kind, cache_dir)
+) -> PretrainDataset:
+    """The dataset of a run. Methods with their own views or data pass ``views``/``source``."""
+    views = views if views is not None else build_view_maker(cfg, kind)
+    source = source if source is not None else build_source(cfg, kind, cache_dir)
+    return PretrainDataset(source, views, num_patches, cfg.run.seed, cfg.data.repeated_sampling)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack samples into a batch; repeated samples (images (R, V, 3, H, W)) are flattened."""
+    """Stack samples into a batch; repeated samples (images (R, V, 3, H, W)) are flattened.
+
+    Every tensor field (images, mask_noise, a view maker's extras) is stacked under its name.
+    """
     repeated = samples[0]["images"].dim() == 5
     join = torch.cat if repeated else torch.stack
     reps = samples[0]["images"].shape[0] if repeated else 1
+    tensors = [k for k, v in samples[0].items() if k not in BOOKKEEPING and torch.is_tensor(v)]
     return {
-        "images": join([s["images"] for s in samples]),
-        "mask_noise": join([s["mask_noise"] for s in samples]),
+        **{k: join([s[k] for s in samples]) for k in tensors},
         "index": torch.tensor([s["index"] for s in samples]).repeat_interleave(reps),
         "skipped": sum(s["skipped"] for s in samples),
         "skipped_files": [
@@ -220,3 +249,22 @@ def build_loader(
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
     )
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> ImageNet-normalised float32, on the tensor's device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def batch_to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A loader batch -> the method's inputs: ``images`` normalised on the device, every other
+    tensor field (mask noise, boxes, masks, labels) moved there as it is."""
+    inputs = {
+        k: v.to(device, non_blocking=True)
+        for k, v in batch.items()
+        if k not in BOOKKEEPING and torch.is_tensor(v)
+    }
+    inputs["images"] = normalize_images(inputs["images"])
+    return inputs

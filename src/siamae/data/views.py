@@ -10,7 +10,8 @@ same filter). Views come out as uint8 (H, W, 3); normalisation happens on the de
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,23 +23,56 @@ from siamae.data.sources import DECODE_ERRORS, UnreadableSample
 Box = tuple[float, float, float, float]  # top, left, height, width
 
 
+CropSampler = Literal["torchvision", "clamp"]
+Interpolation = Literal["bilinear", "bicubic"]
+
+
 def sample_box(
     rng: np.random.Generator,
     width: int,
     height: int,
     scale: tuple[float, float],
     ratio: tuple[float, float],
+    sampler: CropSampler = "torchvision",
 ) -> Box:
-    """Random resized crop box, BYOL style: area and log-aspect drawn once, sides clamped to the
-    image (no retry loop). Returns integer (top, left, height, width)."""
-    area = width * height * rng.uniform(scale[0], scale[1])
-    log_ratio = rng.uniform(math.log(ratio[0]), math.log(ratio[1]))
-    aspect = math.exp(log_ratio)
-    w = min(max(int(round(math.sqrt(area * aspect))), 1), width)
-    h = min(max(int(round(math.sqrt(area / aspect))), 1), height)
-    top = int(rng.integers(0, height - h + 1))
-    left = int(rng.integers(0, width - w + 1))
-    return float(top), float(left), float(h), float(w)
+    """Random resized crop box (top, left, height, width) in integer pixels.
+
+    ``"torchvision"`` (the default) is ``RandomResizedCrop.get_params``: up to 10 tries of area
+    fraction uniform in ``scale`` and log-aspect uniform in ``ratio``, a try accepted when the
+    box fits, position uniform; after 10 failures a centre crop with the aspect clamped to
+    ``ratio``. This is what the published CropMAE/SiamMAE/MAE runs executed. ``"clamp"`` is the
+    BYOL-style sampler the official CropMAE code defines but never calls: one draw, sides
+    clamped to the image (larger crops on average).
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    if sampler == "clamp":
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = min(max(int(round(math.sqrt(target * aspect))), 1), width)
+        h = min(max(int(round(math.sqrt(target / aspect))), 1), height)
+        top = int(rng.integers(0, height - h + 1))
+        left = int(rng.integers(0, width - w + 1))
+        return float(top), float(left), float(h), float(w)
+    if sampler != "torchvision":
+        raise ValueError(f"unknown crop sampler {sampler!r}; use 'torchvision' or 'clamp'")
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return float(top), float(left), float(h), float(w)
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return float((height - h) // 2), float((width - w) // 2), float(h), float(w)
 
 
 def decode(
@@ -67,10 +101,17 @@ def decode(
 
 
 def resize_box(
-    pixels: np.ndarray, box: Box, out: int, sx: float = 1.0, sy: float = 1.0
+    pixels: np.ndarray,
+    box: Box,
+    out: int,
+    sx: float = 1.0,
+    sy: float = 1.0,
+    interpolation: Interpolation = "bilinear",
 ) -> np.ndarray:
     """Crop ``box`` (full-resolution coordinates, scaled by ``sx``, ``sy``) from uint8 (H, W, 3)
-    pixels and resize it to (out, out, 3): bilinear, antialiased, in one pass."""
+    pixels and resize it to (out, out, 3), antialiased, in one pass. ``interpolation`` is the
+    recipe's filter: bilinear (CropMAE, SiamMAE) or bicubic (MAE, SiameseIM: torchvision's
+    ``interpolation=3``)."""
     top, left, h, w = box
     y0, x0 = int(round(top * sy)), int(round(left * sx))
     y1 = min(pixels.shape[0], max(y0 + 1, int(round((top + h) * sy))))
@@ -79,22 +120,26 @@ def resize_box(
     crop = torch.from_numpy(pixels[y0:y1, x0:x1]).permute(2, 0, 1).unsqueeze(0)
     if crop.shape[-2:] == (out, out):
         return np.ascontiguousarray(pixels[y0:y1, x0:x1])
+    # torch's uint8 kernels (channels-last) are the fast path and follow PIL's antialiased
+    # filters, which is what torchvision applies to the published pipelines' PIL images.
     resized = F.interpolate(
-        crop, size=(out, out), mode="bilinear", antialias=True, align_corners=False
+        crop, size=(out, out), mode=interpolation, antialias=True, align_corners=False
     )
     return resized[0].permute(1, 2, 0).numpy()
 
 
-def crop_resize(img: Image.Image | np.ndarray, box: Box, out: int) -> np.ndarray:
+def crop_resize(
+    img: Image.Image | np.ndarray, box: Box, out: int, interpolation: Interpolation = "bilinear"
+) -> np.ndarray:
     """Crop ``box`` (in ``img``'s full-resolution coordinates) and resize to (out, out, 3) uint8.
 
     ``img`` is a PIL image (decoded here, at a reduced scale when the crop allows it) or
     already-decoded uint8 (H, W, 3) pixels.
     """
     if isinstance(img, np.ndarray):
-        return resize_box(img, box, out)
+        return resize_box(img, box, out, interpolation=interpolation)
     pixels, sx, sy = decode(img, box, out)
-    return resize_box(pixels, box, out, sx, sy)
+    return resize_box(pixels, box, out, sx, sy, interpolation)
 
 
 @dataclass
@@ -120,6 +165,16 @@ class Augment:
         return img
 
 
+@dataclass
+class ViewSample:
+    """What a view maker may return instead of a bare list of views: the views (uint8
+    (H, W, 3) each) and named extra arrays (boxes, flips, masks, labels) that the loader stacks
+    over the batch and the method receives under the same names."""
+
+    views: list[np.ndarray]
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+
 def _finish(pixels: np.ndarray, flip: bool) -> np.ndarray:
     return pixels[:, ::-1] if flip else pixels
 
@@ -142,6 +197,8 @@ class ViewMaker:
     hflip: float = 0.5
     frame_gap: tuple[int, int] = (4, 48)
     augment: Augment | None = None
+    sampler: CropSampler = "torchvision"
+    interpolation: Interpolation = "bilinear"
 
     def __call__(self, source, index: int, rng: np.random.Generator) -> list[np.ndarray]:  # noqa: ANN001
         if self.kind == "frames":
@@ -163,13 +220,13 @@ class ViewMaker:
         self, img: Image.Image | np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
         width, height = (img.shape[1], img.shape[0]) if isinstance(img, np.ndarray) else img.size
-        box = sample_box(rng, width, height, self.global_scale, self.ratio)
-        crop = crop_resize(img, box, self.out)
+        box = sample_box(rng, width, height, self.global_scale, self.ratio, self.sampler)
+        crop = crop_resize(img, box, self.out, self.interpolation)
         return crop, _finish(self._aug(crop, rng), self._flip(rng))
 
     def _local_from(self, crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        box = sample_box(rng, self.out, self.out, self.local_scale, self.ratio)
-        local = crop_resize(crop, box, self.out)
+        box = sample_box(rng, self.out, self.out, self.local_scale, self.ratio, self.sampler)
+        local = crop_resize(crop, box, self.out, self.interpolation)
         return _finish(self._aug(local, rng), self._flip(rng))
 
     def crop_pair(self, img: Image.Image, rng: np.random.Generator) -> list[np.ndarray]:
@@ -195,9 +252,14 @@ class ViewMaker:
     def _same_crop(
         self, first: Image.Image, second: Image.Image, rng: np.random.Generator
     ) -> list[np.ndarray]:
-        box = sample_box(rng, first.size[0], first.size[1], self.global_scale, self.ratio)
+        box = sample_box(
+            rng, first.size[0], first.size[1], self.global_scale, self.ratio, self.sampler
+        )
         flip = self._flip(rng)
-        return [_finish(crop_resize(f, box, self.out), flip) for f in (first, second)]
+        return [
+            _finish(crop_resize(f, box, self.out, self.interpolation), flip)
+            for f in (first, second)
+        ]
 
     def repeated(
         self, source, index: int, rng: np.random.Generator, count: int

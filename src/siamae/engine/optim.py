@@ -7,19 +7,27 @@ import math
 import torch
 import torch.nn as nn
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
+TOKEN_NAMES = ("pos_embed", "cls_token", "mask_token")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weights, and biases/norms/positions/CLS/mask tokens without decay."""
+def decays(name: str, param: torch.Tensor, no_decay_tokens: bool = False) -> bool:
+    """timm's rule, what the published CropMAE/MAE code ran: every tensor of 2+ dimensions
+    except biases is decayed (so CLS and mask tokens are); 1-D tensors (norms, biases) are not.
+    ``no_decay_tokens`` also exempts position embeddings, CLS and mask tokens."""
+    if param.ndim <= 1 or name.endswith(".bias"):
+        return False
+    return not (no_decay_tokens and name.endswith(TOKEN_NAMES))
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, no_decay_tokens: bool = False
+) -> list[dict]:
+    """Two AdamW groups: decayed weights and the rest; frozen tensors are left out."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name.endswith(NO_DECAY_NAMES):
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        (decay if decays(name, param, no_decay_tokens) else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -27,14 +35,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(
-    model: nn.Module,
+    groups: list[dict],
     lr: float,
-    weight_decay: float,
     betas: tuple[float, float],
     fused: bool = False,
 ) -> torch.optim.AdamW:
+    """AdamW over ``groups`` (each with its weight decay, optionally an ``lr_scale``)."""
     kwargs = {"fused": True} if fused else {}
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, **kwargs)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **kwargs)
 
 
 def lr_at(step: int, peak_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -49,5 +57,6 @@ def lr_at(step: int, peak_lr: float, min_lr: float, warmup_steps: int, total_ste
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled lr, times each group's ``lr_scale`` (layer-wise decay) where it has one."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

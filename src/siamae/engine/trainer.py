@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,22 +26,48 @@ from torch.nn.parallel import DistributedDataParallel
 
 from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint, save_atomic
 from siamae.config import Config, config_from_dict, save_config
-from siamae.data.dataset import EpochSampler, build_dataset, build_loader, loader_batch_size
+from siamae.data.dataset import (
+    EpochSampler,
+    batch_to_device,
+    build_dataset,
+    build_loader,
+    loader_batch_size,
+    normalize_images,
+)
 from siamae.engine import distributed as D
 from siamae.engine.logging import MetricsLogger
 from siamae.engine.optim import build_optimizer, lr_at, set_lr
 from siamae.errors import CheckpointError, ConfigError, TrainingDiverged
 from siamae.methods import Method, build_method
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+VIDEO_INDEX_FILE = "video_index.json"  # siamae.data.video.INDEX_FILE, without importing PyAV
+__all__ = ["normalize_images", "train"]
 
 
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> ImageNet-normalised float32, on the tensor's device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+def check_weights_fit(
+    method: nn.Module, saved: dict[str, torch.Tensor], path: Path | str | None
+) -> None:
+    """Refuse a resume whose weights do not fit, naming the first tensor that differs."""
+    own = method.state_dict()
+    for name, tensor in own.items():
+        if name not in saved:
+            problem = f"tensor {name!r} {tuple(tensor.shape)} is missing from the checkpoint"
+            break
+        if tuple(saved[name].shape) != tuple(tensor.shape):
+            problem = (
+                f"tensor {name!r} has shape {tuple(saved[name].shape)} in the checkpoint and "
+                f"{tuple(tensor.shape)} in this run's model"
+            )
+            break
+    else:
+        extra = [name for name in saved if name not in own]
+        if not extra:
+            return
+        problem = f"the checkpoint has tensor {extra[0]!r} that this run's model lacks"
+    raise CheckpointError(
+        f"{path}: its weights do not fit this run's model: {problem}. The config differs from "
+        "the one it was made with: use another run.out_dir or --no-resume"
+    )
 
 
 def pick_device(cfg: Config, info: D.DistInfo) -> torch.device:
@@ -137,6 +165,7 @@ class TrainState:
     skipped: int = 0  # unreadable files met so far (distinct names, this process)
     skipped_names: set[str] = field(default_factory=set)
     last_checkpoint_step: int | None = None
+    best: float | None = None  # the best value of the method's best_metric so far
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -203,34 +232,53 @@ def _train(
             )
 
     torch.manual_seed(cfg.run.seed + info.rank)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    method = build_method(cfg).to(device)
+    # Every check that can fail runs before anything is written: a failed start leaves the run
+    # folder as it was (no config of a run that never ran, no empty folders). The video index
+    # is built in a staging folder and moved into the run folder once the start is sure.
+    staging = Path(tempfile.mkdtemp(prefix="siamae-start-"))
+    try:
+        for cached in (run_dir / VIDEO_INDEX_FILE,):
+            if cached.is_file():
+                shutil.copy2(cached, staging / cached.name)
+        dataset = build_dataset(
+            cfg,
+            method.view_kind,
+            method.encoder.num_patches,
+            views=method.build_views(cfg),
+            source=method.build_source(cfg, str(staging)),
+        )
+        # With repeated sampling one loader item holds several pairs; data.batch_size counts pairs.
+        sampler = EpochSampler(
+            len(dataset), loader_batch_size(cfg), info.rank, info.world_size, cfg.run.seed
+        )
+        schedule = make_schedule(cfg, sampler.batches_per_epoch, info.world_size)
+        optimizer = build_optimizer(
+            method.param_groups(cfg.optim.weight_decay, cfg.optim.no_decay_tokens),
+            schedule.peak_lr,
+            cfg.optim.betas,
+            fused=device.type == "cuda",
+        )
+        if checkpoint is not None:
+            check_weights_fit(method, checkpoint["model"], resume_path)
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+            for staged in staging.iterdir():
+                shutil.copy2(staged, run_dir / staged.name)
+            # A kill during a checkpoint write leaves a temporary file; the rename never came.
+            for stale in ckpt_dir.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     D.barrier(info)
 
-    method = build_method(cfg).to(device)
-    # The video index (frame counts) is cached in the run folder: a restart does not rescan.
-    dataset = build_dataset(
-        cfg, method.view_kind, method.encoder.num_patches, cache_dir=str(run_dir)
-    )
-    # With repeated sampling one loader item holds several pairs; data.batch_size counts pairs.
-    sampler = EpochSampler(
-        len(dataset), loader_batch_size(cfg), info.rank, info.world_size, cfg.run.seed
-    )
-    schedule = make_schedule(cfg, sampler.batches_per_epoch, info.world_size)
     loader = build_loader(dataset, sampler, cfg.data.num_workers, pin_memory=device.type == "cuda")
     loader.worker_init_fn = _ignore_sigint_in_worker
     # A private generator: creating loader iterators must not consume the global RNG, or a
     # resumed run's dropout would drift from an uninterrupted one.
     loader.generator = torch.Generator()
 
-    optimizer = build_optimizer(
-        method,
-        schedule.peak_lr,
-        cfg.optim.weight_decay,
-        cfg.optim.betas,
-        fused=device.type == "cuda",
-    )
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     state = TrainState()
     if checkpoint is not None:
@@ -249,6 +297,7 @@ def _train(
         state.skipped = int(checkpoint.get("skipped", 0))
         state.skipped_names = set(checkpoint.get("skipped_names", []))
         state.last_checkpoint_step = state.step
+        state.best = checkpoint.get("best")
         rng = checkpoint.get("rng", {})
         cpu_states = rng.get("cpu", [])
         if len(cpu_states) == info.world_size:
@@ -258,6 +307,11 @@ def _train(
 
     model: nn.Module = method
     if info.enabled:
+        ignored = method.ddp_ignored_names()
+        if ignored:
+            # An EMA target is updated identically on every process; DDP must neither reduce
+            # nor broadcast it.
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(method, ignored)
         model = DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -283,6 +337,8 @@ def _train(
             dynamic_ncols=True,
         )
 
+    summary_eval: dict[str, float] = {}
+
     def save(tag: str = "last") -> None:
         cpu_rng = D.gather_rng_states(
             torch.get_rng_state(), info, device if device.type == "cuda" else torch.device("cpu")
@@ -305,9 +361,11 @@ def _train(
                 "skipped": state.skipped,
                 "skipped_names": sorted(state.skipped_names),
                 "rng": {"cpu": cpu_rng, "cuda": cuda_rng},
+                "best": state.best,
             }
             save_atomic(payload, ckpt_dir / f"{tag}.pt")
-        state.last_checkpoint_step = state.step
+        if tag == "last":
+            state.last_checkpoint_step = state.step
         D.barrier(info)
 
     accum = cfg.optim.accum_steps
@@ -363,10 +421,7 @@ def _train(
                             f"skipped unreadable file {new[0]}"
                             + (f" (+{len(new) - 1} more)" if len(new) > 1 else "")
                         )
-                inputs = {
-                    "images": normalize_images(batch["images"].to(device, non_blocking=True)),
-                    "mask_noise": batch["mask_noise"].to(device, non_blocking=True),
-                }
+                inputs = batch_to_device(batch, device)
                 sync = micro == accum - 1
                 ctx = (
                     model.no_sync()
@@ -411,6 +466,7 @@ def _train(
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 steps_this_call += 1
+                method.after_step(state.step, schedule.total_steps)
 
                 if state.step % cfg.run.log_every == 0 or state.step == schedule.total_steps:
                     mean_loss = D.all_reduce_mean(loss_sum / max(loss_count, 1), info).item()
@@ -465,6 +521,32 @@ def _train(
                             f"step {state.step}: "
                             + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
                         )
+                end_of_epoch = (
+                    state.step % schedule.steps_per_epoch == 0 or state.step == schedule.total_steps
+                )
+                if end_of_epoch:
+                    result = method.evaluate(device)
+                    if result:
+                        result = {k: float(v) for k, v in result.items()}
+                        if logger is not None:
+                            logger.log(
+                                {
+                                    "step": state.step,
+                                    "epoch": round(state.step / schedule.steps_per_epoch, 4),
+                                    **result,
+                                }
+                            )
+                        if progress is not None:
+                            progress.write(
+                                f"step {state.step}: "
+                                + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+                            )
+                        summary_eval.update(result)
+                        metric = method.best_metric
+                        if metric is not None and metric in result:
+                            if state.best is None or result[metric] > state.best:
+                                state.best = result[metric]
+                                save("best")
                 if state.step % cfg.run.checkpoint_every == 0 and state.step < schedule.total_steps:
                     save()
         if interrupted is None and state.step >= schedule.total_steps:
@@ -490,6 +572,7 @@ def _train(
         "peak_lr": schedule.peak_lr,
         "device": str(device),
         "world_size": info.world_size,
+        **({"eval": summary_eval} if summary_eval else {}),
     }
     if info.is_main and interrupted is None and cfg.run.visualize:
         from siamae.viz import save_loss_curve, save_reconstruction

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn as nn
 
+from siamae.errors import ConfigError
+from siamae.models.masking import num_visible
 from siamae.models.vit import Encoder
 
 if TYPE_CHECKING:
@@ -38,18 +40,28 @@ class Reconstruction:
     original: torch.Tensor
 
 
+Picture = list[tuple[str, torch.Tensor]]
+
+
 class Method(nn.Module, metaclass=abc.ABCMeta):
     """A pre-training method: an encoder plus its own heads and loss.
 
     ``forward(batch)`` takes ``batch["images"]``: (B, V, 3, H, W) normalised floats, V the
-    method's ``num_views`` and, optionally, ``batch["mask_noise"]``: (B, N) per-sample noise
-    made by the data loader. It returns a :class:`MethodOutput`.
+    method's ``num_views``, ``batch["mask_noise"]``: (B, N) per-sample noise made by the data
+    loader, and every extra array the method's view maker returned (boxes, masks, labels) under
+    its own name. It returns a :class:`MethodOutput`.
+
+    The engine calls the hooks below; each has a default that fits the masked autoencoders, so
+    a new method overrides only what it needs (an EMA target: ``after_step`` and
+    ``ddp_ignored_names``; its own views: ``build_views``; an evaluation: ``evaluate``).
     """
 
     name: ClassVar[str]
     num_views: ClassVar[int]
     # Which data the method learns from: "single" view, "pair" of crops, or "frames" of a video.
     view_kind: ClassVar[str]
+    # A metric of ``evaluate`` (higher is better) for which the engine keeps checkpoints/best.pt.
+    best_metric: ClassVar[str | None] = None
     encoder: Encoder
 
     @classmethod
@@ -59,7 +71,55 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        """Method-specific checks beyond the generic ones; raise ConfigError."""
+        """Method-specific checks beyond the generic ones; raise ConfigError.
+
+        The default refuses a mask ratio that masks no patch or leaves none visible.
+        """
+        check_mask_ratio(cfg)
+
+    # -- data ---------------------------------------------------------------------------------
+    @classmethod
+    def build_views(cls, cfg: Config):  # noqa: ANN206 - a view maker
+        """The view maker run in the loader workers: ``(source, index, rng) -> views``."""
+        from siamae.data.dataset import build_view_maker
+
+        return build_view_maker(cfg, cls.view_kind)
+
+    @classmethod
+    def build_source(cls, cfg: Config, cache_dir: str | None = None):  # noqa: ANN206 - a source
+        """Where the items come from (image files, videos, synthetic scenes)."""
+        from siamae.data.dataset import build_source
+
+        return build_source(cfg, cls.view_kind, cache_dir)
+
+    # -- engine hooks -------------------------------------------------------------------------
+    def param_groups(self, weight_decay: float, no_decay_tokens: bool = False) -> list[dict]:
+        """AdamW groups; a group may carry ``lr_scale`` (multiplied into the scheduled lr)."""
+        from siamae.engine.optim import param_groups
+
+        return param_groups(self, weight_decay, no_decay_tokens)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after every optimizer step (``step`` already counts it): EMA updates."""
+
+    def ddp_ignored_names(self) -> list[str]:
+        """Parameter/buffer names DDP must neither reduce nor broadcast (an EMA target)."""
+        return []
+
+    def evaluate(self, device: torch.device) -> dict[str, float] | None:
+        """Called at the end of every epoch on every process; the result is logged."""
+        return None
+
+    def picture(self, batch: dict[str, torch.Tensor]) -> Picture | None:
+        """Columns of the run's picture: (title, (B, 3, H, W) RGB in [0, 1]); None for none."""
+        rec = self.reconstruct(batch)
+        columns = [
+            ("reference view", rec.reference),
+            ("masked view", rec.masked),
+            ("prediction", rec.prediction),
+            ("original", rec.original),
+        ]
+        return [(title, denormalize(images)) for title, images in columns if images is not None]
 
     @classmethod
     @abc.abstractmethod
@@ -73,6 +133,29 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights with timm key names (what export writes)."""
         return {k: v.detach().clone() for k, v in self.encoder.vit.state_dict().items()}
+
+
+def check_mask_ratio(cfg: Config) -> None:
+    """A mask ratio must hide at least one patch (ratios of 1 or more, which leave none visible,
+    are refused with the generic range check; MAE's rounding keeps at least one visible)."""
+    if cfg.mask_ratio is None:
+        return
+    n = (cfg.model.img_size // cfg.model.patch_size) ** 2
+    if num_visible(n, cfg.mask_ratio) >= n:
+        raise ConfigError(
+            f"config field 'mask_ratio': {cfg.mask_ratio} masks no patch of the {n} patches "
+            f"({cfg.model.img_size}px images, patch {cfg.model.patch_size}), so {cfg.method} has "
+            f"nothing to reconstruct; choose a ratio above 0"
+        )
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised (B, 3, H, W) -> RGB in [0, 1] (for pictures)."""
+    from siamae.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() * std + mean).clamp(0, 1)
 
 
 def paste_prediction(

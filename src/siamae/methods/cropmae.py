@@ -128,6 +128,7 @@ class SiamMAE(CropMAE):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
         if cfg.data.source == "images":
             raise ConfigError(
                 "config field 'data.source': siammae learns from video frames; use 'videos', 'frames' or 'synthetic'"

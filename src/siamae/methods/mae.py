@@ -49,6 +49,8 @@ class MAE(Method):
                 "norm_style": "pre",
             },
             "global_scale": (0.2, 1.0),
+            # RandomResizedCrop(..., interpolation=3) in MAE's pre-training script.
+            "interpolation": "bicubic",
         }
 
     @classmethod
