@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from timm.models.vision_transformer import Block
 
+from siamae.config import load_config
 from siamae.data.mixing import group_partition, mix_images, unmix_index, unmix_latent
+from siamae.engine.trainer import train
+from siamae.errors import ConfigError
+from siamae.export import export_encoder
+from siamae.loading import load_encoder
+from siamae.methods import build_method
 from siamae.methods.mixedae import MixedAE, homologous_contrastive_loss, parse_topk_blocks
 from siamae.models.decoder import MAEDecoder
 from siamae.models.homologous import homologous_block, homologous_precision, topk_attention
@@ -271,3 +281,141 @@ def test_picture_shows_each_group_mixed_outlined_and_every_source_reconstructed(
     corner = mixed[0][:, 0, :]  # top border row of the top row of patches: outline colours
     assert (corner == red).all(0).any()
     assert method.picture({k: v[:3] for k, v in batch.items()}) is None
+
+
+# -- training on the engine --------------------------------------------------------------------
+
+TINY = [
+    "method=mixedae",
+    "model.arch=vit_tiny",
+    "model.img_size=32",
+    "model.patch_size=8",
+    "decoder.dim=64",
+    "decoder.depth=2",
+    "decoder.num_heads=4",
+    "decoder.mlp_dim=128",
+    "data.source=synthetic",
+    "data.synthetic_count=16",
+    "data.synthetic_size=48",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "optim.base_lr=1e-3",
+    "optim.warmup_steps=2",
+    "run.log_every=1",
+    "run.progress=false",
+    "run.visualize=false",
+    "run.tensorboard=false",
+]
+
+
+def _cfg(out: Path, *extra: str):  # noqa: ANN202
+    return load_config(None, [*TINY, f"run.out_dir={out}", *extra])
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize(
+    ("override", "field_name"),
+    [
+        ("data.batch_size=6", "data.batch_size"),
+        ("mixing.ratio=3", "mixing.ratio"),  # 16 patches do not split in 3
+        ("mixing.topk=18", "mixing.topk"),
+        ("mixing.topk_blocks=0,12", "mixing.topk_blocks"),
+        ("mask_ratio=0.5", "mask_ratio"),
+        ("mixing.temperature=0", "mixing.temperature"),
+    ],
+)
+def test_bad_mixing_settings_are_refused_naming_the_field(override: str, field_name: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{field_name}'"):
+        load_config(None, [*TINY, override])
+
+
+def test_config_builds_the_method_and_the_naive_switch() -> None:
+    method = build_method(load_config(None, TINY))
+    assert isinstance(method, MixedAE) and method.topk == 5 and method.segment_place == "encoder"
+    naive = build_method(load_config(None, [*TINY, "mixing.naive=true"]))
+    assert naive.topk_blocks == () and naive.segment_embed is None
+    assert naive.contrastive_weight == 0.0
+    some = build_method(load_config(None, [*TINY, "mixing.topk_blocks=0,11", "mixing.topk=9"]))
+    assert some.topk_blocks == (0, 11) and some.topk == 9
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 3 steps cross an epoch boundary (16 images, batch 8: 2 steps an epoch).
+    root = tmp_path_factory.mktemp("mixedae")
+    extra = ["optim.max_steps=3"]
+    train(_cfg(root / "whole", *extra), resume=False)
+    first = train(_cfg(root / "split", *extra), resume=False, stop_after_steps=1)
+    assert first["step"] == 1
+    train(_cfg(root / "split", *extra), resume="auto")
+    return root
+
+
+def test_stop_and_resume_gives_bit_identical_weights(resumed_runs: Path) -> None:
+    a, b = _weights(resumed_runs / "whole"), _weights(resumed_runs / "split")
+    assert a.keys() == b.keys() and "segment_embed" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_encoder_loads_strictly_into_timm_with_the_same_features(
+    resumed_runs: Path, tmp_path: Path
+) -> None:
+    import json
+
+    import timm
+
+    run = resumed_runs / "whole"
+    weights, sidecar = export_encoder(run, tmp_path / "encoder.safetensors")
+    info = json.loads(sidecar.read_text())
+    model = timm.create_model(
+        info["timm_name"],
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay=dict(file=str(weights)),
+        **info["timm_kwargs"],
+    ).eval()
+    # The plain ViT's keys are exactly the checkpoint's encoder.vit.* tensors (strict).
+    state = {
+        k[len("encoder.vit.") :]: v
+        for k, v in _weights(run).items()
+        if k.startswith("encoder.vit.")
+    }
+    model.load_state_dict(state, strict=True)
+    encoder = load_encoder(run)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), encoder(x), atol=1e-6, rtol=1e-6)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    train(_cfg(Path(out_dir), "data.batch_size=4", "optim.max_steps=2"), resume=False)
+
+
+def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
+    # Per-device batch 4 = one group: each process mixes the group one process of batch 8 does.
+    single = tmp_path / "single"
+    train(_cfg(single, "data.batch_size=8", "optim.max_steps=2"), resume=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(
+        _ddp_worker,
+        args=(2, port, str(tmp_path / "ddp")),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    a, b = _weights(single), _weights(tmp_path / "ddp")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k

@@ -3,11 +3,13 @@
 from siamae.methods.base import Method, MethodOutput, Reconstruction
 from siamae.methods.cropmae import CropMAE, SiamMAE
 from siamae.methods.mae import MAE
+from siamae.methods.mixedae import MixedAE
 
 METHODS: dict[str, type[Method]] = {
     "cropmae": CropMAE,
     "siammae": SiamMAE,
     "mae": MAE,
+    "mixedae": MixedAE,
 }
 
 
@@ -22,6 +24,7 @@ __all__ = [
     "CropMAE",
     "Method",
     "MethodOutput",
+    "MixedAE",
     "Reconstruction",
     "SiamMAE",
     "build_method",
