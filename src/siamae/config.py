@@ -24,6 +24,8 @@ Arch = Literal["vit_tiny", "vit_small", "vit_base", "vit_large"]
 ViewStrategy = Literal["global_to_local", "local_to_global", "random", "same"]
 SourceKind = Literal["images", "synthetic", "videos", "frames"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
+CropSampler = Literal["torchvision", "clamp"]
+Interpolation = Literal["bilinear", "bicubic"]
 
 
 @dataclass
@@ -60,6 +62,11 @@ class DataConfig:
     global_scale: tuple[float, float] | None = None
     local_scale: tuple[float, float] = (0.3, 0.6)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    # torchvision's RandomResizedCrop sampling (what the published runs executed) or the
+    # BYOL-style clamp the official CropMAE code defines but never calls.
+    crop_sampler: CropSampler = "torchvision"
+    # The resampling filter of the crops; null: the method's recipe (MAE bicubic, else bilinear).
+    interpolation: Interpolation | None = None
     hflip: float = 0.5
     color_jitter: float = 0.0
     blur: float = 0.0
@@ -86,6 +93,9 @@ class OptimConfig:
     warmup_steps: int | None = None
     accum_steps: int = 1
     clip_grad: float | None = None
+    # The published runs decay CLS and mask tokens (timm's rule: every 2+ dim weight); true
+    # exempts them, as many re-implementations do.
+    no_decay_tokens: bool = False
 
 
 @dataclass
@@ -126,6 +136,70 @@ class RunConfig:
 
 
 @dataclass
+class SiameseIMConfig:
+    """SiameseIM (method=siameseim). Its projector/predictor width, heads and predictor depth
+    are the ``decoder`` section's ``dim``, ``num_heads`` and ``depth``."""
+
+    projector_depth: int = 2
+    # Normalisation inside projector/predictor blocks: BatchNorm over tokens (synced across
+    # processes; the recipe) or LayerNorm.
+    norm: Literal["batch", "layer"] = "batch"
+    momentum: float = 0.995  # EMA momentum at step 0; a cosine takes it to 1 at the end
+    neg_weight: float = 0.02  # UniGrad's lambda
+    # Smallest block of the view-1 mask, in patches; null: 16 at 196 patches, scaled.
+    mask_min_block: int | None = None
+    photometric: bool = True  # colour jitter, grayscale, blur, solarize of the recipe
+
+
+@dataclass
+class FinetuneConfig:
+    """Full fine-tuning (method=finetune), the MAE/BEiT recipe; drop-path is model.drop_path.
+
+    ``data.path`` is the training ImageFolder, ``val`` the validation one (top-1/top-5 every
+    epoch). ``checkpoint``: the pre-trained encoder (anything load_encoder reads; null: random
+    init). Mixup/cutmix are alphas (0: off); ``smoothing`` is label smoothing; ``reprob`` the
+    random-erasing probability; ``aa`` timm's augmentation policy (null: none).
+    """
+
+    checkpoint: str | None = None
+    val: str | None = None
+    num_classes: int | None = None  # null: the number of class folders
+    layer_decay: float = 0.65
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1
+    reprob: float = 0.25
+    aa: str | None = "rand-m9-mstd0.5-inc1"
+    global_pool: bool = True  # average-pooled patch tokens + fc_norm; false: the CLS token
+    head_init: float = 2e-5
+    ema: bool = False
+    ema_decay: float = 0.9999
+    eval_crop_pct: float = 0.875
+    eval_batch_size: int = 128
+
+
+@dataclass
+class MixingConfig:
+    """MixedAE (method=mixedae): image mixing and homologous recognition (docs/mixedae.md).
+
+    ``ratio`` R images are mixed into one (``data.batch_size`` must be a multiple of it);
+    ``topk`` null: ceil((N + 1) / R) keys per query; ``topk_blocks``: "all", "none" or block
+    indices "0,1,2"; ``naive``: mixing alone (ordinary attention, no segment embeddings,
+    contrastive weight 0), overriding the three.
+    """
+
+    ratio: int = 4
+    naive: bool = False
+    topk: int | None = None
+    topk_blocks: str | int = "all"
+    segment_embed: Literal["encoder", "decoder", "none"] = "encoder"
+    contrastive_weight: float = 1.0
+    temperature: float = 0.1
+
+
+@dataclass
 class MixingConfig:
     """MixedAE (method=mixedae): image mixing and homologous recognition (docs/mixedae.md).
 
@@ -158,6 +232,9 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     run: RunConfig = field(default_factory=RunConfig)
     mixing: MixingConfig = field(default_factory=MixingConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    siameseim: SiameseIMConfig = field(default_factory=SiameseIMConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -190,8 +267,30 @@ def _type_name(tp: Any) -> str:
     )
 
 
+@dataclass(frozen=True)
+class OverrideText:
+    """A ``--set`` value as read (YAML) and as typed: a string field (a path) keeps the text, so
+    ``--out 1e5`` names the folder ``1e5``, not ``100000.0``."""
+
+    value: Any
+    raw: str
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = get_origin(tp)
+    if isinstance(value, OverrideText):
+        if tp is str:
+            return value.raw
+        if origin in (Union, types.UnionType) and str in get_args(tp):
+            # Another member type (int, float) takes the value first; a string keeps the text.
+            for arg in get_args(tp):
+                if arg not in (str, type(None)):
+                    try:
+                        return _convert(value.value, arg, where)
+                    except ConfigError:
+                        pass
+            return value.raw
+        value = value.value
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -287,7 +386,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text!r}: '{k}' is a value, not a section")
-        node[keys[-1]] = value
+        raw = text.split("=", 1)[1].strip()
+        scalar = value is not None and not isinstance(value, (str, list, dict))
+        node[keys[-1]] = OverrideText(value, raw) if scalar else value
     return data
 
 
@@ -355,9 +456,14 @@ def resolve(cfg: Config) -> Config:
             setattr(cfg.decoder, name, value)
     if cfg.data.global_scale is None:
         cfg.data.global_scale = tuple(defaults["global_scale"])
+    if cfg.data.interpolation is None:
+        cfg.data.interpolation = defaults.get("interpolation", "bilinear")
 
     _check(
-        0.0 <= cfg.mask_ratio < 1.0, "mask_ratio", f"expected 0 <= ratio < 1, got {cfg.mask_ratio}"
+        0.0 <= cfg.mask_ratio < 1.0,
+        "mask_ratio",
+        f"expected 0 <= ratio < 1, got {cfg.mask_ratio}"
+        + ("; it leaves no patch visible" if cfg.mask_ratio >= 1.0 else ""),
     )
     m = cfg.model
     _check(
