@@ -200,25 +200,6 @@ class MixingConfig:
 
 
 @dataclass
-class MixingConfig:
-    """MixedAE (method=mixedae): image mixing and homologous recognition (docs/mixedae.md).
-
-    ``ratio`` R images are mixed into one (``data.batch_size`` must be a multiple of it);
-    ``topk`` null: ceil((N + 1) / R) keys per query; ``topk_blocks``: "all", "none" or block
-    indices "0,1,2"; ``naive``: mixing alone (ordinary attention, no segment embeddings,
-    contrastive weight 0), overriding the three.
-    """
-
-    ratio: int = 4
-    naive: bool = False
-    topk: int | None = None
-    topk_blocks: str | int = "all"
-    segment_embed: Literal["encoder", "decoder", "none"] = "encoder"
-    contrastive_weight: float = 1.0
-    temperature: float = 0.1
-
-
-@dataclass
 class Config:
     """A whole pre-training run."""
 
@@ -231,7 +212,6 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    mixing: MixingConfig = field(default_factory=MixingConfig)
     mixing: MixingConfig = field(default_factory=MixingConfig)
     siameseim: SiameseIMConfig = field(default_factory=SiameseIMConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
