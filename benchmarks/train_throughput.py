@@ -6,6 +6,7 @@ FLOP/s over the fp32 matmul peak measured in the same run (``torch.mm`` on 2048x
 
     python benchmarks/train_throughput.py                    # CropMAE ViT-S/16 + MAE ViT-B/16, batch 32
     python benchmarks/train_throughput.py --models cropmae_vits16 --steps 5 --compile
+    python benchmarks/train_throughput.py --models mae_vitb16 mixedae_vitb16   # + MixedAE's cost over MAE
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ MODELS = {
         "data.source=synthetic",
     ],
     "mae_vitb16": ["method=mae", "model.arch=vit_base", "model.patch_size=16"],
+    # MixedAE: pairs/s counts source images (R = 4 of them make one mixed sequence).
+    "mixedae_vitb16": ["method=mixedae", "model.arch=vit_base", "model.patch_size=16"],
+    "mixedae_naive_vitb16": [
+        "method=mixedae",
+        "mixing.naive=true",
+        "model.arch=vit_base",
+        "model.patch_size=16",
+    ],
     "cropmae_vitt16": ["method=cropmae", "model.arch=vit_tiny", "model.patch_size=16"],
 }
 
@@ -151,12 +160,23 @@ def main() -> None:
     print(
         f"{'model':16s} {'mask':>6s} {'batch':>5s} {'step s':>8s} {'pairs/s':>8s} {'GFLOP/step':>11s} {'GFLOP/s':>8s} {'MFU':>6s}"
     )
+    results = {}
     for name in args.models:
         r = bench(name, MODELS[name], args.batch, args.img, args.steps, device, args.compile, amp)
+        results[name] = r
         print(
             f"{r['model']:16s} {r['mask_ratio']:6.3f} {r['batch']:5d} {r['step_s']:8.2f} {r['pairs_per_s']:8.2f} "
             f"{r['gflop_per_step']:11.1f} {r['gflops']:8.1f} {r['gflops'] / peak:6.2f}"
         )
+    # MixedAE's cost over MAE on the same model and batch of source images (the paper: +3 %).
+    base = results.get("mae_vitb16")
+    for name in ("mixedae_vitb16", "mixedae_naive_vitb16"):
+        if base is not None and name in results:
+            r = results[name]
+            print(
+                f"{name} over mae_vitb16: step time {r['step_s'] / base['step_s'] - 1:+.1%}, "
+                f"FLOPs {r['gflop_per_step'] / base['gflop_per_step'] - 1:+.1%}"
+            )
 
 
 if __name__ == "__main__":
