@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter
 
-from siamae.data.sources import DECODE_ERRORS, UnreadableSample
+from siamae.data.sources import DECODE_ERRORS, UnreadableSample, to_rgb
 
 Box = tuple[float, float, float, float]  # top, left, height, width
 
@@ -92,8 +92,8 @@ def decode(
             _, _, h, w = box
             scale = min(1.0, max(out / w, out / h))
             img.draft("RGB", (math.ceil(full_w * scale), math.ceil(full_h * scale)))
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        # Wide modes (16-bit PNGs, float TIFFs) are scaled by their range, not clipped to white.
+        img = to_rgb(img)
         pixels = np.array(img)  # writable, so torch can view it without a copy or a warning
     except DECODE_ERRORS as err:
         raise UnreadableSample(str(name), f"{type(err).__name__}: {err}") from None

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from siamae.data.sources import UnreadableSample, to_rgb
 from siamae.errors import DataError
 from siamae.eval.metrics_davis import (
     VOID,
@@ -99,8 +100,8 @@ def write_mask(path: str | Path, ids: np.ndarray) -> None:
 def read_frame(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except OSError as err:
+            return np.asarray(to_rgb(img))
+    except (OSError, UnreadableSample) as err:
         raise DataError(f"cannot read frame {path}: {err}") from None
 
 

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from siamae.data.sources import UnreadableSample, to_rgb
 from siamae.errors import DataError
 from siamae.eval.propagation import (
     LabelPropagator,
@@ -181,8 +182,8 @@ def list_clips(root: str | Path, split: str | None = None) -> list[JhmdbClip]:
 def _read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except OSError as err:
+            return np.asarray(to_rgb(img))
+    except (OSError, UnreadableSample) as err:
         raise DataError(f"cannot read frame {path}: {err}") from None
 
 

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from siamae.data.sources import UnreadableSample, to_rgb
 from siamae.errors import DataError
 from siamae.eval.propagation import (
     PropagationParams,
@@ -136,8 +137,11 @@ def evaluate_vip(
         (out / name).mkdir(parents=True, exist_ok=True)
 
         def read(p: Path) -> np.ndarray:
-            with Image.open(p) as im:
-                return np.asarray(im.convert("RGB"))
+            try:
+                with Image.open(p) as im:
+                    return np.asarray(to_rgb(im))
+            except (OSError, UnreadableSample) as err:
+                raise DataError(f"cannot read frame {p}: {err}") from None
 
         soft_iter = propagate_video(
             encoder, (read(p) for p in frames), index, len(classes), params, size, device, timer
