@@ -74,6 +74,14 @@ def test_weight_decay_follows_timms_rule_for_every_method(method: str) -> None:
     assert all(dict(model.named_parameters())[n].ndim == 1 for n in exempt)
     assert "encoder.vit.pos_embed" not in trainable
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    # The same split as timm's param_groups_weight_decay, which the official code calls.
+    from timm.optim import param_groups_weight_decay
+
+    timm_decay, timm_exempt = sorted(
+        param_groups_weight_decay(model, 0.05), key=lambda g: -g["weight_decay"]
+    )
+    assert {names[id(p)] for p in timm_decay["params"]} == decayed
+    assert {names[id(p)] for p in timm_exempt["params"]} == exempt
     # The option exempts the tokens, as many re-implementations do.
     decay2, no_decay2 = param_groups(model, 0.05, no_decay_tokens=True)
     exempt2 = {names[id(p)] for p in no_decay2["params"]}
