@@ -76,7 +76,30 @@ def _print_summary(summary: dict) -> None:
         )
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from siamae.config import load_config
+    from siamae.engine.trainer import train
+    from siamae.methods.finetune import command_overrides
+
+    flags = command_overrides(args.data, args.val, args.checkpoint, args.out)
+    cfg = load_config(args.config, flags[:1] + list(args.set or []) + flags[1:])
+    resume: str | bool = args.resume if args.resume else ("auto" if not args.no_resume else False)
+    summary = train(cfg, resume=resume)
+    if summary.get("world_size", 1) > 1 and not _is_rank0():
+        return 0
+    _print_summary(summary)
+    for key, value in summary.get("eval", {}).items():
+        print(f"  {key + ':':15s} {value:.4f}")
+    if summary.get("eval"):
+        print(f"  best checkpoint: {summary['run_dir']}/checkpoints/best.pt")
+    return 0
+
+
 def _visualize(args: argparse.Namespace) -> int:
+    if args.what == "attention":
+        from siamae.eval.attention import run_command
+
+        return run_command(args)
     from siamae.visualize import visualize_checkpoint
 
     path = visualize_checkpoint(
@@ -132,10 +155,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_pretrain)
 
-    p = sub.add_parser("visualize", help="picture of reconstructions from a training checkpoint")
-    p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or run folder")
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune an encoder on a labelled ImageFolder (MAE/BEiT protocol), top-1 each epoch",
+    )
+    p.add_argument("--config", required=True, help="YAML config (configs/finetune_*.yaml)")
+    p.add_argument(
+        "--checkpoint",
+        help="pre-trained encoder: training checkpoint, run folder, export or timm/MAE state dict "
+        "('none': random init); sets finetune.checkpoint",
+    )
+    p.add_argument(
+        "--data", help="ImageFolder DIR/<class>/<image>, or DIR holding train/ and val/ (or test/)"
+    )
+    p.add_argument("--val", help="validation ImageFolder (default: DIR/val or DIR/test)")
+    p.add_argument("--out", help="run folder; sets run.out_dir")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a field (repeatable)"
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", metavar="CHECKPOINT", help="resume from this checkpoint")
+    group.add_argument("--no-resume", action="store_true", help="start from scratch")
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser(
+        "visualize",
+        help="pictures from a checkpoint: reconstructions (default) or attention maps",
+        description="siamae visualize --checkpoint RUN: reconstructions of a training run. "
+        "siamae visualize attention --checkpoint ANY --images A.jpg B.jpg: the last block's "
+        "CLS attention per head over each image, with the mask keeping --keep of its mass.",
+    )
+    p.add_argument(
+        "what",
+        nargs="?",
+        choices=("reconstruction", "attention"),
+        default="reconstruction",
+        help="reconstruction (default) or attention",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="training checkpoint (.pt) or run folder; attention: any encoder load_encoder reads",
+    )
+    p.add_argument("--images", nargs="+", help="attention: the image files")
+    p.add_argument(
+        "--keep", type=float, default=0.6, help="attention: share of the mass the mask keeps"
+    )
+    p.add_argument("--resize", type=int, help="attention: resize the short side first (pixels)")
+    p.add_argument("--device", default="auto", help="attention: auto, cpu or cuda[:N]")
     p.add_argument("--data", help="data path (default: the checkpoint's own data config)")
-    p.add_argument("--out", help="PNG file (default: <run folder>/reconstruction_step<N>.png)")
+    p.add_argument(
+        "--out",
+        help="PNG file (default: <run folder>/reconstruction_step<N>.png); attention: the "
+        "folder for one PNG per image (default: attention_maps)",
+    )
     p.add_argument("--count", type=int, default=4, help="how many samples (rows)")
     p.add_argument("--seed", type=int, default=0, help="which crops and masks to draw")
     p.set_defaults(func=_visualize)

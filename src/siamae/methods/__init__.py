@@ -2,6 +2,7 @@
 
 from siamae.methods.base import Method, MethodOutput, Reconstruction
 from siamae.methods.cropmae import CropMAE, SiamMAE
+from siamae.methods.finetune import FineTune
 from siamae.methods.mae import MAE
 from siamae.methods.mixedae import MixedAE
 
@@ -10,6 +11,7 @@ METHODS: dict[str, type[Method]] = {
     "siammae": SiamMAE,
     "mae": MAE,
     "mixedae": MixedAE,
+    "finetune": FineTune,
 }
 
 
@@ -22,6 +24,7 @@ __all__ = [
     "METHODS",
     "MAE",
     "CropMAE",
+    "FineTune",
     "Method",
     "MethodOutput",
     "MixedAE",

@@ -637,3 +637,47 @@ def export_classifier(
     json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
     return out, json_path
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def split_folders(data: str | Path) -> tuple[Path, Path | None]:
+    """``--data DIR``: (training folder, validation folder or None). DIR holding ``train/`` is
+    split as DIR/train and DIR/val (or DIR/test, as CIFAR folders name it); otherwise DIR is
+    the training folder itself."""
+    root = Path(data)
+    if not root.is_dir():
+        raise ConfigError(
+            f"--data {str(data)!r} is not a folder; pass an ImageFolder (DIR/<class>/<image>) or "
+            "a folder holding train/ and val/"
+        )
+    if (root / "train").is_dir():
+        for name in ("val", "validation", "test"):
+            if (root / name).is_dir():
+                return root / "train", root / name
+        return root / "train", None
+    return root, None
+
+
+def command_overrides(
+    data: str | None, val: str | None, checkpoint: str | None, out: str | None
+) -> list[str]:
+    """The ``--set`` overrides that ``siamae finetune``'s own flags stand for."""
+    overrides = ["method=finetune"]
+    if data is not None:
+        train_dir, found_val = split_folders(data)
+        overrides += ["data.source=images", f"data.path={train_dir}"]
+        if val is None and found_val is not None:
+            val = str(found_val)
+    if val is not None:
+        overrides.append(f"finetune.val={val}")
+    if checkpoint is not None:
+        overrides.append(
+            "finetune.checkpoint=null"
+            if checkpoint == "none"
+            else f"finetune.checkpoint={checkpoint}"
+        )
+    if out is not None:
+        overrides.append(f"run.out_dir={out}")
+    return overrides

@@ -1,0 +1,294 @@
+"""Attention maps: where the CLS token looks in the last block, per head (the DINO picture).
+
+For an image of any size (each side cut to a multiple of the patch size; the position grid is
+interpolated), the last block's attention is recomputed from its own weights (the fused kernel
+never materialises it): softmax(q k^T / sqrt(d)) of the CLS query over the patch keys, per head.
+The CLS token's attention to itself is left out and the rest rescaled, so each head's map is a
+distribution over the patches (it sums to 1).
+
+The thresholded mask of a map keeps the fewest patches that together hold at least ``keep``
+(e.g. 60 %) of its attention mass, the most attended first (DINO's ``threshold``).
+
+From Python::
+
+    from siamae.eval.attention import attention_for_image, save_attention_figure
+    result = attention_for_image(encoder, "cat.jpg")          # AttentionResult
+    save_attention_figure(result, "cat_attention.png", keep=0.6)
+
+From the command line: ``siamae visualize attention --checkpoint CKPT --images a.jpg b.jpg``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from siamae.errors import DataError
+from siamae.models.vit import Encoder
+
+
+@dataclass
+class AttentionResult:
+    """One image's attention: ``maps`` (heads, gh, gw), each summing to 1; ``image`` the uint8
+    (H, W, 3) pixels the encoder saw (H = gh * patch, W = gw * patch)."""
+
+    maps: torch.Tensor
+    image: np.ndarray
+    patch_size: int
+    name: str = "image"
+
+    @property
+    def num_heads(self) -> int:
+        return self.maps.shape[0]
+
+
+@torch.no_grad()
+def cls_attention(encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) normalised images -> (B, heads, H/p, W/p): the last block's CLS attention
+    over the patches, each head's map rescaled to sum to 1 (its CLS-to-CLS weight left out)."""
+    tokens, cls, (gh, gw) = encoder.embed(images)
+    x = torch.cat([cls, tokens], dim=1)
+    blocks = list(encoder.vit.blocks)
+    for block in blocks[:-1]:
+        x = block(x)
+    attn = blocks[-1].attn
+    y = blocks[-1].norm1(x)
+    b, n, _ = y.shape
+    qkv = attn.qkv(y).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    weights = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, 1, N)
+    to_patches = weights[:, :, 0, 1:].float()
+    to_patches = to_patches / to_patches.sum(dim=-1, keepdim=True)
+    return to_patches.reshape(b, attn.num_heads, gh, gw)
+
+
+def mass_mask(maps: torch.Tensor, keep: float = 0.6) -> torch.Tensor:
+    """Boolean masks (same shape as ``maps``, any leading dims, last two the grid): per map, the
+    fewest patches whose attention sums to at least ``keep`` of the map's total."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    if keep >= 1.0:  # every patch (sums of floats need not reach 1 exactly)
+        return torch.ones_like(maps, dtype=torch.bool)
+    flat = maps.flatten(-2)
+    flat = flat / flat.sum(dim=-1, keepdim=True)
+    values, order = flat.sort(dim=-1, descending=True)
+    before = values.cumsum(dim=-1) - values  # mass of the patches ranked above each one
+    kept_sorted = before < keep - 1e-6  # a patch is needed while the mass before it falls short
+    mask = torch.zeros_like(kept_sorted).scatter(-1, order, kept_sorted)
+    return mask.reshape(maps.shape)
+
+
+def prepare_image(image: object, patch_size: int, resize: int | None = None) -> np.ndarray:
+    """A PIL image -> uint8 (H, W, 3) with H and W multiples of ``patch_size``: the short side
+    resized to ``resize`` first (bicubic) if given, then centre-cropped to whole patches."""
+    from PIL import Image
+
+    from siamae.data.sources import to_rgb
+
+    assert isinstance(image, Image.Image)
+    image = to_rgb(image)
+    if resize is not None:
+        w, h = image.size
+        scale = resize / min(w, h)
+        image = image.resize(
+            (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC
+        )
+    w, h = image.size
+    cw, ch = w - w % patch_size, h - h % patch_size
+    if cw == 0 or ch == 0:
+        raise DataError(
+            f"an image of {w}x{h} pixels is smaller than one {patch_size}-pixel patch; use "
+            "--resize with a larger size"
+        )
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return np.asarray(image.crop((left, top, left + cw, top + ch)), dtype=np.uint8).copy()
+
+
+def attention_for_image(
+    encoder: Encoder,
+    image: str | Path | object,
+    resize: int | None = None,
+    device: torch.device | str = "cpu",
+) -> AttentionResult:
+    """The last block's per-head CLS attention over ``image`` (a path or a PIL image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from siamae.eval.features import normalize
+
+    name = "image"
+    if isinstance(image, (str, Path)):
+        name = Path(image).stem
+        try:
+            with Image.open(image) as opened:
+                opened.load()
+                image = opened.copy()
+        except FileNotFoundError:
+            raise DataError(
+                f"image {str(image)!r} does not exist; pass existing image files"
+            ) from None
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"image {str(image)!r} could not be read ({err})") from None
+    pixels = prepare_image(image, encoder.patch_size, resize)
+    was_training = encoder.training
+    encoder.eval().to(device)
+    try:
+        batch = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+        maps = cls_attention(encoder, normalize(batch, device))[0].cpu()
+    finally:
+        encoder.train(was_training)
+    return AttentionResult(maps, pixels, encoder.patch_size, name)
+
+
+# -- the picture --------------------------------------------------------------------------------
+
+
+def _upsample(grid: torch.Tensor, patch_size: int) -> np.ndarray:
+    """(gh, gw) -> (gh * p, gw * p), each patch a constant block (as DINO shows it)."""
+    return F.interpolate(grid[None, None].float(), scale_factor=patch_size, mode="nearest")[
+        0, 0
+    ].numpy()
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """The boundary pixels of a boolean mask (inside pixels with an outside 4-neighbour)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = (
+        padded[1:-1, 1:-1]
+        & padded[:-2, 1:-1]
+        & padded[2:, 1:-1]
+        & padded[1:-1, :-2]
+        & padded[1:-1, 2:]
+    )
+    return mask & ~inner
+
+
+def _overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The image with a colour-mapped heat map blended over it and the mask's outline in white."""
+    from matplotlib import colormaps
+
+    scaled = heat / max(float(heat.max()), 1e-12)
+    colour = colormaps["inferno"](scaled)[..., :3]
+    out = 0.45 * image.astype(np.float64) / 255.0 + 0.55 * colour
+    if mask is not None:
+        out[_outline(mask)] = 1.0
+    return np.clip(out, 0.0, 1.0)
+
+
+def save_attention_figure(
+    result: AttentionResult, path: str | Path, keep: float = 0.6, title: str | None = None
+) -> Path:
+    """One labelled PNG: the image, the mean attention over heads with its ``keep`` mask, the
+    mask itself over the image, then each head's map with its own mask outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = result.patch_size
+    heads = result.num_heads
+    masks = mass_mask(result.maps, keep)
+    mean = result.maps.mean(dim=0)
+    mean_mask = mass_mask(mean, keep)
+    image = result.image
+    panels: list[tuple[str, np.ndarray]] = [
+        (f"image ({image.shape[1]}x{image.shape[0]})", image.astype(np.float64) / 255.0),
+        (
+            f"mean of {heads} heads",
+            _overlay(image, _upsample(mean, p), _upsample(mean_mask, p) > 0.5),
+        ),
+        (
+            f"mask: {keep:.0%} of the mass ({int(mean_mask.sum())}/{mean_mask.numel()} patches)",
+            image.astype(np.float64) / 255.0 * (0.25 + 0.75 * _upsample(mean_mask, p)[..., None]),
+        ),
+    ]
+    for h in range(heads):
+        panels.append(
+            (
+                f"head {h} ({int(masks[h].sum())} patches hold {keep:.0%})",
+                _overlay(image, _upsample(result.maps[h], p), _upsample(masks[h], p) > 0.5),
+            )
+        )
+    cols = min(len(panels), 4)
+    rows = math.ceil(len(panels) / cols)
+    aspect = image.shape[0] / image.shape[1]
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols, 3.2 * aspect * rows + 0.6), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (label, pixels) in zip(axes.flat, panels):
+        ax.imshow(pixels, interpolation="nearest")
+        ax.set_title(label, fontsize=8)
+    fig.suptitle(
+        title
+        or f"{result.name}: CLS attention of the last block (outline: {keep:.0%} of the mass)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def visualize_attention(
+    checkpoint: str | Path,
+    images: list[str | Path],
+    out_dir: str | Path,
+    keep: float = 0.6,
+    resize: int | None = None,
+    device: torch.device | str = "cpu",
+) -> list[Path]:
+    """``<out_dir>/<image stem>_attention.png`` for each image, for the encoder of
+    ``checkpoint`` (anything ``load_encoder`` reads)."""
+    from siamae.loading import load_encoder
+
+    if not 0.0 < keep <= 1.0:
+        raise DataError(f"--keep must be in (0, 1], got {keep}")
+    encoder = load_encoder(checkpoint)
+    source = Path(str(checkpoint)).name
+    written = []
+    seen: dict[str, int] = {}
+    for image in images:
+        result = attention_for_image(encoder, image, resize, device)
+        stem = result.name
+        seen[stem] = seen.get(stem, 0) + 1
+        if seen[stem] > 1:  # two images with one name: keep both pictures
+            stem = f"{stem}_{seen[stem]}"
+        written.append(
+            save_attention_figure(
+                result,
+                Path(out_dir) / f"{stem}_attention.png",
+                keep,
+                title=f"{Path(str(image)).name} - {source}: last-block CLS attention "
+                f"(outline: {keep:.0%} of the mass)",
+            )
+        )
+    return written
+
+
+def run_command(args: object) -> int:
+    """``siamae visualize attention``: parsed arguments -> one PNG per image."""
+    from siamae.errors import SiamaeError
+    from siamae.eval.features import resolve_device
+
+    images = getattr(args, "images", None)
+    if not images:
+        raise SiamaeError("siamae visualize attention needs --images IMAGE [IMAGE ...]")
+    written = visualize_attention(
+        args.checkpoint,  # type: ignore[attr-defined]
+        images,
+        getattr(args, "out", None) or "attention_maps",
+        keep=args.keep,  # type: ignore[attr-defined]
+        resize=args.resize,  # type: ignore[attr-defined]
+        device=resolve_device(args.device),  # type: ignore[attr-defined]
+    )
+    for path in written:
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,109 @@
+"""Attention maps: the last block's CLS attention per head, the mass mask, the picture command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from siamae.cli import build_parser, main
+from siamae.eval.attention import (
+    attention_for_image,
+    cls_attention,
+    mass_mask,
+    save_attention_figure,
+)
+from siamae.models.vit import Encoder
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Encoder:
+    torch.manual_seed(0)
+    return Encoder("vit_tiny", 8, 32).eval()
+
+
+def test_maps_are_the_last_blocks_cls_attention_and_sum_to_one_per_head(encoder: Encoder) -> None:
+    # a non-square size the encoder was not built for: 5 x 7 patches, grid interpolated
+    images = torch.randn(2, 3, 40, 56)
+    maps = cls_attention(encoder, images)
+    assert maps.shape == (2, 3, 5, 7)
+    assert torch.allclose(maps.sum(dim=(-2, -1)), torch.ones(2, 3), atol=1e-5)
+    assert (maps >= 0).all()
+    # The block's own (unfused) attention, caught where timm applies attention dropout.
+    attn = encoder.vit.blocks[-1].attn
+    caught: list[torch.Tensor] = []
+    handle = attn.attn_drop.register_forward_hook(lambda m, i, o: caught.append(o))
+    fused = attn.fused_attn
+    attn.fused_attn = False
+    try:
+        with torch.no_grad():
+            encoder(images)
+    finally:
+        attn.fused_attn = fused
+        handle.remove()
+    row = caught[-1][:, :, 0, 1:]
+    expected = (row / row.sum(-1, keepdim=True)).reshape(2, 3, 5, 7)
+    assert torch.allclose(maps, expected, atol=1e-5)
+
+
+def test_mask_keeps_the_fewest_patches_holding_the_asked_share() -> None:
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.rand(4, 6, 6, generator=gen) ** 4
+    maps = maps / maps.sum(dim=(-2, -1), keepdim=True)
+    for keep in (0.3, 0.6, 0.9):
+        mask = mass_mask(maps, keep)
+        for m, a in zip(mask, maps):
+            kept = a[m]
+            assert kept.sum() >= keep - 1e-6
+            # minimal: without its least attended patch the mask holds less than asked
+            assert kept.sum() - kept.min() < keep
+            # the most attended patches are the ones kept
+            assert kept.min() >= a[~m].max()
+    assert mass_mask(maps, 1.0).all()
+    one_hot = torch.zeros(1, 3, 3)
+    one_hot[0, 1, 2] = 1.0
+    assert mass_mask(one_hot, 0.6).sum() == 1
+
+
+def test_figure_from_python_and_command_line(encoder: Encoder, tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, size in (("wide", (70, 45)), ("small", (33, 30))):
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    result = attention_for_image(encoder, paths[0])
+    assert result.image.shape == (40, 64, 3) and result.maps.shape == (3, 5, 8)
+    png = save_attention_figure(result, tmp_path / "py.png", keep=0.6)
+    assert Image.open(png).size[0] > 300
+
+    torch.save(encoder.vit.state_dict(), tmp_path / "encoder.pt")
+    code = main(
+        [
+            "visualize",
+            "attention",
+            "--checkpoint",
+            str(tmp_path / "encoder.pt"),
+            "--images",
+            *map(str, paths),
+            "--out",
+            str(tmp_path / "maps"),
+            "--keep",
+            "0.5",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == [
+        "small_attention.png",
+        "wide_attention.png",
+    ]
+    # the reconstruction form still parses as before
+    args = build_parser().parse_args(["visualize", "--checkpoint", "run"])
+    assert args.what == "reconstruction" and args.checkpoint == "run"
+    assert main(["visualize", "attention", "--checkpoint", str(tmp_path / "encoder.pt")]) == 2
