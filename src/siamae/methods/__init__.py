@@ -5,6 +5,7 @@ from siamae.methods.cropmae import CropMAE, SiamMAE
 from siamae.methods.finetune import FineTune
 from siamae.methods.mae import MAE
 from siamae.methods.mixedae import MixedAE
+from siamae.methods.siameseim import SiameseIM
 
 METHODS: dict[str, type[Method]] = {
     "cropmae": CropMAE,
@@ -12,6 +13,7 @@ METHODS: dict[str, type[Method]] = {
     "mae": MAE,
     "mixedae": MixedAE,
     "finetune": FineTune,
+    "siameseim": SiameseIM,
 }
 
 
@@ -30,5 +32,6 @@ __all__ = [
     "MixedAE",
     "Reconstruction",
     "SiamMAE",
+    "SiameseIM",
     "build_method",
 ]
