@@ -77,7 +77,7 @@ def _encoder(args: argparse.Namespace):  # noqa: ANN202 - returns (Encoder, sour
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``knn`` and ``linear`` to the ``siamae eval`` group."""
+    """Add ``knn``, ``linear`` and ``fewshot`` to the ``siamae eval`` group."""
     p = subparsers.add_parser(
         "knn",
         help="weighted k-NN top-1/top-5 of frozen features on a labelled ImageFolder",
@@ -127,6 +127,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-resume", action="store_true", help="start again even if OUT_DIR has a checkpoint"
     )
     p.set_defaults(func=_run_linear)
+
+    from siamae.eval import fewshot
+
+    fewshot.register(subparsers, _add_encoder_args)
 
 
 def _run_knn(args: argparse.Namespace) -> int:
