@@ -490,7 +490,8 @@ class SiameseIM(Method):
         pred, _ = self.predict(batch)
         target = self.target_features(batch["images"][:, 1])
         error = ((pred.float() - target) ** 2).sum(-1)  # (B, N) per view-2 patch
-        error = error / error.amax(dim=1, keepdim=True).clamp(min=1e-12)
+        low, high = error.amin(dim=1, keepdim=True), error.amax(dim=1, keepdim=True)
+        error = (error - low) / (high - low).clamp(min=1e-12)  # per sample: low blue, high red
         heat = _patch_map(error, grid, size)
         hidden = _patch_map(batch["mask"].float(), grid, size)
         boxed = _draw_boxes(view1, _box_in_view1(batch, size))
