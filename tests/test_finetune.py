@@ -307,3 +307,21 @@ def test_export_loads_strictly_into_timm_with_its_head(overfit_run, tmp_path: Pa
         load_file(tmp_path / "again.safetensors").keys()
         == load_file(tmp_path / "ft.safetensors").keys()
     )
+
+
+def test_command_reads_train_and_val_from_one_folder(folders, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from siamae.cli import main
+
+    torch.set_num_threads(1)
+    config = tmp_path / "ft.yaml"
+    config.write_text("method: finetune\nmodel: {arch: vit_tiny, patch_size: 8, img_size: 32}\n")
+    options = [*PLAIN, "data.batch_size=8", "data.num_workers=0", "optim.max_steps=2"]
+    options += ["run.progress=false", "run.tensorboard=false"]
+    argv = ["finetune", "--config", str(config), "--checkpoint", "none"]
+    argv += ["--data", str(folders[0].parent), "--out", str(tmp_path / "run")]
+    assert main(argv + [x for o in options for x in ("--set", o)]) == 0
+    printed = capsys.readouterr().out
+    assert "top1:" in printed and "best.pt" in printed
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"path: {folders[0]}" in saved and f"val: {folders[1]}" in saved
+    assert main(argv[:5] + ["--data", str(tmp_path / "nowhere")]) == 2

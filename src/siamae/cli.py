@@ -82,7 +82,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from siamae.methods.finetune import command_overrides
 
     flags = command_overrides(args.data, args.val, args.checkpoint, args.out)
-    cfg = load_config(args.config, flags[:1] + list(args.set or []) + flags[1:])
+    cfg = load_config(args.config, flags[:2] + list(args.set or []) + flags[2:])
     resume: str | bool = args.resume if args.resume else ("auto" if not args.no_resume else False)
     summary = train(cfg, resume=resume)
     if summary.get("world_size", 1) > 1 and not _is_rank0():
@@ -100,7 +100,7 @@ def _visualize(args: argparse.Namespace) -> int:
         from siamae.eval.attention import run_command
 
         return run_command(args)
-    from siamae.visualize import visualize_checkpoint
+    from siamae.viz import visualize_checkpoint
 
     path = visualize_checkpoint(
         args.checkpoint, args.out, data=args.data, count=args.count, seed=args.seed
