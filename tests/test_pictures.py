@@ -89,3 +89,68 @@ def test_synthetic_propagation_picture_shows_every_video_with_scores(tmp_path: P
     assert labels[5].startswith("random init, J&F ")
     picture = np.asarray(Image.open(res["picture"]["path"]))
     assert _ink(_top_margin(picture)) > 50 and _ink(_left_margin(picture)) > 50
+
+
+def _small_run(run: Path, method: str = "cropmae") -> dict:
+    from siamae.config import load_config
+    from siamae.engine.trainer import train
+
+    cfg = load_config(
+        None,
+        [f"method={method}", "model.arch=vit_tiny", "model.patch_size=8", "model.img_size=32",
+         "decoder.dim=32", "decoder.depth=1", "decoder.num_heads=2", "decoder.mlp_dim=64",
+         "data.source=synthetic", "data.synthetic_count=8", "data.synthetic_size=48",
+         "data.batch_size=4", "data.num_workers=0", "optim.max_steps=3", "optim.warmup_steps=1",
+         "run.log_every=1", "run.progress=false", "run.tensorboard=false", "run.visualize=false",
+         f"run.out_dir={run}"],
+    )  # fmt: skip
+    return train(cfg, resume=False)
+
+
+def test_reconstruction_draws_the_methods_picture_with_name_and_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from siamae.checkpoint import load_checkpoint
+    from siamae.config import config_from_dict
+    from siamae.data.dataset import build_dataset
+    from siamae.methods import build_method
+    from siamae.viz import save_loss_curve, save_reconstruction, visualize_checkpoint
+
+    run = tmp_path / "run"
+    summary = _small_run(run)
+    ckpt = load_checkpoint(summary["checkpoint"])
+    cfg = config_from_dict(ckpt["config"])
+    method = build_method(cfg)
+    method.load_state_dict(ckpt["model"])
+    dataset = build_dataset(cfg, method.view_kind, method.encoder.num_patches)
+    seen: dict[str, object] = {}
+
+    def picture(batch):  # noqa: ANN001, ANN202 - two columns of the method's own choosing
+        seen["batch"] = batch
+        images = batch["images"][:, 0]
+        return [("left", torch.zeros_like(images)), ("right", torch.ones_like(images))]
+
+    monkeypatch.setattr(method, "picture", picture)
+    path = save_reconstruction(method, dataset, tmp_path / "custom.png", count=2, step=7)
+    assert path is not None and seen["batch"]["images"].shape[0] == 2
+    drawn = np.asarray(Image.open(path))[..., :3]
+    # two columns: black on the left half, white on the right, titled above
+    middle = drawn.shape[0] // 2
+    row = drawn[middle, :, 0]
+    assert (row[: len(row) // 2] < 20).sum() > 50 and (row[len(row) // 2 :] > 235).sum() > 50
+    assert _ink(_top_margin(drawn)) > 50
+    monkeypatch.setattr(method, "picture", lambda batch: None)  # a method without a picture
+    assert save_reconstruction(method, dataset, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+    # The default picture from the checkpoint: four columns, step in the name and the title.
+    out = visualize_checkpoint(run, count=2)
+    assert out.name == f"reconstruction_step{ckpt['step']}.png" and out.is_file()
+
+    curve = np.asarray(Image.open(save_loss_curve(run, tmp_path / "loss.png")))[..., :3]
+    # the legend: a box of both line colours (blue loss, orange lr) inside the axes
+    blue = (curve[..., 2] > 150) & (curve[..., 0] < 80)
+    orange = (curve[..., 0] > 200) & (curve[..., 1] > 100) & (curve[..., 2] < 80)
+    assert blue.sum() > 20 and orange.sum() > 20

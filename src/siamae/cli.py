@@ -100,7 +100,7 @@ def _visualize(args: argparse.Namespace) -> int:
         from siamae.eval.attention import run_command
 
         return run_command(args)
-    from siamae.visualize import visualize_checkpoint
+    from siamae.viz import visualize_checkpoint
 
     path = visualize_checkpoint(
         args.checkpoint, args.out, data=args.data, count=args.count, seed=args.seed

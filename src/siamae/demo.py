@@ -96,5 +96,6 @@ def _propagation_step(summary: dict[str, Any], cfg: Config, run_dir: Path) -> No
             f"  {name:12s} J&F-Mean {r['J&F-Mean']:.3f} (J {r['J-Mean']:.3f}, F {r['F-Mean']:.3f})"
         )
     print(
-        f"  overlay picture: {res['picture']['path']} (rows: {', '.join(res['picture']['rows'])})"
+        f"  picture: {res['picture']['path']} (every video; rows "
+        f"{', '.join(res['picture']['rows'])}, each with its J&F; frame numbers above)"
     )

@@ -1,36 +1,84 @@
-"""Pictures: reconstructions (reference, masked view, prediction, original) and the loss curve."""
+"""Pictures of a training run: the method's own picture (reconstructions), the loss curve, and
+``siamae visualize`` (the same picture from a checkpoint, on request).
+
+Every picture says what it shows without the console: a title with the method and the step,
+titled columns, axis labels and a legend. Matplotlib draws them through its object API
+(``matplotlib.figure.Figure``), so no global backend or figure state is touched.
+"""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
+from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")  # files only; no display is needed or assumed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from siamae.engine.logging import read_metrics  # noqa: E402
-
-MEAN = np.array([0.485, 0.456, 0.406])
-STD = np.array([0.229, 0.224, 0.225])
+from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint
+from siamae.errors import CheckpointError, SiamaeError
 
 
-def to_rgb(image: torch.Tensor) -> np.ndarray:
-    """Normalised (3, H, W) -> displayable (H, W, 3) in [0, 1]."""
-    arr = image.detach().float().cpu().permute(1, 2, 0).numpy()
-    return np.clip(arr * STD + MEAN, 0, 1)
+def to_image(image: torch.Tensor) -> np.ndarray:
+    """RGB (3, H, W) in [0, 1] -> displayable (H, W, 3) float array, clipped to [0, 1]."""
+    return image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def save_picture_grid(
+    columns: list[tuple[str, torch.Tensor]], path: str | Path, title: str, cell: float = 2.2
+) -> Path:
+    """One sample a row, one titled column per entry of ``columns`` ((B, 3, H, W) in [0, 1])."""
+    from matplotlib.figure import Figure
+
+    if not columns:
+        raise ValueError("a picture needs at least one column")
+    rows = min(images.shape[0] for _, images in columns)
+    fig = Figure(figsize=(cell * len(columns), cell * rows + 0.5), layout="constrained")
+    axes = fig.subplots(rows, len(columns), squeeze=False)
+    for c, (name, images) in enumerate(columns):
+        for r in range(rows):
+            ax = axes[r][c]
+            ax.imshow(to_image(images[r]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=10)
+            if c == 0:
+                ax.set_ylabel(f"sample {r + 1}", fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _last_logged_step(run_dir: Path) -> int | None:
+    from siamae.engine.logging import read_metrics
+
+    try:
+        steps = [r["step"] for r in read_metrics(run_dir) if "step" in r]
+    except (OSError, ValueError):
+        return None
+    return int(steps[-1]) if steps else None
 
 
 @torch.no_grad()
 def save_reconstruction(
-    method, dataset, path: str | Path, device: torch.device | str = "cpu", count: int = 4
-) -> Path:  # noqa: ANN001
-    """Reconstruct the first ``count`` samples of epoch 0 and save a grid, one sample a row.
+    method: Any,
+    dataset: Any,
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    count: int = 4,
+    step: int | None = None,
+) -> Path | None:
+    """Draw ``method.picture`` of the first ``count`` samples of epoch 0, one sample a row.
 
-    The masks come from the samples' own noise, so the picture is the same however often it is
-    made, and making it does not touch the global RNG.
+    The columns are whatever the method's ``picture(batch)`` returns (by default the
+    reconstruction: reference view, masked view, prediction, original); a method that returns
+    None gets no picture (and None is returned). The title names the method and the step
+    (``step``; when not given, the last step logged in the picture's folder, if any). The
+    samples carry their own mask noise, so the picture is the same however often it is made,
+    and making it does not touch the global RNG.
     """
     from siamae.data.dataset import batch_to_device, collate
 
@@ -38,53 +86,135 @@ def save_reconstruction(
     inputs = batch_to_device(collate(samples), device)
     was_training = method.training
     method.eval()
-    rec = method.reconstruct(inputs)
-    method.train(was_training)
-    columns = [
-        ("reference view", rec.reference),
-        ("masked view", rec.masked),
-        ("prediction", rec.prediction),
-        ("original", rec.original),
-    ]
-    columns = [(title, images) for title, images in columns if images is not None]
-    rows = rec.masked.shape[0]
-    fig, axes = plt.subplots(
-        rows, len(columns), figsize=(2.4 * len(columns), 2.4 * rows), squeeze=False
-    )
-    for r in range(rows):
-        for c, (title, images) in enumerate(columns):
-            ax = axes[r][c]
-            ax.imshow(to_rgb(images[r]))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(title, fontsize=10)
-    fig.suptitle(
-        f"{type(method).__name__}: mask ratio {getattr(method, 'mask_ratio', '?')}", fontsize=11
-    )
-    fig.tight_layout()
+    try:
+        columns = method.picture(inputs)
+    finally:
+        method.train(was_training)
+    if not columns:
+        return None
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    if step is None:
+        step = _last_logged_step(path.parent)
+    name = getattr(method, "name", type(method).__name__)
+    details = [f"step {step}" if step is not None else "step unknown"]
+    mask_ratio = getattr(method, "mask_ratio", None)
+    if isinstance(mask_ratio, float):
+        details.append(f"mask ratio {mask_ratio:g}")
+    return save_picture_grid(columns, path, f"{name}: {', '.join(details)}")
 
 
 def save_loss_curve(run_dir: str | Path, path: str | Path) -> Path:
-    """Plot loss (and lr) against step from the run's metrics.jsonl."""
-    records = [r for r in read_metrics(run_dir) if "loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    """Loss and learning rate against step, from the run's metrics.jsonl, with a legend."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    from siamae.engine.logging import read_metrics
+
+    run_dir = Path(run_dir)
+    records = [r for r in read_metrics(run_dir) if "loss" in r and r["loss"] is not None]
+    method = _run_method(run_dir)
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
     if records:
         steps = [r["step"] for r in records]
-        ax.plot(steps, [r["loss"] for r in records], color="tab:blue", label="loss")
+        marker = "o" if len(records) < 20 else None  # a few points stay visible
+        lines = ax.plot(
+            steps, [r["loss"] for r in records], color="tab:blue", marker=marker, label="loss"
+        )
         ax.set_xlabel("step")
-        ax.set_ylabel("loss (norm-pix MSE, masked patches)")
-        ax2 = ax.twinx()
-        ax2.plot(steps, [r["lr"] for r in records], color="tab:orange", alpha=0.6, label="lr")
-        ax2.set_ylabel("learning rate")
-    ax.set_title("pre-training loss")
-    fig.tight_layout()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if steps[0] == steps[-1]:
+            ax.set_xlim(steps[0] - 1, steps[0] + 1)
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        if all("lr" in r for r in records):
+            lr_axis = ax.twinx()
+            lines += lr_axis.plot(
+                steps,
+                [r["lr"] for r in records],
+                color="tab:orange",
+                linestyle="--",
+                marker="x" if marker else None,
+                label="learning rate (right axis)",
+            )
+            lr_axis.set_ylabel("learning rate")
+        ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
+        span = f"step {steps[0]}" if steps[0] == steps[-1] else f"steps {steps[0]}-{steps[-1]}"
+        title = f"{method + ': ' if method else ''}training loss, {span}"
+    else:
+        ax.text(0.5, 0.5, "no loss logged yet", ha="center", va="center", transform=ax.transAxes)
+        title = f"{method + ': ' if method else ''}training loss"
+    ax.set_title(title)
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return path
+
+
+def _run_method(run_dir: Path) -> str | None:
+    """The method named in the run's config.yaml, if it can be read."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    method = data.get("method") if isinstance(data, dict) else None
+    return method if isinstance(method, str) else None
+
+
+def visualize_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path | None = None,
+    data: str | None = None,
+    count: int = 4,
+    seed: int = 0,
+) -> Path:
+    """``siamae visualize``: rebuild the method from the checkpoint's own config and draw its
+    picture of ``count`` samples (``<run folder>/reconstruction_step<N>.png`` by default)."""
+    from siamae.config import apply_overrides, config_from_dict
+    from siamae.data.dataset import build_dataset
+    from siamae.methods import build_method
+
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("format") != TRAIN_FORMAT:
+        raise CheckpointError(
+            f"{checkpoint}: visualize needs a siamae training checkpoint (with its decoder); "
+            "exported encoders and plain state dicts hold no decoder"
+        )
+    raw = ckpt["config"]
+    overrides = [f"run.seed={seed}"]
+    if data is not None:
+        overrides.append(f"data.path={data}")
+        if raw["data"]["source"] == "synthetic":
+            overrides.append("data.source=images")
+    cfg = config_from_dict(apply_overrides(raw, overrides))
+    method = build_method(cfg)
+    try:
+        method.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{checkpoint}: weights do not fit the {cfg.method} model of its config ({err})"
+        ) from None
+    step = int(ckpt.get("step", 0))
+    if out is None:
+        ckpt_path = Path(checkpoint)
+        run_dir = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent.parent
+        out = run_dir / f"reconstruction_step{step}.png"
+    with tempfile.TemporaryDirectory(prefix="siamae-visualize-") as cache:  # a video index
+        dataset = build_dataset(
+            cfg,
+            method.view_kind,
+            method.encoder.num_patches,
+            views=method.build_views(cfg),
+            source=method.build_source(cfg, cache),
+        )
+        path = save_reconstruction(
+            method.eval(), dataset, out, torch.device("cpu"), count, step=step
+        )
+    if path is None:
+        raise SiamaeError(
+            f"{checkpoint}: the {cfg.method} method draws no picture; for its encoder's "
+            "attention use 'siamae visualize attention --checkpoint ... --images ...'"
+        )
     return path
