@@ -7,6 +7,7 @@ FLOP/s over the fp32 matmul peak measured in the same run (``torch.mm`` on 2048x
     python benchmarks/train_throughput.py                    # CropMAE ViT-S/16 + MAE ViT-B/16, batch 32
     python benchmarks/train_throughput.py --models cropmae_vits16 --steps 5 --compile
     python benchmarks/train_throughput.py --models mae_vitb16 mixedae_vitb16   # + MixedAE's cost over MAE
+    python benchmarks/train_throughput.py --models mae_vitb16 siameseim_vitb16 # + SiameseIM's
 """
 
 from __future__ import annotations
@@ -42,7 +43,29 @@ MODELS = {
         "model.patch_size=16",
     ],
     "cropmae_vitt16": ["method=cropmae", "model.arch=vit_tiny", "model.patch_size=16"],
+    # SiameseIM: a pair is view 1 (block-masked, 118 of 196) + view 2 (the EMA target's, whole).
+    "siameseim_vitb16": ["method=siameseim", "model.arch=vit_base", "model.patch_size=16"],
 }
+
+
+def view_extras(cfg, batch: int, device: torch.device) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """What a method's view maker adds to the batch (SiameseIM: boxes, flips, block masks)."""
+    if cfg.method != "siameseim":
+        return {}
+    import numpy as np
+
+    from siamae.methods import METHODS
+
+    maker = METHODS["siameseim"].build_views(cfg)
+    rng = np.random.default_rng(0)
+    mask = torch.from_numpy(np.stack([maker.masker(rng).reshape(-1) for _ in range(batch)]))
+    boxes = torch.tensor([[0.0, 0.0, 300.0, 300.0], [50.0, 80.0, 200.0, 180.0]]).repeat(batch, 1, 1)
+    return {
+        "mask": mask.to(device),
+        "box": boxes.to(device),
+        "flip": torch.tensor([[False, True]] * batch, device=device),
+        "image_width": torch.full((batch, 1), 400.0, device=device),
+    }
 
 
 def matmul_peak(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
@@ -85,6 +108,7 @@ def bench(
     batch_data = {
         "images": torch.randn(batch, views, 3, img, img, device=device),
         "mask_noise": torch.rand(batch, n, device=device),
+        **view_extras(cfg, batch, device),
     }
 
     def step() -> None:
@@ -97,6 +121,7 @@ def bench(
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        method.after_step(1, 100)  # EMA targets update after every step
 
     with FlopCounterMode(display=False) as counter:
         with torch.autocast(device.type, enabled=False):
