@@ -7,6 +7,7 @@ Ours: the same crop-parameter distribution; JPEG decoded at the smallest 1/2-1/4
 crop allows, one fused crop+resize per view, uint8 out (normalisation happens on the device).
 
     python benchmarks/data_throughput.py --data ../shared/data/imagenet-sample
+    python benchmarks/data_throughput.py --methods siameseim --videos none   # SiameseIM's views
 """
 
 from __future__ import annotations
@@ -100,6 +101,78 @@ def bench_images(data: Path, count: int, repeats: int, workers: int) -> None:
         )
 
 
+# -- SiameseIM (two views with boxes, photometric augments, block mask) ---------------------------
+
+
+def published_siameseim_pipeline() -> callable:
+    """SiameseIM's published loader, per image: each view its own flip of the whole image, own
+    RandomResizedCrop(224, (0.08, 1), bicubic), colour jitter 0.8 / grayscale 0.2 / blur (1.0
+    for view 1, 0.1 for view 2) / solarize 0.2 (view 2), float tensors; BEiT's block mask."""
+    from PIL import ImageFilter, ImageOps
+
+    from siamae.data.siameseim_views import BlockMaskGenerator
+
+    def blur(img: Image.Image) -> Image.Image:
+        return img.filter(ImageFilter.GaussianBlur(radius=float(np.random.uniform(0.1, 2.0))))
+
+    normalize = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    )
+    crop = transforms.RandomResizedCrop(
+        224, scale=(0.08, 1.0), interpolation=transforms.InterpolationMode.BICUBIC
+    )
+    jitter = transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8)
+    gray = transforms.RandomGrayscale(p=0.2)
+    colour = [
+        transforms.Compose([jitter, gray, transforms.RandomApply([blur], p=1.0)]),
+        transforms.Compose(
+            [
+                jitter,
+                gray,
+                transforms.RandomApply([blur], p=0.1),
+                transforms.RandomApply([ImageOps.solarize], p=0.2),
+            ]
+        ),
+    ]
+    masker = BlockMaskGenerator(14, 14, 118, 16)
+    rng = np.random.default_rng(0)
+
+    def make(path: Path) -> tuple:
+        img = Image.open(path).convert("RGB")
+        views = []
+        for transform in colour:
+            flipped = img.transpose(Image.FLIP_LEFT_RIGHT) if np.random.rand() < 0.5 else img
+            views.append(normalize(transform(crop(flipped))))
+        return (*views, masker(rng))
+
+    return make
+
+
+def bench_siameseim(data: Path, count: int, repeats: int, workers: int) -> None:
+    from siamae.data.siameseim_views import SiameseIMViews
+
+    source = ImageFileSource(data)
+    files = source.files[:count]
+    ours = PretrainDataset(source, SiameseIMViews(), num_patches=196)
+    torch.manual_seed(0)
+    published = time_per_item(published_siameseim_pipeline(), files, repeats)
+    mine = time_per_item(lambda i: ours[(0, i)], list(range(len(files))), repeats)
+    print(f"SiameseIM ({len(files)} JPEGs): 2 views a pair, photometric augments, block mask")
+    print(f"{'pipeline':44s} {'pairs/s/worker':>15s} {'views/s/worker':>15s}")
+    print(
+        f"{'published (full decode, RRC, float tensors)':44s} {published:15.1f} {2 * published:15.1f}"
+    )
+    print(
+        f"{'siamae (one draft decode, fused crops, uint8)':44s} {mine:15.1f} {2 * mine:15.1f}"
+        f"   x{mine / published:.2f}"
+    )
+    if workers > 0:
+        rate = loader_rate(ours, workers, 32 * 8)
+        print(
+            f"{'siamae DataLoader, ' + str(workers) + ' workers (total)':44s} {rate:15.1f} {2 * rate:15.1f}"
+        )
+
+
 # -- video (SiamMAE frame pairs) ------------------------------------------------------------------
 
 
@@ -178,6 +251,13 @@ def main() -> None:
     parser.add_argument(
         "--video-seconds", type=float, default=12.0, help="seconds per video configuration"
     )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["cropmae", "siameseim"],
+        choices=["cropmae", "siameseim"],
+        help="image pipelines to time",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # one worker process = one core
     print(
@@ -185,7 +265,10 @@ def main() -> None:
     )
     if not args.data.is_dir():
         raise SystemExit(f"no image folder at {args.data}; pass --data")
-    bench_images(args.data, args.count, args.repeats, args.workers)
+    if "cropmae" in args.methods:
+        bench_images(args.data, args.count, args.repeats, args.workers)
+    if "siameseim" in args.methods:
+        bench_siameseim(args.data, args.count, args.repeats, args.workers)
     if args.videos.is_dir():
         bench_videos(args.videos, args.video_seconds, args.repeats)
 
