@@ -325,3 +325,18 @@ def test_command_reads_train_and_val_from_one_folder(folders, tmp_path: Path, ca
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert f"path: {folders[0]}" in saved and f"val: {folders[1]}" in saved
     assert main(argv[:5] + ["--data", str(tmp_path / "nowhere")]) == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "base_lr"),
+    [("finetune_vitb16_in1k_mae", 5e-4), ("finetune_vitb16_in1k_siameseim", 2.5e-4)],
+)
+def test_imagenet_recipes_resolve_to_the_published_protocol(folders, name, base_lr) -> None:  # noqa: ANN001
+    config = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
+    cfg = load_config(config, [f"data.path={folders[0]}"])
+    f = cfg.finetune
+    assert (cfg.method, cfg.model.arch, cfg.model.patch_size) == ("finetune", "vit_base", 16)
+    assert cfg.optim.base_lr == base_lr and cfg.optim.betas == (0.9, 0.999)
+    assert (cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.model.drop_path) == (100, 5, 0.1)
+    assert (f.layer_decay, f.mixup, f.cutmix, f.smoothing, f.reprob) == (0.65, 0.8, 1.0, 0.1, 0.25)
+    assert f.aa == "rand-m9-mstd0.5-inc1" and f.global_pool and cfg.data.interpolation == "bicubic"
