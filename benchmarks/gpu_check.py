@@ -272,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, help="loader workers (default: min(8, cores - 2); tiny 0)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's; 1 is fastest on a CPU shared with other jobs)",
+    )
     parser.add_argument("--out", help="keep the run folders here (default: a temporary folder)")
     parser.add_argument(
         "--set",
@@ -300,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers
     if workers is None:
         workers = 0 if args.tiny else max(0, min(8, (os.cpu_count() or 2) - 2))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     methods = args.methods or list(METHODS)
     unknown = [m for m in methods if m not in METHODS]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from siamae.methods import METHODS, CropMAE
 
@@ -31,8 +32,19 @@ class BrokenMethod(CropMAE):
         raise RuntimeError("boom in the training step")
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: two OpenMP threads crawl when other jobs share the 2 cores."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_gpu_check_tiny_on_cpu(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    one_thread: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     gpu_check = _load_script()
     monkeypatch.setitem(METHODS, "broken", BrokenMethod)
@@ -43,7 +55,7 @@ def test_gpu_check_tiny_on_cpu(
         "decoder.mlp_dim=64",
     ]
     argv = ["--tiny", "--compile", "off", "--methods", "cropmae", "broken", "--batch", "2",
-            "--steps", "2", "--window", "1", "--out", str(tmp_path)]  # fmt: skip
+            "--steps", "2", "--window", "1", "--out", str(tmp_path), "--threads", "1"]  # fmt: skip
     for value in small_decoder:
         argv += ["--set", value]
     assert gpu_check.main(argv) == 0

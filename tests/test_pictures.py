@@ -73,7 +73,9 @@ def test_overlay_png_has_frame_numbers_and_gif_frames_are_captioned(tmp_path: Pa
     assert gif.save(tmp_path / "dog").suffix == ".gif"
 
 
-def test_synthetic_propagation_picture_shows_every_video_with_scores(tmp_path: Path) -> None:
+def test_synthetic_propagation_picture_shows_every_video_with_scores(
+    tmp_path: Path, one_thread: None
+) -> None:
     from siamae.eval.synthetic_videos import evaluate_synthetic
     from siamae.loading import random_encoder
 
@@ -107,8 +109,19 @@ def _small_run(run: Path, method: str = "cropmae") -> dict:
     return train(cfg, resume=False)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: two OpenMP threads crawl when other jobs share the 2 cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_reconstruction_draws_the_methods_picture_with_name_and_step(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
 ) -> None:
     import torch
 
