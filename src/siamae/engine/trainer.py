@@ -578,9 +578,11 @@ def _train(
         from siamae.viz import save_loss_curve, save_reconstruction
 
         method.eval()
-        summary["reconstruction"] = str(
-            save_reconstruction(method, dataset, run_dir / "reconstruction.png", device)
+        picture = save_reconstruction(
+            method, dataset, run_dir / "reconstruction.png", device, step=state.step
         )
+        if picture is not None:  # a classifier (fine-tuning) has nothing to reconstruct
+            summary["reconstruction"] = str(picture)
         summary["loss_curve"] = str(save_loss_curve(run_dir, run_dir / "loss_curve.png"))
         method.train()
     if math.isnan(last_loss) and info.is_main:
