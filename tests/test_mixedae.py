@@ -16,7 +16,7 @@ from timm.models.vision_transformer import Block
 from siamae.config import load_config
 from siamae.data.mixing import group_partition, mix_images, unmix_index, unmix_latent
 from siamae.engine.trainer import train
-from siamae.errors import ConfigError
+from siamae.errors import ConfigError, SiamaeError
 from siamae.export import export_encoder
 from siamae.loading import load_encoder
 from siamae.methods import build_method
@@ -281,6 +281,8 @@ def test_picture_shows_each_group_mixed_outlined_and_every_source_reconstructed(
     corner = mixed[0][:, 0, :]  # top border row of the top row of patches: outline colours
     assert (corner == red).all(0).any()
     assert method.picture({k: v[:3] for k, v in batch.items()}) is None
+    with pytest.raises(SiamaeError, match="at least 4 samples"):
+        method.reconstruct({k: v[:3] for k, v in batch.items()})
 
 
 # -- training on the engine --------------------------------------------------------------------

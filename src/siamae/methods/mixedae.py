@@ -40,8 +40,14 @@ from siamae.data.mixing import (
     unmix_index,
     unmix_latent,
 )
-from siamae.errors import ConfigError
-from siamae.methods.base import Method, MethodOutput, Reconstruction, paste_prediction
+from siamae.errors import ConfigError, SiamaeError
+from siamae.methods.base import (
+    Method,
+    MethodOutput,
+    Reconstruction,
+    denormalize,
+    paste_prediction,
+)
 from siamae.methods.mae import MAE
 from siamae.models.decoder import MAEDecoder
 from siamae.models.homologous import homologous_block, homologous_precision
@@ -358,8 +364,17 @@ class MixedAE(Method):
 
     @torch.no_grad()
     def reconstruct(self, batch: dict[str, torch.Tensor]) -> Reconstruction:
-        """Per source image: the mixed image (reference), its own patches, the reconstruction."""
-        run = self._run(batch)
+        """Per source image: the mixed image (reference), its own patches, the reconstruction.
+
+        Only whole groups of R samples can be mixed: a batch is cut to a multiple of R.
+        """
+        whole = self._whole_groups(batch)
+        if whole is None:
+            raise SiamaeError(
+                f"MixedAE mixes groups of {self.ratio} images: a picture needs at least "
+                f"{self.ratio} samples (e.g. --count {self.ratio})"
+            )
+        run = self._run(whole)
         index = run["index"]
         masked, pasted = paste_prediction(
             run["pred"].float(),
@@ -383,31 +398,19 @@ class MixedAE(Method):
         part = self.partition(batch)
         index = unmix_index(part)
         p = self.encoder.patch_size
-        mean = torch.tensor([0.485, 0.456, 0.406], device=rec.original.device).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225], device=rec.original.device).view(1, 3, 1, 1)
-
-        def rgb(x: torch.Tensor) -> torch.Tensor:
-            return (x.float() * std + mean).clamp(0, 1)
-
-        source_of = part.source_of[index.group]  # (B, N)
-        mixed = outline_sources(rgb(rec.reference), source_of, p)
-        # Own patches outlined in the image's colour; the positions it did not supply stay grey.
-        own = torch.where(index.mask.bool(), -1, index.slot.unsqueeze(1))
-        supplied = rgb(rec.masked)
-        outlined = outline_sources(supplied, own.clamp(min=0), p)
-        keep = (own >= 0).float().view(-1, 1, *part_grid(p, supplied))
-        keep = keep.repeat_interleave(p, 2).repeat_interleave(p, 3)
-        supplied = torch.where(keep.bool(), outlined, torch.full_like(supplied, 0.5))
+        b, n = index.mask.shape
+        grid = (rec.original.shape[2] // p, rec.original.shape[3] // p)
+        mixed = outline_sources(denormalize(rec.reference), part.source_of[index.group], p)
+        # The image's own patches outlined in its colour; the positions it did not supply grey.
+        own_colour = outline_sources(denormalize(rec.masked), index.slot[:, None].expand(b, n), p)
+        hidden = index.mask.view(b, 1, *grid).repeat_interleave(p, 2).repeat_interleave(p, 3)
+        supplied = torch.where(hidden.bool(), torch.full_like(own_colour, 0.5), own_colour)
         return [
             ("mixed input (colour = source)", mixed),
             ("patches it supplied", supplied),
-            ("reconstruction", rgb(rec.prediction)),
-            ("original", rgb(rec.original)),
+            ("reconstruction", denormalize(rec.prediction)),
+            ("original", denormalize(rec.original)),
         ]
-
-
-def part_grid(patch_size: int, images: torch.Tensor) -> tuple[int, int]:
-    return images.shape[2] // patch_size, images.shape[3] // patch_size
 
 
 def _depth(cfg: Config) -> int:
