@@ -1,0 +1,160 @@
+"""Quality at small scale: SiameseIM vs MAE vs random init, k-NN and linear probe on CIFAR-10.
+
+At a fixed CPU budget (the same steps, batch, encoder and view size for both methods), pre-train
+a ViT-Tiny/8 on 64-pixel views of ``imagenet-sample`` with SiameseIM and with MAE, then probe
+each frozen encoder, and the same encoder untrained, on ``cifar10-subset`` (5000 train / 1000
+test images, upsampled to 64 pixels): k-NN top-1 (k = 20, T = 0.07) and a linear probe (MAE's
+head: BatchNorm without affine + Linear, SGD, cached features). One command reproduces the
+table printed at the end (also written as JSON):
+
+    python benchmarks/quality_siameseim.py --data-root ../shared/data --steps 150 --out runs/quality_sim
+
+Deviations from the recipes, all for size and applied equally: ViT-Tiny/8 at 64 px (an 8 x 8
+grid; SiameseIM masks 39 of 64 patches in blocks of 5+), a 128-d, 4-head, 4-block decoder for
+MAE and predictor for SiameseIM, batch 32, the given steps, each method's recipe lr times 10.
+Features: the mean of the patch tokens after the final norm (SiameseIM trains its patch tokens
+densely and its CLS token never meets the loss), for every encoder alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from siamae.config import load_config
+from siamae.engine.trainer import train
+from siamae.eval.features import EvalTransform, ImageFolder, extract_features
+from siamae.eval.knn import knn_classify
+from siamae.eval.linear import LinearConfig, fit_probe
+from siamae.loading import load_encoder, random_encoder
+
+COMMON = [
+    "model.arch=vit_tiny",
+    "model.patch_size=8",
+    "model.img_size=64",
+    "decoder.dim=128",
+    "decoder.depth=4",
+    "decoder.num_heads=4",
+    "decoder.mlp_dim=512",
+    "decoder.dropout=0",
+    "decoder.norm_style=pre",
+    "data.source=images",
+    "data.batch_size=32",
+    "run.log_every=25",
+    "run.checkpoint_every=100000",
+    "run.tensorboard=false",
+    "run.progress=false",
+    "run.visualize=false",
+]
+
+METHODS = {
+    "siameseim": ["method=siameseim", "optim.base_lr=6.25e-4", "optim.clip_grad=1.0"],
+    "mae": ["method=mae", "optim.base_lr=1.5e-3"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--linear-epochs", type=int, default=30)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--out", type=Path, default=Path("runs/quality_siameseim"))
+    args = parser.parse_args()
+    images = args.data_root / "imagenet-sample"
+    cifar = args.data_root / "cifar10-subset"
+    if not images.is_dir() or not (cifar / "train").is_dir():
+        raise SystemExit(
+            f"need {images} and {cifar}/train, test under --data-root (the shared/data folder)"
+        )
+    encoders = {"random init": random_encoder("vit_tiny_patch8_64", seed=args.seed)}
+    budget: dict[str, dict] = {}
+    for name in args.methods:
+        cfg = load_config(
+            None,
+            [
+                *COMMON,
+                *METHODS[name],
+                f"data.path={images}",
+                f"optim.max_steps={args.steps}",
+                f"optim.warmup_steps={args.steps // 10}",
+                f"run.seed={args.seed}",
+                f"data.num_workers={args.workers}",
+                f"run.out_dir={args.out / name}",
+            ],
+        )
+        start = time.perf_counter()
+        summary = train(cfg, resume=False)
+        budget[name] = {"seconds": time.perf_counter() - start, "final_loss": summary["final_loss"]}
+        encoders[name] = load_encoder(summary["checkpoint"])
+        print(f"{name}: {args.steps} steps in {budget[name]['seconds']:.0f} s", flush=True)
+
+    transform = EvalTransform(64, crop_pct=1.0)
+    train_set = ImageFolder(cifar / "train", transform)
+    test_set = ImageFolder(cifar / "test", transform, classes=train_set.classes)
+    classes = len(train_set.classes)
+    rows = []
+    for name, encoder in encoders.items():
+        start = time.perf_counter()
+        # Features once per encoder (mean of patch tokens), shared by k-NN and the linear head.
+        feats = [
+            extract_features(encoder, data, pool="mean", batch_size=128, progress=False)
+            for data in (train_set, test_set)
+        ]
+        knn = knn_classify(
+            feats[0], train_set.labels, feats[1], test_set.labels, ks=(20,), num_classes=classes
+        )
+        linear = fit_probe(
+            feats[0],
+            train_set.labels,
+            feats[1],
+            test_set.labels,
+            classes,
+            LinearConfig(
+                epochs=args.linear_epochs,
+                warmup_epochs=min(5.0, args.linear_epochs / 3),
+                pool="mean",
+                seed=args.seed,
+            ),
+        )
+        print(f"{name}: probes in {time.perf_counter() - start:.0f} s", flush=True)
+        rows.append(
+            {
+                "encoder": name,
+                "knn_top1": knn.top1[20],
+                "linear_top1": linear.top1,
+                "linear_best_top1": linear.best_top1,
+                "probe_seconds": time.perf_counter() - start,
+                **budget.get(name, {}),
+            }
+        )
+    print(
+        f"\nCIFAR-10 subset (5000 train / 1000 test at 64 px, mean-pooled patch tokens); "
+        f"pre-training: ViT-Tiny/8 at 64 px on imagenet-sample, {args.steps} steps x batch 32, "
+        f"seed {args.seed}, {torch.get_num_threads()} threads"
+    )
+    print(f"{'encoder':12s} {'k-NN top-1':>10s} {'linear top-1':>12s} {'train s':>8s} {'loss':>7s}")
+    for r in rows:
+        loss = r.get("final_loss")
+        print(
+            f"{r['encoder']:12s} {r['knn_top1']:10.1f} {r['linear_top1']:12.1f} "
+            f"{r.get('seconds', 0):8.0f} {loss if loss is None else round(loss, 4)!s:>7s}"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality.json").write_text(
+        json.dumps({"steps": args.steps, "seed": args.seed, "rows": rows}, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    main()
