@@ -21,6 +21,7 @@ from siamae.engine.trainer import train
 from siamae.errors import ConfigError
 from siamae.loading import load_encoder
 from siamae.methods import build_method
+from siamae.methods.base import denormalize
 from siamae.methods.siameseim import (
     SiameseIM,
     TokenBatchNorm,
@@ -339,12 +340,41 @@ def test_batchnorm_over_tokens_and_the_layernorm_switch() -> None:
 def test_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match="data.source"):
         _cfg(None, "data.source=videos", "data.path=/tmp")
+    with pytest.raises(ConfigError, match="data.repeated_sampling"):
+        _cfg(None, "data.repeated_sampling=2")
     with pytest.raises(ConfigError, match="siameseim.momentum"):
         _cfg(None, "siameseim.momentum=1.5")
     cfg = load_config(None, ["method=siameseim", "model.arch=vit_base", "data.source=synthetic"])
     assert cfg.decoder.dim == 768 and cfg.decoder.num_heads == 16 and cfg.decoder.depth == 4
     assert round(196 * cfg.mask_ratio) == 118 and cfg.data.global_scale == (0.08, 1.0)
     assert cfg.data.interpolation == "bicubic"
+
+
+def test_picture_draws_view_2s_box_on_view_1() -> None:
+    model = _small().eval()
+    batch = _batch(model, b=2)
+    batch["box"] = torch.tensor([[[0.0, 0, 100, 100], [50, 25, 50, 50]]] * 2)
+    batch["flip"] = torch.tensor([[False, False], [True, False]])
+    batch["image_width"] = torch.full((2, 1), 200.0)
+    columns = dict(model.picture(batch))
+    assert list(columns) == [
+        "view 1 + view 2's box",
+        "visible patches",
+        "view 2",
+        "prediction error",
+    ]
+    assert all(
+        c.shape == (2, 3, 32, 32) and 0 <= c.min() and c.max() <= 1 for c in columns.values()
+    )
+    boxed = columns["view 1 + view 2's box"]
+    red = torch.tensor([1.0, 0.0, 0.0])
+    # Sample 0: view 2 covers view-1 pixels rows 16-31, columns 8-23; the 2-px outline lies
+    # just outside. Sample 1 (one view flipped): columns mirrored, 200 - 0 - 25 - 50 = 125 ->
+    # beyond view 1 (0-100 of the image), so nothing is drawn.
+    assert torch.equal(boxed[0, :, 15, 12], red) and torch.equal(boxed[0, :, 20, 7], red)
+    view1 = denormalize(batch["images"][:, 0])
+    assert torch.equal(boxed[0, :, 20, 12], view1[0, :, 20, 12])
+    assert torch.equal(boxed[1], view1[1])
 
 
 # -- training ------------------------------------------------------------------------------------

@@ -310,6 +310,10 @@ class SiameseIM(Method):
             raise ConfigError(
                 "config field 'data.source': siameseim learns from images; use 'images' or 'synthetic'"
             )
+        if cfg.data.repeated_sampling != 1:
+            raise ConfigError(
+                "config field 'data.repeated_sampling': siameseim makes one pair per image; set 1"
+            )
         if cfg.decoder.dropout:
             raise ConfigError(
                 "config field 'decoder.dropout': siameseim's projector/predictor have no dropout; set 0"
