@@ -13,12 +13,14 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 from PIL import Image
+from safetensors.torch import load_file
 
 from siamae.config import load_config
 from siamae.data.siameseim_views import BlockMaskGenerator, SiameseIMViews
 from siamae.data.views import crop_resize
 from siamae.engine.trainer import train
 from siamae.errors import ConfigError
+from siamae.export import export_encoder
 from siamae.loading import load_encoder
 from siamae.methods import build_method
 from siamae.methods.base import denormalize
@@ -424,6 +426,14 @@ def test_export_and_load_encoder_take_the_online_encoder(tmp_path: Path) -> None
     assert not torch.equal(
         encoder.vit.blocks[0].attn.qkv.weight,
         weights["target_encoder.vit.blocks.0.attn.qkv.weight"],
+    )
+    # The export holds the online encoder, timm-named, and nothing of the target.
+    path, _ = export_encoder(tmp_path, tmp_path / "encoder.safetensors")
+    exported = load_file(path)
+    assert encoder.vit.state_dict().keys() <= exported.keys()
+    assert not any(k.startswith(("target", "mm_")) for k in exported)
+    assert all(
+        torch.equal(exported[k], weights["encoder.vit." + k]) for k in encoder.vit.state_dict()
     )
 
 
