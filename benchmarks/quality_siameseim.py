@@ -7,7 +7,12 @@ test images, upsampled to 64 pixels): k-NN top-1 (k = 20, T = 0.07) and a linear
 head: BatchNorm without affine + Linear, SGD, cached features). One command reproduces the
 table printed at the end (also written as JSON):
 
-    python benchmarks/quality_siameseim.py --data-root ../shared/data --steps 150 --out runs/quality_sim
+    python benchmarks/quality_siameseim.py --data-root ../shared/data --steps 100 --out runs/quality_sim
+
+"Fixed budget" is read both ways: both methods get the same steps x batch, and MAE also gets
+a second run with SiameseIM's wall-clock pre-training time (``mae (same time)``; SiameseIM's
+step costs several MAE steps). Finished runs and probes are recorded in ``--out`` and reused
+when the command is run again with the same settings.
 
 Deviations from the recipes, all for size and applied equally: ViT-Tiny/8 at 64 px (an 8 x 8
 grid; SiameseIM masks 39 of 64 patches in blocks of 5+), a 128-d, 4-head, 4-block decoder for
@@ -57,6 +62,84 @@ METHODS = {
 }
 
 
+def pretrain(name: str, method: str, steps: int, args: argparse.Namespace) -> dict:
+    """Pre-train (or reuse a finished run of the same steps): its checkpoint, seconds, loss."""
+    record = args.out / name / "budget.json"
+    if record.is_file():
+        done = json.loads(record.read_text())
+        if done["steps"] == steps and Path(done["checkpoint"]).is_file():
+            return done
+    cfg = load_config(
+        None,
+        [
+            *COMMON,
+            *METHODS[method],
+            f"data.path={args.data_root / 'imagenet-sample'}",
+            f"optim.max_steps={steps}",
+            f"optim.warmup_steps={steps // 10}",
+            f"run.seed={args.seed}",
+            f"data.num_workers={args.workers}",
+            f"run.out_dir={args.out / name}",
+        ],
+    )
+    start = time.perf_counter()
+    summary = train(cfg, resume=False)
+    done = {
+        "steps": steps,
+        "seconds": time.perf_counter() - start,
+        "final_loss": summary["final_loss"],
+        "checkpoint": str(summary["checkpoint"]),
+    }
+    record.write_text(json.dumps(done, indent=2))
+    print(f"{name}: {steps} steps in {done['seconds']:.0f} s", flush=True)
+    return done
+
+
+def probe(name: str, encoder, folders: tuple, args: argparse.Namespace) -> dict:  # noqa: ANN001
+    """k-NN and linear top-1 of a frozen encoder (reused when already measured for this run)."""
+    record = args.out / "probes" / f"{name.replace(' ', '_')}.json"
+    key = {"linear_epochs": args.linear_epochs, "seed": args.seed}
+    if record.is_file():
+        done = json.loads(record.read_text())
+        if done.get("key") == key:
+            return done
+    train_set, test_set = folders
+    classes = len(train_set.classes)
+    start = time.perf_counter()
+    # Features once per encoder (mean of patch tokens), shared by k-NN and the linear head.
+    feats = [
+        extract_features(encoder, data, pool="mean", batch_size=128, progress=False)
+        for data in (train_set, test_set)
+    ]
+    knn = knn_classify(
+        feats[0], train_set.labels, feats[1], test_set.labels, ks=(20,), num_classes=classes
+    )
+    linear = fit_probe(
+        feats[0],
+        train_set.labels,
+        feats[1],
+        test_set.labels,
+        classes,
+        LinearConfig(
+            epochs=args.linear_epochs,
+            warmup_epochs=min(5.0, args.linear_epochs / 3),
+            pool="mean",
+            seed=args.seed,
+        ),
+    )
+    done = {
+        "key": key,
+        "knn_top1": knn.top1[20],
+        "linear_top1": linear.top1,
+        "linear_best_top1": linear.best_top1,
+        "probe_seconds": time.perf_counter() - start,
+    }
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(done, indent=2))
+    print(f"{name}: probes in {done['probe_seconds']:.0f} s", flush=True)
+    return done
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -64,91 +147,53 @@ def main() -> None:
     parser.add_argument(
         "--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
     )
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--linear-epochs", type=int, default=30)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--no-equal-time",
+        action="store_true",
+        help="skip the MAE run given SiameseIM's wall-clock time instead of its steps",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/quality_siameseim"))
     args = parser.parse_args()
-    images = args.data_root / "imagenet-sample"
     cifar = args.data_root / "cifar10-subset"
-    if not images.is_dir() or not (cifar / "train").is_dir():
+    if not (args.data_root / "imagenet-sample").is_dir() or not (cifar / "train").is_dir():
         raise SystemExit(
-            f"need {images} and {cifar}/train, test under --data-root (the shared/data folder)"
+            f"need imagenet-sample and cifar10-subset/train, test under {args.data_root} "
+            "(pass --data-root, the shared/data folder)"
         )
-    encoders = {"random init": random_encoder("vit_tiny_patch8_64", seed=args.seed)}
-    budget: dict[str, dict] = {}
-    for name in args.methods:
-        cfg = load_config(
-            None,
-            [
-                *COMMON,
-                *METHODS[name],
-                f"data.path={images}",
-                f"optim.max_steps={args.steps}",
-                f"optim.warmup_steps={args.steps // 10}",
-                f"run.seed={args.seed}",
-                f"data.num_workers={args.workers}",
-                f"run.out_dir={args.out / name}",
-            ],
-        )
-        start = time.perf_counter()
-        summary = train(cfg, resume=False)
-        budget[name] = {"seconds": time.perf_counter() - start, "final_loss": summary["final_loss"]}
-        encoders[name] = load_encoder(summary["checkpoint"])
-        print(f"{name}: {args.steps} steps in {budget[name]['seconds']:.0f} s", flush=True)
+    runs = {name: pretrain(name, name, args.steps, args) for name in METHODS}
+    if not args.no_equal_time:
+        # The same CPU time for MAE: as many steps as fit in SiameseIM's pre-training time.
+        per_step = runs["mae"]["seconds"] / args.steps
+        steps = int(round(runs["siameseim"]["seconds"] / per_step))
+        runs["mae (same time)"] = pretrain("mae_same_time", "mae", steps, args)
 
     transform = EvalTransform(64, crop_pct=1.0)
     train_set = ImageFolder(cifar / "train", transform)
     test_set = ImageFolder(cifar / "test", transform, classes=train_set.classes)
-    classes = len(train_set.classes)
-    rows = []
-    for name, encoder in encoders.items():
-        start = time.perf_counter()
-        # Features once per encoder (mean of patch tokens), shared by k-NN and the linear head.
-        feats = [
-            extract_features(encoder, data, pool="mean", batch_size=128, progress=False)
-            for data in (train_set, test_set)
-        ]
-        knn = knn_classify(
-            feats[0], train_set.labels, feats[1], test_set.labels, ks=(20,), num_classes=classes
-        )
-        linear = fit_probe(
-            feats[0],
-            train_set.labels,
-            feats[1],
-            test_set.labels,
-            classes,
-            LinearConfig(
-                epochs=args.linear_epochs,
-                warmup_epochs=min(5.0, args.linear_epochs / 3),
-                pool="mean",
-                seed=args.seed,
-            ),
-        )
-        print(f"{name}: probes in {time.perf_counter() - start:.0f} s", flush=True)
-        rows.append(
-            {
-                "encoder": name,
-                "knn_top1": knn.top1[20],
-                "linear_top1": linear.top1,
-                "linear_best_top1": linear.best_top1,
-                "probe_seconds": time.perf_counter() - start,
-                **budget.get(name, {}),
-            }
-        )
+    encoders = {"random init": random_encoder("vit_tiny_patch8_64", seed=args.seed)}
+    encoders.update({name: load_encoder(run["checkpoint"]) for name, run in runs.items()})
+    rows = [
+        {"encoder": name, **runs.get(name, {}), **probe(name, enc, (train_set, test_set), args)}
+        for name, enc in encoders.items()
+    ]
     print(
         f"\nCIFAR-10 subset (5000 train / 1000 test at 64 px, mean-pooled patch tokens); "
-        f"pre-training: ViT-Tiny/8 at 64 px on imagenet-sample, {args.steps} steps x batch 32, "
-        f"seed {args.seed}, {torch.get_num_threads()} threads"
+        f"pre-training: ViT-Tiny/8 at 64 px on imagenet-sample, batch 32, seed {args.seed}, "
+        f"{torch.get_num_threads()} threads"
     )
-    print(f"{'encoder':12s} {'k-NN top-1':>10s} {'linear top-1':>12s} {'train s':>8s} {'loss':>7s}")
+    print(
+        f"{'encoder':16s} {'steps':>6s} {'train s':>8s} {'loss':>7s} {'k-NN top-1':>10s} "
+        f"{'linear top-1':>12s}"
+    )
     for r in rows:
-        loss = r.get("final_loss")
+        loss = "-" if r.get("final_loss") is None else f"{r['final_loss']:.4f}"
         print(
-            f"{r['encoder']:12s} {r['knn_top1']:10.1f} {r['linear_top1']:12.1f} "
-            f"{r.get('seconds', 0):8.0f} {loss if loss is None else round(loss, 4)!s:>7s}"
+            f"{r['encoder']:16s} {r.get('steps', 0):6d} {r.get('seconds', 0):8.0f} {loss:>7s} "
+            f"{r['knn_top1']:10.1f} {r['linear_top1']:12.1f}"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(
