@@ -74,8 +74,11 @@ def pretrain(name: str, data: Path, out: Path, epochs: float) -> tuple[Path, flo
     return ckpt, time.perf_counter() - start
 
 
-def finetune(init: str, checkpoint: Path | None, data: Path, out: Path, epochs: float) -> dict:
-    run = out / f"finetune_{init.lower().replace(' ', '_')}"
+def finetune(
+    init: str, checkpoint: Path | None, data: Path, out: Path, epochs: float, seed: int
+) -> dict:
+    name = f"finetune_{init.lower().replace(' ', '_')}" + (f"_seed{seed}" if seed else "")
+    run = out / name
     cfg = load_config(
         REPO / "configs" / "finetune_cifar10_subset.yaml",
         [
@@ -83,12 +86,14 @@ def finetune(init: str, checkpoint: Path | None, data: Path, out: Path, epochs: 
             f"finetune.val={data / 'test'}",
             f"finetune.checkpoint={checkpoint if checkpoint else 'null'}",
             f"optim.epochs={epochs}",
+            f"run.seed={seed}",
             "run.progress=false",
             f"run.out_dir={run}",
         ],
     )
     start = time.perf_counter()
-    summary = train(cfg, resume=False)
+    # A finished run is read back, not trained again (resume="auto" returns at once).
+    summary = train(cfg, resume="auto")
     history = [
         json.loads(line)
         for line in (run / "metrics.jsonl").read_text().splitlines()
@@ -96,11 +101,12 @@ def finetune(init: str, checkpoint: Path | None, data: Path, out: Path, epochs: 
     ]
     return {
         "init": init,
+        "seed": seed,
         "checkpoint": str(checkpoint) if checkpoint else None,
         "steps": summary["step"],
         "seconds": time.perf_counter() - start,
-        "top1": summary["eval"]["top1"],
-        "top5": summary["eval"]["top5"],
+        "top1": history[-1]["top1"],
+        "top5": history[-1]["top5"],
         "best_top1": max(h["top1"] for h in history),
         "top1_per_epoch": [h["top1"] for h in history],
     }
@@ -112,6 +118,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/finetune_cifar10"))
     parser.add_argument("--pretrain-epochs", type=float, default=3)
     parser.add_argument("--finetune-epochs", type=float, default=4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -122,7 +129,8 @@ def main() -> None:
             name, args.data, args.out, args.pretrain_epochs
         )
     rows = [
-        finetune(init, ckpt, args.data, args.out, args.finetune_epochs)
+        finetune(init, ckpt, args.data, args.out, args.finetune_epochs, seed)
+        for seed in args.seeds
         for init, ckpt in encoders.items()
     ]
     result = {
@@ -135,15 +143,27 @@ def main() -> None:
     }
     (args.out / "finetune_cifar10.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        "| initialisation | fine-tune steps | top-1 (last) | top-5 (last) | best top-1 | top-1 per epoch |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| initialisation | seed | fine-tune steps | top-1 (last) | top-5 (last) | best top-1 "
+        "| top-1 per epoch |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         per_epoch = ", ".join(f"{v:.1f}" for v in r["top1_per_epoch"])
         lines.append(
-            f"| {r['init']} | {r['steps']} | {r['top1']:.1f} | {r['top5']:.1f} | "
+            f"| {r['init']} | {r['seed']} | {r['steps']} | {r['top1']:.1f} | {r['top5']:.1f} | "
             f"{r['best_top1']:.1f} | {per_epoch} |"
         )
+    if len(args.seeds) > 1:
+        lines += [
+            "",
+            "| initialisation | mean top-1 (last) over seeds "
+            + " ".join(str(s) for s in args.seeds)
+            + " |",
+            "| --- | --- |",
+        ]
+        for init in encoders:
+            values = [r["top1"] for r in rows if r["init"] == init]
+            lines.append(f"| {init} | {sum(values) / len(values):.1f} |")
     table = "\n".join(lines)
     (args.out / "finetune_cifar10.md").write_text(table + "\n")
     print(table)
