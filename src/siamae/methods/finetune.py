@@ -69,7 +69,9 @@ def make_classifier(
         vit.fc_norm = nn.Identity()
     vit.head = nn.Linear(dim, num_classes)
     vit.num_classes = num_classes
-    nn.init.trunc_normal_(vit.head.weight, std=head_init, a=-2 * head_init, b=2 * head_init)
+    # MAE's call, timm's trunc_normal_(w, std=2e-5): the bounds are +-2 absolute, so at this
+    # std the draw is a plain normal one.
+    nn.init.trunc_normal_(vit.head.weight, std=head_init)
     nn.init.zeros_(vit.head.bias)
     vit.pos_embed.requires_grad_(True)
     return encoder
@@ -217,6 +219,13 @@ class FineTune(Method):
                 num_classes=self.num_classes,
             )
         self.smoothing = f.smoothing
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        # What MAE's fine-tuning picks: soft targets with mixup, else smoothing, else plain CE.
+        self.soft_target_loss = SoftTargetCrossEntropy()
+        self.hard_target_loss = (
+            LabelSmoothingCrossEntropy(f.smoothing) if f.smoothing > 0 else nn.CrossEntropyLoss()
+        )
         self.reprob = f.reprob
         self.eraser: Any = None  # timm RandomErasing, made for the device of the first batch
         self._eraser_device: torch.device | None = None
@@ -367,10 +376,10 @@ class FineTune(Method):
             step = int(self.steps_done)
             images, targets = mix_batch(self.mixup, images, labels, self.seed * 1_000_003 + step)
             logits = classify(self.encoder, images)
-            loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            loss = self.soft_target_loss(logits.float(), targets)
         else:
             logits = classify(self.encoder, images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.smoothing)
+            loss = self.hard_target_loss(logits.float(), labels)
             logs["train_top1"] = (logits.argmax(-1) == labels).float().mean().detach()
         return MethodOutput(loss, logs)
 
