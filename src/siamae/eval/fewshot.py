@@ -307,7 +307,10 @@ def register(subparsers: Any, add_encoder_args: Any) -> None:
         ),
     )
     add_encoder_args(p)
-    p.set_defaults(pool="mean")
+    p.set_defaults(pool="mean")  # the protocol's global-pooled features
+    for action in p._actions:
+        if action.dest == "pool":
+            action.help = "feature: the mean of the patch tokens (default) or the CLS token"
     subset = p.add_mutually_exclusive_group()
     subset.add_argument(
         "--subset", help="list file of the labelled images (e.g. ImageNet's 1percent.txt)"
