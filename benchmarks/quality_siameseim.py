@@ -10,8 +10,8 @@ table printed at the end (also written as JSON):
     python benchmarks/quality_siameseim.py --data-root ../shared/data --steps 100 --out runs/quality_sim
 
 "Fixed budget" is read both ways: both methods get the same steps x batch, and MAE also gets
-a second run with SiameseIM's wall-clock pre-training time (``mae (same time)``; SiameseIM's
-step costs several MAE steps). Finished runs and probes are recorded in ``--out`` and reused
+a second run with SiameseIM's training FLOPs (``mae (same FLOPs)``: a SiameseIM step costs
+about 2.4 MAE steps here; FLOPs, not seconds, because the machine is shared). Finished runs and probes are recorded in ``--out`` and reused
 when the command is run again with the same settings.
 
 Deviations from the recipes, all for size and applied equally: ViT-Tiny/8 at 64 px (an 8 x 8
@@ -28,6 +28,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from siamae.config import load_config
@@ -60,6 +61,33 @@ METHODS = {
     "siameseim": ["method=siameseim", "optim.base_lr=6.25e-4", "optim.clip_grad=1.0"],
     "mae": ["method=mae", "optim.base_lr=1.5e-3"],
 }
+
+
+def step_flops(method: str, batch: int = 32) -> float:
+    """FLOPs of one training step (forward + backward; SiameseIM's target pass included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from siamae.methods import build_method
+
+    cfg = load_config(None, [*COMMON, *METHODS[method], "data.path=unused"])
+    model = build_method(cfg)
+    n, size = model.encoder.num_patches, cfg.model.img_size
+    inputs = {
+        "images": torch.randn(batch, model.num_views, 3, size, size),
+        "mask_noise": torch.rand(batch, n),
+    }
+    if method == "siameseim":
+        masker = model.build_views(cfg).masker
+        rng = np.random.default_rng(0)
+        inputs |= {
+            "mask": torch.from_numpy(np.stack([masker(rng).reshape(-1) for _ in range(batch)])),
+            "box": torch.tensor([[0.0, 0, 300, 300], [50, 80, 200, 180]]).repeat(batch, 1, 1),
+            "flip": torch.tensor([[False, True]] * batch),
+            "image_width": torch.full((batch, 1), 400.0),
+        }
+    with FlopCounterMode(display=False) as counter:
+        model(inputs).loss.backward()
+    return float(counter.get_total_flops())
 
 
 def pretrain(name: str, method: str, steps: int, args: argparse.Namespace) -> dict:
@@ -152,9 +180,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--linear-epochs", type=int, default=30)
     parser.add_argument(
-        "--no-equal-time",
+        "--no-equal-flops",
         action="store_true",
-        help="skip the MAE run given SiameseIM's wall-clock time instead of its steps",
+        help="skip the MAE run given SiameseIM's training FLOPs instead of its steps",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/quality_siameseim"))
     args = parser.parse_args()
@@ -165,11 +193,11 @@ def main() -> None:
             "(pass --data-root, the shared/data folder)"
         )
     runs = {name: pretrain(name, name, args.steps, args) for name in METHODS}
-    if not args.no_equal_time:
-        # The same CPU time for MAE: as many steps as fit in SiameseIM's pre-training time.
-        per_step = runs["mae"]["seconds"] / args.steps
-        steps = int(round(runs["siameseim"]["seconds"] / per_step))
-        runs["mae (same time)"] = pretrain("mae_same_time", "mae", steps, args)
+    if not args.no_equal_flops:
+        # The same compute for MAE: as many steps as SiameseIM's steps cost in FLOPs.
+        ratio = step_flops("siameseim") / step_flops("mae")
+        steps = int(round(args.steps * ratio))
+        runs["mae (same FLOPs)"] = pretrain("mae_same_flops", "mae", steps, args)
 
     transform = EvalTransform(64, crop_pct=1.0)
     train_set = ImageFolder(cifar / "train", transform)
