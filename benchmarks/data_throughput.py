@@ -1,4 +1,4 @@
-"""Data-pipeline throughput: CropMAE pairs/s per worker process, ours vs the published pipeline.
+"""Data-pipeline throughput: CropMAE and SiameseIM pairs/s per worker process, ours vs published.
 
 The published pipeline (as the CropMAE code does it): decode the whole JPEG, torchvision
 RandomResizedCrop(224, (0.1, 1)) for the global crop, a second RandomResizedCrop(224, (0.3, 0.6))
