@@ -260,6 +260,16 @@ def test_loss_is_finite_logs_its_terms_and_falls_on_a_one_batch_overfit() -> Non
     assert method.segment_embed.grad is not None and method.segment_embed.grad.abs().sum() > 0
 
 
+def test_segment_embeddings_in_the_decoder_tell_each_sequence_its_slot() -> None:
+    method = _method(segment_embed="decoder")
+    assert method.segment_embed.shape == (R, method.decoder.dim)
+    out = method(_batch())
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and method.segment_embed.grad.abs().sum() > 0
+    # Every slot's vector is used: each group has one source per slot.
+    assert (method.segment_embed.grad.abs().sum(1) > 0).all()
+
+
 def test_naive_mixing_has_ordinary_attention_no_segments_and_no_contrastive_gradient() -> None:
     method = _method(topk_blocks=(), segment_embed="none", contrastive_weight=0.0)
     out = method(_batch())
