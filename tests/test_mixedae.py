@@ -156,6 +156,25 @@ def test_topk_attention_runs_its_selection_in_fp32_under_autocast() -> None:
     torch.testing.assert_close(out.float(), reference.float(), atol=5e-2, rtol=5e-2)
 
 
+def test_topk_selection_and_contrastive_loss_stay_fp32_under_bf16_autocast() -> None:
+    # Autocast would run the logits' matmul in bf16 (0.4 % steps): the selection must not.
+    block = _block().eval()
+    x = torch.randn(2, 65, 32, generator=torch.Generator().manual_seed(5))
+    attn = block.attn
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, kept = topk_attention(attn, x, k=17)
+        q, k, _ = attn.qkv(x).reshape(2, 65, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    logits = (q.float() * attn.scale) @ k.float().transpose(-2, -1)  # outside autocast: fp32
+    assert torch.equal(kept.sort(-1).values, logits.topk(17, dim=-1).indices.sort(-1).values)
+    tokens = torch.randn(2, 16, 8)
+    source_of = group_partition(torch.rand(8, 16), R).source_of
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed_precision = homologous_contrastive_loss(tokens, source_of, 0.1)
+    assert mixed_precision.item() == pytest.approx(
+        homologous_contrastive_loss(tokens, source_of, 0.1).item(), rel=1e-6
+    )
+
+
 def test_homologous_precision_counts_kept_keys_of_the_query_s_own_source() -> None:
     source_of = torch.tensor([[0, 0, 1, 1]])
     # Token 0 is CLS; tokens 1..4 are the patches. Query 1 (source 0) keeps CLS and token 2

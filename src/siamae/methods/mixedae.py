@@ -111,15 +111,17 @@ def homologous_contrastive_loss(
         tokens: (G, N, D) final encoder patch tokens (CLS excluded).
         source_of: (G, N) source slot of each patch.
     """
-    z = F.normalize(tokens.float(), dim=-1)
-    sim = z @ z.transpose(1, 2) / temperature  # (G, N, N)
-    n = sim.shape[1]
-    self_pair = torch.eye(n, dtype=torch.bool, device=sim.device)
-    sim = sim.masked_fill(self_pair, float("-inf"))
-    log_prob = sim - torch.logsumexp(sim, dim=-1, keepdim=True)
-    positive = (source_of.unsqueeze(2) == source_of.unsqueeze(1)) & ~self_pair
-    per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(-1) / positive.sum(-1)
-    return per_anchor.mean()
+    # fp32 even under autocast (which would run the similarity matmul in bf16/fp16).
+    with torch.autocast(tokens.device.type, enabled=False):
+        z = F.normalize(tokens.float(), dim=-1)
+        sim = z @ z.transpose(1, 2) / temperature  # (G, N, N)
+        n = sim.shape[1]
+        self_pair = torch.eye(n, dtype=torch.bool, device=sim.device)
+        sim = sim.masked_fill(self_pair, float("-inf"))
+        log_prob = sim - torch.logsumexp(sim, dim=-1, keepdim=True)
+        positive = (source_of.unsqueeze(2) == source_of.unsqueeze(1)) & ~self_pair
+        per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(-1) / positive.sum(-1)
+        return per_anchor.mean()
 
 
 def outline_sources(

@@ -8,8 +8,9 @@ them in timm's order. The encoder stays a plain ``VisionTransformer`` (strict ti
 and everything after pre-training (evaluation, probes, export, fine-tuning) uses its ordinary
 attention: nothing is patched into the model.
 
-The logits, top-k and softmax are computed in fp32 even under autocast: top-k of bf16 logits
-would break many ties at random and the selection decides which keys exist at all.
+The logits, top-k, softmax and the weighted sum of values are computed in fp32 with autocast
+switched off (autocast would otherwise run the matmuls in bf16/fp16): bf16 logits move in 0.4 %
+steps, enough to change which keys are selected, and the selection decides which keys exist.
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ def topk_attention(attn: nn.Module, x: torch.Tensor, k: int) -> tuple[torch.Tens
     qkv = attn.qkv(x).reshape(b, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, key, v = qkv.unbind(0)
     q, key = attn.q_norm(q), attn.k_norm(key)
-    logits = (q.float() * attn.scale) @ key.float().transpose(-2, -1)  # (B, H, L, L) fp32
-    kept = logits.topk(k, dim=-1).indices
-    # Exactly k keys per query, ties included: a mask from the indices, not a value threshold.
-    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, kept, True)
-    weights = logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
-    weights = attn.attn_drop(weights)
-    out = (weights @ v.float()).to(v.dtype)
+    # Autocast would run these matmuls in bf16/fp16 even on fp32 inputs: switch it off here.
+    with torch.autocast(x.device.type, enabled=False):
+        logits = (q.float() * attn.scale) @ key.float().transpose(-2, -1)  # (B, H, L, L)
+        kept = logits.topk(k, dim=-1).indices
+        # Exactly k keys per query, ties included: a mask from the indices, not a threshold.
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, kept, True)
+        weights = logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+        weights = attn.attn_drop(weights)
+        out = (weights @ v.float()).to(v.dtype)
     out = out.transpose(1, 2).reshape(b, length, heads * head_dim)
     out = attn.norm(out)
     out = attn.proj_drop(attn.proj(out))
