@@ -28,6 +28,17 @@ from siamae.models.vit import Encoder
 
 R = 4
 PATCH = 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # noqa: ANN202
+    # Tiny tensors on a shared 2-core machine: two OpenMP threads only wait for each other.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 SIZE = 32  # 4 x 4 = 16 patches, 4 per source
 
 
