@@ -259,3 +259,28 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path: Path) -> None:
     a, b = _weights(tmp_path / "big"), _weights(tmp_path / "acc")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+
+
+def test_method_scalars_are_logged_to_jsonl_and_their_own_csv_columns(tmp_path: Path) -> None:
+    """A method's own logs (MAE: the real mask ratio) reach every metrics file; a resume keeps
+    the widened CSV header and drops the rows after the resumed step."""
+    import csv
+    import json
+
+    from siamae.engine.logging import MetricsLogger
+
+    train(_cfg(tmp_path, "method=mae", "optim.max_steps=2"), resume=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["mask_ratio_real"] == pytest.approx(0.75) for r in records)
+    with (tmp_path / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["mask_ratio_real"]) for r in rows] == pytest.approx([0.75, 0.75])
+
+    logger = MetricsLogger(tmp_path, resume_step=1, tensorboard=False)
+    logger.log({"step": 2, "loss": 1.0, "top1": 0.5})
+    with (tmp_path / "metrics.csv").open() as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames[-2:] == ["mask_ratio_real", "top1"]
+    assert [r["step"] for r in rows] == ["1", "2"] and rows[1]["top1"] == "0.5"

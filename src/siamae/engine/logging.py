@@ -31,33 +31,44 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _truncate_csv(path: Path, max_step: int) -> None:
-    if not path.exists():
-        return
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        return list(reader.fieldnames or CSV_COLUMNS), rows
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_COLUMNS)
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(r for r in rows if int(r["step"]) <= max_step)
+        writer.writerows(rows)
 
 
 class MetricsLogger:
     """Appends one record per log step. On resume, records after the resumed step are dropped,
-    so the files read as one uninterrupted run."""
+    so the files read as one uninterrupted run.
+
+    The CSV starts with the engine's columns; a scalar a method logs (its loss terms, an
+    evaluation's top-1) gets a column of its own the first time it appears.
+    """
 
     def __init__(self, run_dir: Path, resume_step: int = 0, tensorboard: bool = True) -> None:
         self.jsonl = run_dir / "metrics.jsonl"
         self.csv = run_dir / "metrics.csv"
+        self.columns = list(CSV_COLUMNS)
         if resume_step > 0:
             _truncate_jsonl(self.jsonl, resume_step)
-            _truncate_csv(self.csv, resume_step)
+            if self.csv.exists():
+                self.columns, rows = _read_csv(self.csv)
+                _write_csv(
+                    self.csv, self.columns, [r for r in rows if int(r["step"]) <= resume_step]
+                )
         else:
             self.jsonl.unlink(missing_ok=True)
             self.csv.unlink(missing_ok=True)
         if not self.csv.exists():
-            with self.csv.open("w", newline="") as f:
-                csv.DictWriter(f, CSV_COLUMNS).writeheader()
+            _write_csv(self.csv, self.columns, [])
         self.tb = None
         if tensorboard:
             try:
@@ -73,8 +84,13 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         with self.jsonl.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        new = [k for k, v in record.items() if k not in self.columns and _is_scalar(v)]
+        if new:  # rare: rewrite the file once with the wider header
+            _, rows = _read_csv(self.csv)
+            self.columns += new
+            _write_csv(self.csv, self.columns, rows)
         with self.csv.open("a", newline="") as f:
-            csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore").writerow(record)
+            csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(record)
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -83,6 +99,10 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

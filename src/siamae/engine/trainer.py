@@ -232,7 +232,11 @@ def _train(
             )
 
     torch.manual_seed(cfg.run.seed + info.rank)
-    method = build_method(cfg).to(device)
+    with torch.random.fork_rng(devices=[]):
+        # Every process builds the same model: DDP broadcasts the trained weights from rank 0,
+        # but not what it ignores (an EMA target), which must start equal too.
+        torch.manual_seed(cfg.run.seed)
+        method = build_method(cfg).to(device)
     # Every check that can fail runs before anything is written: a failed start leaves the run
     # folder as it was (no config of a run that never ran, no empty folders). The video index
     # is built in a staging folder and moved into the run folder once the start is sure.
@@ -379,6 +383,8 @@ def _train(
     data_wait = 0.0  # seconds this log window spent waiting for the loader
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
+    # The method's own scalars (MethodOutput.logs), averaged like the loss over a log window.
+    log_sums: dict[str, torch.Tensor] = {}
     last_loss = float("nan")
     interrupted = None
     method.train()
@@ -444,6 +450,8 @@ def _train(
                         )
                     scaler.scale(loss / accum).backward()
                 loss_sum += loss.detach()
+                for key, value in out.logs.items():
+                    log_sums[key] = log_sums.get(key, 0.0) + value.detach().float()
                 loss_count += 1
                 window_samples += batch["images"].shape[0] * info.world_size
                 micro += 1
@@ -486,6 +494,11 @@ def _train(
                         "data_wait": data_wait / max(elapsed, 1e-9),
                         "skipped": skipped,
                     }
+                    for key in sorted(log_sums):  # the same keys, in the same order, on every rank
+                        record[key] = D.all_reduce_mean(
+                            log_sums[key] / max(loss_count, 1), info
+                        ).item()
+                    log_sums.clear()
                     last_loss = mean_loss
                     loss_sum.zero_()
                     loss_count = 0
