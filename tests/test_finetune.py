@@ -322,6 +322,9 @@ def test_command_reads_train_and_val_from_one_folder(folders, tmp_path: Path, ca
     assert main(argv + [x for o in options for x in ("--set", o)]) == 0
     printed = capsys.readouterr().out
     assert "top1:" in printed and "best.pt" in printed
+    # A classifier reconstructs nothing: the run has its loss curve and no reconstruction.
+    assert (tmp_path / "run" / "loss_curve.png").is_file()
+    assert not (tmp_path / "run" / "reconstruction.png").exists()
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert f"path: {folders[0]}" in saved and f"val: {folders[1]}" in saved
     assert main(argv[:5] + ["--data", str(tmp_path / "nowhere")]) == 2

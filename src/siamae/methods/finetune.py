@@ -673,8 +673,7 @@ def command_overrides(
     data: str | None, val: str | None, checkpoint: str | None, out: str | None
 ) -> list[str]:
     """The ``--set`` overrides that ``siamae finetune``'s own flags stand for."""
-    # The end-of-run picture is a reconstruction, which a classifier does not make.
-    overrides = ["method=finetune", "run.visualize=false"]
+    overrides = ["method=finetune"]
     if data is not None:
         train_dir, found_val = split_folders(data)
         overrides += ["data.source=images", f"data.path={train_dir}"]
