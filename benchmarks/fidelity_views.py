@@ -17,9 +17,9 @@ import torch
 from scipy.stats import ks_2samp
 from torchvision.transforms import RandomResizedCrop
 
-from siamae.config import load_config
 from siamae.data.dataset import build_view_maker
 from siamae.data.views import sample_box
+from siamae.recipes import load_config
 
 WIDTH, HEIGHT = 500, 375
 SCALE, RATIO = (0.1, 1.0), (3 / 4, 4 / 3)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from siamae.config import load_config
 from siamae.engine.trainer import train
+from siamae.recipes import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

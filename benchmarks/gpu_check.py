@@ -128,9 +128,9 @@ def base_overrides(method: str, sizes: dict, device: torch.device, workers: int)
 
 def resolve_config(method: str, sizes: dict, device: torch.device, workers: int, workdir: Path):
     """The first data setting the method accepts (``check_config`` refuses the others)."""
-    from siamae.config import load_config
     from siamae.errors import ConfigError
     from siamae.methods import METHODS
+    from siamae.recipes import load_config
 
     refusals = []
     for data in data_choices(sizes, workdir):
@@ -148,8 +148,8 @@ def count_flops_per_pair(overrides: list[str], workdir: Path) -> float:
     """FLOPs of one training step (forward + backward) per pair, fp32, no compile."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from siamae.config import load_config
     from siamae.engine.trainer import train
+    from siamae.recipes import load_config
 
     cfg = load_config(
         None,
@@ -179,9 +179,9 @@ def run_one(
     workdir: Path,
     flops_cache: dict[str, float],
 ) -> Row:
-    from siamae.config import load_config
     from siamae.engine.logging import read_metrics
     from siamae.engine.trainer import train
+    from siamae.recipes import load_config
 
     row = Row(method, compile_model)
     start = time.perf_counter()

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from siamae.config import load_config
 from siamae.engine.trainer import train
 from siamae.eval.features import EvalTransform, ImageFolder, decode_all, normalize, pool_tokens
 from siamae.eval.knn import knn_classify
 from siamae.eval.linear import LinearConfig, fit_probe
 from siamae.loading import load_encoder, random_encoder
+from siamae.recipes import load_config
 
 IMG = 64
 COMMON = [
@@ -78,9 +78,9 @@ def method_logs(checkpoint: str, count: int = 64) -> dict[str, float]:
     """The trained method's logged terms on the first ``count`` samples of epoch 0 (MixedAE:
     reconstruction and contrastive loss, homologous precision)."""
     from siamae.checkpoint import load_checkpoint
-    from siamae.config import config_from_dict
     from siamae.data.dataset import batch_to_device, build_dataset, collate
     from siamae.methods import build_method
+    from siamae.recipes import config_from_dict
 
     ckpt = load_checkpoint(checkpoint)
     cfg = config_from_dict(ckpt["config"])

@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from siamae.config import load_config
 from siamae.engine.trainer import train
 from siamae.eval.features import EvalTransform, ImageFolder, extract_features
 from siamae.eval.knn import knn_classify
 from siamae.eval.linear import LinearConfig, fit_probe
 from siamae.loading import load_encoder, random_encoder
+from siamae.recipes import load_config
 
 COMMON = [
     "model.arch=vit_tiny",

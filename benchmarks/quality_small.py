@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from siamae.config import load_config
 from siamae.engine.trainer import train
 from siamae.eval.davis import evaluate_davis
 from siamae.eval.propagation import protocol
 from siamae.loading import load_encoder, random_encoder
+from siamae.recipes import load_config
 
 COMMON = [
     "model.arch=vit_tiny",

@@ -21,9 +21,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from siamae.config import load_config
 from siamae.engine.optim import build_optimizer
 from siamae.methods import build_method
+from siamae.recipes import load_config
 
 MODELS = {
     "cropmae_vits16": ["method=cropmae", "model.arch=vit_small", "model.patch_size=16"],

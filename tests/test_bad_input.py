@@ -14,9 +14,9 @@ from scipy.stats import ks_2samp
 from torchvision.transforms import RandomResizedCrop
 
 from siamae.cli import main
-from siamae.config import load_config
 from siamae.data.dataset import build_view_maker
 from siamae.data.views import sample_box
+from siamae.recipes import load_config
 from test_cli import _error_line, _small_pretrain
 
 DRAWS = 5000

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from siamae.config import Config, from_dict, load_config
+from siamae.config import Config, from_dict
 from siamae.demo import demo_config
 from siamae.errors import ConfigError
+from siamae.recipes import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

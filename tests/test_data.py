@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from siamae.config import load_config
 from siamae.data.dataset import EpochSampler, PretrainDataset, build_dataset, collate
 from siamae.data.sources import (
     ImageFileSource,
@@ -20,6 +19,7 @@ from siamae.data.sources import (
 from siamae.data.synthetic import synthetic_image, synthetic_video
 from siamae.data.views import ViewMaker, sample_box
 from siamae.errors import DataError
+from siamae.recipes import load_config
 
 SIDE = 256
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from siamae.config import load_config
 from siamae.engine.optim import lr_at, param_groups
 from siamae.engine.trainer import train
 from siamae.errors import TrainingDiverged
 from siamae.methods import build_method
 from siamae.methods.cropmae import CropMAE
+from siamae.recipes import load_config
 
 TINY = [
     "model.arch=vit_tiny",

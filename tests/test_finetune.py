@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from siamae.config import load_config
 from siamae.engine.trainer import train
 from siamae.errors import ConfigError
 from siamae.methods import build_method
@@ -24,6 +23,7 @@ from siamae.methods.finetune import (
     mix_batch,
     pair_order,
 )
+from siamae.recipes import load_config
 
 COLOURS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
 

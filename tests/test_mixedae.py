@@ -13,7 +13,6 @@ import torch
 import torch.multiprocessing as mp
 from timm.models.vision_transformer import Block
 
-from siamae.config import load_config
 from siamae.data.mixing import group_partition, mix_images, unmix_index, unmix_latent
 from siamae.engine.trainer import train
 from siamae.errors import ConfigError, SiamaeError
@@ -25,6 +24,7 @@ from siamae.models.decoder import MAEDecoder
 from siamae.models.homologous import homologous_block, homologous_precision, topk_attention
 from siamae.models.masking import patchify, unshuffle_with_mask_tokens
 from siamae.models.vit import Encoder
+from siamae.recipes import load_config
 
 R = 4
 PATCH = 8

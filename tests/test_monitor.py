@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from siamae.config import MonitorConfig, load_config
+from siamae.config import MonitorConfig
 from siamae.eval import monitor as monitor_mod
 from siamae.eval.monitor import KNNMonitor, build_monitor
 from siamae.models.vit import Encoder
+from siamae.recipes import load_config
 
 
 def write_folder(root: Path, per_class: int, seed: int, size: int = 32) -> Path:

@@ -94,8 +94,8 @@ def test_synthetic_propagation_picture_shows_every_video_with_scores(
 
 
 def _small_run(run: Path, method: str = "cropmae") -> dict:
-    from siamae.config import load_config
     from siamae.engine.trainer import train
+    from siamae.recipes import load_config
 
     cfg = load_config(
         None,
@@ -126,9 +126,9 @@ def test_reconstruction_draws_the_methods_picture_with_name_and_step(
     import torch
 
     from siamae.checkpoint import load_checkpoint
-    from siamae.config import config_from_dict
     from siamae.data.dataset import build_dataset
     from siamae.methods import build_method
+    from siamae.recipes import config_from_dict
     from siamae.viz import save_loss_curve, save_reconstruction, visualize_checkpoint
 
     run = tmp_path / "run"

@@ -15,7 +15,6 @@ import torch.nn as nn
 from PIL import Image
 from safetensors.torch import load_file
 
-from siamae.config import load_config
 from siamae.data.siameseim_views import BlockMaskGenerator, SiameseIMViews
 from siamae.data.views import crop_resize
 from siamae.engine.trainer import train
@@ -33,6 +32,7 @@ from siamae.methods.siameseim import (
     unigrad_loss,
 )
 from siamae.models.vit import Encoder
+from siamae.recipes import load_config
 
 TINY = [
     "method=siameseim",

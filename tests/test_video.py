@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from siamae.config import load_config
 from siamae.data import video as V
 from siamae.data.dataset import PretrainDataset, build_dataset, collate, loader_batch_size
 from siamae.data.sources import UnreadableSample
 from siamae.data.views import ViewMaker, _finish, crop_resize, sample_box
 from siamae.errors import DataError
+from siamae.recipes import load_config
 
 VIDEOS = ["vtest.avi", "tree.avi", "box.mp4", "cup.mp4", "bikes.mp4", "carphone_pristine.mp4"]
 _COUNT: dict[str, int] = {}

@@ -14,8 +14,8 @@ from siamae.errors import SiamaeError
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from siamae.config import load_config
     from siamae.engine.trainer import train
+    from siamae.recipes import load_config
 
     overrides = list(args.set or [])
     if args.data is not None:
@@ -77,9 +77,9 @@ def _print_summary(summary: dict) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from siamae.config import load_config
     from siamae.engine.trainer import train
     from siamae.methods.finetune import command_overrides
+    from siamae.recipes import load_config
 
     flags = command_overrides(args.data, args.val, args.checkpoint, args.out)
     cfg = load_config(args.config, flags[:2] + list(args.set or []) + flags[2:])

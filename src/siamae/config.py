@@ -2,8 +2,9 @@
 
 Every field is checked before training starts; a bad one raises :class:`ConfigError` naming the
 field (``optim.base_lr``), what it got and what it accepts. Fields left ``null`` take the chosen
-method's published value when the config is resolved (:func:`resolve`), so switching
-``method=siammae`` on the command line also switches its mask ratio and crop scale.
+method's published value when the config is resolved (:mod:`siamae.recipes`), so switching
+``method=siammae`` on the command line also switches its mask ratio and crop scale. This module
+knows no method: data and methods read it, never the other way round.
 """
 
 from __future__ import annotations
@@ -389,19 +390,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file (or the defaults), apply ``--set`` overrides, check and resolve it."""
-    data = load_yaml(path) if path is not None else {}
-    data = apply_overrides(data, overrides or [])
-    return resolve(from_dict(Config, data))
-
-
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """A resolved config from a plain dict (e.g. one saved in a checkpoint)."""
-    return resolve(from_dict(Config, data))
-
-
-# -- checks and method defaults -----------------------------------------------------------------
+# -- checks -----------------------------------------------------------------------------------
 
 
 def _check(ok: bool, field_name: str, message: str) -> None:
@@ -417,28 +406,9 @@ def _check_range(pair: tuple[float, float], name: str, low: float, high: float) 
     )
 
 
-def resolve(cfg: Config) -> Config:
-    """Fill ``null`` fields with the method's published values and check every value."""
-    from siamae.methods import METHODS
-
-    if cfg.method not in METHODS:
-        close = difflib.get_close_matches(cfg.method, list(METHODS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(
-            f"config field 'method': unknown method {cfg.method!r}{hint}; choose one of {', '.join(METHODS)}"
-        )
-    method = METHODS[cfg.method]
-    defaults = method.published_defaults(cfg)
-    if cfg.mask_ratio is None:
-        cfg.mask_ratio = defaults["mask_ratio"]
-    for name, value in defaults.get("decoder", {}).items():
-        if getattr(cfg.decoder, name) is None:
-            setattr(cfg.decoder, name, value)
-    if cfg.data.global_scale is None:
-        cfg.data.global_scale = tuple(defaults["global_scale"])
-    if cfg.data.interpolation is None:
-        cfg.data.interpolation = defaults.get("interpolation", "bilinear")
-
+def check_fields(cfg: Config) -> None:
+    """Check every generic field of a config whose method defaults are filled in
+    (:func:`siamae.recipes.resolve`); a bad value raises a ConfigError naming the field."""
     _check(
         0.0 <= cfg.mask_ratio < 1.0,
         "mask_ratio",
@@ -593,8 +563,6 @@ def resolve(cfg: Config) -> Config:
         "monitor.temperature",
         f"expected a positive number, got {mo.temperature}",
     )
-    method.check_config(cfg)
-    return cfg
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from siamae.config import Config, load_config
+from siamae.config import Config
+from siamae.recipes import load_config
 
 # The same values as configs/demo.yaml (a test keeps the two in step); kept here so the demo
 # works from an installed wheel without the repository's configs/ folder.

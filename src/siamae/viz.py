@@ -172,9 +172,10 @@ def visualize_checkpoint(
 ) -> Path:
     """``siamae visualize``: rebuild the method from the checkpoint's own config and draw its
     picture of ``count`` samples (``<run folder>/reconstruction_step<N>.png`` by default)."""
-    from siamae.config import apply_overrides, config_from_dict
+    from siamae.config import apply_overrides
     from siamae.data.dataset import build_dataset
     from siamae.methods import build_method
+    from siamae.recipes import config_from_dict
 
     ckpt = load_checkpoint(checkpoint)
     if ckpt.get("format") != TRAIN_FORMAT:

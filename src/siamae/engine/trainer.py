@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint, save_atomic
-from siamae.config import Config, config_from_dict, save_config
+from siamae.config import Config, save_config
 from siamae.data.dataset import (
     EpochSampler,
     batch_to_device,
@@ -39,6 +39,7 @@ from siamae.engine.logging import MetricsLogger
 from siamae.engine.optim import build_optimizer, lr_at, set_lr
 from siamae.errors import CheckpointError, ConfigError, TrainingDiverged
 from siamae.methods import Method, build_method
+from siamae.recipes import config_from_dict
 
 VIDEO_INDEX_FILE = "video_index.json"  # siamae.data.video.INDEX_FILE, without importing PyAV
 __all__ = ["normalize_images", "train"]
