@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,8 +12,8 @@ from unittest import mock
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from ddp_helpers import train_in_processes
 from siamae.engine.optim import lr_at, param_groups
 from siamae.engine.trainer import train
 from siamae.errors import TrainingDiverged
@@ -197,46 +196,14 @@ def test_a_signal_saves_a_checkpoint_and_exits_with_128_plus_signal(
     assert ckpt_path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    cfg = load_config(
-        None,
-        [
-            *TINY,
-            "data.batch_size=4",
-            "optim.max_steps=3",
-            "decoder.dropout=0",
-            f"run.out_dir={out_dir}",
-        ],
-    )
-    train(cfg, resume=False)
-
-
 def test_ddp_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     # Dropout off: dropout masks are drawn per process, the one thing that cannot match.
     single = tmp_path / "single"
     train(_cfg(single, "data.batch_size=8", "optim.max_steps=3", "decoder.dropout=0"), resume=False)
-    mp.start_processes(
-        _ddp_worker,
-        args=(2, _free_port(), str(tmp_path / "ddp")),
-        nprocs=2,
-        join=True,
-        start_method="spawn",
-    )
-    a, b = _weights(single), _weights(tmp_path / "ddp")
+    ddp = tmp_path / "ddp"
+    overrides = ["data.batch_size=4", "optim.max_steps=3", "decoder.dropout=0"]
+    train_in_processes([*TINY, *overrides, f"run.out_dir={ddp}"])
+    a, b = _weights(single), _weights(ddp)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
     loss_single = [line for line in (single / "metrics.csv").read_text().splitlines()[1:]]

@@ -3,16 +3,14 @@ engine (overfits, resumes bit-identically, DDP == one process) and the export wi
 
 from __future__ import annotations
 
-import os
 import random
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from ddp_helpers import train_in_processes
 from siamae.engine.trainer import train
 from siamae.errors import ConfigError
 from siamae.methods import build_method
@@ -231,24 +229,6 @@ def test_resume_is_bit_identical_with_the_whole_recipe(folders, tmp_path: Path) 
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, options: list[str]) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    train(load_config(None, options), resume=False)
-
-
 def test_ddp_two_gloo_processes_match_one_process(folders, tmp_path: Path) -> None:  # noqa: ANN001
     # Mixup/cutmix, erasing, RandAugment and EMA on; drop-path off: its masks are drawn per
     # process, the one thing that cannot match.
@@ -257,9 +237,7 @@ def test_ddp_two_gloo_processes_match_one_process(folders, tmp_path: Path) -> No
     extra += ["optim.max_steps=2", "optim.weight_decay=0.05"]
     train(load_config(None, tiny(folders, tmp_path / "one", *extra)), resume=False)
     options = tiny(folders, tmp_path / "ddp", *extra, "data.batch_size=4")
-    mp.start_processes(
-        _ddp_worker, args=(2, _free_port(), options), nprocs=2, join=True, start_method="spawn"
-    )
+    train_in_processes(options)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "ddp")
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=1e-4), k

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from timm.models.vision_transformer import Block
 
+from ddp_helpers import train_in_processes
 from siamae.data.mixing import group_partition, mix_images, unmix_index, unmix_latent
 from siamae.engine.trainer import train
 from siamae.errors import ConfigError, SiamaeError
@@ -432,31 +430,12 @@ def test_checkpoint_encoder_loads_strictly_into_timm_with_the_same_features(
         torch.testing.assert_close(model.forward_features(x), encoder(x), atol=1e-6, rtol=1e-6)
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    train(_cfg(Path(out_dir), "data.batch_size=4", "optim.max_steps=2"), resume=False)
-
-
 def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     # Per-device batch 4 = one group: each process mixes the group one process of batch 8 does.
     single = tmp_path / "single"
     train(_cfg(single, "data.batch_size=8", "optim.max_steps=2"), resume=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(
-        _ddp_worker,
-        args=(2, port, str(tmp_path / "ddp")),
-        nprocs=2,
-        join=True,
-        start_method="spawn",
+    train_in_processes(
+        [*TINY, "data.batch_size=4", "optim.max_steps=2", f"run.out_dir={tmp_path / 'ddp'}"]
     )
     a, b = _weights(single), _weights(tmp_path / "ddp")
     for k in a:

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 from PIL import Image
 from safetensors.torch import load_file
 
+from ddp_helpers import train_in_processes
 from siamae.data.siameseim_views import BlockMaskGenerator, SiameseIMViews
 from siamae.data.views import crop_resize
 from siamae.engine.trainer import train
@@ -437,35 +435,13 @@ def test_export_and_load_encoder_take_the_online_encoder(tmp_path: Path) -> None
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    train(_cfg(Path(out_dir), "data.batch_size=4", "optim.max_steps=2"), resume=False)
-
-
 def test_ddp_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     # Synced BatchNorm over tokens and the all-reduced UniGrad correlation make two processes
     # of 4 the same computation as one of 8.
     single = tmp_path / "single"
     train(_cfg(single, "data.batch_size=8", "optim.max_steps=2"), resume=False)
-    mp.start_processes(
-        _ddp_worker,
-        args=(2, _free_port(), str(tmp_path / "ddp")),
-        nprocs=2,
-        join=True,
-        start_method="spawn",
+    train_in_processes(
+        [*TINY, "data.batch_size=4", "optim.max_steps=2", f"run.out_dir={tmp_path / 'ddp'}"]
     )
     a, b = _weights(single), _weights(tmp_path / "ddp")
     for k in a:
