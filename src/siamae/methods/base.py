@@ -135,6 +135,12 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         return {k: v.detach().clone() for k, v in self.encoder.vit.state_dict().items()}
 
 
+def encoder_from_config(cfg: Config) -> Encoder:
+    """The encoder the ``model`` section describes (fixed sin-cos positions, MAE's init)."""
+    m = cfg.model
+    return Encoder(m.arch, m.patch_size, m.img_size, m.drop_path)
+
+
 def check_mask_ratio(cfg: Config) -> None:
     """A mask ratio must hide at least one patch (ratios of 1 or more, which leave none visible,
     are refused with the generic range check; MAE's rounding keeps at least one visible)."""

@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from siamae.errors import ConfigError
-from siamae.methods.base import Method, MethodOutput, Reconstruction, paste_prediction
+from siamae.methods.base import (
+    Method,
+    MethodOutput,
+    Reconstruction,
+    encoder_from_config,
+    paste_prediction,
+)
 from siamae.models.decoder import CrossSelfDecoder
 from siamae.models.masking import masked_mse, pixel_targets, random_masking
 from siamae.models.vit import Encoder
@@ -66,9 +72,7 @@ class CropMAE(Method):
 
     @classmethod
     def from_config(cls, cfg: Config) -> CropMAE:
-        encoder = Encoder(
-            cfg.model.arch, cfg.model.patch_size, cfg.model.img_size, cfg.model.drop_path
-        )
+        encoder = encoder_from_config(cfg)
         d = cfg.decoder
         decoder = CrossSelfDecoder(
             encoder.embed_dim,

@@ -6,13 +6,33 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from siamae.methods.base import Method, MethodOutput, Reconstruction, paste_prediction
+from siamae.methods.base import (
+    Method,
+    MethodOutput,
+    Reconstruction,
+    encoder_from_config,
+    paste_prediction,
+)
 from siamae.models.decoder import MAEDecoder
 from siamae.models.masking import masked_mse, pixel_targets, random_masking
 from siamae.models.vit import Encoder
 
 if TYPE_CHECKING:
     from siamae.config import Config
+
+
+def mae_decoder(cfg: Config, encoder: Encoder) -> MAEDecoder:
+    """MAE's decoder with the config's ``decoder`` fields (also MixedAE's unmixing decoder)."""
+    d = cfg.decoder
+    return MAEDecoder(
+        encoder.embed_dim,
+        encoder.grid_size,
+        encoder.patch_size,
+        dim=d.dim,
+        depth=d.depth,
+        num_heads=d.num_heads,
+        mlp_ratio=d.mlp_dim / d.dim,
+    )
 
 
 class MAE(Method):
@@ -55,20 +75,8 @@ class MAE(Method):
 
     @classmethod
     def from_config(cls, cfg: Config) -> MAE:
-        encoder = Encoder(
-            cfg.model.arch, cfg.model.patch_size, cfg.model.img_size, cfg.model.drop_path
-        )
-        d = cfg.decoder
-        decoder = MAEDecoder(
-            encoder.embed_dim,
-            encoder.grid_size,
-            encoder.patch_size,
-            dim=d.dim,
-            depth=d.depth,
-            num_heads=d.num_heads,
-            mlp_ratio=d.mlp_dim / d.dim,
-        )
-        return cls(encoder, decoder, cfg.mask_ratio, cfg.norm_pix_loss)
+        encoder = encoder_from_config(cfg)
+        return cls(encoder, mae_decoder(cfg, encoder), cfg.mask_ratio, cfg.norm_pix_loss)
 
     def _run(
         self, batch: dict[str, torch.Tensor]

@@ -46,9 +46,10 @@ from siamae.methods.base import (
     MethodOutput,
     Reconstruction,
     denormalize,
+    encoder_from_config,
     paste_prediction,
 )
-from siamae.methods.mae import MAE
+from siamae.methods.mae import MAE, mae_decoder
 from siamae.models.decoder import MAEDecoder
 from siamae.models.homologous import homologous_block, homologous_precision
 from siamae.models.masking import masked_mse, pixel_targets
@@ -246,19 +247,8 @@ class MixedAE(Method):
 
     @classmethod
     def from_config(cls, cfg: Config) -> MixedAE:
-        encoder = Encoder(
-            cfg.model.arch, cfg.model.patch_size, cfg.model.img_size, cfg.model.drop_path
-        )
-        d = cfg.decoder
-        decoder = MAEDecoder(
-            encoder.embed_dim,
-            encoder.grid_size,
-            encoder.patch_size,
-            dim=d.dim,
-            depth=d.depth,
-            num_heads=d.num_heads,
-            mlp_ratio=d.mlp_dim / d.dim,
-        )
+        encoder = encoder_from_config(cfg)
+        decoder = mae_decoder(cfg, encoder)
         m = cfg.mixing
         if m.naive:
             # The paper's motivation: mixing alone (ordinary attention, no segments, no contrast).

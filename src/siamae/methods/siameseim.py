@@ -30,7 +30,13 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 from siamae.errors import ConfigError
-from siamae.methods.base import Method, MethodOutput, Reconstruction, denormalize
+from siamae.methods.base import (
+    Method,
+    MethodOutput,
+    Reconstruction,
+    denormalize,
+    encoder_from_config,
+)
 from siamae.models.masking import gather_tokens
 from siamae.models.pos_embed import sincos_2d
 from siamae.models.vit import VIT_SIZES, Encoder
@@ -348,9 +354,7 @@ class SiameseIM(Method):
 
     @classmethod
     def from_config(cls, cfg: Config) -> SiameseIM:
-        encoder = Encoder(
-            cfg.model.arch, cfg.model.patch_size, cfg.model.img_size, cfg.model.drop_path
-        )
+        encoder = encoder_from_config(cfg)
         d = cfg.decoder
         method = cls(
             encoder,
