@@ -243,9 +243,9 @@ def _train(
     # is built in a staging folder and moved into the run folder once the start is sure.
     staging = Path(tempfile.mkdtemp(prefix="siamae-start-"))
     try:
-        for cached in (run_dir / VIDEO_INDEX_FILE,):
-            if cached.is_file():
-                shutil.copy2(cached, staging / cached.name)
+        cached_index = run_dir / VIDEO_INDEX_FILE
+        if cached_index.is_file():  # a restart does not probe the videos again
+            shutil.copy2(cached_index, staging / cached_index.name)
         dataset = build_dataset(
             cfg,
             method.view_kind,
