@@ -46,6 +46,12 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init and of the probe")
+    add_pos_resample_option(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_pos_resample_option(p: argparse.ArgumentParser) -> None:
+    """``--pos-resample``, shared by every evaluation command (probes and propagation)."""
     p.add_argument(
         "--pos-resample",
         choices=("dino", "timm"),
@@ -54,7 +60,6 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
         "published evaluations: bicubic, scale factor (h + 0.1) / h0, no antialias) or timm "
         "(timm's antialiased resample_abs_pos_embed)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _encoder(args: argparse.Namespace):  # noqa: ANN202 - returns (Encoder, source string)

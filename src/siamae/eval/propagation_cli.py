@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from siamae.eval.probe_cli import add_pos_resample_option
+
 
 def _encoder(args: argparse.Namespace):
     from siamae.loading import describe_encoder, load_encoder, random_encoder
@@ -121,14 +123,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="an untrained encoder, the baseline every table needs, e.g. vit_small_patch16",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default 0)")
-    p.add_argument(
-        "--pos-resample",
-        choices=("dino", "timm"),
-        default="dino",
-        help="position grid at sizes other than the trained one: dino (default, as the "
-        "published evaluations: bicubic, scale factor (h + 0.1) / h0, no antialias) or timm "
-        "(timm's antialiased resample_abs_pos_embed)",
-    )
+    add_pos_resample_option(p)
     p.add_argument("--data-root", required=True, help="the benchmark's folder (official layout)")
     p.add_argument(
         "--protocol",
