@@ -51,11 +51,16 @@ def two_clusters(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return centres[labels] + 0.1 * torch.randn(n, 16, generator=gen), labels
 
 
-def test_knn_two_separated_clusters_is_perfect() -> None:
+def test_knn_two_separated_clusters_is_perfect(capsys: pytest.CaptureFixture[str]) -> None:
     train_x, train_y = two_clusters(60, seed=0)
     test_x, test_y = two_clusters(20, seed=1)
-    with pytest.warns(UserWarning, match="larger than the 60 training samples"):
-        result = knn_classify(train_x, train_y, test_x, test_y, ks=(10, 20, 100, 200))
+    result = knn_classify(train_x, train_y, test_x, test_y, ks=(10, 20, 100, 200))
+    # k beyond the training set: one plain note (no UserWarning with torch's file and line)
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "siamae: note: k=100, 200 is larger than the 60 training images; those rows use all "
+        "60 (k=60)"
+    )
     assert list(result.top1) == [10, 20, 100, 200]
     assert all(v == 100.0 for v in result.top1.values())
     assert all(v == 100.0 for v in result.top5.values())
@@ -197,6 +202,62 @@ def test_knn_command(folders: tuple[Path, Path], tmp_path: Path, capsys) -> None
     assert set(result["top1"]) == {"1", "5"}
     # Solid colours are far apart even for a random ViT.
     assert result["top1"]["1"] == 100.0
+
+
+def with_unreadable_val(folders: tuple[Path, Path], root: Path) -> tuple[Path, Path]:
+    """A copy of ``folders`` whose val folder has a zero-byte image and a text file named .jpg."""
+    import shutil
+
+    train, val = (
+        shutil.copytree(folders[0], root / "train"),
+        shutil.copytree(folders[1], root / "val"),
+    )
+    (val / "red" / "empty.png").write_bytes(b"")
+    (val / "blue" / "notes.jpg").write_text("not an image")
+    return train, val
+
+
+@pytest.mark.parametrize("command", ["knn", "linear"])
+def test_unreadable_validation_images_are_skipped_counted_and_named(
+    command: str, folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train, val = with_unreadable_val(folders, tmp_path / "data")
+    argv = ["eval", command, "--random-init", "vit_tiny_patch16_32", "--train", str(train)]
+    argv += ["--val", str(val), "--crop-pct", "1.0", "--num-workers", "1", "--no-progress"]
+    if command == "knn":
+        argv += ["--k", "1", "--out", str(tmp_path / "knn.json")]
+    else:
+        argv += ["--out-dir", str(tmp_path / "lin"), "--epochs", "1", "--batch-size", "18"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if "unreadable" in line]
+    assert len(notes) == 1 and "Traceback" not in captured.err, captured.err
+    assert "skipped 2 unreadable file(s), evaluating the other 9" in notes[0]
+    assert str(val / "blue" / "notes.jpg") in notes[0]
+    if command == "knn":
+        result = json.loads((tmp_path / "knn.json").read_text())
+        assert result["num_test"] == 9 and result["val_skipped"] == 2
+    else:
+        result = json.loads((tmp_path / "lin" / "results.json").read_text())
+        assert sorted(result["val_skipped"]) == sorted(
+            [str(val / "blue" / "notes.jpg"), str(val / "red" / "empty.png")]
+        )
+
+
+def test_an_unreadable_training_image_in_a_worker_is_one_line(
+    folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    train = shutil.copytree(folders[0], tmp_path / "train")
+    (train / "red" / "empty.png").write_bytes(b"")
+    code = main(
+        ["eval", "knn", "--random-init", "vit_tiny_patch16_32", "--train", str(train),
+         "--val", str(folders[1]), "--num-workers", "1", "--no-progress"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("siamae: error: image ") and "empty.png" in err[0]
 
 
 def test_knn_command_bad_folder_exits_2(tmp_path: Path, capsys) -> None:

@@ -231,13 +231,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(err: SiamaeError) -> str:
+    """The error's own message. Raised in a DataLoader worker, it comes back wrapped in the
+    worker's traceback ("Caught DataError in DataLoader worker process 0. Original Traceback
+    ..."); its last line is the message."""
+    message = str(err)
+    if "Original Traceback" in message:
+        last = message.strip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if last.startswith("siamae.errors.") else last
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except SiamaeError as err:
-        print(f"siamae: error: {err}", file=sys.stderr)
+        print(f"siamae: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("siamae: interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ the global generators, so calling it in the middle of a training run changes not
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from siamae.data.sources import UnreadableSample, to_rgb
+from siamae.data.sources import DECODE_ERRORS, UnreadableSample, to_rgb
 from siamae.errors import DataError, SiamaeError
 from siamae.models.vit import Encoder
 
@@ -102,6 +103,7 @@ class ImageFolder(Dataset):
                     f"{unknown[:5]}; use train and val folders with the same class names"
                 )
         self.classes = list(classes)
+        self.skipped: list[str] = []  # files dropped by drop_unreadable, path<TAB>reason
         index = {name: i for i, name in enumerate(self.classes)}
         self.samples: list[tuple[Path, int]] = []
         for name in found:
@@ -119,6 +121,31 @@ class ImageFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def drop_unreadable(self) -> list[str]:
+        """Open every file's header (cheap: no pixels are decoded) and drop those that are not
+        images (empty, truncated before the header, another format), as training skips them.
+        Returns one ``path<TAB>reason`` line per dropped file (the ``skipped_files.txt`` format).
+        """
+        from PIL import Image
+
+        kept: list[tuple[Path, int]] = []
+        dropped: list[str] = []
+        for path, label in self.samples:
+            try:
+                with Image.open(path):
+                    pass
+            except DECODE_ERRORS as err:
+                dropped.append(f"{path}\t{type(err).__name__}: {err}")
+                continue
+            kept.append((path, label))
+        if not kept:
+            raise DataError(
+                f"image folder {str(self.root)!r}: none of its {len(self.samples)} images can be "
+                "read; replace them"
+            )
+        self.samples = kept
+        return dropped
 
     @property
     def labels(self) -> torch.Tensor:
@@ -139,6 +166,27 @@ class ImageFolder(Dataset):
                 f"image {str(path)!r} could not be decoded ({err}); remove or replace it"
             ) from None
         return pixels, label
+
+
+def validation_folder(
+    root: str | Path, transform: EvalTransform, classes: list[str]
+) -> ImageFolder:
+    """The validation ImageFolder of a probe or a fine-tuning run, checked before any work: its
+    classes must be the training folder's, and files that are not images are dropped, counted
+    and named (on stderr, and in the folder's ``skipped``: ``path<TAB>reason`` lines), as
+    training skips them; the accuracy is then over the images that remain."""
+    folder = ImageFolder(root, transform, classes=classes)
+    folder.skipped = folder.drop_unreadable()
+    if folder.skipped:
+        first = folder.skipped[0].replace("\t", ": ", 1)
+        more = f" (and {len(folder.skipped) - 1} more)" if len(folder.skipped) > 1 else ""
+        print(
+            f"siamae: note: validation folder {str(folder.root)!r}: skipped "
+            f"{len(folder.skipped)} unreadable file(s), evaluating the other {len(folder)}: "
+            f"{first}{more}",
+            file=sys.stderr,
+        )
+    return folder
 
 
 def loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:

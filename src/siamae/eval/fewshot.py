@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from siamae.errors import DataError, SiamaeError
-from siamae.eval.features import EvalTransform, ImageFolder
+from siamae.eval.features import EvalTransform, ImageFolder, validation_folder
 from siamae.models.vit import Encoder
 
 
@@ -198,7 +198,7 @@ def fewshot_eval(
         )
     transform = EvalTransform(img_size, crop_pct)
     train_set = ImageFolder(train_dir, transform)
-    val_set = ImageFolder(val_dir, transform, classes=train_set.classes)
+    val_set = validation_folder(val_dir, transform, train_set.classes)
     if subset_file is not None:
         chosen = read_subset(subset_file, train_set)
         subset = f"list {Path(subset_file).name} ({len(chosen)} images)"

@@ -7,7 +7,7 @@ the prediction. Top-1 and top-5 accuracies in percent, for several k from one si
 
 from __future__ import annotations
 
-import warnings
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +69,7 @@ def knn_classify(
     Args:
         train_features: (N, D); train_labels: (N,) integers in [0, C).
         test_features: (M, D); test_labels: (M,).
-        ks: neighbour counts; a k larger than N is clipped to N (with a warning).
+        ks: neighbour counts; a k larger than N is clipped to N (with a note on stderr).
         temperature: vote weight exp(sim / T).
         chunk_size: test samples per similarity block (memory is chunk_size x N).
     """
@@ -84,8 +84,12 @@ def knn_classify(
         raise ValueError(f"k must be 1 or more, got {list(ks)}")
     n = train_features.shape[0]
     if ks[-1] > n:
-        warnings.warn(
-            f"k={ks[-1]} is larger than the {n} training samples; using k={n} there", stacklevel=2
+        # A note, not a warning: Python would print it with torch's decorator's file and line.
+        too_large = ", ".join(str(k) for k in ks if k > n)
+        print(
+            f"siamae: note: k={too_large} is larger than the {n} training images; "
+            f"those rows use all {n} (k={n})",
+            file=sys.stderr,
         )
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     device = train_features.device
@@ -135,12 +139,17 @@ def knn_eval(
     progress: bool = True,
 ) -> KNNResult:
     """k-NN top-1/top-5 of a frozen encoder on two ImageFolders (features computed once)."""
-    from siamae.eval.features import EvalTransform, ImageFolder, extract_features
+    from siamae.eval.features import (
+        EvalTransform,
+        ImageFolder,
+        extract_features,
+        validation_folder,
+    )
 
     img_size = img_size or encoder.img_size
     transform = EvalTransform(img_size, crop_pct)
     train_set = ImageFolder(train_dir, transform)
-    val_set = ImageFolder(val_dir, transform, classes=train_set.classes)
+    val_set = validation_folder(val_dir, transform, train_set.classes)
     encoder = encoder.to(device)
     kw = dict(
         device=device,
@@ -167,5 +176,6 @@ def knn_eval(
         "pos_resample": getattr(encoder, "pos_resample", "dino"),
         "train": str(train_dir),
         "val": str(val_dir),
+        "val_skipped": len(val_set.skipped),
     }
     return result

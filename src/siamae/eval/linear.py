@@ -43,6 +43,7 @@ from siamae.eval.features import (
     loader,
     normalize,
     pool_tokens,
+    validation_folder,
 )
 from siamae.models.vit import Encoder
 
@@ -345,7 +346,7 @@ def train_linear(
         )
     transform = EvalTransform(img_size, cfg.crop_pct)
     train_set = ImageFolder(train_dir, transform)
-    val_set = ImageFolder(val_dir, transform, classes=train_set.classes)
+    val_set = validation_folder(val_dir, transform, train_set.classes)
     encoder = encoder.to(device).eval()
     run_info = {
         "encoder": source,
@@ -353,6 +354,8 @@ def train_linear(
         "val": str(Path(val_dir).resolve()),
         "classes": train_set.classes,
     }
+    if val_set.skipped:  # the accuracy is over the readable images only: say which were not
+        run_info["val_skipped"] = [line.split("\t")[0] for line in val_set.skipped]
     key_base = {
         **_fingerprint(source),
         "pool": cfg.pool,
