@@ -83,16 +83,31 @@ def _finetune(args: argparse.Namespace) -> int:
 
     flags = command_overrides(args.data, args.val, args.checkpoint, args.out)
     cfg = load_config(args.config, flags[:2] + list(args.set or []) + flags[2:])
+    rank0 = _is_rank0()
+    if cfg.finetune.val is None and rank0:
+        print(
+            "siamae: note: no validation folder (no --val, and --data holds no val/, "
+            "validation/ or test/ split): training without any evaluation; pass --val DIR "
+            "for top-1",
+            file=sys.stderr,
+        )
     resume: str | bool = args.resume if args.resume else ("auto" if not args.no_resume else False)
     summary = train(cfg, resume=resume)
-    if summary.get("world_size", 1) > 1 and not _is_rank0():
-        return 0
+    if summary.get("world_size", 1) > 1 and not rank0:
+        return exit_code(summary)
     _print_summary(summary)
+    if summary["interrupted"]:  # a stopped run's figures are not the run's result
+        return exit_code(summary)
     for key, value in summary.get("eval", {}).items():
         print(f"  {key + ':':15s} {value:.4f}")
+    if summary.get("skipped_at_start"):
+        print(
+            f"  validation:     {summary['skipped_at_start']} unreadable images skipped (listed "
+            f"in {summary['run_dir']}/skipped_files.txt); top-1 is over the others"
+        )
     if summary.get("eval"):
         print(f"  best checkpoint: {summary['run_dir']}/checkpoints/best.pt")
-    return 0
+    return exit_code(summary)
 
 
 def _visualize(args: argparse.Namespace) -> int:

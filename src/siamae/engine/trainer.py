@@ -170,6 +170,17 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _list_skipped_at_start(run_dir: Path, lines: list[str]) -> None:
+    """Add the files a method dropped while it was built (a fine-tuning run's unreadable
+    validation images) to ``skipped_files.txt``, once: a resumed run finds them listed."""
+    if not lines:
+        return
+    listing = run_dir / "skipped_files.txt"
+    listed = set(listing.read_text().splitlines()) if listing.is_file() else set()
+    with listing.open("a") as f:
+        f.writelines(line + "\n" for line in lines if line not in listed)
+
+
 def find_resume_checkpoint(run_dir: Path, resume: str | Path | bool | None) -> Path | None:
     """``resume``: a path, True/"auto" (run_dir/checkpoints/last.pt if present), or False/None."""
     if resume in (None, False):
@@ -271,6 +282,7 @@ def _train(
             save_config(cfg, run_dir / "config.yaml")
             for staged in staging.iterdir():
                 shutil.copy2(staged, run_dir / staged.name)
+            _list_skipped_at_start(run_dir, getattr(method, "skipped_at_start", []))
             # A kill during a checkpoint write leaves a temporary file; the rename never came.
             for stale in ckpt_dir.glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
@@ -582,6 +594,7 @@ def _train(
         "final_loss": last_loss,
         "skipped": state.skipped,
         "interrupted": interrupted,
+        "skipped_at_start": len(getattr(method, "skipped_at_start", [])),
         "effective_batch": schedule.effective_batch,
         "peak_lr": schedule.peak_lr,
         "device": str(device),

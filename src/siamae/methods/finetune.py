@@ -27,6 +27,7 @@ one thing drawn per process.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,6 +108,8 @@ def build_encoder(cfg: Config) -> Encoder:
     from siamae.loading import load_encoder
 
     pre = load_encoder(path)
+    if os.environ.get("RANK", "0") == "0":  # what matched, as every command reports it
+        print(pre.load_report.summary())  # type: ignore[attr-defined]
     if pre.arch != m.arch or pre.patch_size != m.patch_size:
         raise ConfigError(
             f"config field 'model.arch': finetune.checkpoint {path!r} holds a {pre.arch} patch "
@@ -239,6 +242,12 @@ class FineTune(Method):
         # resumed run (which restores it) mixes as an uninterrupted one.
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self._val: Any = None
+        # The validation folder is scanned now, before any training: a class the training
+        # folder lacks is refused, unreadable files are dropped and counted (as in training),
+        # rather than found at the first evaluation, an epoch later.
+        self.skipped_at_start: list[str] = []
+        if self.val_path is not None:
+            self.skipped_at_start = list(self._val_set().skipped)
 
     # -- config ---------------------------------------------------------------------------------
     @classmethod
@@ -355,6 +364,12 @@ class FineTune(Method):
         from siamae.data.labelled import folder_classes
 
         classes = folder_classes(cfg.data.path)
+        if len(classes) < 2:
+            raise ConfigError(
+                f"config field 'data.path': {str(cfg.data.path)!r} has one class folder "
+                f"({classes[0]!r}); a classifier needs at least 2 classes: pass a folder with "
+                "one sub-folder per class (DIR/<class>/<image>)"
+            )
         num_classes = cfg.finetune.num_classes or len(classes)
         if num_classes < len(classes):
             raise ConfigError(
@@ -419,11 +434,11 @@ class FineTune(Method):
 
     # -- evaluation -----------------------------------------------------------------------------
     def _val_set(self):  # noqa: ANN202 - an ImageFolder
-        from siamae.eval.features import EvalTransform, ImageFolder
+        from siamae.eval.features import EvalTransform, validation_folder
 
         if self._val is None:
             transform = EvalTransform(self.encoder.img_size, self.eval_crop_pct)
-            self._val = ImageFolder(self.val_path, transform, classes=self.classes)
+            self._val = validation_folder(self.val_path, transform, self.classes)
         return self._val
 
     @torch.no_grad()
@@ -651,21 +666,33 @@ def export_classifier(
 # -- the command line -----------------------------------------------------------------------------
 
 
+# The split names datasets use (ImageNet and torchvision: train/val; ADE20K: training/validation;
+# CIFAR folders: train/test).
+TRAIN_SPLITS = ("train", "training")
+VAL_SPLITS = ("val", "validation", "valid", "test")
+
+
 def split_folders(data: str | Path) -> tuple[Path, Path | None]:
-    """``--data DIR``: (training folder, validation folder or None). DIR holding ``train/`` is
-    split as DIR/train and DIR/val (or DIR/test, as CIFAR folders name it); otherwise DIR is
-    the training folder itself."""
+    """``--data DIR``: (training folder, validation folder or None). DIR holding a training split
+    (``train/`` or ``training/``) is split into it and its validation split (``val/``,
+    ``validation/``, ``valid/`` or ``test/``); otherwise DIR is the training folder itself. A DIR
+    with a validation split and no training split is refused (its splits are not classes)."""
     root = Path(data)
     if not root.is_dir():
         raise ConfigError(
             f"--data {str(data)!r} is not a folder; pass an ImageFolder (DIR/<class>/<image>) or "
             "a folder holding train/ and val/"
         )
-    if (root / "train").is_dir():
-        for name in ("val", "validation", "test"):
-            if (root / name).is_dir():
-                return root / "train", root / name
-        return root / "train", None
+    train = next((root / n for n in TRAIN_SPLITS if (root / n).is_dir()), None)
+    val = next((root / n for n in VAL_SPLITS if (root / n).is_dir()), None)
+    if train is not None:
+        return train, val
+    if val is not None:
+        raise ConfigError(
+            f"--data {str(data)!r} holds a validation split ({val.name}/) but no training split; "
+            f"name the training folder {' or '.join(s + '/' for s in TRAIN_SPLITS)}, or pass "
+            "--data TRAIN_DIR --val VAL_DIR"
+        )
     return root, None
 
 
