@@ -3,7 +3,9 @@ engine (overfits, resumes bit-identically, DDP == one process) and the export wi
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from ddp_helpers import train_in_processes
+from siamae.cli import main
 from siamae.engine.trainer import train
 from siamae.errors import ConfigError
 from siamae.methods import build_method
@@ -321,3 +324,148 @@ def test_imagenet_recipes_resolve_to_the_published_protocol(folders, name, base_
     assert (cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.model.drop_path) == (100, 5, 0.1)
     assert (f.layer_decay, f.mixup, f.cutmix, f.smoothing, f.reprob) == (0.65, 0.8, 1.0, 0.1, 0.25)
     assert f.aa == "rand-m9-mstd0.5-inc1" and f.global_pool and cfg.data.interpolation == "bicubic"
+
+
+# -- the command's stops and refusals ------------------------------------------------------------
+
+
+def command(config: Path, data: Path, out: Path, *options: str) -> list[str]:
+    argv = ["finetune", "--config", str(config), "--checkpoint", "none", "--data", str(data)]
+    argv += ["--out", str(out)]
+    for option in [*PLAIN, "data.batch_size=4", "data.num_workers=0", "finetune.eval_batch_size=8"]:
+        argv += ["--set", option]
+    for option in ["run.progress=false", "run.tensorboard=false", "run.visualize=false", *options]:
+        argv += ["--set", option]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = tmp_path_factory.mktemp("config") / "ft.yaml"
+    config.write_text("method: finetune\nmodel: {arch: vit_tiny, patch_size: 8, img_size: 32}\n")
+    return config
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_finetuning_with_128_plus_signal_and_resumes_exactly(
+    signum: int,
+    folders,  # noqa: ANN001
+    tiny_config: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from siamae.engine.logging import MetricsLogger
+
+    torch.set_num_threads(1)
+    data = folders[0].parent
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    # 6 steps an epoch (24 images, batch 4): the stop at step 3 and the evaluation at 6 both fall
+    # inside the 8 steps.
+    options = ("optim.max_steps=8", "run.log_every=1", f"finetune.val={folders[1]}")
+    log = MetricsLogger.log
+
+    def signal_at_step_3(self: MetricsLogger, record: dict) -> None:
+        log(self, record)
+        if record.get("step") == 3 and "loss" in record:
+            os.kill(os.getpid(), signum)  # a real signal, to the real handler
+
+    with monkeypatch.context() as patched:
+        patched.setattr(MetricsLogger, "log", signal_at_step_3)
+        assert main(command(tiny_config, data, run, *options)) == 128 + signum
+    out = capsys.readouterr().out
+    assert f"interrupted ({signal.Signals(signum).name}) at step 3/8" in out
+    assert "top1:" not in out and "best checkpoint" not in out  # not reported as finished
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+    # the same command resumes and ends where an uninterrupted run ends, bit for bit
+    assert main(command(tiny_config, data, run, *options)) == 0
+    assert "top1:" in capsys.readouterr().out
+    assert main(command(tiny_config, data, whole, *options)) == 0
+    a, b = weights(whole), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_validation_folder_is_checked_before_any_training(
+    folders,
+    tiny_config: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],  # noqa: ANN001
+) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(folders[0], data / "train")
+    shutil.copytree(folders[1], data / "val")
+    (data / "val" / "purple").mkdir()  # a class the training folder lacks
+    shutil.copy(folders[1] / "red" / "0.png", data / "val" / "purple" / "0.png")
+    run = tmp_path / "run"
+    assert main(command(tiny_config, data, run, "optim.max_steps=30")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("siamae: error: image folder") and "['purple']" in err
+    assert not run.exists()  # refused before anything was written or trained
+
+    shutil.rmtree(data / "val" / "purple")
+    (data / "val" / "red" / "empty.png").write_bytes(b"")  # zero bytes: not an image
+    assert main(command(tiny_config, data, run, "optim.max_steps=2")) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if "unreadable" in line]
+    assert len(notes) == 1 and "empty.png" in notes[0] and "evaluating the other 6" in notes[0]
+    assert "1 unreadable images skipped" in captured.out and "top1:" in captured.out
+    listed = (run / "skipped_files.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in listed] == [str(data / "val" / "red" / "empty.png")]
+    # a resumed run lists it once
+    assert main(command(tiny_config, data, run, "optim.max_steps=3")) == 0
+    assert (run / "skipped_files.txt").read_text().splitlines() == listed
+
+
+def test_one_class_and_split_names(
+    folders,
+    tiny_config: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],  # noqa: ANN001
+) -> None:
+    import shutil
+
+    one = tmp_path / "one"
+    shutil.copytree(folders[0] / "red", one / "red")
+    assert main(command(tiny_config, one, tmp_path / "run1", "optim.max_steps=2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"siamae: error: config field 'data.path': {str(one)!r} has one class folder ('red'); "
+        "a classifier needs at least 2 classes: pass a folder with one sub-folder per class "
+        "(DIR/<class>/<image>)"
+    )
+    assert "no validation folder" in err[0]  # and it was told there is no evaluation
+    assert not (tmp_path / "run1").exists()
+
+    # ADE20K-style split names are splits, not two classes "training" and "validation"
+    ade = tmp_path / "ade"
+    shutil.copytree(folders[0], ade / "training")
+    shutil.copytree(folders[1], ade / "validation")
+    assert main(command(tiny_config, ade, tmp_path / "run2", "optim.max_steps=2")) == 0
+    assert "top1:" in capsys.readouterr().out
+    saved = (tmp_path / "run2" / "config.yaml").read_text()
+    assert f"path: {ade / 'training'}" in saved and f"val: {ade / 'validation'}" in saved
+
+    # a validation split alone is refused (the one-class run above had no split: it was told)
+    shutil.rmtree(ade / "training")
+    assert main(command(tiny_config, ade, tmp_path / "run3", "optim.max_steps=2")) == 2
+    assert "no training split" in capsys.readouterr().err
+
+
+def test_the_load_report_is_printed(
+    folders,
+    tiny_config: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],  # noqa: ANN001
+) -> None:
+    from siamae.models.vit import Encoder
+
+    pretrained = tmp_path / "timm_vit_tiny_p8.pth"  # a plain timm state dict
+    torch.save(Encoder("vit_tiny", 8, 32).vit.state_dict(), pretrained)
+    argv = command(tiny_config, folders[0].parent, tmp_path / "run", "optim.max_steps=1")
+    argv[argv.index("none")] = str(pretrained)
+    assert main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"loaded vit_tiny patch 8 (32px) from {pretrained} [")
+    assert first.endswith("encoder tensors matched")
