@@ -248,3 +248,18 @@ def test_davis_ground_truth_folder_scores_one(shared_data, tmp_path, size):
         write_mask(tmp_path / seq.name / f"{m.stem}.png", resize_ids(ids, size) if size else ids)
     summary, _ = score_predictions(root, tmp_path, sequences=[seq.name])
     assert summary["J&F-Mean"] == 1.0 and summary["objects"] == 1
+
+
+@pytest.mark.parametrize("count", ["0", "1", "2"])
+def test_davis_max_frames_below_three_is_refused(shared_data, tmp_path, count, capsys):
+    from siamae.cli import main
+
+    code = main(
+        ["eval", "davis", "--random-init", "vit_tiny_patch16", "--data-root",
+         str(shared_data / "DAVIS"), "--sequences", "dog", "--max-frames", count,
+         "--out", str(tmp_path / "out"), "--no-progress"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"siamae: error: --max-frames {count}: ") and "3 or more" in err[0]
+    assert not (tmp_path / "out" / "dog").exists()  # nothing evaluated

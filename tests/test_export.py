@@ -139,6 +139,15 @@ def test_export_command_and_wrong_name(train_ckpt: Path, tmp_path: Path, capsys)
         export_encoder(train_ckpt, tmp_path / "y.safetensors", timm_name="vit_nonsense_patch16")
     with pytest.raises(SiamaeError, match=".safetensors"):
         export_encoder(train_ckpt, tmp_path / "y.pt")
+    # a timm model that is not a ViT: one line naming the supported models, nothing written
+    for name in ("resnet50", "convnext_tiny"):
+        code = main(["export", "--checkpoint", str(train_ckpt), "--out", str(tmp_path / "r.safetensors"),
+                     "--timm-name", name])  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"siamae: error: --timm-name {name!r} is not a timm ViT; ")
+        assert "timm.models.vision_transformer" in err[0] and "vit_tiny_patch16_224" in err[0]
+        assert not (tmp_path / "r.safetensors").exists()
 
 
 # -- load_encoder on every format ------------------------------------------------------------------

@@ -73,6 +73,28 @@ def test_overlay_png_has_frame_numbers_and_gif_frames_are_captioned(tmp_path: Pa
     assert gif.save(tmp_path / "dog").suffix == ".gif"
 
 
+def test_overlay_shows_a_ground_truth_row_above_the_predictions(tmp_path: Path) -> None:
+    frame = np.full((40, 60, 3), 200, np.uint8)
+    truth, pred = np.zeros((40, 60), np.uint8), np.zeros((40, 60), np.uint8)
+    truth[5:35, 5:30] = 1
+    pred[10:30, 30:55] = 1
+    pictures = {}
+    for kind in ("with", "without"):
+        png = OverlayRecorder(4, "png", count=2, height=40)
+        for t in range(4):
+            png.add(t, frame, pred, truth if kind == "with" else None)
+        pictures[kind] = np.asarray(Image.open(png.save(tmp_path / kind, title="dog")))
+    assert [t is not None for t in png.truths] == [False, False]
+    # one image row more, the truth's tint where the truth is (left) and not the prediction's
+    assert pictures["with"].shape[0] > pictures["without"].shape[0] + 30
+    assert png.frame_ids == [0, 3]
+    gif = OverlayRecorder(2, "gif", height=40)
+    gif.add(0, frame, pred, truth)
+    assert gif.frames[0].shape[1] == 2 * 60 + 4  # ground truth | prediction, side by side
+    tinted = gif.frames[0][20, 10].astype(int)  # inside the truth, outside the prediction
+    assert tinted[0] > tinted[1] + 40  # the DAVIS red of object 1
+
+
 def test_synthetic_propagation_picture_shows_every_video_with_scores(
     tmp_path: Path, one_thread: None
 ) -> None:

@@ -75,18 +75,32 @@ def timm_kwargs(encoder: Encoder, name: str) -> dict[str, int]:
     return kwargs
 
 
+# The encoder is timm's VisionTransformer: names of that module are the ones it can become.
+VIT_MODULE = "vision_transformer"
+
+
+def check_vit_name(name: str) -> None:
+    """Refuse a ``--timm-name`` that is not a model of timm's ``vision_transformer`` module."""
+    import timm
+
+    if timm.is_model(name) and timm.models.is_model_in_modules(name, [VIT_MODULE]):
+        return
+    close = timm.list_models(name.split("_patch")[0] + "*", module=VIT_MODULE)[:6]
+    what = "is not a timm model" if not timm.is_model(name) else "is not a timm ViT"
+    raise SiamaeError(
+        f"--timm-name {name!r} {what}; the export supports timm's VisionTransformer models "
+        f"(timm.models.{VIT_MODULE}) of the encoder's shape, e.g. "
+        f"{', '.join(close) or 'vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224'}"
+    )
+
+
 def _check_against_timm(
     state: dict[str, torch.Tensor], name: str, kwargs: dict[str, int]
 ) -> dict[str, Any]:
     """Build the timm model (no weights) and check every encoder tensor's name and shape."""
     import timm
 
-    if not timm.is_model(name):
-        close = timm.list_models(name.split("_patch")[0] + "*")[:8]
-        raise SiamaeError(
-            f"--timm-name {name!r} is not a timm model; pick one with the encoder's shape, e.g. "
-            f"{', '.join(close) or 'vit_small_patch16_224'}"
-        )
+    check_vit_name(name)
     with torch.device("meta"):  # shapes only: no memory, no (slow) weight initialisation
         model = timm.create_model(name, pretrained=False, **kwargs)
     expected = model.state_dict()

@@ -212,7 +212,8 @@ def evaluate_davis(
             there: the published CropMAE figures) or "native" (predictions resized to the
             annotation size, nearest). Default: resized for a fixed-size protocol, else native.
         overlays: sequence names (or ["all"]) for which to save an overlay picture.
-        max_frames: use only the first N frames of each sequence (quick checks; not the protocol).
+        max_frames: use only the first N frames of each sequence, the annotated first frame
+            included (N >= 3; quick checks, not the protocol).
     """
     root = check_root(root)
     out = Path(out)
@@ -222,6 +223,13 @@ def evaluate_davis(
         score_at = "resized" if "x" in params.resize else "native"
     if score_at not in ("resized", "native"):
         raise DataError(f"score_at must be 'resized' or 'native', got {score_at!r}")
+    if max_frames is not None and max_frames < 3:
+        # Frame 0 is the given annotation and the last frame is not scored (as the official
+        # evaluation does): fewer than 3 frames leave nothing to score.
+        raise DataError(
+            f"--max-frames {max_frames}: counts frames from the annotated first one, which is "
+            "given, and the last is not scored; pass 3 or more (or leave it out: every frame)"
+        )
     want_overlay = set(overlays or [])
     patch = int(encoder.patch_size)
     encoder = encoder.eval().to(device)
@@ -233,7 +241,7 @@ def evaluate_davis(
     bar = tqdm(seqs, desc="DAVIS", unit="seq", disable=not progress)
     for seq in bar:
         bar.set_postfix_str(seq.name)
-        frames = seq.frames[:max_frames] if max_frames else seq.frames
+        frames = seq.frames[:max_frames] if max_frames is not None else seq.frames
         masks = seq.masks[: len(frames)]
         first = read_mask(masks[0])
         native = first.shape
@@ -270,8 +278,13 @@ def evaluate_davis(
                 ids = labels_to_ids(soft, prop_size, params.norm_mask).numpy().astype(np.uint8)
                 pred = resize_ids(ids, score_size, exact=True)
             write_mask(out / seq.name / f"{frames[t].stem}.png", pred)
-            if recorder is not None:
-                recorder.add(t, read_frame(frames[t]), pred)
+            if recorder is not None and recorder.wants(t):
+                truth = (
+                    resize_ids(read_mask(masks[t]), score_size, exact=False)
+                    if t < len(masks)
+                    else None
+                )
+                recorder.add(t, read_frame(frames[t]), pred, truth)
             if scored and 0 < t < len(frames) - 1:
                 gt = resize_ids(read_mask(masks[t]), score_size, exact=False)
                 j, f = frame_scores(gt, pred, n_obj, void)

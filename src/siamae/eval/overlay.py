@@ -159,25 +159,47 @@ class OverlayRecorder:
         count = max(1, min(count, num_frames))
         self.keep = set(np.linspace(0, num_frames - 1, count).round().astype(int).tolist())
         self.frames: list[np.ndarray] = []
+        self.truths: list[np.ndarray | None] = []
         self.frame_ids: list[int] = []
 
-    def add(self, t: int, frame: np.ndarray, ids: np.ndarray) -> None:
-        if self.kind == "gif" or t in self.keep:
-            image = _thumb(blend(frame, ids), self.height)
-            if self.kind == "gif":
-                image = _caption(image, f"frame {t}")
-            self.frames.append(image)
-            self.frame_ids.append(t)
+    def wants(self, t: int) -> bool:
+        """Whether frame ``t`` goes into the picture (so a caller reads its ground truth only
+        then)."""
+        return self.kind == "gif" or t in self.keep
+
+    def add(
+        self, t: int, frame: np.ndarray, ids: np.ndarray, truth: np.ndarray | None = None
+    ) -> None:
+        """Frame ``t`` with its predicted ``ids`` and, where known, its ground-truth ids (shown
+        in a row of their own above the predictions, as in the demo's picture)."""
+        if not self.wants(t):
+            return
+        image = _thumb(blend(frame, ids), self.height)
+        truth_image = _thumb(blend(frame, truth), self.height) if truth is not None else None
+        if self.kind == "gif":
+            image = _caption(image, f"frame {t}: prediction")
+            if truth_image is not None:  # side by side: ground truth | prediction
+                truth_image = _caption(truth_image, f"frame {t}: ground truth")
+                gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
+                image = np.concatenate([truth_image, gap, image], axis=1)
+        self.frames.append(image)
+        self.truths.append(truth_image)
+        self.frame_ids.append(t)
 
     def save(self, path_stem: str | Path, title: str | None = None) -> Path:
-        """``<stem>.png`` (titled strip, frame numbers above) or ``<stem>.gif``."""
+        """``<stem>.png`` (titled grid, frame numbers above: the ground-truth row where every
+        shown frame has one, then the predictions) or ``<stem>.gif``."""
         stem = Path(path_stem)
         if self.kind == "gif":
             return save_gif(stem.with_suffix(".gif"), self.frames, height=self.height)
+        rows, labels = [self.frames], ["prediction\n(frame 0 given)"]
+        if self.truths and all(t is not None for t in self.truths):
+            rows.insert(0, self.truths)  # type: ignore[arg-type]
+            labels.insert(0, "ground truth")
         return save_labelled_grid(
             stem.with_suffix(".png"),
-            [self.frames],
-            ["prediction\n(frame 0 given)"],
+            rows,
+            labels,
             [f"frame {t}" for t in self.frame_ids],
             title=title or stem.name,
             height=self.height,

@@ -177,7 +177,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-frames",
         type=int,
-        help="only the first N frames of each sequence (a quick check, not the protocol)",
+        help="only the first N frames of each sequence, counting the annotated first frame "
+        "(N >= 3: frame 0 is given, frames 1..N-1 are propagated, all but the last scored, as "
+        "in the official evaluation); a quick check, not the protocol (default: every frame)",
     )
     p.set_defaults(func=_davis)
 

@@ -587,7 +587,7 @@ def export_classifier(
 
     from siamae.errors import SiamaeError
     from siamae.eval.features import IMAGENET_MEAN, IMAGENET_STD
-    from siamae.export import default_timm_name, timm_kwargs
+    from siamae.export import check_vit_name, default_timm_name, timm_kwargs
 
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -602,13 +602,12 @@ def export_classifier(
     with torch.device("meta"):
         shape = Encoder(info["arch"], info["patch_size"], info["img_size"], **overrides)
     name = timm_name or default_timm_name(shape)
+    check_vit_name(name)
     kwargs: dict[str, Any] = {
         **timm_kwargs(shape, name),
         "num_classes": info["num_classes"],
         "global_pool": info["global_pool"],
     }
-    if not timm.is_model(name):
-        raise SiamaeError(f"--timm-name {name!r} is not a timm model")
     with torch.device("meta"):
         model = timm.create_model(name, pretrained=False, **kwargs)
     expected = model.state_dict()
