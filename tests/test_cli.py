@@ -142,3 +142,12 @@ def test_resume_with_a_checkpoint_of_another_shape_is_refused(
     assert main(_small_pretrain(tmp_path, "optim.max_steps=1")) == 0
     assert main(_small_pretrain(tmp_path, "decoder.dim=64", "optim.max_steps=2")) == 2
     assert "do not fit" in _error_line(capsys)
+
+
+def test_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    import siamae
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"siamae {siamae.__version__}"

@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from siamae import __version__
 from siamae.errors import SiamaeError
 
 
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="siamae",
         description="Pre-train ViTs with CropMAE, SiamMAE or MAE, and evaluate frozen encoders.",
     )
+    parser.add_argument("--version", action="version", version=f"siamae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(

@@ -25,9 +25,18 @@ def to_image(image: torch.Tensor) -> np.ndarray:
 
 
 def save_picture_grid(
-    columns: list[tuple[str, torch.Tensor]], path: str | Path, title: str, cell: float = 2.2
+    columns: list[tuple[str, torch.Tensor]],
+    path: str | Path,
+    title: str,
+    cell: float = 2.2,
+    scales: dict[str, Any] | None = None,
 ) -> Path:
-    """One sample a row, one titled column per entry of ``columns`` ((B, 3, H, W) in [0, 1])."""
+    """One sample a row, one titled column per entry of ``columns`` ((B, 3, H, W) in [0, 1]).
+    A column named in ``scales`` (title -> :class:`siamae.methods.base.ColourScale`) gets a
+    colour bar below it, with its label and units."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
     if not columns:
@@ -45,6 +54,16 @@ def save_picture_grid(
                 ax.set_title(name, fontsize=10)
             if c == 0:
                 ax.set_ylabel(f"sample {r + 1}", fontsize=9)
+        scale = (scales or {}).get(name)
+        if scale is not None:
+            bar = fig.colorbar(
+                ScalarMappable(Normalize(scale.vmin, scale.vmax), colormaps[scale.cmap]),
+                ax=[axes[r][c] for r in range(rows)],
+                location="bottom",
+                shrink=0.9,
+            )
+            bar.set_label(scale.label, fontsize=7)
+            bar.ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=11)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +119,8 @@ def save_reconstruction(
     mask_ratio = getattr(method, "mask_ratio", None)
     if isinstance(mask_ratio, float):
         details.append(f"mask ratio {mask_ratio:g}")
-    return save_picture_grid(columns, path, f"{name}: {', '.join(details)}")
+    scales = getattr(method, "picture_scales", None)
+    return save_picture_grid(columns, path, f"{name}: {', '.join(details)}", scales=scales)
 
 
 def save_loss_curve(run_dir: str | Path, path: str | Path) -> Path:

@@ -109,13 +109,45 @@ def prepare_image(image: object, patch_size: int, resize: int | None = None) -> 
     return np.asarray(image.crop((left, top, left + cw, top + ch)), dtype=np.uint8).copy()
 
 
+# Attention costs grow with the square of the patch count: 16384 patches (a 128 x 128 grid, e.g.
+# 2048 x 2048 pixels at patch 16) take tens of seconds for a ViT-S on a CPU; 1.7 M would take hours.
+MAX_PATCHES = 16384
+
+
+def patches_after_resize(size: tuple[int, int], patch_size: int, resize: int | None) -> int:
+    """How many patches ``prepare_image`` makes of an image of ``size`` (width, height)."""
+    w, h = size
+    if resize is not None:
+        scale = resize / min(w, h)
+        w, h = max(1, round(w * scale)), max(1, round(h * scale))
+    return (w // patch_size) * (h // patch_size)
+
+
+def check_patch_budget(
+    size: tuple[int, int], patch_size: int, resize: int | None, name: str, budget: int
+) -> None:
+    """Refuse, before decoding, an image that would make more than ``budget`` patches."""
+    count = patches_after_resize(size, patch_size, resize)
+    if count > budget:
+        side = int(math.sqrt(budget)) * patch_size  # a square at the budget
+        raise DataError(
+            f"image {name!r} is {size[0]}x{size[1]} pixels"
+            + (f" (--resize {resize})" if resize is not None else "")
+            + f": {count:,} patches of {patch_size} pixels, above the budget of {budget:,} "
+            f"(attention grows with the square of the count); pass --resize with a short side "
+            f"of at most {side} pixels, e.g. --resize 480"
+        )
+
+
 def attention_for_image(
     encoder: Encoder,
     image: str | Path | object,
     resize: int | None = None,
     device: torch.device | str = "cpu",
+    max_patches: int = MAX_PATCHES,
 ) -> AttentionResult:
-    """The last block's per-head CLS attention over ``image`` (a path or a PIL image)."""
+    """The last block's per-head CLS attention over ``image`` (a path or a PIL image). An image
+    that would make more than ``max_patches`` patches is refused before it is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     from siamae.eval.features import normalize
@@ -125,6 +157,8 @@ def attention_for_image(
         name = Path(image).stem
         try:
             with Image.open(image) as opened:
+                # the header holds the size: a huge image is refused without decoding it
+                check_patch_budget(opened.size, encoder.patch_size, resize, str(image), max_patches)
                 opened.load()
                 image = opened.copy()
         except FileNotFoundError:
@@ -133,6 +167,8 @@ def attention_for_image(
             ) from None
         except (UnidentifiedImageError, OSError) as err:
             raise DataError(f"image {str(image)!r} could not be read ({err})") from None
+    else:
+        check_patch_budget(image.size, encoder.patch_size, resize, name, max_patches)  # type: ignore[attr-defined]
     pixels = prepare_image(image, encoder.patch_size, resize)
     was_training = encoder.training
     encoder.eval().to(device)
@@ -154,40 +190,37 @@ def _upsample(grid: torch.Tensor, patch_size: int) -> np.ndarray:
     ].numpy()
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """The boundary pixels of a boolean mask (inside pixels with an outside 4-neighbour)."""
-    padded = np.pad(mask, 1, constant_values=False)
-    inner = (
-        padded[1:-1, 1:-1]
-        & padded[:-2, 1:-1]
-        & padded[2:, 1:-1]
-        & padded[1:-1, :-2]
-        & padded[1:-1, 2:]
-    )
-    return mask & ~inner
+def _smooth_mask(mask: torch.Tensor, patch_size: int) -> np.ndarray:
+    """(gh, gw) boolean -> (gh * p, gw * p) float, bilinearly upsampled from the patch centres:
+    its 0.5 level is one smooth closed curve around each region of kept patches."""
+    return F.interpolate(
+        mask[None, None].float(), scale_factor=patch_size, mode="bilinear", align_corners=False
+    )[0, 0].numpy()
 
 
-def _overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """The image with a colour-mapped heat map blended over it and the mask's outline in white."""
-    from matplotlib import colormaps
-
-    scaled = heat / max(float(heat.max()), 1e-12)
-    colour = colormaps["inferno"](scaled)[..., :3]
-    out = 0.45 * image.astype(np.float64) / 255.0 + 0.55 * colour
-    if mask is not None:
-        out[_outline(mask)] = 1.0
-    return np.clip(out, 0.0, 1.0)
+def _draw_map(
+    ax: object, image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None, norm: object
+) -> object:
+    """The image, the colour-mapped heat map over it (``norm``: the figure's one colour scale)
+    and the mask's outline as white contours. Returns the heat map's image (for a colour bar)."""
+    ax.imshow(image, interpolation="nearest")  # type: ignore[attr-defined]
+    shown = ax.imshow(heat, cmap="inferno", norm=norm, alpha=0.6, interpolation="nearest")  # type: ignore[attr-defined]
+    if mask is not None and mask.min() < 0.5 < mask.max():  # a level to draw: some kept, some not
+        ax.contour(mask, levels=[0.5], colors="white", linewidths=1.2)  # type: ignore[attr-defined]
+    return shown
 
 
 def save_attention_figure(
     result: AttentionResult, path: str | Path, keep: float = 0.6, title: str | None = None
 ) -> Path:
     """One labelled PNG: the image, the mean attention over heads with its ``keep`` mask, the
-    mask itself over the image, then each head's map with its own mask outlined."""
-    import matplotlib
+    mask itself over the image, then each head's map with its own mask outlined (one smooth
+    contour per region). Every map shares one colour scale, drawn as a colour bar in percent of
+    the CLS token's attention per patch."""
+    import textwrap
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.colors import PowerNorm
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     p = result.patch_size
     heads = result.num_heads
@@ -195,45 +228,66 @@ def save_attention_figure(
     mean = result.maps.mean(dim=0)
     mean_mask = mass_mask(mean, keep)
     image = result.image
-    panels: list[tuple[str, np.ndarray]] = [
-        (f"image ({image.shape[1]}x{image.shape[0]})", image.astype(np.float64) / 255.0),
-        (
-            f"mean of {heads} heads",
-            _overlay(image, _upsample(mean, p), _upsample(mean_mask, p) > 0.5),
-        ),
+    percent = result.maps * 100.0  # each map sums to 100 %
+    # One scale for all maps; the square root keeps a diffuse head visible beside a peaked one.
+    norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=float(percent.max()))
+    panels: list[tuple[str, np.ndarray | None, torch.Tensor | None]] = [
+        (f"image ({image.shape[1]}x{image.shape[0]})", None, None),
+        (f"mean of {heads} heads", _upsample(mean * 100.0, p), mean_mask),
         (
             f"mask: {keep:.0%} of the mass ({int(mean_mask.sum())}/{mean_mask.numel()} patches)",
-            image.astype(np.float64) / 255.0 * (0.25 + 0.75 * _upsample(mean_mask, p)[..., None]),
+            None,
+            mean_mask,
         ),
     ]
     for h in range(heads):
         panels.append(
             (
                 f"head {h} ({int(masks[h].sum())} patches hold {keep:.0%})",
-                _overlay(image, _upsample(result.maps[h], p), _upsample(masks[h], p) > 0.5),
+                _upsample(percent[h], p),
+                masks[h],
             )
         )
     cols = min(len(panels), 4)
     rows = math.ceil(len(panels) / cols)
     aspect = image.shape[0] / image.shape[1]
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(3.2 * cols, 3.2 * aspect * rows + 0.6), squeeze=False
+    fig = Figure(
+        figsize=(3.2 * cols + 1.0, (3.2 * aspect + 0.45) * rows + 0.6), layout="constrained"
     )
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (label, pixels) in zip(axes.flat, panels):
-        ax.imshow(pixels, interpolation="nearest")
-        ax.set_title(label, fontsize=8)
+    shown = None
+    for ax, (label, heat, mask) in zip(axes.flat, panels):
+        outline = _smooth_mask(mask, p) if mask is not None else None
+        if heat is not None:
+            shown = _draw_map(ax, image, heat, outline, norm)
+        elif mask is not None:  # the mask itself: kept patches bright, the rest dimmed
+            dim = 0.25 + 0.75 * _upsample(mask, p)[..., None]
+            ax.imshow(image.astype(np.float64) / 255.0 * dim, interpolation="nearest")
+            if outline.min() < 0.5 < outline.max():
+                ax.contour(outline, levels=[0.5], colors="white", linewidths=1.2)
+        else:
+            ax.imshow(image, interpolation="nearest")
+        ax.set_title("\n".join(textwrap.wrap(label, 34)), fontsize=8)
+    if shown is not None:
+        bar = fig.colorbar(shown, ax=axes, location="right", shrink=0.8, pad=0.01)
+        bar.set_label("attention per patch (% of the CLS token's attention)", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+        bar.solids.set_alpha(1.0)  # the scale itself, not its blend with the image
     fig.suptitle(
-        title
-        or f"{result.name}: CLS attention of the last block (outline: {keep:.0%} of the mass)",
+        "\n".join(
+            textwrap.wrap(
+                title
+                or f"{result.name}: CLS attention of the last block (outline: {keep:.0%} of the mass)",
+                110,
+            )
+        ),
         fontsize=10,
     )
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

@@ -43,6 +43,25 @@ class Reconstruction:
 Picture = list[tuple[str, torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class ColourScale:
+    """How a picture column of values was coloured: matplotlib colour map ``cmap`` from
+    ``vmin`` to ``vmax``; the picture draws it as a colour bar titled ``label`` (with units)."""
+
+    label: str
+    vmin: float
+    vmax: float
+    cmap: str = "coolwarm"
+
+    def colour(self, values: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) values -> (B, 3, H, W) RGB in [0, 1] through the colour map."""
+        from matplotlib import colormaps
+
+        scaled = ((values - self.vmin) / max(self.vmax - self.vmin, 1e-12)).clamp(0, 1)
+        rgb = colormaps[self.cmap](scaled[:, 0].cpu().numpy())[..., :3]
+        return torch.from_numpy(rgb).permute(0, 3, 1, 2).float().to(values.device)
+
+
 class Method(nn.Module, metaclass=abc.ABCMeta):
     """A pre-training method: an encoder plus its own heads and loss.
 
@@ -110,8 +129,12 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """Called at the end of every epoch on every process; the result is logged."""
         return None
 
+    # Columns of the last picture drawn from values (title -> ColourScale): a colour bar each.
+    picture_scales: dict[str, ColourScale]
+
     def picture(self, batch: dict[str, torch.Tensor]) -> Picture | None:
-        """Columns of the run's picture: (title, (B, 3, H, W) RGB in [0, 1]); None for none."""
+        """Columns of the run's picture: (title, (B, 3, H, W) RGB in [0, 1]); None for none.
+        A column coloured from values names its scale in ``self.picture_scales``."""
         rec = self.reconstruct(batch)
         columns = [
             ("reference view", rec.reference),

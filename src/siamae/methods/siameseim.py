@@ -31,6 +31,7 @@ from timm.models.vision_transformer import Block
 
 from siamae.errors import ConfigError
 from siamae.methods.base import (
+    ColourScale,
     Method,
     MethodOutput,
     Reconstruction,
@@ -498,16 +499,21 @@ class SiameseIM(Method):
         pred, _ = self.predict(batch)
         target = self.target_features(batch["images"][:, 1])
         error = ((pred.float() - target) ** 2).sum(-1)  # (B, N) per view-2 patch
-        low, high = error.amin(dim=1, keepdim=True), error.amax(dim=1, keepdim=True)
-        error = (error - low) / (high - low).clamp(min=1e-12)  # per sample: low blue, high red
-        heat = _patch_map(error, grid, size)
+        # One scale for every sample, from 0 (low, blue) to the largest error (high, red).
+        scale = ColourScale(
+            "squared error per patch\n(feature units², all channels)",
+            0.0,
+            float(error.max()),
+        )
+        self.picture_scales = {"prediction error": scale}
+        heat = scale.colour(_patch_map(error, grid, size))
         hidden = _patch_map(batch["mask"].float(), grid, size)
         boxed = _draw_boxes(view1, _box_in_view1(batch, size))
         return [
             ("view 1 + view 2's box", boxed),
             ("visible patches", view1 * (1 - hidden) + 0.5 * hidden),
             ("view 2", view2),
-            ("prediction error", torch.cat([heat, heat * 0.3, 1 - heat], dim=1)),
+            ("prediction error", heat),
         ]
 
 
