@@ -10,9 +10,12 @@ import torch
 
 from siamae.cli import build_parser, main
 from siamae.eval.attention import (
+    AttentionResult,
+    attention_figure,
     attention_for_image,
     cls_attention,
     mass_mask,
+    patches_after_resize,
     save_attention_figure,
 )
 from siamae.models.vit import Encoder
@@ -107,3 +110,65 @@ def test_figure_from_python_and_command_line(encoder: Encoder, tmp_path: Path) -
     args = build_parser().parse_args(["visualize", "--checkpoint", "run"])
     assert args.what == "reconstruction" and args.checkpoint == "run"
     assert main(["visualize", "attention", "--checkpoint", str(tmp_path / "encoder.pt")]) == 2
+
+
+def test_a_huge_image_is_refused_before_decoding_naming_resize(
+    encoder: Encoder, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:  # noqa: ANN001
+    from PIL import Image
+
+    import siamae.eval.attention as attention
+
+    # 1104 x 1104 at patch 8: 138 x 138 = 19044 patches, above the 16384 budget
+    huge = tmp_path / "huge.png"
+    Image.new("L", (1104, 1104)).save(huge)
+    torch.save(encoder.vit.state_dict(), tmp_path / "encoder.pt")
+    ran = []
+    monkeypatch.setattr(attention, "cls_attention", lambda *a: ran.append(a))
+    monkeypatch.setattr(Image.Image, "load", lambda self: ran.append("decoded"))
+    argv = ["visualize", "attention", "--checkpoint", str(tmp_path / "encoder.pt")]
+    argv += ["--images", str(huge), "--out", str(tmp_path / "maps"), "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"siamae: error: image {str(huge)!r} is 1104x1104 pixels: 19,044 patches of 8 pixels, "
+        "above the budget of 16,384 (attention grows with the square of the count); pass "
+        "--resize with a short side of at most 1024 pixels, e.g. --resize 480"
+    ]
+    assert ran == [] and not (tmp_path / "maps").exists()  # nothing decoded, nothing written
+    assert patches_after_resize((1104, 1104), 8, 64) == 64
+    assert patches_after_resize((12000, 9000), 16, None) == 750 * 562
+
+
+def test_the_picture_has_clear_titles_one_contour_per_region_and_a_colour_bar(
+    encoder: Encoder,
+) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.contour import ContourSet
+    from scipy import ndimage
+
+    maps = torch.full((2, 6, 8), 0.1)
+    maps[0, 1:3, 1:3] = 5.0  # head 0: two separate regions hold the mass
+    maps[0, 4:6, 5:8] = 5.0
+    maps[1, 2:5, 2:6] = 5.0  # head 1: one region
+    maps = maps / maps.sum(dim=(1, 2), keepdim=True)
+    image = np.full((48, 64, 3), 128, np.uint8)
+    result = AttentionResult(maps, image, 8, "synthetic")
+    fig = attention_figure(result, keep=0.6)
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    panels = [ax for ax in fig.axes if ax.images]
+    bars = [ax for ax in fig.axes if "% of the CLS token's attention" in ax.get_ylabel()]
+    assert len(bars) == 1  # one colour scale, with its units
+    for ax in panels:  # no title lies over another panel's image
+        title = ax.title.get_window_extent(renderer)
+        for other in panels:
+            if other is not ax:
+                assert not title.overlaps(other.get_window_extent(renderer)), ax.get_title()
+    masks = mass_mask(maps, 0.6)
+    heads = {ax.get_title().split(" (")[0]: ax for ax in panels}
+    for h in range(2):
+        (outline,) = [c for c in heads[f"head {h}"].collections if isinstance(c, ContourSet)]
+        regions = ndimage.label(masks[h].numpy())[1]
+        # one smooth outline per region of kept patches (not a speckle of patch edges)
+        assert len(outline.allsegs[0]) == regions == (2 if h == 0 else 1)

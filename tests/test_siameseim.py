@@ -366,6 +366,12 @@ def test_picture_draws_view_2s_box_on_view_1() -> None:
     assert all(
         c.shape == (2, 3, 32, 32) and 0 <= c.min() and c.max() <= 1 for c in columns.values()
     )
+    # the error panel is coloured on one scale for every sample, named with its units
+    scale = model.picture_scales["prediction error"]
+    assert scale.vmin == 0.0 and scale.vmax > 0 and "squared error per patch" in scale.label
+    top = scale.colour(torch.full((1, 1, 1, 1), scale.vmax))[0, :, 0, 0]  # the largest error
+    distance = (columns["prediction error"] - top[None, :, None, None]).abs().amax(dim=1)
+    assert distance.min() < 1e-6  # some patch has it: the scale ends at the batch's largest error
     boxed = columns["view 1 + view 2's box"]
     red = torch.tensor([1.0, 0.0, 0.0])
     # Sample 0: view 2 covers view-1 pixels rows 16-31, columns 8-23; the 2-px outline lies

@@ -213,7 +213,15 @@ def _draw_map(
 def save_attention_figure(
     result: AttentionResult, path: str | Path, keep: float = 0.6, title: str | None = None
 ) -> Path:
-    """One labelled PNG: the image, the mean attention over heads with its ``keep`` mask, the
+    """:func:`attention_figure` as a PNG at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    attention_figure(result, keep, title).savefig(path, dpi=100)
+    return path
+
+
+def attention_figure(result: AttentionResult, keep: float = 0.6, title: str | None = None):  # noqa: ANN201 - a matplotlib Figure
+    """The labelled picture: the image, the mean attention over heads with its ``keep`` mask, the
     mask itself over the image, then each head's map with its own mask outlined (one smooth
     contour per region). Every map shares one colour scale, drawn as a colour bar in percent of
     the CLS token's attention per patch."""
@@ -285,10 +293,7 @@ def save_attention_figure(
         ),
         fontsize=10,
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return fig
 
 
 def visualize_attention(
