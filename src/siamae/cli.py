@@ -183,9 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
         "('none': random init); sets finetune.checkpoint",
     )
     p.add_argument(
-        "--data", help="ImageFolder DIR/<class>/<image>, or DIR holding train/ and val/ (or test/)"
+        "--data",
+        help="ImageFolder DIR/<class>/<image>, or DIR holding train/ (or training/) and val/ "
+        "(or validation/, valid/, test/)",
     )
-    p.add_argument("--val", help="validation ImageFolder (default: DIR/val or DIR/test)")
+    p.add_argument(
+        "--val",
+        help="validation ImageFolder (default: DIR's val/, validation/, valid/ or test/; none: "
+        "no evaluation, said at the start)",
+    )
     p.add_argument("--out", help="run folder; sets run.out_dir")
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a field (repeatable)"
