@@ -218,6 +218,8 @@ def train(
 def _train(
     cfg: Config, info: D.DistInfo, resume: str | Path | bool | None, stop_after_steps: int | None
 ) -> dict[str, Any]:
+    # Before any parallel work (building the model is some), so the whole run uses the plan.
+    threads = apply_thread_policy(cfg.run.threads, cfg.data.num_workers)
     device = pick_device(cfg, info)
     amp_dtype = pick_precision(cfg, device)
     run_dir = Path(cfg.run.out_dir)
@@ -282,7 +284,6 @@ def _train(
         shutil.rmtree(staging, ignore_errors=True)
     D.barrier(info)
 
-    threads = apply_thread_policy(cfg.run.threads, cfg.data.num_workers)
     if info.is_main:
         print(f"siamae: {cfg.method} on {device.type}, {threads.describe()}", flush=True)
         (run_dir / THREADS_FILE).write_text(json.dumps(threads.to_dict()) + "\n")
