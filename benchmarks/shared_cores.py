@@ -1,7 +1,7 @@
 """The demo's training step and one propagation frame, on quiet cores and on cores shared with
 competing CPU-bound processes, with torch's old default threads and with the thread policy.
 
-    python benchmarks/shared_cores.py            # about 2-3 minutes on 2 cores
+    python benchmarks/shared_cores.py   # a few minutes on 2 cores (--settings for a subset)
 
 Each measurement runs in a fresh process (thread settings and OMP_WAIT_POLICY only take effect
 before torch starts), with OMP_NUM_THREADS unset. "loaded" starts one busy-loop Python process
@@ -12,15 +12,15 @@ per usable core before the measurement and stops them after it. Settings:
 - ``policy``: ``siamae.engine.threads``: usable cores less loader workers (the demo step: 1
   thread beside its worker); propagation as ``siamae eval davis`` runs it (no workers: all
   usable cores).
-- ``policy+passive``: the policy with ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep
-  instead of spinning).
+- ``old+passive``, ``policy+passive``: the same with ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP
+  threads sleep instead of spinning), which the ``siamae`` command sets unless the user did.
 
 The demo step is the median of the logged per-step times after the first (worker start-up),
 over ``--steps`` steps or ``--budget`` seconds, whichever ends first (an oversubscribed step can
 take a minute); the propagation frame is the median over repeats of one synthetic demo video
-(96 px, vit_tiny patch 8, protocol cropmae), divided by its propagated frames. Prints a markdown table; the load
-averages before and after each measurement are in its last column, because other processes on
-the machine change them.
+(96 px, vit_tiny patch 8, protocol cropmae), divided by its propagated frames. Prints a
+markdown table; the load averages before and after each measurement are in its last column,
+because other processes on the machine change them.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from siamae.recipes import load_config
 
 SETTINGS = {
     "old": {},
+    "old+passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "policy": {},
     "policy+passive": {"OMP_WAIT_POLICY": "PASSIVE"},
 }
@@ -99,9 +100,10 @@ def _propagation_frame(repeats: int, budget_s: float) -> float:
 
 def child(setting: str, steps: int, repeats: int, budget_s: float) -> None:
     default_threads = torch.get_num_threads()
-    step = _demo_step(default_threads if setting == "old" else None, steps, budget_s)
+    old = setting.startswith("old")
+    step = _demo_step(default_threads if old else None, steps, budget_s)
     step_threads = torch.get_num_threads()
-    if setting == "old":
+    if old:
         torch.set_num_threads(default_threads)
     else:
         apply_thread_policy(None, workers=0)

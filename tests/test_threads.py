@@ -186,10 +186,9 @@ def test_the_command_imports_no_torch_before_it_sets_the_openmp_environment() ->
 def test_the_command_sets_a_passive_wait_policy_unless_the_user_chose_one(
     before: str | None, after: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    monkeypatch.setenv("OMP_WAIT_POLICY", before or "unset")  # restored after the test
     if before is None:
-        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    else:
-        monkeypatch.setenv("OMP_WAIT_POLICY", before)
+        monkeypatch.delenv("OMP_WAIT_POLICY")
     main(
         ["eval", "knn", "--random-init", "vit_tiny_patch8_32", "--train", str(tmp_path)]
         + ["--val", str(tmp_path), "--threads", "0"]
