@@ -70,8 +70,8 @@ def add_threads_option(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch threads of this process (default: usable cores less --num-workers, at "
-        "least 1; see run.threads)",
+        help="torch threads of this process (default: the usable cores, less --num-workers "
+        "where the command has it, at least 1; OMP_NUM_THREADS if set)",
     )
 
 
