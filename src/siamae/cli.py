@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Idle OpenMP threads sleep instead of spinning: on cores that other processes hold (loader
-# workers, other jobs) spinning slowed a step up to 17x and it was never clearly slower
+# workers, other jobs) spinning slowed a step up to 25x and it was never clearly slower
 # (docs/performance.md, "Shared cores"). Read once, when torch's OpenMP starts: this module
 # imports no torch, so main() sets it first. A value the user set is kept.
 OPENMP_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
