@@ -27,7 +27,14 @@ def shared_data() -> Path:
     return root
 
 
+# The one place that sets the suite's threads: 1 per process, so that loader workers, DDP
+# processes and the CLI subprocesses tests start (which inherit this environment and whose
+# thread policy honours OMP_NUM_THREADS) never ask for more threads than the machine has free,
+# and the suite's time does not depend on what else runs there.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+
+
 @pytest.fixture(autouse=True)
 def _few_threads() -> None:
-    # Tests run on 2 cores; keep torch from oversubscribing when pytest-xdist or workers run.
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)

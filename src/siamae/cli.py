@@ -7,6 +7,7 @@ naming the problem and what to do, and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -265,7 +266,16 @@ def one_line(err: SiamaeError) -> str:
     return message
 
 
+# Idle OpenMP threads sleep instead of spinning: on cores that other processes hold (loader
+# workers, other jobs) spinning slowed a step up to 25x and it was never clearly slower
+# (docs/performance.md, "Shared cores"). Read once, when torch's OpenMP starts: this module
+# imports no torch, so main() sets it first. A value the user set is kept.
+OPENMP_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for name, value in OPENMP_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -134,6 +134,8 @@ class RunConfig:
     progress: bool = True
     visualize: bool = True
     tensorboard: bool = True
+    # torch threads of the main process; null: usable cores less loader workers (engine.threads)
+    threads: int | None = None
 
 
 @dataclass
@@ -529,6 +531,8 @@ def check_fields(cfg: Config) -> None:
         "run.device",
         f"expected 'auto', 'cpu' or 'cuda[:N]', got {r.device!r}",
     )
+    if r.threads is not None:
+        _check(r.threads >= 1, "run.threads", f"expected 1 or more, or null, got {r.threads}")
     mo = cfg.monitor
     _check(
         (mo.knn_train is None) == (mo.knn_val is None),

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from siamae.config import Config
+from siamae.engine.threads import apply_thread_policy
 from siamae.recipes import load_config
 
 # The same values as configs/demo.yaml (a test keeps the two in step); kept here so the demo
@@ -84,6 +85,8 @@ def _propagation_step(summary: dict[str, Any], cfg: Config, run_dir: Path) -> No
     from siamae.eval.synthetic_videos import evaluate_synthetic
     from siamae.loading import load_encoder, random_encoder
 
+    # The loader workers are gone: propagation gets their cores back, as `siamae eval` would.
+    apply_thread_policy(cfg.run.threads, workers=0)
     trained = load_encoder(summary["checkpoint"])
     untrained = random_encoder(
         f"{cfg.model.arch}_patch{cfg.model.patch_size}_{cfg.model.img_size}", seed=cfg.run.seed

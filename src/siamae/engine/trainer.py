@@ -10,6 +10,7 @@ choice of the data depends on (seed, epoch, index), and the model's RNG state is
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shutil
 import signal
@@ -37,10 +38,12 @@ from siamae.data.dataset import (
 from siamae.engine import distributed as D
 from siamae.engine.logging import MetricsLogger
 from siamae.engine.optim import build_optimizer, lr_at, set_lr
+from siamae.engine.threads import apply_thread_policy, worker_threads
 from siamae.errors import CheckpointError, ConfigError, TrainingDiverged
 from siamae.methods import Method, build_method
 from siamae.recipes import config_from_dict
 
+THREADS_FILE = "threads.json"  # the resolved thread plan (engine.threads.ThreadPlan)
 VIDEO_INDEX_FILE = "video_index.json"  # siamae.data.video.INDEX_FILE, without importing PyAV
 __all__ = ["normalize_images", "train"]
 
@@ -153,11 +156,12 @@ class StopRequest:
         return self.signal is not None
 
 
-def _ignore_sigint_in_worker(_: int) -> None:
+def _init_worker(worker_id: int) -> None:
     # Ctrl-C reaches the whole process group; workers keep serving so the main process can
     # finish its step and save a checkpoint.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    worker_threads(worker_id)
 
 
 @dataclass
@@ -225,6 +229,8 @@ def train(
 def _train(
     cfg: Config, info: D.DistInfo, resume: str | Path | bool | None, stop_after_steps: int | None
 ) -> dict[str, Any]:
+    # Before any parallel work (building the model is some), so the whole run uses the plan.
+    threads = apply_thread_policy(cfg.run.threads, cfg.data.num_workers)
     device = pick_device(cfg, info)
     amp_dtype = pick_precision(cfg, device)
     run_dir = Path(cfg.run.out_dir)
@@ -290,8 +296,11 @@ def _train(
         shutil.rmtree(staging, ignore_errors=True)
     D.barrier(info)
 
+    if info.is_main:
+        print(f"siamae: {cfg.method} on {device.type}, {threads.describe()}", flush=True)
+        (run_dir / THREADS_FILE).write_text(json.dumps(threads.to_dict()) + "\n")
     loader = build_loader(dataset, sampler, cfg.data.num_workers, pin_memory=device.type == "cuda")
-    loader.worker_init_fn = _ignore_sigint_in_worker
+    loader.worker_init_fn = _init_worker
     # A private generator: creating loader iterators must not consume the global RNG, or a
     # resumed run's dropout would drift from an uninterrupted one.
     loader.generator = torch.Generator()

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from siamae.engine.threads import apply_thread_policy
 from siamae.errors import SiamaeError
 
 
@@ -47,6 +48,7 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init and of the probe")
     add_pos_resample_option(p)
+    add_threads_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -62,9 +64,29 @@ def add_pos_resample_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    """``--threads``, shared by every evaluation command (probes and propagation)."""
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of this process (default: the usable cores, less --num-workers "
+        "where the command has it, at least 1; OMP_NUM_THREADS if set)",
+    )
+
+
+def apply_threads_option(args: argparse.Namespace) -> None:
+    """Set torch's thread count from ``--threads`` or the policy, and print it."""
+    if args.threads is not None and args.threads < 1:
+        raise SiamaeError(f"--threads must be 1 or more, got {args.threads}")
+    workers = getattr(args, "num_workers", 0)  # propagation reads frames in this process
+    print(apply_thread_policy(args.threads, workers, requested_by="--threads").describe())
+
+
 def _encoder(args: argparse.Namespace):  # noqa: ANN202 - returns (Encoder, source string)
     from siamae.loading import describe_encoder, load_encoder, random_encoder
 
+    apply_threads_option(args)
     if args.checkpoint:
         encoder = load_encoder(args.checkpoint)
         source = args.checkpoint

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from siamae.eval.probe_cli import add_pos_resample_option
+from siamae.eval.probe_cli import add_pos_resample_option, add_threads_option, apply_threads_option
 
 
 def _encoder(args: argparse.Namespace):
     from siamae.loading import describe_encoder, load_encoder, random_encoder
 
+    apply_threads_option(args)
     if args.random_init:
         encoder = random_encoder(args.random_init, seed=args.seed)
     else:
@@ -124,6 +125,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default 0)")
     add_pos_resample_option(p)
+    add_threads_option(p)
     p.add_argument("--data-root", required=True, help="the benchmark's folder (official layout)")
     p.add_argument(
         "--protocol",

@@ -1,0 +1,194 @@
+"""The demo's training step and one propagation frame, on quiet cores and on cores shared with
+competing CPU-bound processes, with torch's old default threads and with the thread policy.
+
+    python benchmarks/shared_cores.py   # a few minutes on 2 cores (--settings for a subset)
+
+Each measurement runs in a fresh process (thread settings and OMP_WAIT_POLICY only take effect
+before torch starts), with OMP_NUM_THREADS unset. "loaded" starts one busy-loop Python process
+per usable core before the measurement and stops them after it. Settings:
+
+- ``old``: torch's default threads (one per core) as siamae ran before the policy, the demo's 1
+  loader worker beside them; propagation with the same default.
+- ``policy``: ``siamae.engine.threads``: usable cores less loader workers (the demo step: 1
+  thread beside its worker); propagation as ``siamae eval davis`` runs it (no workers: all
+  usable cores).
+- ``old+passive``, ``policy+passive``: the same with ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP
+  threads sleep instead of spinning), which the ``siamae`` command sets unless the user did.
+
+The demo step is the median of the logged per-step times after the first (worker start-up),
+over ``--steps`` steps or ``--budget`` seconds, whichever ends first (an oversubscribed step can
+take a minute); the propagation frame is the median over repeats of one synthetic demo video
+(96 px, vit_tiny patch 8, protocol cropmae), divided by its propagated frames. Prints a
+markdown table; the load averages before and after each measurement are in its last column,
+because other processes on the machine change them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from siamae.data.synthetic import synthetic_video
+from siamae.demo import DEMO_OVERRIDES
+from siamae.engine.threads import apply_thread_policy, usable_cores
+from siamae.engine.trainer import train
+from siamae.eval.propagation import protocol
+from siamae.eval.synthetic_videos import predict
+from siamae.loading import random_encoder
+from siamae.recipes import load_config
+
+SETTINGS = {
+    "old": {},
+    "old+passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "policy": {},
+    "policy+passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+}
+
+
+def _demo_step(threads: int | None, steps: int, budget_s: float) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        overrides = [
+            "run.log_every=1",
+            "run.progress=false",
+            "run.visualize=false",
+            "run.tensorboard=false",
+            "run.checkpoint_every=100000",
+            f"run.threads={'null' if threads is None else threads}",
+        ]
+        cfg = load_config(None, DEMO_OVERRIDES + [f"run.out_dir={out}"] + overrides)
+        # A step can take a minute on oversubscribed cores: past the budget, stop the run as
+        # Ctrl-C would (the trainer finishes the step and stops).
+        stop = threading.Timer(budget_s, os.kill, (os.getpid(), signal.SIGINT))
+        stop.start()
+        try:
+            train(cfg, resume=False, stop_after_steps=steps)
+        finally:
+            stop.cancel()
+        records = [
+            json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
+        ]
+    per_step = [cfg.data.batch_size / r["pairs_per_s"] for r in records if r.get("pairs_per_s")]
+    return statistics.median(per_step[1:] or per_step)
+
+
+def _propagation_frame(repeats: int, budget_s: float) -> float:
+    encoder = random_encoder("vit_tiny_patch8_64").eval()
+    frames, masks = synthetic_video(0, 96, 12, 123)
+    params = replace(protocol("cropmae"), resize="native", batch_size=len(frames))
+    predict(encoder, frames, masks, params)  # warm-up
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats and (not times or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        predict(encoder, frames, masks, params)
+        times.append((time.perf_counter() - t0) / (len(frames) - 1))
+    return statistics.median(times)
+
+
+def child(setting: str, steps: int, repeats: int, budget_s: float) -> None:
+    default_threads = torch.get_num_threads()
+    old = setting.startswith("old")
+    step = _demo_step(default_threads if old else None, steps, budget_s)
+    step_threads = torch.get_num_threads()
+    if old:
+        torch.set_num_threads(default_threads)
+    else:
+        apply_thread_policy(None, workers=0)
+    frame = _propagation_frame(repeats, budget_s / 2)
+    result = {
+        "step_s": step,
+        "step_threads": step_threads,
+        "frame_s": frame,
+        "frame_threads": torch.get_num_threads(),
+    }
+    print(json.dumps(result), flush=True)
+
+
+def _busy_loops(count: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def _load() -> str:
+    return f"{os.getloadavg()[0]:.2f}"
+
+
+def measure(setting: str, loaded: bool, steps: int, repeats: int, budget_s: float) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env.pop("OMP_WAIT_POLICY", None)
+    env.update(SETTINGS[setting])
+    before = _load()
+    rivals = _busy_loops(usable_cores()) if loaded else []
+    try:
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", setting, "--steps", str(steps)]
+            + ["--repeats", str(repeats), "--budget", str(budget_s)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        for rival in rivals:
+            rival.terminate()
+            rival.wait()
+    if done.returncode != 0:
+        raise SystemExit(f"the {setting} measurement failed:\n{done.stderr}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result.update(setting=setting, loaded=loaded, load=f"{before} -> {_load()}")
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5, help="demo steps per measurement")
+    ap.add_argument("--repeats", type=int, default=5, help="propagation repeats")
+    ap.add_argument(
+        "--budget", type=float, default=20.0, help="seconds of demo steps at most (then stop)"
+    )
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset")
+    ap.add_argument("--child", choices=list(SETTINGS), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.steps, args.repeats, args.budget)
+        return
+    cpu = platform.processor() or platform.machine()
+    print(
+        f"machine: {cpu}, {os.cpu_count()} cores ({usable_cores()} usable), torch "
+        f"{torch.__version__}, Python {platform.python_version()}"
+    )
+    rows = []
+    for loaded in (False, True):
+        for setting in args.settings.split(","):
+            rows.append(measure(setting, loaded, args.steps, args.repeats, args.budget))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    quiet = {r["setting"]: r for r in rows if not r["loaded"]}
+    print()
+    print(
+        "| cores | setting | demo step (threads) | x quiet | propagation frame (threads) "
+        "| x quiet | load avg before -> after |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        q = quiet[r["setting"]]
+        print(
+            f"| {'loaded' if r['loaded'] else 'quiet'} | {r['setting']} "
+            f"| {r['step_s']:.3f} s ({r['step_threads']}) | {r['step_s'] / q['step_s']:.1f} "
+            f"| {1000 * r['frame_s']:.1f} ms ({r['frame_threads']}) "
+            f"| {r['frame_s'] / q['frame_s']:.1f} | {r['load']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
