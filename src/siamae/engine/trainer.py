@@ -42,6 +42,7 @@ from siamae.methods import Method, build_method
 from siamae.recipes import config_from_dict
 
 VIDEO_INDEX_FILE = "video_index.json"  # siamae.data.video.INDEX_FILE, without importing PyAV
+SKIPPED_FILE = "skipped_files.txt"  # siamae.data.video.SKIPPED_FILE
 __all__ = ["normalize_images", "train"]
 
 
@@ -151,6 +152,20 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal is not None
+
+
+def _list_unreadable_at_start(dataset: Any, run_dir: Path, state: TrainState) -> None:
+    """Items the source found unreadable before training (videos a probe could not open) go to
+    ``skipped_files.txt`` and the count, like the files skipped during training. Main process
+    only: every process found the same ones."""
+    unreadable = getattr(getattr(dataset, "source", None), "unreadable", None) or []
+    new = [(name, why) for name, why in unreadable if name not in state.skipped_names]
+    if not new:
+        return
+    state.skipped_names.update(name for name, _ in new)
+    state.skipped += len(new)
+    with (run_dir / SKIPPED_FILE).open("a") as f:
+        f.writelines(f"{name}\t{why}\n" for name, why in new)
 
 
 def _ignore_sigint_in_worker(_: int) -> None:
@@ -342,6 +357,9 @@ def _train(
             dynamic_ncols=True,
         )
 
+    if info.is_main:
+        _list_unreadable_at_start(dataset, run_dir, state)
+
     summary_eval: dict[str, float] = {}
 
     def save(tag: str = "last") -> None:
@@ -421,7 +439,7 @@ def _train(
                 if new:
                     state.skipped_names.update(line.split("\t")[0] for line in new)
                     state.skipped += len(new)
-                    with (run_dir / "skipped_files.txt").open("a") as f:
+                    with (run_dir / SKIPPED_FILE).open("a") as f:
                         f.writelines(line + "\n" for line in new)
                     if progress is not None:
                         progress.write(
