@@ -205,7 +205,9 @@ def test_official_checkpoint_exports_to_timm_with_the_same_features(
     # The export loads back, still without a final norm.
     again = load_encoder(weights)
     assert not again.final_norm
-    assert torch.equal(again.vit.state_dict()["blocks.1.mlp.fc2.weight"], online["blocks.1.mlp.fc2.weight"])
+    assert torch.equal(
+        again.vit.state_dict()["blocks.1.mlp.fc2.weight"], online["blocks.1.mlp.fc2.weight"]
+    )
 
 
 def test_official_checkpoint_fine_tunes_with_a_fresh_fc_norm(

@@ -171,8 +171,8 @@ def _final_norm_layout(state: dict[str, torch.Tensor]) -> tuple[bool, list[str]]
     SiameseIM's ViT has no final norm: its checkpoints hold neither ``norm.*`` nor ``fc_norm.*``.
     Such an encoder takes timm's average-pool layout (``norm`` an identity, ``fc_norm`` a fresh
     LayerNorm after pooling, what SiameseIM's evaluations add), and so does an export of one
-    (``fc_norm`` still at (1, 0)). A trained ``fc_norm`` without ``norm`` is a fine-tuned
-    classifier, refused by the strict load below with a hint.
+    (``fc_norm`` still at (1, 0), a zero placeholder head at most). A trained ``fc_norm`` or
+    head without ``norm`` is a fine-tuned classifier, refused by the strict load with a hint.
     """
     if "norm.weight" in state:
         return True, []
@@ -189,7 +189,9 @@ def _final_norm_layout(state: dict[str, torch.Tensor]) -> tuple[bool, list[str]]
             "(LayerNorm) follows the average pooling, as in SiameseIM's evaluations"
         )
         return False, notes
-    if _is_identity_norm(state, "fc_norm"):
+    head = state.get("head.weight")
+    trained_head = head is not None and bool(head.any())  # an export's placeholder is zero
+    if _is_identity_norm(state, "fc_norm") and not trained_head:
         notes.append("no final norm: fc_norm after the average pooling, still at (1, 0)")
         return False, notes
     return True, notes
