@@ -123,6 +123,16 @@ def test_every_out_option_is_checked_before_any_work(
     assert list(read_only.iterdir()) == []
 
 
+def test_run_out_dir_set_in_the_config_is_checked_too(
+    read_only: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = read_only / "run"
+    assert main(_small_pretrain(run)[:3] + ["--set", f"run.out_dir={run}"]) == 2
+    line = _error_line(capsys)
+    assert f"run.out_dir {str(run)!r}: cannot write in the folder {str(read_only)!r}" in line
+    assert list(read_only.iterdir()) == []
+
+
 # -- the disk fills while a checkpoint is written -------------------------------------------------
 
 

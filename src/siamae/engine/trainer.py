@@ -39,6 +39,7 @@ from siamae.engine.logging import MetricsLogger
 from siamae.engine.optim import build_optimizer, lr_at, set_lr
 from siamae.errors import CheckpointError, ConfigError, TrainingDiverged
 from siamae.methods import Method, build_method
+from siamae.paths import check_writable
 from siamae.recipes import config_from_dict
 
 VIDEO_INDEX_FILE = "video_index.json"  # siamae.data.video.INDEX_FILE, without importing PyAV
@@ -232,6 +233,8 @@ def _train(
     device = pick_device(cfg, info)
     amp_dtype = pick_precision(cfg, device)
     run_dir = Path(cfg.run.out_dir)
+    if info.is_main:  # before any work (the CLI checks --out; this covers run.out_dir too)
+        check_writable(run_dir, "run.out_dir")
     ckpt_dir = run_dir / "checkpoints"
     resume_path = find_resume_checkpoint(run_dir, resume)
     checkpoint = load_checkpoint(resume_path) if resume_path else None
