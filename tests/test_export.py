@@ -197,10 +197,18 @@ def test_load_encoder_formats(encoder: Encoder, train_ckpt: Path, tmp_path: Path
 def test_load_encoder_fails_loudly(encoder: Encoder, tmp_path: Path) -> None:
     sd = encoder.vit.state_dict()
     finetuned = {k: v for k, v in sd.items() if not k.startswith("norm.")}
-    finetuned |= {"fc_norm.weight": torch.ones(192), "fc_norm.bias": torch.zeros(192)}
-    torch.save(finetuned, tmp_path / "ft.pth")
-    with pytest.raises(CheckpointError, match="fine-tuned"):
-        load_encoder(tmp_path / "ft.pth")
+    # A fine-tuned classifier: a trained fc_norm, or a trained head. (An fc_norm at (1, 0)
+    # with no trained head is an encoder without a final norm, e.g. SiameseIM's.)
+    trained_fc_norm = {
+        "fc_norm.weight": 1 + 0.1 * torch.randn(192),
+        "fc_norm.bias": torch.zeros(192),
+    }
+    trained_head = {"fc_norm.weight": torch.ones(192), "fc_norm.bias": torch.zeros(192)}
+    trained_head |= {"head.weight": torch.randn(10, 192), "head.bias": torch.zeros(10)}
+    for extra in (trained_fc_norm, trained_head):
+        torch.save(finetuned | extra, tmp_path / "ft.pth")
+        with pytest.raises(CheckpointError, match="fine-tuned"):
+            load_encoder(tmp_path / "ft.pth")
     clash = {**{f"module.{k}": v for k, v in sd.items()}, "blocks.0.norm1.weight": torch.zeros(192)}
     torch.save(clash, tmp_path / "clash.pth")
     with pytest.raises(CheckpointError, match="both name the encoder tensor"):

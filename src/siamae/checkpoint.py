@@ -3,10 +3,13 @@
 A checkpoint loads with ``torch.load(path, weights_only=True)``: nothing in it is pickled code,
 the config is stored as a plain dict. Writes go to a temporary file in the same folder that is
 flushed, fsync-ed and renamed over the target, so a crash mid-write never leaves a torn file.
+A full disk (or quota) while writing raises :class:`NoSpaceLeft`, a user error, after removing
+the partial file: the previous checkpoint, untouched, still loads and resumes.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -19,18 +22,58 @@ from siamae.errors import CheckpointError
 TRAIN_FORMAT = "siamae-train-v1"
 
 
+class NoSpaceLeft(CheckpointError):
+    """The file system filled up (or a quota was reached) while a checkpoint was written."""
+
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+class _RecordingWriter:
+    """A binary file that remembers the OSError a write raised.
+
+    ``torch.save`` turns an error of the file's ``write`` into a RuntimeError whose text is
+    its C++ stream writer's; the recorded OSError says what happened (e.g. ENOSPC).
+    """
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as err:
+            self.error = err
+            raise
+
+
 def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
-    """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
+    """``torch.save`` to ``path`` atomically (temp file + fsync + rename).
+
+    Raises:
+        NoSpaceLeft: the disk or quota filled up; the partial file is removed and ``path``, if
+            it existed, is as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    writer: _RecordingWriter | None = None
     try:
         # mkstemp makes the file 0600; a checkpoint gets the permissions of any file the user
         # writes (0666 less the umask), so collaborators can read a shared run folder.
         os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+            writer = _RecordingWriter(f)
+            torch.save(obj, writer)
+            writer.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -38,9 +81,27 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = writer.error if writer is not None and writer.error is not None else err
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
+            if path.exists():
+                # The new file is written beside the old one before it replaces it.
+                size = path.stat().st_size / 2**20
+                previous = (
+                    "the previous checkpoint is intact (the partial file was removed). Free "
+                    f"room for a second copy (~{size:.0f} MiB) and run the same command again"
+                )
+            else:
+                previous = (
+                    "no earlier checkpoint was there to keep (the partial file was removed). "
+                    "Free some space and run the same command again"
+                )
+            raise NoSpaceLeft(
+                f"no space left on the file system of {str(path.parent)!r} while saving "
+                f"{path.name}; {previous}"
+            ) from None
         raise
     return path
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from siamae import __version__
 from siamae.errors import SiamaeError
+from siamae.paths import OUTPUT_ERRNOS, check_writable
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -279,9 +280,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        # Every command with an output path checks it before any work.
+        for attr, option in (("out", "--out"), ("out_dir", "--out-dir")):
+            if getattr(args, attr, None):
+                check_writable(getattr(args, attr), option)
         return int(args.func(args) or 0)
     except SiamaeError as err:
         print(f"siamae: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # A disk that fills up, or a folder that turns read-only, during a run.
+        if err.errno not in OUTPUT_ERRNOS:
+            raise
+        print(f"siamae: error: {err.strerror}: {err.filename or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("siamae: interrupted", file=sys.stderr)

@@ -61,10 +61,13 @@ def _name_shape(name: str) -> dict[str, int]:
     return out
 
 
-def timm_kwargs(encoder: Encoder, name: str) -> dict[str, int]:
-    """Keyword arguments ``timm.create_model(name, ...)`` needs to match the encoder's shapes."""
+def timm_kwargs(encoder: Encoder, name: str) -> dict[str, Any]:
+    """Keyword arguments ``timm.create_model(name, ...)`` needs to match the encoder's shapes
+    (and its layout: an encoder without a final norm is timm's ``global_pool="avg"`` one)."""
     shape = _name_shape(name)
-    kwargs: dict[str, int] = {}
+    kwargs: dict[str, Any] = {}
+    if not encoder.final_norm:
+        kwargs["global_pool"] = "avg"
     if shape.get("img_size", encoder.img_size) != encoder.img_size:
         kwargs["img_size"] = encoder.img_size
     if shape.get("patch_size", encoder.patch_size) != encoder.patch_size:
@@ -95,7 +98,7 @@ def check_vit_name(name: str) -> None:
 
 
 def _check_against_timm(
-    state: dict[str, torch.Tensor], name: str, kwargs: dict[str, int]
+    state: dict[str, torch.Tensor], name: str, kwargs: dict[str, Any]
 ) -> dict[str, Any]:
     """Build the timm model (no weights) and check every encoder tensor's name and shape."""
     import timm

@@ -51,6 +51,7 @@ class LoadReport:
     step: int | None = None
     epoch: int | float | None = None
     config: dict[str, Any] | None = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         if self.kind == "random init":
@@ -60,9 +61,10 @@ class LoadReport:
             )
         ignored = f", ignored {len(self.ignored)} non-encoder keys" if self.ignored else ""
         origin = f" ({self.method}, step {self.step})" if self.method else ""
+        notes = "".join(f"; {note}" for note in self.notes)
         return (
             f"loaded {self.arch} patch {self.patch_size} ({self.img_size}px) from {self.source} "
-            f"[{self.kind}{origin}]: {len(self.matched)} encoder tensors matched{ignored}"
+            f"[{self.kind}{origin}]: {len(self.matched)} encoder tensors matched{ignored}{notes}"
         )
 
 
@@ -153,16 +155,71 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, int, int, d
     return arch, int(patch), img_size, overrides
 
 
+def _is_identity_norm(state: dict[str, torch.Tensor], name: str) -> bool:
+    weight, bias = state.get(f"{name}.weight"), state.get(f"{name}.bias")
+    return (
+        weight is not None
+        and bias is not None
+        and bool((weight == 1).all())
+        and bool((bias == 0).all())
+    )
+
+
+def _final_norm_layout(state: dict[str, torch.Tensor]) -> tuple[bool, list[str]]:
+    """(whether the encoder has a final norm, notes for the report).
+
+    SiameseIM's ViT has no final norm: its checkpoints hold neither ``norm.*`` nor ``fc_norm.*``.
+    Such an encoder takes timm's average-pool layout (``norm`` an identity, ``fc_norm`` a fresh
+    LayerNorm after pooling, what SiameseIM's evaluations add), and so does an export of one
+    (``fc_norm`` still at (1, 0), a zero placeholder head at most). A trained ``fc_norm`` or
+    head without ``norm`` is a fine-tuned classifier, refused by the strict load with a hint.
+    """
+    if "norm.weight" in state:
+        return True, []
+    notes = []
+    if any(k.startswith("mm_") for k in state):
+        count = sum(k.startswith("mm_") for k in state)
+        notes.append(
+            "SiameseIM training checkpoint: the online encoder was taken, the EMA target's "
+            f"{count} mm_* tensors were ignored"
+        )
+    if "fc_norm.weight" not in state:
+        notes.append(
+            "no final norm (SiameseIM's ViT): norm is an identity and a fresh fc_norm "
+            "(LayerNorm) follows the average pooling, as in SiameseIM's evaluations"
+        )
+        return False, notes
+    head = state.get("head.weight")
+    trained_head = head is not None and bool(head.any())  # an export's placeholder is zero
+    if _is_identity_norm(state, "fc_norm") and not trained_head:
+        notes.append("no final norm: fc_norm after the average pooling, still at (1, 0)")
+        return False, notes
+    return True, notes
+
+
 def encoder_from_state_dict(
     state: dict[str, torch.Tensor], source: str = "<state dict>", kind: str = "plain state dict"
 ) -> tuple[Encoder, LoadReport]:
     """Build the encoder the tensors describe and load them strictly."""
     state = normalise_keys(state)
     arch, patch, img_size, overrides = infer_architecture(state)
+    layer_scale = sorted(k for k in state if re.match(r"blocks\.\d+\.ls\d\.", k))
+    if layer_scale:
+        raise CheckpointError(
+            f"{source}: the blocks have layer scale ({layer_scale[0]!r}), which siamae's encoder "
+            "does not; use a checkpoint trained without it (e.g. SiameseIM's --init_values unset)"
+        )
+    final_norm, notes = _final_norm_layout(state)
+    fresh: list[str] = []
+    if not final_norm and "fc_norm.weight" not in state:
+        # The fresh fc_norm of the layout: LayerNorm at (1, 0), exactly what timm initialises.
+        dim = state["patch_embed.proj.weight"].shape[0]
+        state = {**state, "fc_norm.weight": torch.ones(dim), "fc_norm.bias": torch.zeros(dim)}
+        fresh = ["fc_norm.weight", "fc_norm.bias"]
     # Built on the meta device: every tensor is overwritten by the strict load below, so the
     # (slow, for large ViTs on a CPU) random initialisation is skipped.
     with torch.device("meta"):
-        encoder = Encoder(arch, patch, img_size, **overrides)
+        encoder = Encoder(arch, patch, img_size, final_norm=final_norm, **overrides)
     expected = encoder.vit.state_dict()
     if set(encoder.state_dict()) != {f"vit.{k}" for k in expected}:  # pragma: no cover
         raise RuntimeError("Encoder holds tensors outside .vit; load_encoder must initialise them")
@@ -193,8 +250,9 @@ def encoder_from_state_dict(
         arch if not overrides.get("embed_dim") else f"vit(dim={overrides['embed_dim']})",
         patch,
         img_size,
-        matched=list(expected),
+        matched=[k for k in expected if k not in fresh],
         ignored=ignored,
+        notes=notes,
     )
     return encoder, report
 

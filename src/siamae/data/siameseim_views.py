@@ -149,7 +149,9 @@ class SiameseIMViews:
         x1 = min(pixels.shape[1], max(x0 + 1, int(round((left + w) * sx))))
         region = pixels[y0:y1, x0:x1]
         if flip:  # mirror only the region: the same pixels as cropping the mirrored image
-            region = np.ascontiguousarray(region[:, ::-1])
+            # A copy, not ascontiguousarray: a one-pixel-wide region counts as contiguous and
+            # would keep its negative stride, which torch refuses.
+            region = region[:, ::-1].copy()
         full: Box = (0.0, 0.0, float(y1 - y0), float(x1 - x0))
         return crop_resize(region, full, self.out, self.interpolation)
 

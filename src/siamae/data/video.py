@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg"}
 INDEX_FILE = "video_index.json"
+SKIPPED_FILE = "skipped_files.txt"  # in the run folder: every item training went on without
 INDEX_VERSION = 1
 
 
@@ -474,9 +475,11 @@ def make_source(
     cache_dir: str | Path | None = None,
     workers: int = 0,
     progress: bool = True,
+    listed_in: str | Path | None = None,
 ) -> VideoFileSource | FrameFolderSource:
     """A video source for ``path`` (folder, list file or single video), index cached in
-    ``cache_dir/video_index.json`` when ``cache_dir`` is given."""
+    ``cache_dir/video_index.json`` when ``cache_dir`` is given. The warning about unreadable
+    items names ``listed_in`` as where they are listed (default: the index file)."""
     if kind not in ("videos", "frames"):
         raise DataError(f"unknown video source kind {kind!r}; use 'videos' or 'frames'")
     items = find_items(Path(path), kind)
@@ -487,7 +490,8 @@ def make_source(
     if bad:
         shown = "; ".join(f"{p} ({why})" for p, why in bad[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        where = f" (all listed in {cache_file})" if cache_file is not None else ""
+        listing = listed_in if listed_in is not None else cache_file
+        where = f" (all listed in {listing})" if listing is not None else ""
         log.warning(
             "skipping %d unreadable %s of %d%s: %s%s",
             len(bad),
@@ -512,7 +516,9 @@ def build_video_source(
     """The source for ``data.source`` "videos" or "frames" at ``data.path``.
 
     The index is cached in ``cache_dir``; by default in the run folder (``run.out_dir``) when
-    it exists, so a restart does not probe the videos again.
+    it exists, so a restart does not probe the videos again. The unreadable items are listed
+    in the run folder's ``skipped_files.txt`` by the trainer (``cache_dir`` may be a staging
+    folder that is gone once the run starts), so the warning points there.
     """
     if cache_dir is None and Path(cfg.run.out_dir).is_dir():
         cache_dir = cfg.run.out_dir
@@ -522,4 +528,5 @@ def build_video_source(
         cache_dir,
         workers=cfg.data.num_workers,
         progress=cfg.run.progress,
+        listed_in=Path(cfg.run.out_dir) / SKIPPED_FILE,
     )

@@ -41,10 +41,12 @@ from siamae.engine.optim import build_optimizer, lr_at, set_lr
 from siamae.engine.threads import apply_thread_policy, worker_threads
 from siamae.errors import CheckpointError, ConfigError, TrainingDiverged
 from siamae.methods import Method, build_method
+from siamae.paths import check_writable
 from siamae.recipes import config_from_dict
 
 THREADS_FILE = "threads.json"  # the resolved thread plan (engine.threads.ThreadPlan)
 VIDEO_INDEX_FILE = "video_index.json"  # siamae.data.video.INDEX_FILE, without importing PyAV
+SKIPPED_FILE = "skipped_files.txt"  # siamae.data.video.SKIPPED_FILE
 __all__ = ["normalize_images", "train"]
 
 
@@ -156,6 +158,20 @@ class StopRequest:
         return self.signal is not None
 
 
+def _list_unreadable_at_start(dataset: Any, run_dir: Path, state: TrainState) -> None:
+    """Items the source found unreadable before training (videos a probe could not open) go to
+    ``skipped_files.txt`` and the count, like the files skipped during training. Main process
+    only: every process found the same ones."""
+    unreadable = getattr(getattr(dataset, "source", None), "unreadable", None) or []
+    new = [(name, why) for name, why in unreadable if name not in state.skipped_names]
+    if not new:
+        return
+    state.skipped_names.update(name for name, _ in new)
+    state.skipped += len(new)
+    with (run_dir / SKIPPED_FILE).open("a") as f:
+        f.writelines(f"{name}\t{why}\n" for name, why in new)
+
+
 def _init_worker(worker_id: int) -> None:
     # Ctrl-C reaches the whole process group; workers keep serving so the main process can
     # finish its step and save a checkpoint.
@@ -234,6 +250,8 @@ def _train(
     device = pick_device(cfg, info)
     amp_dtype = pick_precision(cfg, device)
     run_dir = Path(cfg.run.out_dir)
+    if info.is_main:  # before any work (the CLI checks --out; this covers run.out_dir too)
+        check_writable(run_dir, "run.out_dir")
     ckpt_dir = run_dir / "checkpoints"
     resume_path = find_resume_checkpoint(run_dir, resume)
     checkpoint = load_checkpoint(resume_path) if resume_path else None
@@ -363,6 +381,9 @@ def _train(
             dynamic_ncols=True,
         )
 
+    if info.is_main:
+        _list_unreadable_at_start(dataset, run_dir, state)
+
     summary_eval: dict[str, float] = {}
 
     def save(tag: str = "last") -> None:
@@ -442,7 +463,7 @@ def _train(
                 if new:
                     state.skipped_names.update(line.split("\t")[0] for line in new)
                     state.skipped += len(new)
-                    with (run_dir / "skipped_files.txt").open("a") as f:
+                    with (run_dir / SKIPPED_FILE).open("a") as f:
                         f.writelines(line + "\n" for line in new)
                     if progress is not None:
                         progress.write(

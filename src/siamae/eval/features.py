@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from siamae.data.sources import DECODE_ERRORS, UnreadableSample, to_rgb
@@ -28,8 +29,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
 
-Pool = Literal["cls", "mean"]
-POOLS: tuple[str, ...] = ("cls", "mean")
+Pool = Literal["cls", "mean", "mean-ln", "cls-raw"]
+# What a probe reads from the frozen encoder. The last two skip the final norm, as SiameseIM's
+# evaluation code does (its ViT has none; it deletes any it is given).
+FEATURES: dict[str, str] = {
+    "cls": "the CLS token after the final norm",
+    "mean": "the mean of the patch tokens after the final norm",
+    "mean-ln": "the mean of the last block's patch tokens (final norm skipped), then a fresh "
+    "LayerNorm without affine, eps 1e-6 (SiameseIM's linear probe: global_pool + fc_norm)",
+    "cls-raw": "the last block's CLS token, final norm skipped (SiameseIM's few-shot code: "
+    "forward_features(x)[:, 0])",
+}
+POOLS: tuple[str, ...] = tuple(FEATURES)
+RAW_POOLS = {"mean-ln", "cls-raw"}
+FC_NORM_EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -212,12 +225,21 @@ def normalize(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
-    """(B, 1 + N, D) tokens -> (B, D): the CLS token or the mean of the patch tokens."""
-    if pool == "cls":
+    """(B, 1 + N, D) tokens -> (B, D) by ``pool`` (see FEATURES): the tokens are the final
+    norm's output for "cls"/"mean", the last block's for "mean-ln"/"cls-raw"."""
+    if pool in ("cls", "cls-raw"):
         return tokens[:, 0]
     if pool == "mean":
         return tokens[:, 1:].mean(dim=1)
+    if pool == "mean-ln":
+        pooled = tokens[:, 1:].mean(dim=1)
+        return F.layer_norm(pooled, (pooled.shape[-1],), eps=FC_NORM_EPS)
     raise ValueError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
+
+
+def encode_features(encoder: Encoder, images: torch.Tensor, pool: str) -> torch.Tensor:
+    """(B, 3, H, W) normalised images -> (B, D) features by ``pool`` (see FEATURES)."""
+    return pool_tokens(encoder(images, final_norm=pool not in RAW_POOLS), pool)
 
 
 def _batches(
@@ -259,8 +281,8 @@ def extract_features(
     try:
         with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
             for images in _batches(source, batch_size, num_workers):
-                tokens = encoder(normalize(images, device))
-                out.append(pool_tokens(tokens, pool).float().cpu())
+                feats = encode_features(encoder, normalize(images, device), pool)
+                out.append(feats.float().cpu())
                 bar.update(images.shape[0])
     finally:
         encoder.train(was_training)

@@ -1,7 +1,7 @@
 """Few-shot evaluation with 1 % of the labels (the MSN / SiameseIM protocol).
 
-A frozen encoder gives global-pooled features (the mean of the patch tokens by default) of a
-small labelled subset of the training folder, and a multinomial logistic regression with an L2
+A frozen encoder gives features (the mean of the patch tokens by default; ``--protocol
+siameseim``: SiameseIM's, see :mod:`siamae.eval.protocols`) of a small labelled subset of the training folder, and a multinomial logistic regression with an L2
 penalty is fit on them; top-1 is measured on the whole validation folder.
 
 - The subset is a list file (one image a line, as ImageNet's ``1percent.txt``: a path relative to
@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from siamae.errors import DataError, SiamaeError
-from siamae.eval.features import EvalTransform, ImageFolder, validation_folder
+from siamae.eval.features import FEATURES, EvalTransform, ImageFolder, validation_folder
+from siamae.eval.protocols import DEFAULT_FEWSHOT_PROTOCOL, FEWSHOT_PROTOCOLS, fewshot_protocol
 from siamae.models.vit import Encoder
 
 
@@ -181,12 +182,14 @@ def fewshot_eval(
     out_dir: str | Path | None = None,
     source: str = "<encoder>",
     progress: bool = True,
+    protocol: str | None = None,
 ) -> FewShotResult:
     """Fit the few-shot classifier on the subset's features and measure top-1 on ``val_dir``.
 
     ``subset_file`` (a list file) takes precedence over ``per_class`` (a seeded draw).
     ``out_dir``: where features are cached (shared with the linear probe) and ``fewshot.json``
-    is written; ``source`` names the encoder's checkpoint (part of the cache key).
+    is written; ``source`` names the encoder's checkpoint (part of the cache key). ``protocol``
+    names the preset the settings came from (recorded; see :mod:`siamae.eval.protocols`).
     """
     from siamae.eval.linear import _fingerprint, cached_features
 
@@ -266,8 +269,10 @@ def fewshot_eval(
             "train": train_resolved,
             "val": val_resolved,
             "pool": pool,
+            "features": FEATURES[pool],
             "img_size": img_size,
             "crop_pct": crop_pct,
+            **({"protocol": protocol} if protocol else {}),
         },
     )
     if out_dir is not None:
@@ -307,10 +312,14 @@ def register(subparsers: Any, add_encoder_args: Any) -> None:
         ),
     )
     add_encoder_args(p)
-    p.set_defaults(pool="mean")  # the protocol's global-pooled features
-    for action in p._actions:
-        if action.dest == "pool":
-            action.help = "feature: the mean of the patch tokens (default) or the CLS token"
+    p.add_argument(
+        "--protocol",
+        choices=tuple(FEWSHOT_PROTOCOLS),
+        default=DEFAULT_FEWSHOT_PROTOCOL,
+        help="the features and lambda to use: "
+        + "; ".join(f"{name}: {proto.summary}" for name, proto in FEWSHOT_PROTOCOLS.items())
+        + f" (default {DEFAULT_FEWSHOT_PROTOCOL}); --pool and --lambd override it",
+    )
     subset = p.add_mutually_exclusive_group()
     subset.add_argument(
         "--subset", help="list file of the labelled images (e.g. ImageNet's 1percent.txt)"
@@ -322,7 +331,7 @@ def register(subparsers: Any, add_encoder_args: Any) -> None:
         help="draw this many images a class (default 13: ImageNet's 1 %%)",
     )
     p.add_argument(
-        "--lambd", type=float, default=0.1, help="L2 regularisation (default 0.1, ViT-B's)"
+        "--lambd", type=float, default=None, help="L2 regularisation (default: the protocol's)"
     )
     p.add_argument("--out-dir", help="feature cache and fewshot.json (shared with eval linear)")
     p.set_defaults(func=_run)
@@ -333,6 +342,9 @@ def _run(args: Any) -> int:
     from siamae.eval.probe_cli import _encoder
 
     encoder, source = _encoder(args)
+    protocol = fewshot_protocol(args.protocol)
+    args.pool = args.pool or protocol.pool
+    args.lambd = protocol.lambd if args.lambd is None else args.lambd
     result = fewshot_eval(
         encoder,
         args.train,
@@ -350,6 +362,7 @@ def _run(args: Any) -> int:
         out_dir=args.out_dir,
         source=source,
         progress=not args.no_progress,
+        protocol=protocol.name,
     )
     print(
         f"few-shot ({result.subset}: {result.num_labelled} labelled images, {args.pool} "

@@ -36,25 +36,30 @@ from siamae.checkpoint import load_checkpoint, save_atomic
 from siamae.data.sources import to_rgb
 from siamae.errors import CheckpointError, SiamaeError
 from siamae.eval.features import (
+    FEATURES,
     POOLS,
     EvalTransform,
     ImageFolder,
+    encode_features,
     extract_features,
     loader,
     normalize,
-    pool_tokens,
     validation_folder,
 )
+from siamae.eval.protocols import DEFAULT_LINEAR_PROTOCOL, LINEAR_PROTOCOLS, linear_protocol
 from siamae.models.vit import Encoder
 
 LINEAR_FORMAT = "siamae-linear-v1"
+ENCODE_CHUNK = 256  # images encoded at once when the probe runs the encoder every epoch
 FEATURES_FORMAT = "siamae-features-v1"
 
 
 @dataclass
 class LinearConfig:
-    """The linear-probe recipe (defaults: MAE's, with SGD as the default optimiser)."""
+    """The linear-probe recipe (defaults: the ``mae-sgd256`` protocol, MAE's with SGD at batch
+    256; :meth:`for_protocol` gives each named protocol's settings)."""
 
+    protocol: str = DEFAULT_LINEAR_PROTOCOL
     epochs: int = 90
     batch_size: int = 256
     optimizer: str = "sgd"  # "sgd" or "lars"
@@ -75,6 +80,8 @@ class LinearConfig:
         def bad(name: str, msg: str) -> SiamaeError:
             return SiamaeError(f"linear probe option '{name}': {msg}")
 
+        if self.protocol not in LINEAR_PROTOCOLS:
+            raise bad("protocol", f"expected one of {', '.join(LINEAR_PROTOCOLS)}")
         if self.epochs < 1:
             raise bad("epochs", f"expected 1 or more, got {self.epochs}")
         if self.batch_size < 1:
@@ -99,6 +106,35 @@ class LinearConfig:
     @property
     def lr(self) -> float:
         return self.base_lr * self.batch_size / 256
+
+    @classmethod
+    def for_protocol(cls, name: str, **overrides: Any) -> LinearConfig:
+        """The named protocol's settings (see :mod:`siamae.eval.protocols`); keyword arguments
+        that are not None override them."""
+        preset = linear_protocol(name)
+        values = {
+            "protocol": preset.name,
+            "pool": preset.pool,
+            "optimizer": preset.optimizer,
+            "base_lr": preset.base_lr,
+            "batch_size": preset.batch_size,
+            "epochs": preset.epochs,
+            "warmup_epochs": preset.warmup_epochs,
+            "weight_decay": preset.weight_decay,
+            "momentum": preset.momentum,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["warmup_epochs"] = min(values["warmup_epochs"], values["epochs"])
+        return cls(**values)
+
+    def deviations(self) -> dict[str, Any]:
+        """The settings that differ from the named protocol's (given explicitly)."""
+        preset = LINEAR_PROTOCOLS.get(self.protocol)
+        if preset is None:
+            return {}
+        fields = ("pool", "optimizer", "base_lr", "batch_size", "epochs", "warmup_epochs")
+        fields += ("weight_decay", "momentum")
+        return {f: getattr(self, f) for f in fields if getattr(self, f) != getattr(preset, f)}
 
 
 # Fields that may change between a run and its resumption (they do not change the head).
@@ -185,10 +221,17 @@ class LinearResult:
     history: list[dict[str, float]] = field(default_factory=list)
     out_dir: str | None = None
     head: LinearProbe | None = field(default=None, repr=False)
+    cfg: LinearConfig | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
+        cfg = self.cfg or LinearConfig()
         return {
-            "protocol": "linear probe (BatchNorm1d + Linear, frozen encoder)",
+            "protocol": cfg.protocol,
+            "protocol_summary": LINEAR_PROTOCOLS[cfg.protocol].summary,
+            "deviations_from_protocol": cfg.deviations(),
+            "head": "BatchNorm1d(affine=False, eps 1e-6) + Linear, frozen encoder",
+            "features": FEATURES[cfg.pool],
+            "lr": cfg.lr,
             "top1": self.top1,
             "best_top1": self.best_top1,
             "epochs": self.epochs,
@@ -419,15 +462,30 @@ class _AugmentedFeatures:
         return len(self.images)
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches of ``batch_size`` features. The images are decoded and encoded
+        in chunks of at most ENCODE_CHUNK, so a protocol's batch of 16384 is exact (the head
+        sees all of it at once) without holding 16384 images in memory."""
         self.images.epoch = epoch
         order = _epoch_order(len(self.images), self.cfg.seed, epoch).tolist()
         subset = torch.utils.data.Subset(self.images, order)
-        for images, labels in loader(subset, self.cfg.batch_size, self.cfg.num_workers):
-            if labels.shape[0] < 2:
-                break  # BatchNorm cannot train on a batch of one
+        batch = self.cfg.batch_size
+        feats: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        held = 0
+        for images, chunk_labels in loader(subset, min(batch, ENCODE_CHUNK), self.cfg.num_workers):
             with torch.no_grad():
-                feats = pool_tokens(self.encoder(normalize(images, self.device)), self.cfg.pool)
-            yield feats, labels
+                feats.append(
+                    encode_features(self.encoder, normalize(images, self.device), self.cfg.pool)
+                )
+            labels.append(chunk_labels)
+            held += chunk_labels.shape[0]
+            while held >= batch:
+                all_feats, all_labels = torch.cat(feats), torch.cat(labels)
+                yield all_feats[:batch], all_labels[:batch]
+                feats, labels = [all_feats[batch:]], [all_labels[batch:]]
+                held -= batch
+        if held >= 2:  # BatchNorm cannot train on a batch of one
+            yield torch.cat(feats), torch.cat(labels)
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -549,6 +607,7 @@ def fit_probe(
         history=history,
         out_dir=str(out) if out is not None else None,
         head=head,
+        cfg=cfg,
     )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from siamae.engine.threads import apply_thread_policy
 from siamae.errors import SiamaeError
+from siamae.eval.features import POOLS
+from siamae.eval.protocols import DEFAULT_LINEAR_PROTOCOL, LINEAR_PROTOCOLS
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
@@ -26,9 +28,12 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val", required=True, help="labelled validation ImageFolder (same classes)")
     p.add_argument(
         "--pool",
-        choices=("cls", "mean"),
-        default="cls",
-        help="feature: the CLS token (default) or the mean of the patch tokens",
+        choices=POOLS,
+        default=None,
+        help="feature: cls (the CLS token after the final norm), mean (of the patch tokens, "
+        "after the final norm), mean-ln (of the last block's patch tokens, then a fresh "
+        "LayerNorm: SiameseIM's linear probe), cls-raw (the last block's CLS: SiameseIM's "
+        "few-shot); default: cls, or the --protocol's",
     )
     p.add_argument(
         "--img-size",
@@ -125,23 +130,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "linear",
         help="linear probe (BatchNorm1d + Linear on frozen features), top-1",
         description=(
-            "Linear probe (MAE recipe): frozen encoder, BatchNorm1d(affine=False) + Linear, SGD "
-            "or LARS, warm-up then cosine, 90 epochs. Checkpoints every epoch in OUT_DIR; "
-            "running the same command again resumes."
+            "Linear probe: frozen encoder, BatchNorm1d(affine=False) + Linear, SGD or LARS, "
+            "warm-up then cosine. --protocol names the published settings (mae, siameseim; "
+            "default mae-sgd256). Checkpoints every epoch in OUT_DIR; running the same command "
+            "again resumes."
         ),
     )
     _add_encoder_args(p)
     p.add_argument(
         "--out-dir", required=True, help="folder for checkpoints, cached features, results"
     )
-    p.add_argument("--epochs", type=int, default=90)
-    p.add_argument("--optimizer", choices=("sgd", "lars"), default="sgd")
     p.add_argument(
-        "--lr", type=float, default=0.1, help="base learning rate; lr = base x batch / 256"
+        "--protocol",
+        choices=tuple(LINEAR_PROTOCOLS),
+        default=DEFAULT_LINEAR_PROTOCOL,
+        help="the published settings to use: "
+        + "; ".join(f"{name}: {proto.summary}" for name, proto in LINEAR_PROTOCOLS.items())
+        + f" (default {DEFAULT_LINEAR_PROTOCOL}). Options given below override it",
     )
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-epochs", type=float, default=10.0)
+    p.add_argument("--epochs", type=int, default=None, help="default: the protocol's")
+    p.add_argument("--optimizer", choices=("sgd", "lars"), default=None)
+    p.add_argument(
+        "--lr", type=float, default=None, help="base learning rate; lr = base x batch / 256"
+    )
+    p.add_argument("--momentum", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--warmup-epochs", type=float, default=None)
     p.add_argument(
         "--cache-features",
         action=argparse.BooleanOptionalAction,
@@ -169,6 +183,7 @@ def _run_knn(args: argparse.Namespace) -> int:
     if args.temperature <= 0:
         raise SiamaeError(f"--temperature must be positive, got {args.temperature}")
     encoder, source = _encoder(args)
+    args.pool = args.pool or "cls"
     result = knn_eval(
         encoder,
         args.train,
@@ -203,14 +218,15 @@ def _run_linear(args: argparse.Namespace) -> int:
     from siamae.eval.linear import LinearConfig, train_linear
 
     encoder, source = _encoder(args)
-    cfg = LinearConfig(
+    cfg = LinearConfig.for_protocol(
+        args.protocol,
         epochs=args.epochs,
-        batch_size=args.batch_size or 256,
+        batch_size=args.batch_size,
         optimizer=args.optimizer,
         base_lr=args.lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
-        warmup_epochs=min(args.warmup_epochs, args.epochs),
+        warmup_epochs=args.warmup_epochs,
         pool=args.pool,
         img_size=args.img_size,
         crop_pct=args.crop_pct,
@@ -230,9 +246,12 @@ def _run_linear(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         source=source,
     )
+    changed = cfg.deviations()
     print(
-        f"linear probe ({cfg.optimizer}, {cfg.epochs} epochs, {args.pool} features): "
-        f"top-1 {result.top1:.2f} (best {result.best_top1:.2f})"
+        f"linear probe, protocol {cfg.protocol}"
+        + (f" with {changed}" if changed else "")
+        + f" ({cfg.optimizer}, batch {cfg.batch_size}, lr {cfg.lr:g}, {cfg.epochs} epochs, "
+        f"{cfg.pool} features): top-1 {result.top1:.2f} (best {result.best_top1:.2f})"
     )
     print(f"results in {Path(args.out_dir) / 'results.json'}")
     return 0

@@ -126,7 +126,11 @@ def build_encoder(cfg: Config) -> Encoder:
         )
         if v != getattr(size, k)
     }
-    encoder = Encoder(m.arch, m.patch_size, m.img_size, m.drop_path, **dims)
+    # The pre-trained layout (with or without a final norm) is kept; make_classifier then
+    # puts a fresh fc_norm after pooling either way, as the published fine-tuning does.
+    encoder = Encoder(
+        m.arch, m.patch_size, m.img_size, m.drop_path, final_norm=pre.final_norm, **dims
+    )
     state = {k: v.clone() for k, v in pre.vit.state_dict().items()}
     _resample_positions(state, encoder, pre.grid_size)
     encoder.vit.load_state_dict(state, strict=True)

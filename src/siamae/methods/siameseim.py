@@ -36,7 +36,6 @@ from siamae.methods.base import (
     MethodOutput,
     Reconstruction,
     denormalize,
-    encoder_from_config,
 )
 from siamae.models.masking import gather_tokens
 from siamae.models.pos_embed import sincos_2d
@@ -47,6 +46,9 @@ if TYPE_CHECKING:
 
 # The recipe masks 118 of 196 patches (ViT-B/16 at 224); other grids keep the ratio.
 MASK_RATIO = 118 / 196
+# The official ``get_2d_sincos_pos_embed`` puts the row's sin-cos in the first half of the
+# channels (MAE's code puts the column there).
+POS_ORDER = "hw"
 TARGET_LN_EPS = 1e-5
 
 
@@ -255,17 +257,25 @@ class SiameseIM(Method):
         self.dim = dim
         self.neg_weight = neg_weight
         self.base_momentum = base_momentum
-        # MoCo v3's trick: the patch embedding stays at its random init. The encoder's final
-        # norm is never used (features go straight to the Linear), so it is frozen too: the
-        # exported encoder ends with a plain, affine-free LayerNorm.
-        for param in (*encoder.vit.patch_embed.parameters(), *encoder.vit.norm.parameters()):
+        # MoCo v3's trick: the patch embedding stays at its random init. The encoder has no
+        # final norm (features go straight to the Linear): built with final_norm=False it is
+        # an identity and the fc_norm after pooling stays a fresh LayerNorm (frozen at (1, 0)),
+        # what SiameseIM's evaluations put there. An encoder with a final norm keeps it frozen.
+        for param in (
+            *encoder.vit.patch_embed.parameters(),
+            *encoder.vit.norm.parameters(),
+            *encoder.vit.fc_norm.parameters(),
+        ):
             param.requires_grad_(False)
         self.embed = nn.Linear(encoder.embed_dim, dim)
         self.projector = make_blocks(dim, num_heads, projector_depth, mlp_ratio, norm)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.relative_pos = nn.Linear(2 * dim, dim)
+        # SiameseIM's channel order (row first), as its encoder's table and the relative
+        # embedding of view 2's patches.
         self.register_buffer(
-            "decoder_pos_embed", sincos_2d(dim, encoder.grid_size, encoder.grid_size)[None]
+            "decoder_pos_embed",
+            sincos_2d(dim, encoder.grid_size, encoder.grid_size, order=POS_ORDER)[None],
         )
         self.predictor = make_blocks(dim, num_heads, predictor_depth, mlp_ratio, norm)
         self.head = nn.Linear(dim, dim)
@@ -355,7 +365,11 @@ class SiameseIM(Method):
 
     @classmethod
     def from_config(cls, cfg: Config) -> SiameseIM:
-        encoder = encoder_from_config(cfg)
+        m = cfg.model
+        # SiameseIM's ViT: no final norm, position table in its own channel order.
+        encoder = Encoder(
+            m.arch, m.patch_size, m.img_size, m.drop_path, final_norm=False, pos_order=POS_ORDER
+        )
         d = cfg.decoder
         method = cls(
             encoder,

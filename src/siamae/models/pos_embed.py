@@ -1,4 +1,4 @@
-"""Fixed 2-D sine-cosine position embeddings (MAE layout)."""
+"""Fixed 2-D sine-cosine position embeddings (MAE's channel order, or SiameseIM's)."""
 
 from __future__ import annotations
 
@@ -16,21 +16,35 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> torch.Tensor:
+# Which coordinate the first half of the channels encodes:
+#   "wh": the column (w), then the row (h): MAE's code (its ``emb_h`` is computed from the
+#         column grid), kept by CropMAE and SiamMAE;
+#   "hw": the row, then the column: SiameseIM's code (``util/pos_embed.py``), whose relative
+#         embedding of view 2 also puts the row first.
+POS_ORDERS: tuple[str, ...] = ("wh", "hw")
+
+
+def sincos_2d(
+    dim: int, grid_h: int, grid_w: int, cls_token: bool = True, order: str = "wh"
+) -> torch.Tensor:
     """Position embedding for a (grid_h, grid_w) patch grid, row-major.
 
     Returns (1 + grid_h * grid_w, dim) when ``cls_token`` (a zero vector first), else
-    (grid_h * grid_w, dim). As in MAE's layout, the first half of the channels encodes the
-    column (w) and the second half the row (h), so MAE/CropMAE checkpoints stay compatible.
+    (grid_h * grid_w, dim). ``order`` "wh" (MAE's layout, the default): the first half of the
+    channels encodes the column (w) and the second half the row (h), so MAE/CropMAE checkpoints
+    stay compatible; "hw" (SiameseIM's): the row first.
     """
     if dim % 4 != 0:
         raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {dim}")
+    if order not in POS_ORDERS:
+        raise ValueError(f"unknown channel order {order!r}; choose one of {', '.join(POS_ORDERS)}")
     gh, gw = np.meshgrid(
         np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij"
     )
     emb_w = sincos_1d(dim // 2, gw)
     emb_h = sincos_1d(dim // 2, gh)
-    emb = np.concatenate([emb_w, emb_h], axis=1)
+    halves = [emb_w, emb_h] if order == "wh" else [emb_h, emb_w]
+    emb = np.concatenate(halves, axis=1)
     if cls_token:
         emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
     return torch.from_numpy(emb).float()

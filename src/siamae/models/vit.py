@@ -2,6 +2,11 @@
 
 Keys are exactly timm's (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.N.*``,
 ``norm``), which is what lets an exported encoder load strictly into ``timm.create_model``.
+
+An encoder without a final norm (SiameseIM's ViT has none) takes timm's own layout for that:
+``global_pool="avg"``, where ``norm`` is an identity and ``fc_norm`` (a LayerNorm) follows the
+pooling of the patch tokens, as in SiameseIM's fine-tuning and linear probing. The tokens this
+class returns are then the last block's output, unnormalised.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class Encoder(nn.Module):
         img_size: int = 224,
         drop_path_rate: float = 0.0,
         pos_resample: str = "dino",
+        final_norm: bool = True,
+        pos_order: str = "wh",
         **overrides: int,
     ) -> None:
         super().__init__()
@@ -77,11 +84,14 @@ class Encoder(nn.Module):
         self.arch = arch
         self.patch_size = patch_size
         self.img_size = img_size
+        self.final_norm = final_norm
+        self.pos_order = pos_order
         self.vit = VisionTransformer(
             img_size=img_size,
             patch_size=patch_size,
             num_classes=0,
-            global_pool="token",
+            # No final norm: timm's average-pool layout (norm = Identity, fc_norm after pooling).
+            global_pool="token" if final_norm else "avg",
             mlp_ratio=4.0,
             qkv_bias=True,
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
@@ -103,7 +113,9 @@ class Encoder(nn.Module):
         """MAE's initialisation: fixed sin-cos positions, xavier patch projection, N(0, .02) CLS."""
         with torch.no_grad():
             self.vit.pos_embed.copy_(
-                sincos_2d(self.embed_dim, self.grid_size, self.grid_size).unsqueeze(0)
+                sincos_2d(
+                    self.embed_dim, self.grid_size, self.grid_size, order=self.pos_order
+                ).unsqueeze(0)
             )
             w = self.vit.patch_embed.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -158,25 +170,33 @@ class Encoder(nn.Module):
         cls = (self.vit.cls_token + pos[:, :1]).expand(b, -1, -1)
         return tokens, cls, grid
 
-    def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
+    def run_blocks(self, tokens: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        """The blocks, then the final norm (an identity in the no-final-norm layout) unless
+        ``final_norm`` is False (SiameseIM's probe reads the last block's output)."""
         for block in self.vit.blocks:
             tokens = block(tokens)
-        return self.vit.norm(tokens)
+        return self.vit.norm(tokens) if final_norm else tokens
 
     # -- the three ways to encode -----------------------------------------------------------
-    def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        images: torch.Tensor,
+        ids_keep: torch.Tensor | None = None,
+        final_norm: bool = True,
+    ) -> torch.Tensor:
         """Encode images.
 
         Args:
             images: (B, 3, H, W), normalised. H and W multiples of the patch size.
             ids_keep: optional (B, K) indices of the patches to encode (the visible ones).
+            final_norm: False skips the final norm (the last block's output).
         Returns:
             (B, 1 + N, D) or (B, 1 + K, D): CLS first, after the final norm.
         """
         tokens, cls, _ = self.embed(images)
         if ids_keep is not None:
             tokens = gather_tokens(tokens, ids_keep)
-        return self.run_blocks(torch.cat([cls, tokens], dim=1))
+        return self.run_blocks(torch.cat([cls, tokens], dim=1), final_norm)
 
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D, H/p, W/p): last block after the final norm, patch tokens only."""
