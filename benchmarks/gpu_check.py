@@ -1,6 +1,6 @@
 """One GPU check: every registered method trained a few steps through the real trainer.
 
-For each method in ``siamae.methods.METHODS`` (read at run time, so new methods are included),
+For each method in ``siamae.registry.METHODS`` (read at run time, so new methods are included),
 with ``torch.compile`` off and on: a short run of ``siamae.engine.trainer.train`` on built-in
 synthetic data (a generated labelled folder for methods that need one, e.g. finetune), bf16
 autocast on CUDA, PyTorch's fused attention (scaled_dot_product_attention: flash /
@@ -129,8 +129,8 @@ def base_overrides(method: str, sizes: dict, device: torch.device, workers: int)
 def resolve_config(method: str, sizes: dict, device: torch.device, workers: int, workdir: Path):
     """The first data setting the method accepts (``check_config`` refuses the others)."""
     from siamae.errors import ConfigError
-    from siamae.methods import METHODS
     from siamae.recipes import load_config
+    from siamae.registry import METHODS
 
     refusals = []
     for data in data_choices(sizes, workdir):
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from siamae.methods import METHODS
+    from siamae.registry import METHODS
 
     sizes = dict(TINY if args.tiny else FULL)
     for key in ("batch", "steps", "window"):

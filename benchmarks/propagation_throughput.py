@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from siamae.eval.davis import evaluate_davis
-from siamae.eval.propagation import protocol
+from siamae.eval.propagation.davis import evaluate_davis
+from siamae.eval.propagation.engine import protocol
 from siamae.loading import random_encoder
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "DAVIS"

@@ -30,9 +30,15 @@ from pathlib import Path
 import torch
 
 from siamae.engine.trainer import train
-from siamae.eval.features import EvalTransform, ImageFolder, decode_all, normalize, pool_tokens
-from siamae.eval.knn import knn_classify
-from siamae.eval.linear import LinearConfig, fit_probe
+from siamae.eval.probes.features import (
+    EvalTransform,
+    ImageFolder,
+    decode_all,
+    normalize,
+    pool_tokens,
+)
+from siamae.eval.probes.knn import knn_classify
+from siamae.eval.probes.linear import LinearConfig, fit_probe
 from siamae.loading import load_encoder, random_encoder
 from siamae.recipes import load_config
 
@@ -79,8 +85,8 @@ def method_logs(checkpoint: str, count: int = 64) -> dict[str, float]:
     reconstruction and contrastive loss, homologous precision)."""
     from siamae.checkpoint import load_checkpoint
     from siamae.data.dataset import batch_to_device, build_dataset, collate
-    from siamae.methods import build_method
     from siamae.recipes import config_from_dict
+    from siamae.registry import build_method
 
     ckpt = load_checkpoint(checkpoint)
     cfg = config_from_dict(ckpt["config"])

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from siamae.engine.trainer import train
-from siamae.eval.features import EvalTransform, ImageFolder, extract_features
-from siamae.eval.knn import knn_classify
-from siamae.eval.linear import LinearConfig, fit_probe
+from siamae.eval.probes.features import EvalTransform, ImageFolder, extract_features
+from siamae.eval.probes.knn import knn_classify
+from siamae.eval.probes.linear import LinearConfig, fit_probe
 from siamae.loading import load_encoder, random_encoder
 from siamae.recipes import load_config
 
@@ -67,7 +67,7 @@ def step_flops(method: str, batch: int = 32) -> float:
     """FLOPs of one training step (forward + backward; SiameseIM's target pass included)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from siamae.methods import build_method
+    from siamae.registry import build_method
 
     cfg = load_config(None, [*COMMON, *METHODS[method], "data.path=unused"])
     model = build_method(cfg)

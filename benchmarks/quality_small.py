@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from siamae.engine.trainer import train
-from siamae.eval.davis import evaluate_davis
-from siamae.eval.propagation import protocol
+from siamae.eval.propagation.davis import evaluate_davis
+from siamae.eval.propagation.engine import protocol
 from siamae.loading import load_encoder, random_encoder
 from siamae.recipes import load_config
 

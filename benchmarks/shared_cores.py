@@ -45,8 +45,8 @@ from siamae.data.synthetic import synthetic_video
 from siamae.demo import DEMO_OVERRIDES
 from siamae.engine.threads import apply_thread_policy, usable_cores
 from siamae.engine.trainer import train
-from siamae.eval.propagation import protocol
-from siamae.eval.synthetic_videos import predict
+from siamae.eval.propagation.engine import protocol
+from siamae.eval.propagation.synthetic_videos import predict
 from siamae.loading import random_encoder
 from siamae.recipes import load_config
 

@@ -22,8 +22,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from siamae.engine.optim import build_optimizer
-from siamae.methods import build_method
 from siamae.recipes import load_config
+from siamae.registry import build_method
 
 MODELS = {
     "cropmae_vits16": ["method=cropmae", "model.arch=vit_small", "model.patch_size=16"],
@@ -54,7 +54,7 @@ def view_extras(cfg, batch: int, device: torch.device) -> dict[str, torch.Tensor
         return {}
     import numpy as np
 
-    from siamae.methods import METHODS
+    from siamae.registry import METHODS
 
     maker = METHODS["siameseim"].build_views(cfg)
     rng = np.random.default_rng(0)

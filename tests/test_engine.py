@@ -17,9 +17,9 @@ from ddp_helpers import train_in_processes
 from siamae.engine.optim import lr_at, param_groups
 from siamae.engine.trainer import train
 from siamae.errors import TrainingDiverged
-from siamae.methods import build_method
 from siamae.methods.cropmae import CropMAE
 from siamae.recipes import load_config
+from siamae.registry import build_method
 
 TINY = [
     "model.arch=vit_tiny",

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from siamae.methods import METHODS, CropMAE
+from siamae.methods import CropMAE
+from siamae.registry import METHODS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 

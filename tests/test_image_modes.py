@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from siamae.data.sources import ImageFileSource, UnreadableSample, to_rgb
-from siamae.eval.features import EvalTransform
+from siamae.eval.probes.features import EvalTransform
 
 
 def _read(tmp_path: Path, image: Image.Image, name: str, **save) -> np.ndarray:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from siamae.methods import METHODS, build_method
 from siamae.models.masking import patchify
 from siamae.recipes import load_config
+from siamae.registry import METHODS, build_method
 
 TINY = [
     "model.arch=vit_tiny",

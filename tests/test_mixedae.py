@@ -16,13 +16,13 @@ from siamae.engine.trainer import train
 from siamae.errors import ConfigError, SiamaeError
 from siamae.export import export_encoder
 from siamae.loading import load_encoder
-from siamae.methods import build_method
 from siamae.methods.mixedae import MixedAE, homologous_contrastive_loss, parse_topk_blocks
 from siamae.models.decoder import MAEDecoder
 from siamae.models.homologous import homologous_block, homologous_precision, topk_attention
 from siamae.models.masking import patchify, unshuffle_with_mask_tokens
 from siamae.models.vit import Encoder
 from siamae.recipes import load_config
+from siamae.registry import build_method
 
 R = 4
 PATCH = 8

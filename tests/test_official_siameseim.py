@@ -23,10 +23,10 @@ from timm.models.vision_transformer import VisionTransformer
 
 from siamae import load_encoder
 from siamae.export import export_encoder
-from siamae.methods import build_method
-from siamae.methods.finetune import make_classifier
+from siamae.finetune.classification import make_classifier
 from siamae.models.pos_embed import sincos_2d
 from siamae.recipes import load_config
+from siamae.registry import build_method
 
 DIM, DEPTH, HEADS, PATCH, IMG = 192, 2, 3, 16, 32
 

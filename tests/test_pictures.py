@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from siamae.eval.overlay import OverlayRecorder, save_labelled_grid
+from siamae.eval.propagation.overlays import OverlayRecorder, save_labelled_grid
 
 
 def _ink(region: np.ndarray) -> int:
@@ -98,7 +98,7 @@ def test_overlay_shows_a_ground_truth_row_above_the_predictions(tmp_path: Path) 
 def test_synthetic_propagation_picture_shows_every_video_with_scores(
     tmp_path: Path, one_thread: None
 ) -> None:
-    from siamae.eval.synthetic_videos import evaluate_synthetic
+    from siamae.eval.propagation.synthetic_videos import evaluate_synthetic
     from siamae.loading import random_encoder
 
     encoders = {
@@ -149,8 +149,8 @@ def test_reconstruction_draws_the_methods_picture_with_name_and_step(
 
     from siamae.checkpoint import load_checkpoint
     from siamae.data.dataset import build_dataset
-    from siamae.methods import build_method
     from siamae.recipes import config_from_dict
+    from siamae.registry import build_method
     from siamae.viz import save_loss_curve, save_reconstruction, visualize_checkpoint
 
     run = tmp_path / "run"

@@ -19,7 +19,6 @@ from siamae.engine.trainer import train
 from siamae.errors import ConfigError
 from siamae.export import export_encoder
 from siamae.loading import load_encoder
-from siamae.methods import build_method
 from siamae.methods.base import denormalize
 from siamae.methods.siameseim import (
     SiameseIM,
@@ -31,6 +30,7 @@ from siamae.methods.siameseim import (
 )
 from siamae.models.vit import Encoder
 from siamae.recipes import load_config
+from siamae.registry import build_method
 
 TINY = [
     "method=siameseim",

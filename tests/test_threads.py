@@ -23,7 +23,7 @@ from siamae.engine.threads import (
 )
 from siamae.engine.trainer import THREADS_FILE, _init_worker, train
 from siamae.errors import ConfigError
-from siamae.eval.probe_cli import apply_threads_option
+from siamae.eval.probes.cli import apply_threads_option
 from siamae.recipes import load_config
 
 TINY = [

@@ -28,7 +28,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.data is not None and cfg.data.source == "synthetic":
         # --data names real data: read it as images (or videos for frame-pair methods).
-        from siamae.methods import METHODS
+        from siamae.registry import METHODS
 
         kind = "videos" if METHODS[cfg.method].view_kind == "frames" else "images"
         cfg = load_config(args.config, overrides + [f"data.source={kind}"])
@@ -81,7 +81,7 @@ def _print_summary(summary: dict) -> None:
 
 def _finetune(args: argparse.Namespace) -> int:
     from siamae.engine.trainer import train
-    from siamae.methods.finetune import command_overrides
+    from siamae.finetune.classification import command_overrides
     from siamae.recipes import load_config
 
     flags = command_overrides(args.data, args.val, args.checkpoint, args.out)
@@ -241,10 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser = sub.add_parser("eval", help="evaluate a frozen encoder")
     eval_sub = eval_parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     # eval commands register here
-    from siamae.eval import probe_cli
+    from siamae.eval.probes import cli as probe_cli
 
     probe_cli.register(eval_sub)
-    from siamae.eval import propagation_cli
+    from siamae.eval.propagation import cli as propagation_cli
 
     propagation_cli.register(eval_sub)
     _ = eval_sub

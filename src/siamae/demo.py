@@ -82,7 +82,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str
 
 def _propagation_step(summary: dict[str, Any], cfg: Config, run_dir: Path) -> None:
     """Label propagation on synthetic videos: the trained encoder vs the same one untrained."""
-    from siamae.eval.synthetic_videos import evaluate_synthetic
+    from siamae.eval.propagation.synthetic_videos import evaluate_synthetic
     from siamae.loading import load_encoder, random_encoder
 
     # The loader workers are gone: propagation gets their cores back, as `siamae eval` would.

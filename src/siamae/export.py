@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from siamae.errors import SiamaeError
-from siamae.eval.features import IMAGENET_MEAN, IMAGENET_STD
+from siamae.eval.probes.features import IMAGENET_MEAN, IMAGENET_STD
 from siamae.loading import load_encoder
 from siamae.models.vit import VIT_SIZES, Encoder, timm_name
 
@@ -147,7 +147,7 @@ def export_encoder(
     """Write the encoder of ``checkpoint`` as timm-loadable safetensors plus a JSON sidecar.
 
     A ``siamae finetune`` checkpoint exports as the whole classifier (encoder, fc_norm and the
-    trained head; ``ema``: its EMA weights), see :func:`siamae.methods.finetune.export_classifier`.
+    trained head; ``ema``: its EMA weights), see :func:`siamae.finetune.classification.export_classifier`.
 
     Args:
         checkpoint: anything :func:`siamae.load_encoder` reads (training checkpoint, run folder,
@@ -162,7 +162,7 @@ def export_encoder(
     out = Path(out)
     if out.suffix != ".safetensors":
         raise SiamaeError(f"--out {str(out)!r}: the export is a .safetensors file; name it so")
-    from siamae.methods.finetune import export_classifier, is_finetune_checkpoint
+    from siamae.finetune.classification import export_classifier, is_finetune_checkpoint
 
     if is_finetune_checkpoint(checkpoint):
         return export_classifier(checkpoint, out, timm_name, ema=ema)

@@ -13,7 +13,7 @@ from typing import Any
 
 from siamae.config import Config, apply_overrides, check_fields, from_dict, load_yaml
 from siamae.errors import ConfigError
-from siamae.methods import METHODS
+from siamae.registry import METHODS
 
 
 def resolve(cfg: Config) -> Config:

@@ -194,8 +194,8 @@ def visualize_checkpoint(
     picture of ``count`` samples (``<run folder>/reconstruction_step<N>.png`` by default)."""
     from siamae.config import apply_overrides
     from siamae.data.dataset import build_dataset
-    from siamae.methods import build_method
     from siamae.recipes import config_from_dict
+    from siamae.registry import build_method
 
     ckpt = load_checkpoint(checkpoint)
     if ckpt.get("format") != TRAIN_FORMAT:

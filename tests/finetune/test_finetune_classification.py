@@ -16,8 +16,7 @@ from ddp_helpers import train_in_processes
 from siamae.cli import main
 from siamae.engine.trainer import train
 from siamae.errors import ConfigError
-from siamae.methods import build_method
-from siamae.methods.finetune import (
+from siamae.finetune.classification import (
     classify,
     erase_per_sample,
     export_classifier,
@@ -25,6 +24,7 @@ from siamae.methods.finetune import (
     pair_order,
 )
 from siamae.recipes import load_config
+from siamae.registry import build_method
 
 COLOURS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
 

@@ -6,7 +6,7 @@ flip, RandAugment, bicubic) in its "prefetcher" form, which stops at uint8 pixel
 and random erasing happen on the device, as timm's prefetching loader does. Random erasing needs
 normalised pixels (its ``pixel`` mode draws N(0, 1) noise in normalised units), so each sample
 carries an ``erase_seed`` and the method erases on the device with it (see
-:func:`siamae.methods.finetune.erase_per_sample`).
+:func:`siamae.finetune.classification.erase_per_sample`).
 
 timm's transforms draw from the global ``random``, ``numpy.random`` and ``torch`` generators. Each
 sample seeds all three from its own ``rng`` (itself seeded by (seed, epoch, index)) and restores
@@ -39,7 +39,7 @@ class LabelledImageSource:
     """
 
     def __init__(self, root: str | Path, classes: list[str] | None = None) -> None:
-        from siamae.eval.features import EvalTransform, ImageFolder
+        from siamae.eval.probes.features import EvalTransform, ImageFolder
 
         # ImageFolder does the scan and its checks (layout, unknown classes, no images).
         folder = ImageFolder(root, EvalTransform(32), classes=classes)

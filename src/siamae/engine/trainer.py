@@ -40,9 +40,10 @@ from siamae.engine.logging import MetricsLogger
 from siamae.engine.optim import build_optimizer, lr_at, set_lr
 from siamae.engine.threads import apply_thread_policy, worker_threads
 from siamae.errors import CheckpointError, ConfigError, TrainingDiverged
-from siamae.methods import Method, build_method
+from siamae.methods import Method
 from siamae.paths import check_writable
 from siamae.recipes import config_from_dict
+from siamae.registry import build_method
 
 THREADS_FILE = "threads.json"  # the resolved thread plan (engine.threads.ThreadPlan)
 VIDEO_INDEX_FILE = "video_index.json"  # siamae.data.video.INDEX_FILE, without importing PyAV
@@ -364,7 +365,7 @@ def _train(
 
     monitor = None
     if info.is_main and cfg.monitor.knn_train:
-        from siamae.eval.monitor import build_monitor
+        from siamae.eval.probes.monitor import build_monitor
 
         monitor = build_monitor(cfg, device)
 

@@ -150,7 +150,7 @@ def attention_for_image(
     that would make more than ``max_patches`` patches is refused before it is decoded."""
     from PIL import Image, UnidentifiedImageError
 
-    from siamae.eval.features import normalize
+    from siamae.eval.probes.features import normalize
 
     name = "image"
     if isinstance(image, (str, Path)):
@@ -335,7 +335,7 @@ def visualize_attention(
 def run_command(args: object) -> int:
     """``siamae visualize attention``: parsed arguments -> one PNG per image."""
     from siamae.errors import SiamaeError
-    from siamae.eval.features import resolve_device
+    from siamae.eval.probes.features import resolve_device
 
     images = getattr(args, "images", None)
     if not images:

@@ -438,7 +438,7 @@ class FineTune(Method):
 
     # -- evaluation -----------------------------------------------------------------------------
     def _val_set(self):  # noqa: ANN202 - an ImageFolder
-        from siamae.eval.features import EvalTransform, validation_folder
+        from siamae.eval.probes.features import EvalTransform, validation_folder
 
         if self._val is None:
             transform = EvalTransform(self.encoder.img_size, self.eval_crop_pct)
@@ -481,7 +481,7 @@ def evaluate_classifier(
     processes. Keys: ``top1{suffix}``, ``top5{suffix}``, ``val_loss{suffix}``, and ``n``."""
     import torch.distributed as dist
 
-    from siamae.eval.features import loader, normalize
+    from siamae.eval.probes.features import loader, normalize
 
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
@@ -590,7 +590,7 @@ def export_classifier(
     from safetensors.torch import save_file
 
     from siamae.errors import SiamaeError
-    from siamae.eval.features import IMAGENET_MEAN, IMAGENET_STD
+    from siamae.eval.probes.features import IMAGENET_MEAN, IMAGENET_STD
     from siamae.export import check_vit_name, default_timm_name, timm_kwargs
 
     out = Path(out)

@@ -1,37 +1,18 @@
-"""Pre-training methods. ``METHODS`` is the whole registry: name -> class."""
+"""Pre-training objectives. The registry of everything the engine trains is ``siamae.registry``."""
 
 from siamae.methods.base import Method, MethodOutput, Reconstruction
 from siamae.methods.cropmae import CropMAE, SiamMAE
-from siamae.methods.finetune import FineTune
 from siamae.methods.mae import MAE
 from siamae.methods.mixedae import MixedAE
 from siamae.methods.siameseim import SiameseIM
 
-METHODS: dict[str, type[Method]] = {
-    "cropmae": CropMAE,
-    "siammae": SiamMAE,
-    "mae": MAE,
-    "mixedae": MixedAE,
-    "finetune": FineTune,
-    "siameseim": SiameseIM,
-}
-
-
-def build_method(cfg) -> Method:  # noqa: ANN001 - Config, imported lazily by callers
-    """The method named by ``cfg.method``, built from a resolved config."""
-    return METHODS[cfg.method].from_config(cfg)
-
-
 __all__ = [
-    "METHODS",
     "MAE",
     "CropMAE",
-    "FineTune",
     "Method",
     "MethodOutput",
     "MixedAE",
     "Reconstruction",
     "SiamMAE",
     "SiameseIM",
-    "build_method",
 ]

@@ -11,8 +11,8 @@ import torch
 
 from siamae.cli import main
 from siamae.errors import DataError
-from siamae.eval.features import EvalTransform, ImageFolder
-from siamae.eval.fewshot import (
+from siamae.eval.probes.features import EvalTransform, ImageFolder
+from siamae.eval.probes.fewshot import (
     draw_subset,
     fewshot_eval,
     fit_logistic,

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from siamae.config import MonitorConfig
-from siamae.eval import monitor as monitor_mod
-from siamae.eval.monitor import KNNMonitor, build_monitor
+from siamae.eval.probes import monitor as monitor_mod
+from siamae.eval.probes.monitor import KNNMonitor, build_monitor
 from siamae.models.vit import Encoder
 from siamae.recipes import load_config
 

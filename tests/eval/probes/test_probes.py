@@ -12,9 +12,9 @@ import torch
 from siamae.checkpoint import load_checkpoint
 from siamae.cli import main
 from siamae.errors import DataError
-from siamae.eval.features import EvalTransform, ImageFolder, extract_features
-from siamae.eval.knn import knn_classify
-from siamae.eval.linear import LinearConfig, fit_probe, lr_at
+from siamae.eval.probes.features import EvalTransform, ImageFolder, extract_features
+from siamae.eval.probes.knn import knn_classify
+from siamae.eval.probes.linear import LinearConfig, fit_probe, lr_at
 from siamae.models.vit import Encoder
 
 COLOURS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
@@ -169,7 +169,7 @@ def test_features_cls_and_mean_pool(folders: tuple[Path, Path]) -> None:
     mean = extract_features(encoder, data, pool="mean", batch_size=4, progress=False)
     assert encoder.training  # mode restored
     images = torch.stack([data[i][0] for i in range(len(data))])
-    from siamae.eval.features import normalize
+    from siamae.eval.probes.features import normalize
 
     with torch.no_grad():
         tokens = encoder.eval()(normalize(images, "cpu"))

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-import siamae.eval.linear as linear_module
-from siamae.cli import main
-from siamae.eval.features import EvalTransform, ImageFolder, extract_features, normalize
-from siamae.eval.linear import AugmentedFolder, LinearConfig, _AugmentedFeatures
-from siamae.eval.protocols import FEWSHOT_PROTOCOLS
-from siamae.models.vit import Encoder
 from test_probes import write_folder
+
+import siamae.eval.probes.linear as linear_module
+from siamae.cli import main
+from siamae.eval.probes.features import EvalTransform, ImageFolder, extract_features, normalize
+from siamae.eval.probes.linear import AugmentedFolder, LinearConfig, _AugmentedFeatures
+from siamae.eval.probes.protocols import FEWSHOT_PROTOCOLS
+from siamae.models.vit import Encoder
 
 
 def test_linear_presets_resolve_to_the_published_settings() -> None:

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from siamae.errors import SiamaeError
-from siamae.eval.metrics_davis import score_sequence
-from siamae.eval.propagation import (
+from siamae.eval.propagation.engine import (
     LabelPropagator,
     PropagationParams,
     extract_features,
@@ -20,6 +19,7 @@ from siamae.eval.propagation import (
     labels_to_grid,
     protocol,
 )
+from siamae.eval.propagation.metrics import score_sequence
 
 
 def reference_propagation(feats, first_labels, p: PropagationParams):
@@ -189,8 +189,8 @@ def test_labels_to_grid_bilinear_sums_to_one():
 
 
 def test_davis_ground_truth_as_prediction_scores_one(shared_data):
-    from siamae.eval.davis import list_sequences, load_sequence, read_mask
-    from siamae.eval.propagation import resize_ids
+    from siamae.eval.propagation.davis import list_sequences, load_sequence, read_mask
+    from siamae.eval.propagation.engine import resize_ids
 
     root = shared_data / "DAVIS"
     names = list_sequences(root, "2016/val")
@@ -208,7 +208,7 @@ def test_davis_ground_truth_as_prediction_scores_one(shared_data):
 
 def test_davis_random_init_tiny_vit(shared_data, tmp_path):
     from siamae import random_encoder
-    from siamae.eval.davis import evaluate_davis
+    from siamae.eval.propagation.davis import evaluate_davis
 
     encoder = random_encoder("vit_tiny_patch16")
     params = protocol("cropmae", "davis", ["resize=128x224"])
@@ -237,8 +237,13 @@ def test_davis_random_init_tiny_vit(shared_data, tmp_path):
 @pytest.mark.parametrize("size", [None, (480, 880)])
 def test_davis_ground_truth_folder_scores_one(shared_data, tmp_path, size):
     """The real masks written as a submission folder score J&F = 1.0, native and resized."""
-    from siamae.eval.davis import load_sequence, read_mask, score_predictions, write_mask
-    from siamae.eval.propagation import resize_ids
+    from siamae.eval.propagation.davis import (
+        load_sequence,
+        read_mask,
+        score_predictions,
+        write_mask,
+    )
+    from siamae.eval.propagation.engine import resize_ids
 
     root = shared_data / "DAVIS"
     seq = load_sequence(root, "motocross-jump")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from siamae.eval.jhmdb import pck
-from siamae.eval.metrics_davis import (
+from siamae.eval.propagation.jhmdb import pck
+from siamae.eval.propagation.metrics import (
     bound_pixels,
     boundary_f,
     db_statistics,
@@ -19,7 +19,7 @@ from siamae.eval.metrics_davis import (
     seg2bmap,
     summarise,
 )
-from siamae.eval.vip import confusion, miou
+from siamae.eval.propagation.vip import confusion, miou
 
 
 def box(h, w, y0, y1, x0, x1):

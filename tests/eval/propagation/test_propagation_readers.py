@@ -13,11 +13,11 @@ from scipy.io import savemat
 
 from siamae.data.synthetic import synthetic_video
 from siamae.errors import DataError
-from siamae.eval.davis import evaluate_davis, list_sequences, read_mask, write_mask
-from siamae.eval.jhmdb import decode_joints, evaluate_jhmdb, joint_labels, read_joints
-from siamae.eval.overlay import PALETTE
-from siamae.eval.propagation import protocol
-from siamae.eval.vip import evaluate_vip, read_category_ids
+from siamae.eval.propagation.davis import evaluate_davis, list_sequences, read_mask, write_mask
+from siamae.eval.propagation.engine import protocol
+from siamae.eval.propagation.jhmdb import decode_joints, evaluate_jhmdb, joint_labels, read_joints
+from siamae.eval.propagation.overlays import PALETTE
+from siamae.eval.propagation.vip import evaluate_vip, read_category_ids
 from siamae.models.vit import Encoder
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from siamae.engine.threads import apply_thread_policy
 from siamae.errors import SiamaeError
-from siamae.eval.features import POOLS
-from siamae.eval.protocols import DEFAULT_LINEAR_PROTOCOL, LINEAR_PROTOCOLS
+from siamae.eval.probes.features import POOLS
+from siamae.eval.probes.protocols import DEFAULT_LINEAR_PROTOCOL, LINEAR_PROTOCOLS
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
@@ -169,14 +169,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_run_linear)
 
-    from siamae.eval import fewshot
+    from siamae.eval.probes import fewshot
 
     fewshot.register(subparsers, _add_encoder_args)
 
 
 def _run_knn(args: argparse.Namespace) -> int:
-    from siamae.eval.features import resolve_device
-    from siamae.eval.knn import knn_eval
+    from siamae.eval.probes.features import resolve_device
+    from siamae.eval.probes.knn import knn_eval
 
     if any(k < 1 for k in args.k):
         raise SiamaeError(f"--k: every k must be 1 or more, got {args.k}")
@@ -214,8 +214,8 @@ def _run_knn(args: argparse.Namespace) -> int:
 
 
 def _run_linear(args: argparse.Namespace) -> int:
-    from siamae.eval.features import resolve_device
-    from siamae.eval.linear import LinearConfig, train_linear
+    from siamae.eval.probes.features import resolve_device
+    from siamae.eval.probes.linear import LinearConfig, train_linear
 
     encoder, source = _encoder(args)
     cfg = LinearConfig.for_protocol(

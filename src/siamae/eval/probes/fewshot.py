@@ -1,7 +1,7 @@
 """Few-shot evaluation with 1 % of the labels (the MSN / SiameseIM protocol).
 
 A frozen encoder gives features (the mean of the patch tokens by default; ``--protocol
-siameseim``: SiameseIM's, see :mod:`siamae.eval.protocols`) of a small labelled subset of the training folder, and a multinomial logistic regression with an L2
+siameseim``: SiameseIM's, see :mod:`siamae.eval.probes.protocols`) of a small labelled subset of the training folder, and a multinomial logistic regression with an L2
 penalty is fit on them; top-1 is measured on the whole validation folder.
 
 - The subset is a list file (one image a line, as ImageNet's ``1percent.txt``: a path relative to
@@ -30,8 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from siamae.errors import DataError, SiamaeError
-from siamae.eval.features import FEATURES, EvalTransform, ImageFolder, validation_folder
-from siamae.eval.protocols import DEFAULT_FEWSHOT_PROTOCOL, FEWSHOT_PROTOCOLS, fewshot_protocol
+from siamae.eval.probes.features import FEATURES, EvalTransform, ImageFolder, validation_folder
+from siamae.eval.probes.protocols import (
+    DEFAULT_FEWSHOT_PROTOCOL,
+    FEWSHOT_PROTOCOLS,
+    fewshot_protocol,
+)
 from siamae.models.vit import Encoder
 
 
@@ -189,9 +193,9 @@ def fewshot_eval(
     ``subset_file`` (a list file) takes precedence over ``per_class`` (a seeded draw).
     ``out_dir``: where features are cached (shared with the linear probe) and ``fewshot.json``
     is written; ``source`` names the encoder's checkpoint (part of the cache key). ``protocol``
-    names the preset the settings came from (recorded; see :mod:`siamae.eval.protocols`).
+    names the preset the settings came from (recorded; see :mod:`siamae.eval.probes.protocols`).
     """
-    from siamae.eval.linear import _fingerprint, cached_features
+    from siamae.eval.probes.linear import _fingerprint, cached_features
 
     device = torch.device(device)
     img_size = img_size or encoder.img_size
@@ -284,7 +288,7 @@ def fewshot_eval(
 def _cache_matches(path: Path, key: dict[str, Any]) -> bool:
     from siamae.checkpoint import load_checkpoint
     from siamae.errors import CheckpointError
-    from siamae.eval.linear import FEATURES_FORMAT
+    from siamae.eval.probes.linear import FEATURES_FORMAT
 
     if not path.is_file():
         return False
@@ -338,8 +342,8 @@ def register(subparsers: Any, add_encoder_args: Any) -> None:
 
 
 def _run(args: Any) -> int:
-    from siamae.eval.features import resolve_device
-    from siamae.eval.probe_cli import _encoder
+    from siamae.eval.probes.cli import _encoder
+    from siamae.eval.probes.features import resolve_device
 
     encoder, source = _encoder(args)
     protocol = fewshot_protocol(args.protocol)

@@ -139,7 +139,7 @@ def knn_eval(
     progress: bool = True,
 ) -> KNNResult:
     """k-NN top-1/top-5 of a frozen encoder on two ImageFolders (features computed once)."""
-    from siamae.eval.features import (
+    from siamae.eval.probes.features import (
         EvalTransform,
         ImageFolder,
         extract_features,

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from siamae.checkpoint import load_checkpoint, save_atomic
 from siamae.data.sources import to_rgb
 from siamae.errors import CheckpointError, SiamaeError
-from siamae.eval.features import (
+from siamae.eval.probes.features import (
     FEATURES,
     POOLS,
     EvalTransform,
@@ -46,7 +46,7 @@ from siamae.eval.features import (
     normalize,
     validation_folder,
 )
-from siamae.eval.protocols import DEFAULT_LINEAR_PROTOCOL, LINEAR_PROTOCOLS, linear_protocol
+from siamae.eval.probes.protocols import DEFAULT_LINEAR_PROTOCOL, LINEAR_PROTOCOLS, linear_protocol
 from siamae.models.vit import Encoder
 
 LINEAR_FORMAT = "siamae-linear-v1"
@@ -109,7 +109,7 @@ class LinearConfig:
 
     @classmethod
     def for_protocol(cls, name: str, **overrides: Any) -> LinearConfig:
-        """The named protocol's settings (see :mod:`siamae.eval.protocols`); keyword arguments
+        """The named protocol's settings (see :mod:`siamae.eval.probes.protocols`); keyword arguments
         that are not None override them."""
         preset = linear_protocol(name)
         values = {

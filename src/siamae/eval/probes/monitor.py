@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from siamae.eval.features import EvalTransform, ImageFolder, decode_all, extract_features
-from siamae.eval.knn import knn_classify
+from siamae.eval.probes.features import EvalTransform, ImageFolder, decode_all, extract_features
+from siamae.eval.probes.knn import knn_classify
 
 if TYPE_CHECKING:
     from siamae.config import Config, MonitorConfig

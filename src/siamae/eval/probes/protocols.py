@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from siamae.errors import SiamaeError
-from siamae.eval.features import FEATURES
+from siamae.eval.probes.features import FEATURES
 
 
 @dataclass(frozen=True)

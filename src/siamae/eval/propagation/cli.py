@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from siamae.eval.probe_cli import add_pos_resample_option, add_threads_option, apply_threads_option
+from siamae.eval.probes.cli import add_pos_resample_option, add_threads_option, apply_threads_option
 
 
 def _encoder(args: argparse.Namespace):
@@ -22,7 +22,7 @@ def _encoder(args: argparse.Namespace):
 
 
 def _params(args: argparse.Namespace, benchmark: str):
-    from siamae.eval.propagation import protocol
+    from siamae.eval.propagation.engine import protocol
 
     params = protocol(args.protocol, benchmark, args.set or [])
     print(params.describe())
@@ -30,7 +30,7 @@ def _params(args: argparse.Namespace, benchmark: str):
 
 
 def _device(name: str):  # noqa: ANN202 - torch.device, imported lazily
-    from siamae.eval.features import resolve_device
+    from siamae.eval.probes.features import resolve_device
 
     return resolve_device(name)
 
@@ -40,7 +40,7 @@ def _out(args: argparse.Namespace, benchmark: str) -> Path:
 
 
 def _davis(args: argparse.Namespace) -> int:
-    from siamae.eval.davis import evaluate_davis, format_summary
+    from siamae.eval.propagation.davis import evaluate_davis, format_summary
 
     encoder = _encoder(args)
     params = _params(args, "davis")
@@ -68,7 +68,7 @@ def _davis(args: argparse.Namespace) -> int:
 
 
 def _jhmdb(args: argparse.Namespace) -> int:
-    from siamae.eval.jhmdb import evaluate_jhmdb, format_summary
+    from siamae.eval.propagation.jhmdb import evaluate_jhmdb, format_summary
 
     encoder = _encoder(args)
     params = _params(args, "jhmdb")
@@ -89,7 +89,7 @@ def _jhmdb(args: argparse.Namespace) -> int:
 
 
 def _vip(args: argparse.Namespace) -> int:
-    from siamae.eval.vip import evaluate_vip, format_summary
+    from siamae.eval.propagation.vip import evaluate_vip, format_summary
 
     encoder = _encoder(args)
     params = _params(args, "vip")

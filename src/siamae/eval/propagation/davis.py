@@ -23,15 +23,7 @@ from tqdm import tqdm
 
 from siamae.data.sources import UnreadableSample, to_rgb
 from siamae.errors import DataError
-from siamae.eval.metrics_davis import (
-    VOID,
-    SequenceScores,
-    frame_scores,
-    num_objects_of,
-    summarise,
-)
-from siamae.eval.overlay import PALETTE, OverlayRecorder
-from siamae.eval.propagation import (
+from siamae.eval.propagation.engine import (
     PropagationParams,
     Timer,
     frame_size,
@@ -39,6 +31,14 @@ from siamae.eval.propagation import (
     propagate_video,
     resize_ids,
 )
+from siamae.eval.propagation.metrics import (
+    VOID,
+    SequenceScores,
+    frame_scores,
+    num_objects_of,
+    summarise,
+)
+from siamae.eval.propagation.overlays import PALETTE, OverlayRecorder
 
 RESOLUTION = "480p"
 

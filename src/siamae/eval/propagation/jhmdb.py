@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from siamae.data.sources import UnreadableSample, to_rgb
 from siamae.errors import DataError
-from siamae.eval.propagation import (
+from siamae.eval.propagation.engine import (
     LabelPropagator,
     PropagationParams,
     Timer,

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from siamae.data.synthetic import synthetic_video
-from siamae.eval.metrics_davis import score_sequence, summarise
-from siamae.eval.overlay import blend, save_labelled_grid
-from siamae.eval.propagation import labels_to_ids, propagate_video, protocol
+from siamae.eval.propagation.engine import labels_to_ids, propagate_video, protocol
+from siamae.eval.propagation.metrics import score_sequence, summarise
+from siamae.eval.propagation.overlays import blend, save_labelled_grid
 
 
 @torch.no_grad()
