@@ -29,14 +29,9 @@ from pathlib import Path
 
 import torch
 
+from siamae.data.image_folder import EvalTransform, ImageFolder, normalize
 from siamae.engine.trainer import train
-from siamae.eval.probes.features import (
-    EvalTransform,
-    ImageFolder,
-    decode_all,
-    normalize,
-    pool_tokens,
-)
+from siamae.eval.probes.features import decode_all, pool_tokens
 from siamae.eval.probes.knn import knn_classify
 from siamae.eval.probes.linear import LinearConfig, fit_probe
 from siamae.loading import load_encoder, random_encoder

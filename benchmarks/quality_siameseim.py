@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from siamae.data.image_folder import EvalTransform, ImageFolder
 from siamae.engine.trainer import train
-from siamae.eval.probes.features import EvalTransform, ImageFolder, extract_features
+from siamae.eval.probes.features import extract_features
 from siamae.eval.probes.knn import knn_classify
 from siamae.eval.probes.linear import LinearConfig, fit_probe
 from siamae.loading import load_encoder, random_encoder

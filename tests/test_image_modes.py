@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from siamae.data.image_folder import EvalTransform
 from siamae.data.sources import ImageFileSource, UnreadableSample, to_rgb
-from siamae.eval.probes.features import EvalTransform
 
 
 def _read(tmp_path: Path, image: Image.Image, name: str, **save) -> np.ndarray:

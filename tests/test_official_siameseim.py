@@ -23,7 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from siamae import load_encoder
 from siamae.export import export_encoder
-from siamae.finetune.classification import make_classifier
+from siamae.finetune.heads import make_classifier
 from siamae.models.pos_embed import sincos_2d
 from siamae.recipes import load_config
 from siamae.registry import build_method

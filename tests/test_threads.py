@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from siamae.arguments import apply_threads_option
 from siamae.cli import build_parser, main
 from siamae.engine.threads import (
     apply_thread_policy,
@@ -22,8 +23,8 @@ from siamae.engine.threads import (
     usable_cores,
 )
 from siamae.engine.trainer import THREADS_FILE, _init_worker, train
+from siamae.entry import main as entry_main
 from siamae.errors import ConfigError
-from siamae.eval.probes.cli import apply_threads_option
 from siamae.recipes import load_config
 
 TINY = [
@@ -175,9 +176,9 @@ def test_threads_below_one_is_refused(capsys: pytest.CaptureFixture[str], tmp_pa
 
 
 def test_the_command_imports_no_torch_before_it_sets_the_openmp_environment() -> None:
-    # OMP_WAIT_POLICY is read once, when torch's OpenMP runtime loads: siamae.cli must not
+    # OMP_WAIT_POLICY is read once, when torch's OpenMP runtime loads: the entry module must not
     # import torch before main() has set it.
-    code = "import sys, siamae.cli; print('torch' in sys.modules)"
+    code = "import sys, siamae.entry; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -189,7 +190,7 @@ def test_the_command_sets_a_passive_wait_policy_unless_the_user_chose_one(
     monkeypatch.setenv("OMP_WAIT_POLICY", before or "unset")  # restored after the test
     if before is None:
         monkeypatch.delenv("OMP_WAIT_POLICY")
-    main(
+    entry_main(
         ["eval", "knn", "--random-init", "vit_tiny_patch8_32", "--train", str(tmp_path)]
         + ["--val", str(tmp_path), "--threads", "0"]
     )

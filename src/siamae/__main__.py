@@ -2,6 +2,6 @@
 
 import sys
 
-from siamae.cli import main
+from siamae.entry import main
 
 sys.exit(main())

@@ -1,5 +1,8 @@
 """The ``siamae`` command. Thin: it parses arguments and calls the library.
 
+Its entry point is :mod:`siamae.entry`, which sets the OpenMP environment before this module (and
+with it torch) is imported.
+
 Bad input (a missing path, a bad config field, a checkpoint that does not fit) prints one line
 naming the problem and what to do, and exits with code 2.
 """
@@ -11,15 +14,21 @@ import os
 import sys
 from collections.abc import Sequence
 
-from siamae import __version__
+from siamae import __version__, export
+from siamae.demo import run_demo
+from siamae.engine.trainer import train
 from siamae.errors import SiamaeError
+from siamae.eval.attention import run_command
+from siamae.eval.probes import cli as probe_cli
+from siamae.eval.propagation import cli as propagation_cli
+from siamae.finetune.command import command_overrides
 from siamae.paths import OUTPUT_ERRNOS, check_writable
+from siamae.recipes import load_config
+from siamae.registry import METHODS
+from siamae.viz import visualize_checkpoint
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from siamae.engine.trainer import train
-    from siamae.recipes import load_config
-
     overrides = list(args.set or [])
     if args.data is not None:
         overrides.append(f"data.path={args.data}")
@@ -28,7 +37,6 @@ def _pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.data is not None and cfg.data.source == "synthetic":
         # --data names real data: read it as images (or videos for frame-pair methods).
-        from siamae.registry import METHODS
 
         kind = "videos" if METHODS[cfg.method].view_kind == "frames" else "images"
         cfg = load_config(args.config, overrides + [f"data.source={kind}"])
@@ -50,8 +58,6 @@ def exit_code(summary: dict) -> int:
 
 
 def _is_rank0() -> bool:
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -80,10 +86,6 @@ def _print_summary(summary: dict) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from siamae.engine.trainer import train
-    from siamae.finetune.classification import command_overrides
-    from siamae.recipes import load_config
-
     flags = command_overrides(args.data, args.val, args.checkpoint, args.out)
     cfg = load_config(args.config, flags[:2] + list(args.set or []) + flags[2:])
     rank0 = _is_rank0()
@@ -115,10 +117,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _visualize(args: argparse.Namespace) -> int:
     if args.what == "attention":
-        from siamae.eval.attention import run_command
-
         return run_command(args)
-    from siamae.viz import visualize_checkpoint
 
     path = visualize_checkpoint(
         args.checkpoint, args.out, data=args.data, count=args.count, seed=args.seed
@@ -128,8 +127,6 @@ def _visualize(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from siamae.demo import run_demo
-
     run_demo(out_dir=args.out, quick=args.quick)
     return 0
 
@@ -241,17 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser = sub.add_parser("eval", help="evaluate a frozen encoder")
     eval_sub = eval_parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     # eval commands register here
-    from siamae.eval.probes import cli as probe_cli
-
     probe_cli.register(eval_sub)
-    from siamae.eval.propagation import cli as propagation_cli
-
     propagation_cli.register(eval_sub)
     _ = eval_sub
 
     # top-level commands register here
-    from siamae import export
-
     export.register(sub)
     return parser
 
@@ -267,16 +258,7 @@ def one_line(err: SiamaeError) -> str:
     return message
 
 
-# Idle OpenMP threads sleep instead of spinning: on cores that other processes hold (loader
-# workers, other jobs) spinning slowed a step up to 25x and it was never clearly slower
-# (docs/performance.md, "Shared cores"). Read once, when torch's OpenMP starts: this module
-# imports no torch, so main() sets it first. A value the user set is kept.
-OPENMP_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    for name, value in OPENMP_ENVIRONMENT.items():
-        os.environ.setdefault(name, value)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

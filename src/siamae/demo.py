@@ -11,6 +11,9 @@ from typing import Any
 
 from siamae.config import Config
 from siamae.engine.threads import apply_thread_policy
+from siamae.engine.trainer import train
+from siamae.eval.propagation.synthetic_videos import evaluate_synthetic
+from siamae.loading import load_encoder, random_encoder
 from siamae.recipes import load_config
 
 # The same values as configs/demo.yaml (a test keeps the two in step); kept here so the demo
@@ -50,7 +53,6 @@ def demo_config(out_dir: str | Path = "runs/demo", quick: bool = False) -> Confi
 
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str, Any]:
     """Train, report, and return the training summary."""
-    from siamae.engine.trainer import train
 
     cfg = demo_config(out_dir, quick)
     print(
@@ -82,8 +84,6 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str
 
 def _propagation_step(summary: dict[str, Any], cfg: Config, run_dir: Path) -> None:
     """Label propagation on synthetic videos: the trained encoder vs the same one untrained."""
-    from siamae.eval.propagation.synthetic_videos import evaluate_synthetic
-    from siamae.loading import load_encoder, random_encoder
 
     # The loader workers are gone: propagation gets their cores back, as `siamae eval` would.
     apply_thread_policy(cfg.run.threads, workers=0)

@@ -16,7 +16,12 @@ import numpy as np
 import torch
 
 from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint
+from siamae.config import apply_overrides
+from siamae.data.dataset import batch_to_device, build_dataset, collate
+from siamae.engine.logging import read_metrics
 from siamae.errors import CheckpointError, SiamaeError
+from siamae.recipes import config_from_dict
+from siamae.registry import build_method
 
 
 def to_image(image: torch.Tensor) -> np.ndarray:
@@ -72,8 +77,6 @@ def save_picture_grid(
 
 
 def _last_logged_step(run_dir: Path) -> int | None:
-    from siamae.engine.logging import read_metrics
-
     try:
         steps = [r["step"] for r in read_metrics(run_dir) if "step" in r]
     except (OSError, ValueError):
@@ -99,7 +102,6 @@ def save_reconstruction(
     samples carry their own mask noise, so the picture is the same however often it is made,
     and making it does not touch the global RNG.
     """
-    from siamae.data.dataset import batch_to_device, collate
 
     samples = [dataset[(0, i)] for i in range(min(count, len(dataset)))]
     inputs = batch_to_device(collate(samples), device)
@@ -127,8 +129,6 @@ def save_loss_curve(run_dir: str | Path, path: str | Path) -> Path:
     """Loss and learning rate against step, from the run's metrics.jsonl, with a legend."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
-
-    from siamae.engine.logging import read_metrics
 
     run_dir = Path(run_dir)
     records = [r for r in read_metrics(run_dir) if "loss" in r and r["loss"] is not None]
@@ -192,10 +192,6 @@ def visualize_checkpoint(
 ) -> Path:
     """``siamae visualize``: rebuild the method from the checkpoint's own config and draw its
     picture of ``count`` samples (``<run folder>/reconstruction_step<N>.png`` by default)."""
-    from siamae.config import apply_overrides
-    from siamae.data.dataset import build_dataset
-    from siamae.recipes import config_from_dict
-    from siamae.registry import build_method
 
     ckpt = load_checkpoint(checkpoint)
     if ckpt.get("format") != TRAIN_FORMAT:

@@ -16,13 +16,9 @@ from ddp_helpers import train_in_processes
 from siamae.cli import main
 from siamae.engine.trainer import train
 from siamae.errors import ConfigError
-from siamae.finetune.classification import (
-    classify,
-    erase_per_sample,
-    export_classifier,
-    mix_batch,
-    pair_order,
-)
+from siamae.finetune.checkpoints import export_classifier
+from siamae.finetune.classification import erase_per_sample, mix_batch, pair_order
+from siamae.finetune.heads import classify
 from siamae.recipes import load_config
 from siamae.registry import build_method
 

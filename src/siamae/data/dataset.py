@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from siamae.config import Config
+from siamae.data import video
 from siamae.data.sources import (
     ImageFileSource,
     SyntheticImageSource,
@@ -166,7 +167,6 @@ def build_source(cfg: Config, kind: str, cache_dir: str | None = None):  # noqa:
         return SyntheticImageSource(d.synthetic_count, d.synthetic_size, cfg.run.seed)
     if d.source == "images":
         return ImageFileSource(d.path)
-    from siamae.data import video  # the optional PyAV dependency is imported only when needed
 
     return video.build_video_source(cfg, cache_dir)
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from siamae.data.image_folder import EvalTransform, ImageFolder
 from siamae.data.sources import DECODE_ERRORS, UnreadableSample, open_lazy, to_rgb
 from siamae.data.views import ViewSample
 from siamae.errors import DataError
@@ -39,7 +40,6 @@ class LabelledImageSource:
     """
 
     def __init__(self, root: str | Path, classes: list[str] | None = None) -> None:
-        from siamae.eval.probes.features import EvalTransform, ImageFolder
 
         # ImageFolder does the scan and its checks (layout, unknown classes, no images).
         folder = ImageFolder(root, EvalTransform(32), classes=classes)

@@ -40,10 +40,12 @@ from siamae.engine.logging import MetricsLogger
 from siamae.engine.optim import build_optimizer, lr_at, set_lr
 from siamae.engine.threads import apply_thread_policy, worker_threads
 from siamae.errors import CheckpointError, ConfigError, TrainingDiverged
+from siamae.eval.probes.monitor import build_monitor
 from siamae.methods import Method
 from siamae.paths import check_writable
 from siamae.recipes import config_from_dict
 from siamae.registry import build_method
+from siamae.viz import save_loss_curve, save_reconstruction
 
 THREADS_FILE = "threads.json"  # the resolved thread plan (engine.threads.ThreadPlan)
 VIDEO_INDEX_FILE = "video_index.json"  # siamae.data.video.INDEX_FILE, without importing PyAV
@@ -365,8 +367,6 @@ def _train(
 
     monitor = None
     if info.is_main and cfg.monitor.knn_train:
-        from siamae.eval.probes.monitor import build_monitor
-
         monitor = build_monitor(cfg, device)
 
     logger = MetricsLogger(run_dir, state.step, cfg.run.tensorboard) if info.is_main else None
@@ -633,8 +633,6 @@ def _train(
         **({"eval": summary_eval} if summary_eval else {}),
     }
     if info.is_main and interrupted is None and cfg.run.visualize:
-        from siamae.viz import save_loss_curve, save_reconstruction
-
         method.eval()
         picture = save_reconstruction(
             method, dataset, run_dir / "reconstruction.png", device, step=state.step

@@ -28,7 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from siamae.errors import DataError
+from siamae.data.image_folder import normalize
+from siamae.data.sources import to_rgb
+from siamae.errors import DataError, SiamaeError
+from siamae.eval.probes.features import resolve_device
+from siamae.loading import load_encoder
 from siamae.models.vit import Encoder
 
 
@@ -87,8 +91,6 @@ def prepare_image(image: object, patch_size: int, resize: int | None = None) -> 
     """A PIL image -> uint8 (H, W, 3) with H and W multiples of ``patch_size``: the short side
     resized to ``resize`` first (bicubic) if given, then centre-cropped to whole patches."""
     from PIL import Image
-
-    from siamae.data.sources import to_rgb
 
     assert isinstance(image, Image.Image)
     image = to_rgb(image)
@@ -149,8 +151,6 @@ def attention_for_image(
     """The last block's per-head CLS attention over ``image`` (a path or a PIL image). An image
     that would make more than ``max_patches`` patches is refused before it is decoded."""
     from PIL import Image, UnidentifiedImageError
-
-    from siamae.eval.probes.features import normalize
 
     name = "image"
     if isinstance(image, (str, Path)):
@@ -306,7 +306,6 @@ def visualize_attention(
 ) -> list[Path]:
     """``<out_dir>/<image stem>_attention.png`` for each image, for the encoder of
     ``checkpoint`` (anything ``load_encoder`` reads)."""
-    from siamae.loading import load_encoder
 
     if not 0.0 < keep <= 1.0:
         raise DataError(f"--keep must be in (0, 1], got {keep}")
@@ -334,8 +333,6 @@ def visualize_attention(
 
 def run_command(args: object) -> int:
     """``siamae visualize attention``: parsed arguments -> one PNG per image."""
-    from siamae.errors import SiamaeError
-    from siamae.eval.probes.features import resolve_device
 
     images = getattr(args, "images", None)
     if not images:

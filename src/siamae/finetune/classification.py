@@ -36,7 +36,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from siamae.errors import CheckpointError, ConfigError
+from siamae.data.image_folder import EvalTransform, loader, normalize, validation_folder
+from siamae.data.labelled import (
+    LabelledImageSource,
+    LabelledViews,
+    folder_classes,
+    seeded_global_rngs,
+)
+from siamae.errors import ConfigError
+from siamae.finetune.heads import classify, make_classifier
+from siamae.finetune.layer_decay import layer_decay_groups
+from siamae.loading import load_encoder
 from siamae.methods.base import Method, MethodOutput, Picture, Reconstruction
 from siamae.models.vit import VIT_SIZES, Encoder
 
@@ -47,41 +57,6 @@ METHOD_NAME = "finetune"
 
 
 # -- the classifier ---------------------------------------------------------------------------
-
-
-def make_classifier(
-    encoder: Encoder, num_classes: int, global_pool: bool = True, head_init: float = 2e-5
-) -> Encoder:
-    """Turn ``encoder`` (in place) into a classifier with timm's avg-pool or CLS head layout.
-
-    Average pooling (``global_pool``): ``norm`` becomes Identity (its pre-trained weights are
-    dropped, as MAE does), ``fc_norm`` a fresh LayerNorm. CLS: ``norm`` kept, no ``fc_norm``.
-    The head's weights are drawn from the global torch generator (seeded by the engine).
-    The position embedding becomes trainable, as in the published fine-tuning code.
-    """
-    vit = encoder.vit
-    dim = encoder.embed_dim
-    if global_pool:
-        vit.global_pool = "avg"
-        vit.norm = nn.Identity()
-        vit.fc_norm = nn.LayerNorm(dim, eps=1e-6)
-    else:
-        vit.global_pool = "token"
-        vit.fc_norm = nn.Identity()
-    vit.head = nn.Linear(dim, num_classes)
-    vit.num_classes = num_classes
-    # MAE's call, timm's trunc_normal_(w, std=2e-5): the bounds are +-2 absolute, so at this
-    # std the draw is a plain normal one.
-    nn.init.trunc_normal_(vit.head.weight, std=head_init)
-    nn.init.zeros_(vit.head.bias)
-    vit.pos_embed.requires_grad_(True)
-    return encoder
-
-
-def classify(encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) normalised -> (B, C) logits (any size a multiple of the patch: the position
-    grid is interpolated)."""
-    return encoder.vit.forward_head(encoder(images))
 
 
 def _resample_positions(state: dict[str, torch.Tensor], encoder: Encoder, old_grid: int) -> None:
@@ -105,7 +80,6 @@ def build_encoder(cfg: Config) -> Encoder:
     path = cfg.finetune.checkpoint
     if path is None:
         return Encoder(m.arch, m.patch_size, m.img_size, m.drop_path)
-    from siamae.loading import load_encoder
 
     pre = load_encoder(path)
     if os.environ.get("RANK", "0") == "0":  # what matched, as every command reports it
@@ -153,7 +127,6 @@ def mix_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """timm ``Mixup`` on adjacent pairs, its random draws seeded by ``seed``. Returns (mixed
     images, soft targets (B, C) summing to 1), in the batch's order."""
-    from siamae.data.labelled import seeded_global_rngs
 
     order = pair_order(images.shape[0]).to(images.device)
     with seeded_global_rngs(seed):
@@ -344,8 +317,6 @@ class FineTune(Method):
 
     @classmethod
     def build_views(cls, cfg: Config):  # noqa: ANN206 - a view maker
-        from siamae.data.labelled import LabelledViews
-
         d = cfg.data
         return LabelledViews(
             cfg.model.img_size,
@@ -359,14 +330,10 @@ class FineTune(Method):
 
     @classmethod
     def build_source(cls, cfg: Config, cache_dir: str | None = None):  # noqa: ANN206
-        from siamae.data.labelled import LabelledImageSource
-
         return LabelledImageSource(cfg.data.path)
 
     @classmethod
     def from_config(cls, cfg: Config) -> FineTune:
-        from siamae.data.labelled import folder_classes
-
         classes = folder_classes(cfg.data.path)
         if len(classes) < 2:
             raise ConfigError(
@@ -415,15 +382,7 @@ class FineTune(Method):
         """timm's layer-decay groups of the classifier: block i at ``d^(L + 1 - (i + 1))``, patch
         and position embedding and CLS at ``d^(L + 1)``, fc_norm and head at 1; no weight decay
         on 1-D tensors, the position embedding and CLS (timm's ``no_weight_decay``)."""
-        from timm.optim import param_groups_layer_decay
-
-        vit = self.encoder.vit
-        return param_groups_layer_decay(
-            vit,
-            weight_decay=weight_decay,
-            no_weight_decay_list=list(vit.no_weight_decay()),
-            layer_decay=self.layer_decay,
-        )
+        return layer_decay_groups(self.encoder, weight_decay, self.layer_decay)
 
     def after_step(self, step: int, total_steps: int) -> None:
         self.steps_done.fill_(step)
@@ -438,8 +397,6 @@ class FineTune(Method):
 
     # -- evaluation -----------------------------------------------------------------------------
     def _val_set(self):  # noqa: ANN202 - an ImageFolder
-        from siamae.eval.probes.features import EvalTransform, validation_folder
-
         if self._val is None:
             transform = EvalTransform(self.encoder.img_size, self.eval_crop_pct)
             self._val = validation_folder(self.val_path, transform, self.classes)
@@ -481,8 +438,6 @@ def evaluate_classifier(
     processes. Keys: ``top1{suffix}``, ``top5{suffix}``, ``val_loss{suffix}``, and ``n``."""
     import torch.distributed as dist
 
-    from siamae.eval.probes.features import loader, normalize
-
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
@@ -514,209 +469,3 @@ def evaluate_classifier(
     out = {name: float(v) for name, v in zip(names, totals[:-1].tolist())}
     out["n"] = float(totals[-1])
     return out
-
-
-# -- loading a fine-tuned model ---------------------------------------------------------------
-
-
-def load_classifier(path: str | Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
-    """The fine-tuned classifier of a ``siamae finetune`` checkpoint (file or run folder):
-    (timm-named state dict with ``fc_norm``/``head``, info: num_classes, global_pool, classes,
-    arch, patch_size, img_size, step). ``ema``: the EMA weights instead (the run must keep them)."""
-    from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoints" / "last.pt"
-    obj = load_checkpoint(p)
-    if obj.get("format") != TRAIN_FORMAT or obj.get("method") != METHOD_NAME:
-        raise CheckpointError(
-            f"{str(path)!r} is not a 'siamae finetune' checkpoint; pass a fine-tuning run's "
-            "checkpoint or run folder"
-        )
-    prefix = "ema.module.vit." if ema else "encoder.vit."
-    state = {k[len(prefix) :]: v for k, v in obj["model"].items() if k.startswith(prefix)}
-    if not state:
-        raise CheckpointError(
-            f"{str(path)!r} holds no EMA weights (the run had finetune.ema=false); drop --ema"
-        )
-    cfg = obj["config"]
-    info = {
-        "num_classes": int(state["head.weight"].shape[0]),
-        "global_pool": "avg" if "fc_norm.weight" in state else "token",
-        "arch": cfg["model"]["arch"],
-        "patch_size": int(cfg["model"]["patch_size"]),
-        "img_size": int(cfg["model"]["img_size"]),
-        "step": obj.get("step"),
-        "epoch": obj.get("epoch"),
-        "config": cfg,
-        "ema": ema,
-    }
-    return state, info
-
-
-def is_finetune_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` (a file or run folder) is a ``siamae finetune`` training checkpoint."""
-    from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoints" / "last.pt"
-    if p.suffix != ".pt" or not p.is_file():
-        return False
-    try:
-        obj = load_checkpoint(p)
-    except CheckpointError:
-        return False
-    return obj.get("format") == TRAIN_FORMAT and obj.get("method") == METHOD_NAME
-
-
-def export_classifier(
-    checkpoint: str | Path, out: str | Path, timm_name: str | None = None, ema: bool = False
-) -> tuple[Path, Path]:
-    """Write a fine-tuned classifier (encoder + fc_norm + head) as timm-named ``.safetensors``
-    and a JSON sidecar. It loads strictly, head included, with::
-
-        timm.create_model(NAME, num_classes=C, global_pool="avg", **kwargs).load_state_dict(
-            safetensors.torch.load_file(FILE))
-
-    or ``timm.create_model(NAME, pretrained=True, num_classes=C, global_pool="avg",
-    pretrained_cfg_overlay=dict(file=FILE, num_classes=C))`` (timm keeps a pretrained head
-    only when the overlay's class count is the model's).
-    """
-    import json
-
-    import timm
-    from safetensors.torch import save_file
-
-    from siamae.errors import SiamaeError
-    from siamae.eval.probes.features import IMAGENET_MEAN, IMAGENET_STD
-    from siamae.export import check_vit_name, default_timm_name, timm_kwargs
-
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise SiamaeError(f"--out {str(out)!r}: the export is a .safetensors file; name it so")
-    state, info = load_classifier(checkpoint, ema=ema)
-    dims = {
-        "depth": 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
-        "embed_dim": int(state["cls_token"].shape[-1]),
-    }
-    size = VIT_SIZES[info["arch"]]
-    overrides = {k: v for k, v in dims.items() if v != getattr(size, k)}
-    with torch.device("meta"):
-        shape = Encoder(info["arch"], info["patch_size"], info["img_size"], **overrides)
-    name = timm_name or default_timm_name(shape)
-    check_vit_name(name)
-    kwargs: dict[str, Any] = {
-        **timm_kwargs(shape, name),
-        "num_classes": info["num_classes"],
-        "global_pool": info["global_pool"],
-    }
-    with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    extra = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and expected[k].shape != state[k].shape]
-    if missing or extra or wrong:
-        raise SiamaeError(
-            f"the classifier does not fit timm's {name!r} (missing {missing[:3]}, extra "
-            f"{extra[:3]}, shapes differ {wrong[:3]}); pass --timm-name with the same width, "
-            "depth and patch size"
-        )
-    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
-    train_dir = info["config"].get("data", {}).get("path")
-    classes = None
-    if train_dir and Path(train_dir).is_dir():
-        from siamae.data.labelled import folder_classes
-
-        classes = folder_classes(train_dir)  # index -> class name, as the head was trained
-    usage_kwargs = "".join(f"{k}={v!r}, " for k, v in kwargs.items())
-    sidecar = {
-        "format": "siamae-export-classifier-v1",
-        "weights": out.name,
-        "source": str(checkpoint),
-        "method": METHOD_NAME,
-        "ema": ema,
-        "step": info["step"],
-        "epoch": info["epoch"],
-        "recipe": info["config"],
-        "classes": classes,
-        "arch": info["arch"],
-        "patch_size": info["patch_size"],
-        "img_size": info["img_size"],
-        "num_classes": info["num_classes"],
-        "global_pool": info["global_pool"],
-        "timm_name": name,
-        "timm_kwargs": kwargs,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "timm_usage": (
-            f"timm.create_model({name!r}, pretrained=True, {usage_kwargs}"
-            f"pretrained_cfg_overlay=dict(file={out.name!r}, num_classes={info['num_classes']}, "
-            f"mean={tuple(IMAGENET_MEAN)}, std={tuple(IMAGENET_STD)}))"
-        ),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": sidecar["format"], "timm_name": name})
-    tmp.replace(out)
-    json_path = out.with_suffix(".json")
-    json_path.write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
-    return out, json_path
-
-
-# -- the command line -----------------------------------------------------------------------------
-
-
-# The split names datasets use (ImageNet and torchvision: train/val; ADE20K: training/validation;
-# CIFAR folders: train/test).
-TRAIN_SPLITS = ("train", "training")
-VAL_SPLITS = ("val", "validation", "valid", "test")
-
-
-def split_folders(data: str | Path) -> tuple[Path, Path | None]:
-    """``--data DIR``: (training folder, validation folder or None). DIR holding a training split
-    (``train/`` or ``training/``) is split into it and its validation split (``val/``,
-    ``validation/``, ``valid/`` or ``test/``); otherwise DIR is the training folder itself. A DIR
-    with a validation split and no training split is refused (its splits are not classes)."""
-    root = Path(data)
-    if not root.is_dir():
-        raise ConfigError(
-            f"--data {str(data)!r} is not a folder; pass an ImageFolder (DIR/<class>/<image>) or "
-            "a folder holding train/ and val/"
-        )
-    train = next((root / n for n in TRAIN_SPLITS if (root / n).is_dir()), None)
-    val = next((root / n for n in VAL_SPLITS if (root / n).is_dir()), None)
-    if train is not None:
-        return train, val
-    if val is not None:
-        raise ConfigError(
-            f"--data {str(data)!r} holds a validation split ({val.name}/) but no training split; "
-            f"name the training folder {' or '.join(s + '/' for s in TRAIN_SPLITS)}, or pass "
-            "--data TRAIN_DIR --val VAL_DIR"
-        )
-    return root, None
-
-
-def command_overrides(
-    data: str | None, val: str | None, checkpoint: str | None, out: str | None
-) -> list[str]:
-    """The ``--set`` overrides that ``siamae finetune``'s own flags stand for."""
-    overrides = ["method=finetune"]
-    if data is not None:
-        train_dir, found_val = split_folders(data)
-        overrides += ["data.source=images", f"data.path={train_dir}"]
-        if val is None and found_val is not None:
-            val = str(found_val)
-    if val is not None:
-        overrides.append(f"finetune.val={val}")
-    if checkpoint is not None:
-        overrides.append(
-            "finetune.checkpoint=null"
-            if checkpoint == "none"
-            else f"finetune.checkpoint={checkpoint}"
-        )
-    if out is not None:
-        overrides.append(f"run.out_dir={out}")
-    return overrides

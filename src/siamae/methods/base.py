@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn as nn
 
+from siamae.data.dataset import IMAGENET_MEAN, IMAGENET_STD, build_source, build_view_maker
+from siamae.engine.optim import param_groups
 from siamae.errors import ConfigError
-from siamae.models.masking import num_visible
+from siamae.models.masking import num_visible, patchify, unpatchify
 from siamae.models.vit import Encoder
 
 if TYPE_CHECKING:
@@ -100,21 +102,18 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     @classmethod
     def build_views(cls, cfg: Config):  # noqa: ANN206 - a view maker
         """The view maker run in the loader workers: ``(source, index, rng) -> views``."""
-        from siamae.data.dataset import build_view_maker
 
         return build_view_maker(cfg, cls.view_kind)
 
     @classmethod
     def build_source(cls, cfg: Config, cache_dir: str | None = None):  # noqa: ANN206 - a source
         """Where the items come from (image files, videos, synthetic scenes)."""
-        from siamae.data.dataset import build_source
 
         return build_source(cfg, cls.view_kind, cache_dir)
 
     # -- engine hooks -------------------------------------------------------------------------
     def param_groups(self, weight_decay: float, no_decay_tokens: bool = False) -> list[dict]:
         """AdamW groups; a group may carry ``lr_scale`` (multiplied into the scheduled lr)."""
-        from siamae.engine.optim import param_groups
 
         return param_groups(self, weight_decay, no_decay_tokens)
 
@@ -180,7 +179,6 @@ def check_mask_ratio(cfg: Config) -> None:
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised (B, 3, H, W) -> RGB in [0, 1] (for pictures)."""
-    from siamae.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
@@ -196,7 +194,6 @@ def paste_prediction(
     with the visible original patch statistics of the same patch (what MAE's notebooks do).
     Returns (masked input, visible patches + predicted patches), both (B, 3, H, W).
     """
-    from siamae.models.masking import patchify, unpatchify
 
     target = patchify(original, patch_size)
     if norm_pix:

@@ -53,7 +53,7 @@ from siamae.methods.mae import MAE, mae_decoder
 from siamae.models.decoder import MAEDecoder
 from siamae.models.homologous import homologous_block, homologous_precision
 from siamae.models.masking import masked_mse, pixel_targets
-from siamae.models.vit import Encoder
+from siamae.models.vit import VIT_SIZES, Encoder
 
 if TYPE_CHECKING:
     from siamae.config import Config
@@ -406,6 +406,4 @@ class MixedAE(Method):
 
 
 def _depth(cfg: Config) -> int:
-    from siamae.models.vit import VIT_SIZES
-
     return VIT_SIZES[cfg.model.arch].depth

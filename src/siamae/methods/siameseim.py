@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
+from siamae.data.siameseim_views import SiameseIMViews
 from siamae.errors import ConfigError
 from siamae.methods.base import (
     ColourScale,
@@ -394,8 +395,6 @@ class SiameseIM(Method):
 
     @classmethod
     def build_views(cls, cfg: Config):  # noqa: ANN206 - a view maker
-        from siamae.data.siameseim_views import SiameseIMViews
-
         grid = cfg.model.img_size // cfg.model.patch_size
         return SiameseIMViews(
             out=cfg.model.img_size,

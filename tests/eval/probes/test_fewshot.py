@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from siamae.cli import main
+from siamae.data.image_folder import EvalTransform, ImageFolder
 from siamae.errors import DataError
-from siamae.eval.probes.features import EvalTransform, ImageFolder
 from siamae.eval.probes.fewshot import (
     draw_subset,
     fewshot_eval,

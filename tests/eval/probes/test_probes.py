@@ -11,8 +11,9 @@ import torch
 
 from siamae.checkpoint import load_checkpoint
 from siamae.cli import main
+from siamae.data.image_folder import EvalTransform, ImageFolder
 from siamae.errors import DataError
-from siamae.eval.probes.features import EvalTransform, ImageFolder, extract_features
+from siamae.eval.probes.features import extract_features
 from siamae.eval.probes.knn import knn_classify
 from siamae.eval.probes.linear import LinearConfig, fit_probe, lr_at
 from siamae.models.vit import Encoder
@@ -169,7 +170,7 @@ def test_features_cls_and_mean_pool(folders: tuple[Path, Path]) -> None:
     mean = extract_features(encoder, data, pool="mean", batch_size=4, progress=False)
     assert encoder.training  # mode restored
     images = torch.stack([data[i][0] for i in range(len(data))])
-    from siamae.eval.probes.features import normalize
+    from siamae.data.image_folder import normalize
 
     with torch.no_grad():
         tokens = encoder.eval()(normalize(images, "cpu"))

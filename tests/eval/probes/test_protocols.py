@@ -13,7 +13,8 @@ from test_probes import write_folder
 
 import siamae.eval.probes.linear as linear_module
 from siamae.cli import main
-from siamae.eval.probes.features import EvalTransform, ImageFolder, extract_features, normalize
+from siamae.data.image_folder import EvalTransform, ImageFolder, normalize
+from siamae.eval.probes.features import extract_features
 from siamae.eval.probes.linear import AugmentedFolder, LinearConfig, _AugmentedFeatures
 from siamae.eval.probes.protocols import FEWSHOT_PROTOCOLS
 from siamae.models.vit import Encoder

@@ -5,11 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
-from siamae.engine.threads import apply_thread_policy
+from siamae.arguments import add_pos_resample_option, add_threads_option, apply_threads_option
 from siamae.errors import SiamaeError
-from siamae.eval.probes.features import POOLS
-from siamae.eval.probes.protocols import DEFAULT_LINEAR_PROTOCOL, LINEAR_PROTOCOLS
+from siamae.eval.probes import fewshot
+from siamae.eval.probes.features import POOLS, resolve_device
+from siamae.eval.probes.knn import knn_eval
+from siamae.eval.probes.linear import LinearConfig, train_linear
+from siamae.eval.probes.protocols import (
+    DEFAULT_FEWSHOT_PROTOCOL,
+    DEFAULT_LINEAR_PROTOCOL,
+    FEWSHOT_PROTOCOLS,
+    LINEAR_PROTOCOLS,
+)
+from siamae.loading import describe_encoder, load_encoder, random_encoder
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
@@ -57,40 +67,7 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def add_pos_resample_option(p: argparse.ArgumentParser) -> None:
-    """``--pos-resample``, shared by every evaluation command (probes and propagation)."""
-    p.add_argument(
-        "--pos-resample",
-        choices=("dino", "timm"),
-        default="dino",
-        help="position grid at sizes other than the trained one: dino (default, as the "
-        "published evaluations: bicubic, scale factor (h + 0.1) / h0, no antialias) or timm "
-        "(timm's antialiased resample_abs_pos_embed)",
-    )
-
-
-def add_threads_option(p: argparse.ArgumentParser) -> None:
-    """``--threads``, shared by every evaluation command (probes and propagation)."""
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads of this process (default: the usable cores, less --num-workers "
-        "where the command has it, at least 1; OMP_NUM_THREADS if set)",
-    )
-
-
-def apply_threads_option(args: argparse.Namespace) -> None:
-    """Set torch's thread count from ``--threads`` or the policy, and print it."""
-    if args.threads is not None and args.threads < 1:
-        raise SiamaeError(f"--threads must be 1 or more, got {args.threads}")
-    workers = getattr(args, "num_workers", 0)  # propagation reads frames in this process
-    print(apply_thread_policy(args.threads, workers, requested_by="--threads").describe())
-
-
 def _encoder(args: argparse.Namespace):  # noqa: ANN202 - returns (Encoder, source string)
-    from siamae.loading import describe_encoder, load_encoder, random_encoder
-
     apply_threads_option(args)
     if args.checkpoint:
         encoder = load_encoder(args.checkpoint)
@@ -169,15 +146,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_run_linear)
 
-    from siamae.eval.probes import fewshot
-
-    fewshot.register(subparsers, _add_encoder_args)
+    _register_fewshot(subparsers, _add_encoder_args)
 
 
 def _run_knn(args: argparse.Namespace) -> int:
-    from siamae.eval.probes.features import resolve_device
-    from siamae.eval.probes.knn import knn_eval
-
     if any(k < 1 for k in args.k):
         raise SiamaeError(f"--k: every k must be 1 or more, got {args.k}")
     if args.temperature <= 0:
@@ -214,9 +186,6 @@ def _run_knn(args: argparse.Namespace) -> int:
 
 
 def _run_linear(args: argparse.Namespace) -> int:
-    from siamae.eval.probes.features import resolve_device
-    from siamae.eval.probes.linear import LinearConfig, train_linear
-
     encoder, source = _encoder(args)
     cfg = LinearConfig.for_protocol(
         args.protocol,
@@ -254,4 +223,76 @@ def _run_linear(args: argparse.Namespace) -> int:
         f"{cfg.pool} features): top-1 {result.top1:.2f} (best {result.best_top1:.2f})"
     )
     print(f"results in {Path(args.out_dir) / 'results.json'}")
+    return 0
+
+
+def _register_fewshot(subparsers: Any, add_encoder_args: Any) -> None:
+    """Add ``fewshot`` to the ``siamae eval`` group (``add_encoder_args``: the probes' shared
+    encoder/folder options)."""
+    p = subparsers.add_parser(
+        "fewshot",
+        help="1 %%-label few-shot top-1: logistic regression on frozen global-pooled features",
+        description=(
+            "Few-shot evaluation (MSN/SiameseIM protocol): frozen features of a labelled subset "
+            "of --train (a list file, or a seeded draw of N images a class), an L2-regularised "
+            "multinomial logistic regression, top-1 on the whole --val folder. Features are "
+            "cached in --out-dir, shared with 'siamae eval linear'."
+        ),
+    )
+    add_encoder_args(p)
+    p.add_argument(
+        "--protocol",
+        choices=tuple(FEWSHOT_PROTOCOLS),
+        default=DEFAULT_FEWSHOT_PROTOCOL,
+        help="the features and lambda to use: "
+        + "; ".join(f"{name}: {proto.summary}" for name, proto in FEWSHOT_PROTOCOLS.items())
+        + f" (default {DEFAULT_FEWSHOT_PROTOCOL}); --pool and --lambd override it",
+    )
+    subset = p.add_mutually_exclusive_group()
+    subset.add_argument(
+        "--subset", help="list file of the labelled images (e.g. ImageNet's 1percent.txt)"
+    )
+    subset.add_argument(
+        "--per-class",
+        type=int,
+        default=13,
+        help="draw this many images a class (default 13: ImageNet's 1 %%)",
+    )
+    p.add_argument(
+        "--lambd", type=float, default=None, help="L2 regularisation (default: the protocol's)"
+    )
+    p.add_argument("--out-dir", help="feature cache and fewshot.json (shared with eval linear)")
+    p.set_defaults(func=_run_fewshot)
+
+
+def _run_fewshot(args: Any) -> int:
+    encoder, source = _encoder(args)
+    protocol = fewshot.fewshot_protocol(args.protocol)
+    args.pool = args.pool or protocol.pool
+    args.lambd = protocol.lambd if args.lambd is None else args.lambd
+    result = fewshot.fewshot_eval(
+        encoder,
+        args.train,
+        args.val,
+        per_class=None if args.subset else args.per_class,
+        subset_file=args.subset,
+        seed=args.seed,
+        lambd=args.lambd,
+        pool=args.pool,
+        img_size=args.img_size,
+        crop_pct=args.crop_pct,
+        batch_size=args.batch_size or 64,
+        num_workers=args.num_workers,
+        device=resolve_device(args.device),
+        out_dir=args.out_dir,
+        source=source,
+        progress=not args.no_progress,
+        protocol=protocol.name,
+    )
+    print(
+        f"few-shot ({result.subset}: {result.num_labelled} labelled images, {args.pool} "
+        f"features, lambda {result.lambd}): top-1 {result.top1:.2f} on {result.num_val} images"
+    )
+    if args.out_dir:
+        print(f"wrote {Path(args.out_dir) / 'fewshot.json'}")
     return 0

@@ -29,13 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from siamae.errors import DataError, SiamaeError
-from siamae.eval.probes.features import FEATURES, EvalTransform, ImageFolder, validation_folder
-from siamae.eval.probes.protocols import (
-    DEFAULT_FEWSHOT_PROTOCOL,
-    FEWSHOT_PROTOCOLS,
-    fewshot_protocol,
-)
+from siamae.checkpoint import load_checkpoint
+from siamae.data.image_folder import EvalTransform, ImageFolder, validation_folder
+from siamae.errors import CheckpointError, DataError, SiamaeError
+from siamae.eval.probes.features import FEATURES
+from siamae.eval.probes.linear import FEATURES_FORMAT, _fingerprint, cached_features
 from siamae.models.vit import Encoder
 
 
@@ -195,7 +193,6 @@ def fewshot_eval(
     is written; ``source`` names the encoder's checkpoint (part of the cache key). ``protocol``
     names the preset the settings came from (recorded; see :mod:`siamae.eval.probes.protocols`).
     """
-    from siamae.eval.probes.linear import _fingerprint, cached_features
 
     device = torch.device(device)
     img_size = img_size or encoder.img_size
@@ -286,10 +283,6 @@ def fewshot_eval(
 
 
 def _cache_matches(path: Path, key: dict[str, Any]) -> bool:
-    from siamae.checkpoint import load_checkpoint
-    from siamae.errors import CheckpointError
-    from siamae.eval.probes.linear import FEATURES_FORMAT
-
     if not path.is_file():
         return False
     try:
@@ -297,81 +290,3 @@ def _cache_matches(path: Path, key: dict[str, Any]) -> bool:
     except CheckpointError:
         return False
     return stored.get("format") == FEATURES_FORMAT and stored.get("key") == key
-
-
-# -- the command --------------------------------------------------------------------------------
-
-
-def register(subparsers: Any, add_encoder_args: Any) -> None:
-    """Add ``fewshot`` to the ``siamae eval`` group (``add_encoder_args``: the probes' shared
-    encoder/folder options)."""
-    p = subparsers.add_parser(
-        "fewshot",
-        help="1 %%-label few-shot top-1: logistic regression on frozen global-pooled features",
-        description=(
-            "Few-shot evaluation (MSN/SiameseIM protocol): frozen features of a labelled subset "
-            "of --train (a list file, or a seeded draw of N images a class), an L2-regularised "
-            "multinomial logistic regression, top-1 on the whole --val folder. Features are "
-            "cached in --out-dir, shared with 'siamae eval linear'."
-        ),
-    )
-    add_encoder_args(p)
-    p.add_argument(
-        "--protocol",
-        choices=tuple(FEWSHOT_PROTOCOLS),
-        default=DEFAULT_FEWSHOT_PROTOCOL,
-        help="the features and lambda to use: "
-        + "; ".join(f"{name}: {proto.summary}" for name, proto in FEWSHOT_PROTOCOLS.items())
-        + f" (default {DEFAULT_FEWSHOT_PROTOCOL}); --pool and --lambd override it",
-    )
-    subset = p.add_mutually_exclusive_group()
-    subset.add_argument(
-        "--subset", help="list file of the labelled images (e.g. ImageNet's 1percent.txt)"
-    )
-    subset.add_argument(
-        "--per-class",
-        type=int,
-        default=13,
-        help="draw this many images a class (default 13: ImageNet's 1 %%)",
-    )
-    p.add_argument(
-        "--lambd", type=float, default=None, help="L2 regularisation (default: the protocol's)"
-    )
-    p.add_argument("--out-dir", help="feature cache and fewshot.json (shared with eval linear)")
-    p.set_defaults(func=_run)
-
-
-def _run(args: Any) -> int:
-    from siamae.eval.probes.cli import _encoder
-    from siamae.eval.probes.features import resolve_device
-
-    encoder, source = _encoder(args)
-    protocol = fewshot_protocol(args.protocol)
-    args.pool = args.pool or protocol.pool
-    args.lambd = protocol.lambd if args.lambd is None else args.lambd
-    result = fewshot_eval(
-        encoder,
-        args.train,
-        args.val,
-        per_class=None if args.subset else args.per_class,
-        subset_file=args.subset,
-        seed=args.seed,
-        lambd=args.lambd,
-        pool=args.pool,
-        img_size=args.img_size,
-        crop_pct=args.crop_pct,
-        batch_size=args.batch_size or 64,
-        num_workers=args.num_workers,
-        device=resolve_device(args.device),
-        out_dir=args.out_dir,
-        source=source,
-        progress=not args.no_progress,
-        protocol=protocol.name,
-    )
-    print(
-        f"few-shot ({result.subset}: {result.num_labelled} labelled images, {args.pool} "
-        f"features, lambda {result.lambd}): top-1 {result.top1:.2f} on {result.num_val} images"
-    )
-    if args.out_dir:
-        print(f"wrote {Path(args.out_dir) / 'fewshot.json'}")
-    return 0

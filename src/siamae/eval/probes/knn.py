@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from siamae.data.image_folder import EvalTransform, ImageFolder, validation_folder
 from siamae.errors import DataError
+from siamae.eval.probes.features import extract_features
 from siamae.models.vit import Encoder
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
@@ -139,12 +141,6 @@ def knn_eval(
     progress: bool = True,
 ) -> KNNResult:
     """k-NN top-1/top-5 of a frozen encoder on two ImageFolders (features computed once)."""
-    from siamae.eval.probes.features import (
-        EvalTransform,
-        ImageFolder,
-        extract_features,
-        validation_folder,
-    )
 
     img_size = img_size or encoder.img_size
     transform = EvalTransform(img_size, crop_pct)

@@ -33,19 +33,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from siamae.checkpoint import load_checkpoint, save_atomic
-from siamae.data.sources import to_rgb
-from siamae.errors import CheckpointError, SiamaeError
-from siamae.eval.probes.features import (
-    FEATURES,
-    POOLS,
+from siamae.data.image_folder import (
     EvalTransform,
     ImageFolder,
-    encode_features,
-    extract_features,
     loader,
     normalize,
     validation_folder,
 )
+from siamae.data.sources import to_rgb
+from siamae.errors import CheckpointError, SiamaeError
+from siamae.eval.probes.features import FEATURES, POOLS, encode_features, extract_features
 from siamae.eval.probes.protocols import DEFAULT_LINEAR_PROTOCOL, LINEAR_PROTOCOLS, linear_protocol
 from siamae.models.vit import Encoder
 

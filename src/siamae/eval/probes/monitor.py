@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from siamae.eval.probes.features import EvalTransform, ImageFolder, decode_all, extract_features
+from siamae.data.image_folder import EvalTransform, ImageFolder
+from siamae.eval.probes.features import decode_all, extract_features
 from siamae.eval.probes.knn import knn_classify
 
 if TYPE_CHECKING:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from siamae.eval.probes.cli import add_pos_resample_option, add_threads_option, apply_threads_option
+from siamae.arguments import add_pos_resample_option, add_threads_option, apply_threads_option
+from siamae.eval.probes.features import resolve_device
+from siamae.eval.propagation import davis, jhmdb, vip
+from siamae.eval.propagation.engine import protocol
+from siamae.loading import describe_encoder, load_encoder, random_encoder
 
 
 def _encoder(args: argparse.Namespace):
-    from siamae.loading import describe_encoder, load_encoder, random_encoder
-
     apply_threads_option(args)
     if args.random_init:
         encoder = random_encoder(args.random_init, seed=args.seed)
@@ -22,16 +24,12 @@ def _encoder(args: argparse.Namespace):
 
 
 def _params(args: argparse.Namespace, benchmark: str):
-    from siamae.eval.propagation.engine import protocol
-
     params = protocol(args.protocol, benchmark, args.set or [])
     print(params.describe())
     return params
 
 
 def _device(name: str):  # noqa: ANN202 - torch.device, imported lazily
-    from siamae.eval.probes.features import resolve_device
-
     return resolve_device(name)
 
 
@@ -40,14 +38,12 @@ def _out(args: argparse.Namespace, benchmark: str) -> Path:
 
 
 def _davis(args: argparse.Namespace) -> int:
-    from siamae.eval.propagation.davis import evaluate_davis, format_summary
-
     encoder = _encoder(args)
     params = _params(args, "davis")
     sequences = [s for s in (args.sequences or "").split(",") if s] or None
     overlays = [s for s in (args.overlay or "").split(",") if s]
     out = _out(args, "davis")
-    result = evaluate_davis(
+    result = davis.evaluate_davis(
         encoder,
         args.data_root,
         out,
@@ -62,18 +58,16 @@ def _davis(args: argparse.Namespace) -> int:
         device=_device(args.device),
         progress=not args.no_progress,
     )
-    print(format_summary(result.summary))
+    print(davis.format_summary(result.summary))
     print(f"  predictions, per_sequence.csv, summary.json in {out}")
     return 0
 
 
 def _jhmdb(args: argparse.Namespace) -> int:
-    from siamae.eval.propagation.jhmdb import evaluate_jhmdb, format_summary
-
     encoder = _encoder(args)
     params = _params(args, "jhmdb")
     out = _out(args, "jhmdb")
-    summary = evaluate_jhmdb(
+    summary = jhmdb.evaluate_jhmdb(
         encoder,
         args.data_root,
         out,
@@ -83,18 +77,16 @@ def _jhmdb(args: argparse.Namespace) -> int:
         device=_device(args.device),
         progress=not args.no_progress,
     )
-    print(format_summary(summary))
+    print(jhmdb.format_summary(summary))
     print(f"  summary.json in {out}")
     return 0
 
 
 def _vip(args: argparse.Namespace) -> int:
-    from siamae.eval.propagation.vip import evaluate_vip, format_summary
-
     encoder = _encoder(args)
     params = _params(args, "vip")
     out = _out(args, "vip")
-    summary = evaluate_vip(
+    summary = vip.evaluate_vip(
         encoder,
         args.data_root,
         out,
@@ -105,7 +97,7 @@ def _vip(args: argparse.Namespace) -> int:
         device=_device(args.device),
         progress=not args.no_progress,
     )
-    print(format_summary(summary))
+    print(vip.format_summary(summary))
     print(f"  predictions and summary.json in {out}")
     return 0
 

@@ -39,6 +39,7 @@ from siamae.eval.propagation.metrics import (
     summarise,
 )
 from siamae.eval.propagation.overlays import PALETTE, OverlayRecorder
+from siamae.loading import describe_encoder
 
 RESOLUTION = "480p"
 
@@ -307,7 +308,6 @@ def evaluate_davis(
         if score_at == "resized"
         else f"native: propagated at {', '.join(sorted(sizes))}, scored at the annotations' size"
     )
-    from siamae.loading import describe_encoder
 
     summary = {
         "benchmark": "DAVIS (semi-supervised, davis2017-evaluation J&F)",

@@ -36,6 +36,7 @@ from siamae.eval.propagation.engine import (
     grid_size,
     prepare_frame,
 )
+from siamae.loading import describe_encoder
 
 NUM_JOINTS = 15
 ALPHAS = (0.1, 0.2)
@@ -236,7 +237,6 @@ def evaluate_jhmdb(
         gts.append(gt)
         rows.append({"clip": clip.name, "frames": pred.shape[2], **pck([pred], [gt])})
         np.save(out / f"{clip.name.replace('/', '__')}_joints.npy", pred)
-    from siamae.loading import describe_encoder
 
     summary = {
         "benchmark": "JHMDB (keypoint propagation, PCK)",

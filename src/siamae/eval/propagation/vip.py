@@ -33,6 +33,7 @@ from siamae.eval.propagation.engine import (
     propagate_video,
     resize_ids,
 )
+from siamae.loading import describe_encoder
 
 NUM_CLASSES = 20
 CLASSES = (
@@ -154,7 +155,6 @@ def evaluate_vip(
                 gt = read_category_ids(ann)
                 hist += confusion(gt, resize_ids(ids, gt.shape, exact=True))
     mean_iou, per_class = miou(hist)
-    from siamae.loading import describe_encoder
 
     summary = {
         "benchmark": "VIP (part propagation, mIoU over 20 classes)",

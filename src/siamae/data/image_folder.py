@@ -1,0 +1,209 @@
+"""Labelled image folders (``root/<class>/<image>``) read deterministically, for evaluation.
+
+Images are decoded in loader workers and come out as uint8 (3, S, S) tensors after a
+deterministic resize (short side to ``floor(S / crop_pct)``, bicubic) and a centre crop of S:
+the DINO/MAE evaluation transform (256 -> 224 at the default ``crop_pct`` 0.875). Conversion to
+float and ImageNet normalisation happen on the device (:func:`normalize`). Nothing here draws
+random numbers from the global generators. The probes, fine-tuning's validation and the
+attention maps read images through here.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from siamae.data.sources import DECODE_ERRORS, UnreadableSample, to_rgb
+from siamae.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Deterministic resize + centre crop to ``img_size`` (short side to img_size / crop_pct)."""
+
+    img_size: int
+    crop_pct: float = 0.875
+
+    def __post_init__(self) -> None:
+        if self.img_size <= 0:
+            raise DataError(f"image size must be positive, got {self.img_size}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise DataError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+
+    @property
+    def resize(self) -> int:
+        return int(math.floor(self.img_size / self.crop_pct))
+
+    def __call__(self, image: object) -> torch.Tensor:
+        """PIL image -> uint8 (3, img_size, img_size)."""
+
+        assert isinstance(image, Image.Image)
+        image = to_rgb(image)  # 16-bit, float, CMYK, alpha: scaled, not clipped
+        w, h = image.size
+        scale = self.resize / min(w, h)
+        new_w, new_h = max(self.resize, round(w * scale)), max(self.resize, round(h * scale))
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left = (new_w - self.img_size) // 2
+        top = (new_h - self.img_size) // 2
+        image = image.crop((left, top, left + self.img_size, top + self.img_size))
+        array = np.asarray(image, dtype=np.uint8)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+class ImageFolder(Dataset):
+    """``root/<class>/**/<image>``: classes sorted by name, files sorted, labels 0..C-1.
+
+    Args:
+        root: the folder.
+        transform: uint8 transform applied to each decoded image.
+        classes: the class names to use (e.g. the training folder's, for a validation folder);
+            a class folder not in this list raises a DataError.
+    """
+
+    def __init__(
+        self, root: str | Path, transform: EvalTransform, classes: list[str] | None = None
+    ) -> None:
+        self.root = Path(root)
+        self.transform = transform
+        if not self.root.is_dir():
+            raise DataError(
+                f"image folder {str(self.root)!r} does not exist; pass a folder laid out as "
+                "<folder>/<class>/<image>.jpg"
+            )
+        found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        if not found:
+            raise DataError(
+                f"image folder {str(self.root)!r} has no class sub-folders; lay it out as "
+                "<folder>/<class>/<image>.jpg (ImageFolder)"
+            )
+        if classes is None:
+            classes = found
+        else:
+            unknown = [c for c in found if c not in classes]
+            if unknown:
+                raise DataError(
+                    f"image folder {str(self.root)!r} has classes the training folder lacks: "
+                    f"{unknown[:5]}; use train and val folders with the same class names"
+                )
+        self.classes = list(classes)
+        self.skipped: list[str] = []  # files dropped by drop_unreadable, path<TAB>reason
+        index = {name: i for i, name in enumerate(self.classes)}
+        self.samples: list[tuple[Path, int]] = []
+        for name in found:
+            files = sorted(
+                p
+                for p in (self.root / name).rglob("*")
+                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            )
+            self.samples.extend((p, index[name]) for p in files)
+        if not self.samples:
+            raise DataError(
+                f"image folder {str(self.root)!r} has no images "
+                f"({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders"
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def drop_unreadable(self) -> list[str]:
+        """Open every file's header (cheap: no pixels are decoded) and drop those that are not
+        images (empty, truncated before the header, another format), as training skips them.
+        Returns one ``path<TAB>reason`` line per dropped file (the ``skipped_files.txt`` format).
+        """
+
+        kept: list[tuple[Path, int]] = []
+        dropped: list[str] = []
+        for path, label in self.samples:
+            try:
+                with Image.open(path):
+                    pass
+            except DECODE_ERRORS as err:
+                dropped.append(f"{path}\t{type(err).__name__}: {err}")
+                continue
+            kept.append((path, label))
+        if not kept:
+            raise DataError(
+                f"image folder {str(self.root)!r}: none of its {len(self.samples)} images can be "
+                "read; replace them"
+            )
+        self.samples = kept
+        return dropped
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([label for _, label in self.samples], dtype=torch.long)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import UnidentifiedImageError
+
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as image:
+                if image.format == "JPEG":
+                    # Decode-time reduction: never below the size the resize needs.
+                    image.draft("RGB", (self.transform.resize, self.transform.resize))
+                pixels = self.transform(image)
+        except (UnidentifiedImageError, UnreadableSample, OSError, ValueError) as err:
+            raise DataError(
+                f"image {str(path)!r} could not be decoded ({err}); remove or replace it"
+            ) from None
+        return pixels, label
+
+
+def validation_folder(
+    root: str | Path, transform: EvalTransform, classes: list[str]
+) -> ImageFolder:
+    """The validation ImageFolder of a probe or a fine-tuning run, checked before any work: its
+    classes must be the training folder's, and files that are not images are dropped, counted
+    and named (on stderr, and in the folder's ``skipped``: ``path<TAB>reason`` lines), as
+    training skips them; the accuracy is then over the images that remain."""
+    folder = ImageFolder(root, transform, classes=classes)
+    folder.skipped = folder.drop_unreadable()
+    if folder.skipped:
+        first = folder.skipped[0].replace("\t", ": ", 1)
+        more = f" (and {len(folder.skipped) - 1} more)" if len(folder.skipped) > 1 else ""
+        print(
+            f"siamae: note: validation folder {str(folder.root)!r}: skipped "
+            f"{len(folder.skipped)} unreadable file(s), evaluating the other {len(folder)}: "
+            f"{first}{more}",
+            file=sys.stderr,
+        )
+    return folder
+
+
+def loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """An in-order loader that never draws from the global torch generator."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        # DataLoader seeds its workers from `generator`; a private one keeps the global
+        # torch RNG untouched (the online monitor relies on this).
+        generator=torch.Generator().manual_seed(0),
+        persistent_workers=False,
+    )
+
+
+def normalize(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float (B, 3, H, W) on ``device``, ImageNet mean/std."""
+    x = images.to(device, non_blocking=True).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std

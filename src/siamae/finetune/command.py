@@ -1,0 +1,61 @@
+"""What ``siamae finetune`` adds to a recipe: the train/validation split of ``--data``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from siamae.errors import ConfigError
+
+# The split names datasets use (ImageNet and torchvision: train/val; ADE20K: training/validation;
+# CIFAR folders: train/test).
+TRAIN_SPLITS = ("train", "training")
+
+
+VAL_SPLITS = ("val", "validation", "valid", "test")
+
+
+def split_folders(data: str | Path) -> tuple[Path, Path | None]:
+    """``--data DIR``: (training folder, validation folder or None). DIR holding a training split
+    (``train/`` or ``training/``) is split into it and its validation split (``val/``,
+    ``validation/``, ``valid/`` or ``test/``); otherwise DIR is the training folder itself. A DIR
+    with a validation split and no training split is refused (its splits are not classes)."""
+    root = Path(data)
+    if not root.is_dir():
+        raise ConfigError(
+            f"--data {str(data)!r} is not a folder; pass an ImageFolder (DIR/<class>/<image>) or "
+            "a folder holding train/ and val/"
+        )
+    train = next((root / n for n in TRAIN_SPLITS if (root / n).is_dir()), None)
+    val = next((root / n for n in VAL_SPLITS if (root / n).is_dir()), None)
+    if train is not None:
+        return train, val
+    if val is not None:
+        raise ConfigError(
+            f"--data {str(data)!r} holds a validation split ({val.name}/) but no training split; "
+            f"name the training folder {' or '.join(s + '/' for s in TRAIN_SPLITS)}, or pass "
+            "--data TRAIN_DIR --val VAL_DIR"
+        )
+    return root, None
+
+
+def command_overrides(
+    data: str | None, val: str | None, checkpoint: str | None, out: str | None
+) -> list[str]:
+    """The ``--set`` overrides that ``siamae finetune``'s own flags stand for."""
+    overrides = ["method=finetune"]
+    if data is not None:
+        train_dir, found_val = split_folders(data)
+        overrides += ["data.source=images", f"data.path={train_dir}"]
+        if val is None and found_val is not None:
+            val = str(found_val)
+    if val is not None:
+        overrides.append(f"finetune.val={val}")
+    if checkpoint is not None:
+        overrides.append(
+            "finetune.checkpoint=null"
+            if checkpoint == "none"
+            else f"finetune.checkpoint={checkpoint}"
+        )
+    if out is not None:
+        overrides.append(f"run.out_dir={out}")
+    return overrides
