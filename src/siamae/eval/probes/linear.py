@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.optim import Lars
 
 from siamae.checkpoint import load_checkpoint, save_atomic
 from siamae.data.image_folder import (
@@ -41,6 +42,7 @@ from siamae.data.image_folder import (
     validation_folder,
 )
 from siamae.data.sources import to_rgb
+from siamae.engine.optim import lr_at
 from siamae.errors import CheckpointError, SiamaeError
 from siamae.eval.probes.features import FEATURES, POOLS, encode_features, extract_features
 from siamae.eval.probes.protocols import DEFAULT_LINEAR_PROTOCOL, LINEAR_PROTOCOLS, linear_protocol
@@ -154,58 +156,23 @@ class LinearProbe(nn.Module):
         return self.fc(self.norm(features))
 
 
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum whose step for each matrix is scaled by a layer-wise trust ratio.
-
-    For parameters with more than one dimension, the update ``g + wd * p`` is multiplied by
-    ``trust * ||p|| / ||g + wd * p||`` (1 when either norm is zero); vectors (biases) take the
-    plain momentum-SGD step without weight decay.
-    """
-
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        trust_coefficient: float = 0.001,
-    ) -> None:
-        defaults = dict(
-            lr=lr, momentum=momentum, weight_decay=weight_decay, trust=trust_coefficient
-        )
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # type: ignore[override]
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if p.ndim > 1:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    p_norm = p.norm()
-                    u_norm = update.norm()
-                    ratio = torch.where(
-                        (p_norm > 0) & (u_norm > 0),
-                        group["trust"] * p_norm / u_norm,
-                        torch.ones_like(p_norm),
-                    )
-                    update = update.mul(ratio)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(update)
-                p.add_(buf, alpha=-group["lr"])
-
-
-def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float = 0.0) -> float:
-    """Linear warm-up for ``warmup`` steps, then half-cosine from ``lr`` to ``min_lr``."""
-    if step < warmup:
-        return lr * step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def make_lars(
+    params: list[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float
+) -> Lars:
+    """MAE's LARS from timm: matrices take the step scaled by the trust ratio
+    ``0.001 * ||p|| / ||g||`` (timm adds ``wd * ||p||`` and 1e-8 to the denominator), vectors
+    (BatchNorm is affine-free, so the bias) the plain momentum-SGD step without weight decay."""
+    matrices = [p for p in params if p.ndim > 1]
+    vectors = [p for p in params if p.ndim <= 1]
+    return Lars(
+        [
+            {"params": matrices, "weight_decay": weight_decay, "always_adapt": True},
+            {"params": vectors, "weight_decay": 0.0, "always_adapt": False},
+        ],
+        lr=lr,
+        momentum=momentum,
+        trust_coeff=0.001,
+    )
 
 
 @dataclass
@@ -524,9 +491,7 @@ def fit_probe(
             head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
     else:
-        opt = LARS(
-            head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
+        opt = make_lars(list(head.parameters()), cfg.lr, cfg.momentum, cfg.weight_decay)
     start_epoch, history = 0, []
     ckpt_path = out / "checkpoints" / "last.pt" if out is not None else None
     if resume and ckpt_path is not None and ckpt_path.is_file():
@@ -537,7 +502,7 @@ def fit_probe(
     total = cfg.epochs * steps_per_epoch
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     head.train()
-    lr = lr_at(start_epoch * steps_per_epoch, total, warmup, cfg.lr, cfg.min_lr)
+    lr = lr_at(start_epoch * steps_per_epoch, cfg.lr, cfg.min_lr, warmup, total)
     end_epoch = cfg.epochs
     if stop_after_epochs is not None:
         end_epoch = min(cfg.epochs, start_epoch + stop_after_epochs)
@@ -560,7 +525,7 @@ def fit_probe(
             else:
                 batches = train.batches(epoch)
             for feats, labels in batches:
-                lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
+                lr = lr_at(step, cfg.lr, cfg.min_lr, warmup, total)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 loss = F.cross_entropy(head(feats.to(device)), labels.to(device))
