@@ -91,9 +91,12 @@ def test_every_out_option_is_checked_before_any_work(
     def no_work(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("the command started working")
 
-    import siamae.engine.trainer as trainer
+    import siamae.cli
+    import siamae.demo
 
-    monkeypatch.setattr(trainer, "train", no_work)
+    # The commands call train by the name they imported: the test replaces it there.
+    monkeypatch.setattr(siamae.cli, "train", no_work)
+    monkeypatch.setattr(siamae.demo, "train", no_work)
     image = read_only.parent / "a.png"
     Image.new("RGB", (8, 8)).save(image)
     encoder = ["--random-init", "vit_tiny_patch8_32", "--train", "t", "--val", "v"]

@@ -312,7 +312,7 @@ def test_command_reads_train_and_val_from_one_folder(folders, tmp_path: Path, ca
     [("finetune_vitb16_in1k_mae", 5e-4), ("finetune_vitb16_in1k_siameseim", 2.5e-4)],
 )
 def test_imagenet_recipes_resolve_to_the_published_protocol(folders, name, base_lr) -> None:  # noqa: ANN001
-    config = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
+    config = Path(__file__).parents[2] / "configs" / f"{name}.yaml"
     cfg = load_config(config, [f"data.path={folders[0]}"])
     f = cfg.finetune
     assert (cfg.method, cfg.model.arch, cfg.model.patch_size) == ("finetune", "vit_base", 16)

@@ -18,6 +18,7 @@ from siamae.eval.probes.protocols import (
     DEFAULT_LINEAR_PROTOCOL,
     FEWSHOT_PROTOCOLS,
     LINEAR_PROTOCOLS,
+    fewshot_protocol,
 )
 from siamae.loading import describe_encoder, load_encoder, random_encoder
 
@@ -267,7 +268,7 @@ def _register_fewshot(subparsers: Any, add_encoder_args: Any) -> None:
 
 def _run_fewshot(args: Any) -> int:
     encoder, source = _encoder(args)
-    protocol = fewshot.fewshot_protocol(args.protocol)
+    protocol = fewshot_protocol(args.protocol)
     args.pool = args.pool or protocol.pool
     args.lambd = protocol.lambd if args.lambd is None else args.lambd
     result = fewshot.fewshot_eval(
