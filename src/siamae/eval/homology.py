@@ -59,7 +59,9 @@ def method_for(path: str | Path, ratio: int = 4, topk: int | None = None) -> Mix
     if topk is not None and not 1 <= topk <= n + 1:
         raise SiamaeError(f"--topk {topk}: expected 1 <= k <= {n + 1}")
     # The decoder is never run: MixedAE needs one to exist.
-    decoder = MAEDecoder(encoder.embed_dim, encoder.grid_size, encoder.patch_size, dim=16, depth=1, num_heads=1)
+    decoder = MAEDecoder(
+        encoder.embed_dim, encoder.grid_size, encoder.patch_size, dim=16, depth=1, num_heads=1
+    )
     method = MixedAE(
         encoder,
         decoder,
@@ -119,9 +121,7 @@ def run_command(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     print(describe_encoder(method.encoder))
     pixels = heldout_images(args.data, method.encoder.img_size, args.count, method.ratio)
-    noise = heldout_partitions(
-        pixels.shape[0], method.encoder.num_patches, method.ratio, args.seed
-    )
+    noise = heldout_partitions(pixels.shape[0], method.encoder.num_patches, method.ratio, args.seed)
     method.to(device)
     with torch.inference_mode():
         figures = method.homology(pixels, noise, device, args.batch_size, blocks)

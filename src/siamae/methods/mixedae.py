@@ -203,9 +203,7 @@ class Recognition:
         if not self.precision:
             return {}
         out = {f"{prefix}homologous_precision": torch.stack(list(self.precision.values())).mean()}
-        out.update(
-            {f"{prefix}homologous_precision/block{i}": v for i, v in self.precision.items()}
-        )
+        out.update({f"{prefix}homologous_precision/block{i}": v for i, v in self.precision.items()})
         out[f"{prefix}homologous_mass"] = torch.stack(list(self.mass.values())).mean()
         return out
 
@@ -290,7 +288,7 @@ class MixedAE(Method):
             # visible next to the tokens they are added to; 0.02 left them inert (docs).
             std = float(positions[0, 1:].std()) if segment_init_std is None else segment_init_std
             self.segment_embed = nn.Parameter(torch.empty(ratio, dim))
-            nn.init.trunc_normal_(self.segment_embed, std=std, a=-2 * std, b=2 * std)
+            nn.init.normal_(self.segment_embed, std=std)
         # The contrastive term reads a projection head, never the tokens the decoder reads.
         self.contrastive_head = None
         if contrastive_features == "head" and contrastive_weight > 0:
@@ -425,9 +423,7 @@ class MixedAE(Method):
             segment_init_std=m.segment_init_std,
             contrastive_weight=m.contrastive_weight,
             temperature=m.temperature,
-            contrastive_features=parse_contrastive_features(
-                m.contrastive_features, encoder.depth
-            ),
+            contrastive_features=parse_contrastive_features(m.contrastive_features, encoder.depth),
             attention_loss_weight=m.attention_loss_weight,
             attention_loss_blocks=parse_topk_blocks(m.attention_loss_blocks, encoder.depth),
             cls_key=m.cls_key,

@@ -116,7 +116,9 @@ def homologous_block(
 
 def token_sources(source_of: torch.Tensor) -> torch.Tensor:
     """(G, N) source slot of every patch -> (G, 1 + N) with -1 for the CLS (no source)."""
-    cls_source = torch.full((source_of.shape[0], 1), -1, dtype=source_of.dtype, device=source_of.device)
+    cls_source = torch.full(
+        (source_of.shape[0], 1), -1, dtype=source_of.dtype, device=source_of.device
+    )
     return torch.cat([cls_source, source_of], dim=1)
 
 
