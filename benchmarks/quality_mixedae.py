@@ -183,7 +183,17 @@ def main() -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="evaluate finished pre-training runs in --out again"
     )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="only print the table of these quality.json files together (e.g. one per seed)",
+    )
     args = parser.parse_args()
+    if args.merge:
+        results = [json.loads(path.read_text()) for path in args.merge]
+        print_table([row for r in results for row in r["rows"]], results[0])
+        return
     images = args.data_root / "imagenet-sample"
     cifar = args.data_root / "cifar10-subset"
     davis = args.data_root / "DAVIS"
@@ -229,6 +239,8 @@ def main() -> None:
         )
         start = time.perf_counter()
         summary = train(cfg, resume=False)
+        if summary["interrupted"]:
+            raise SystemExit(f"{name}: pre-training interrupted ({summary['interrupted']})")
         record = {
             "seconds": time.perf_counter() - start,
             "final_loss": summary["final_loss"],
@@ -288,6 +300,7 @@ def main() -> None:
                 **probe(encoder, "random init", seed),
             }
         )
+        print(json.dumps(rows[-1]), flush=True)
         for name in args.methods:
             record = pretrain(name, METHODS[name], seed)
             encoder = load_encoder(record["checkpoint"])
@@ -315,12 +328,19 @@ def main() -> None:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    (args.out / "quality.json").write_text(
-        json.dumps(
-            {"steps": args.steps, "batch": args.batch, "seeds": args.seeds, "rows": rows}, indent=2
-        )
-    )
+    setup = {
+        "steps": args.steps,
+        "batch": args.batch,
+        "seeds": args.seeds,
+        "cifar": [len(train_y), len(test_y)],
+        "davis": [len(sequences), args.davis_frames, args.davis_resize],
+    }
+    (args.out / "quality.json").write_text(json.dumps({**setup, "rows": rows}, indent=2))
+    print_table(rows, setup)
 
+
+def print_table(rows: list[dict], setup: dict) -> None:
+    """Mean +- standard error over seeds, one row per encoder."""
     columns = [
         ("homologous_precision", "precision", 3),
         ("homologous_mass", "mass", 3),
@@ -330,19 +350,21 @@ def main() -> None:
         ("davis_jf", "DAVIS J&F", 3),
         ("loss_recon", "recon", 3),
     ]
+    seeds = sorted({r["seed"] for r in rows})
+    cifar, davis = setup["cifar"], setup["davis"]
     print(
-        f"\n{args.steps} steps x {args.batch} images, seeds {args.seeds}; mean +- standard "
-        f"error over seeds. CIFAR-10 subset {len(train_y)} train / {len(test_y)} test at "
-        f"{IMG} px; DAVIS {len(sequences)} sequences x {args.davis_frames} frames at "
-        f"{args.davis_resize}; held-out precision on {HELDOUT} images (chance about 0.25)"
+        f"\n{setup['steps']} steps x {setup['batch']} images, seeds {seeds}; mean +- standard "
+        f"error over seeds. CIFAR-10 subset {cifar[0]} train / {cifar[1]} test at {IMG} px; "
+        f"DAVIS {davis[0]} sequences x {davis[1]} frames at {davis[2]}; held-out precision on "
+        f"{HELDOUT} images (chance about 0.25)"
     )
-    print("| encoder | " + " | ".join(title for _, title, _ in columns) + " |")
-    print("| --- " * (len(columns) + 1) + "|")
-    names = list(dict.fromkeys(r["encoder"] for r in rows))
-    for name in names:
+    print("| encoder | seeds | " + " | ".join(title for _, title, _ in columns) + " |")
+    print("| --- " * (len(columns) + 2) + "|")
+    for name in dict.fromkeys(r["encoder"] for r in rows):
+        mine = [r for r in rows if r["encoder"] == name]
         cells = []
         for key, _, digits in columns:
-            values = [r[key] for r in rows if r["encoder"] == name and r.get(key) is not None]
+            values = [r[key] for r in mine if r.get(key) is not None]
             if not values:
                 cells.append("-")
                 continue
@@ -350,7 +372,7 @@ def main() -> None:
             cells.append(
                 f"{mean:.{digits}f} +- {se:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
             )
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        print(f"| {name} | {len(mine)} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
