@@ -184,15 +184,29 @@ def main() -> None:
         "--reuse", action="store_true", help="evaluate finished pre-training runs in --out again"
     )
     parser.add_argument(
+        "--no-random-init", action="store_true", help="skip the untrained encoder's row"
+    )
+    parser.add_argument(
         "--merge",
         type=Path,
         nargs="+",
-        help="only print the table of these quality.json files together (e.g. one per seed)",
+        help="only print the table of these quality.json files (or the JSON rows of these logs "
+        "of runs cut short) together",
     )
     args = parser.parse_args()
     if args.merge:
-        results = [json.loads(path.read_text()) for path in args.merge]
-        print_table([row for r in results for row in r["rows"]], results[0])
+        rows, setup = [], None
+        for path in args.merge:
+            if path.suffix == ".json":
+                result = json.loads(path.read_text())
+                rows += result["rows"]
+                setup = setup or result
+            else:
+                lines = path.read_text().splitlines()
+                rows += [json.loads(line) for line in lines if line.startswith("{")]
+        if setup is None:
+            raise SystemExit("--merge needs at least one quality.json (for the setup)")
+        print_table(rows, setup)
         return
     images = args.data_root / "imagenet-sample"
     cifar = args.data_root / "cifar10-subset"
@@ -291,16 +305,17 @@ def main() -> None:
 
     rows: list[dict] = []
     for seed in args.seeds if args.methods else []:
-        encoder = random_encoder(f"vit_tiny_patch8_{IMG}", seed=seed)
-        rows.append(
-            {
-                "encoder": "random init",
-                "seed": seed,
-                **homology_of(encoder, heldout),
-                **probe(encoder, "random init", seed),
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
+        if not args.no_random_init:
+            encoder = random_encoder(f"vit_tiny_patch8_{IMG}", seed=seed)
+            rows.append(
+                {
+                    "encoder": "random init",
+                    "seed": seed,
+                    **homology_of(encoder, heldout),
+                    **probe(encoder, "random init", seed),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
         for name in args.methods:
             record = pretrain(name, METHODS[name], seed)
             encoder = load_encoder(record["checkpoint"])

@@ -659,6 +659,7 @@ def test_training_logs_per_block_precision_and_eval_homology_gives_the_same_figu
             f"mixing.homology_data={heldout}",
             "mixing.homology_images=8",
             "mixing.homology_seed=3",
+            "run.tensorboard=true",
         ),
         resume=False,
     )
@@ -672,6 +673,15 @@ def test_training_logs_per_block_precision_and_eval_homology_gives_the_same_figu
     assert {"homologous_precision", "homologous_precision/block11", "homologous_mass"} <= set(
         header
     )
+    tb = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = tb.EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {
+        "homologous_precision",
+        "homologous_precision/block11",
+        "homologous_mass",
+        "heldout_homologous_precision",
+    } <= set(events.Tags()["scalars"])
     heldout_records = [r for r in records if "heldout_homologous_precision" in r]
     assert [r["step"] for r in heldout_records] == [2, 4]
     logged = heldout_records[-1]

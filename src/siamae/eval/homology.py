@@ -37,6 +37,13 @@ def method_for(path: str | Path, ratio: int = 4, topk: int | None = None) -> Mix
     """A MixedAE for the checkpoint at ``path``: its own, for a MixedAE training checkpoint;
     else the encoder inside a MixedAE with ordinary attention everywhere (mixing ``ratio``,
     ``topk`` keys measured, default ceil((N + 1) / R))."""
+    return load_for_homology(path, ratio, topk)[0]
+
+
+def load_for_homology(
+    path: str | Path, ratio: int = 4, topk: int | None = None
+) -> tuple[MixedAE, str]:
+    """:func:`method_for` and one line saying what was loaded and how it will run."""
     ckpt: dict[str, Any] | None = None
     try:
         ckpt = load_checkpoint(path)
@@ -48,7 +55,11 @@ def method_for(path: str | Path, ratio: int = 4, topk: int | None = None) -> Mix
         config["mixing"] = {**config.get("mixing", {}), "homology_data": None}
         method = MixedAE.from_config(config_from_dict(config))
         method.load_state_dict(ckpt["model"])
-        return method.eval()
+        return method.eval(), (
+            f"MixedAE training checkpoint {path} (step {ckpt.get('step')}): as trained, top-k "
+            f"in blocks {list(method.topk_blocks) or 'none'}, segment embeddings "
+            f"{method.segment_place}, CLS among the patch keys: {method.cls_key}"
+        )
     encoder = load_encoder(path)
     n = encoder.num_patches
     if ratio < 2 or n % ratio or n // ratio < 2:
@@ -72,7 +83,7 @@ def method_for(path: str | Path, ratio: int = 4, topk: int | None = None) -> Mix
         contrastive_weight=0.0,
         contrastive_features="final",
     )
-    return method.eval()
+    return method.eval(), f"{describe_encoder(encoder)}; ordinary attention in every block"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -109,7 +120,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_command(args: argparse.Namespace) -> int:
     if args.count < 1:
         raise SiamaeError(f"--count {args.count}: expected 1 or more images")
-    method = method_for(args.checkpoint, args.ratio, args.topk)
+    method, description = load_for_homology(args.checkpoint, args.ratio, args.topk)
     blocks = None
     if args.blocks is not None:
         try:
@@ -119,7 +130,7 @@ def run_command(args: argparse.Namespace) -> int:
         if not blocks:
             raise SiamaeError("--blocks: name at least one block, e.g. 'all' or '0,5'")
     device = resolve_device(args.device)
-    print(describe_encoder(method.encoder))
+    print(description)
     pixels = heldout_images(args.data, method.encoder.img_size, args.count, method.ratio)
     noise = heldout_partitions(pixels.shape[0], method.encoder.num_patches, method.ratio, args.seed)
     method.to(device)

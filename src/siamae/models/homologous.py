@@ -11,6 +11,10 @@ attention: nothing is patched into the model.
 The logits, top-k, softmax and the weighted sum of values are computed in fp32 with autocast
 switched off (autocast would otherwise run the matmuls in bf16/fp16): bf16 logits move in 0.4 %
 steps, enough to change which keys are selected, and the selection decides which keys exist.
+
+The same logits give the homologous figures and the recognition loss: the share of a patch
+query's kept keys from its own image (precision), and the softmax mass of its logits on the
+other patches of its own image (mass; the loss is -log of it).
 """
 
 from __future__ import annotations
@@ -55,8 +59,9 @@ def attend(
         when k is None).
     """
     b, heads, length, _ = logits.shape
-    if k is not None and not 1 <= k <= length - (0 if cls_key else 1):
-        raise ValueError(f"top-k attention needs 1 <= k <= {length} keys, got k={k}")
+    keys = length if cls_key else length - 1  # the keys a patch query may attend
+    if k is not None and not 1 <= k <= keys:
+        raise ValueError(f"top-k attention needs 1 <= k <= {keys} keys, got k={k}")
     if not cls_key:
         blocked = torch.zeros(length, length, dtype=torch.bool, device=logits.device)
         blocked[1:, 0] = True
