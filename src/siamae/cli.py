@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     from siamae.eval import propagation_cli
 
     propagation_cli.register(eval_sub)
+    from siamae.eval import homology
+
+    homology.register(eval_sub)
     _ = eval_sub
 
     # top-level commands register here

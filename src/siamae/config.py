@@ -188,18 +188,33 @@ class MixingConfig:
     """MixedAE (method=mixedae): image mixing and homologous recognition (docs/mixedae.md).
 
     ``ratio`` R images are mixed into one (``data.batch_size`` must be a multiple of it);
-    ``topk`` null: ceil((N + 1) / R) keys per query; ``topk_blocks``: "all", "none" or block
-    indices "0,1,2"; ``naive``: mixing alone (ordinary attention, no segment embeddings,
-    contrastive weight 0), overriding the three.
+    ``topk`` null: ceil((N + 1) / R) keys per query (N / R with ``cls_key: false``);
+    ``topk_blocks`` / ``attention_loss_blocks``: "all", "none" or block indices "0,1,2";
+    ``attention_loss_weight``: the recognition loss on the attention logits (-log homologous
+    softmax mass); ``segment_embed``: where the per-slot vectors go (encoder input: recognition
+    becomes a lookup of the slot id), ``segment_init_std`` null: the position embedding's std;
+    ``contrastive_features``: "head" (a projection head), "final" or a block index;
+    ``cls_key: false`` removes the CLS from the patch queries' keys; ``homology_data``: held-out
+    images whose homologous figures are logged each epoch (``homology_images`` of them, the
+    partitions from ``homology_seed``); ``naive``: mixing alone (ordinary attention, no segment
+    embeddings, no recognition or contrastive term), overriding the rest.
     """
 
     ratio: int = 4
     naive: bool = False
     topk: int | None = None
     topk_blocks: str | int = "all"
-    segment_embed: Literal["encoder", "decoder", "none"] = "encoder"
-    contrastive_weight: float = 1.0
+    attention_loss_weight: float = 1.0
+    attention_loss_blocks: str | int = "all"
+    segment_embed: Literal["encoder", "decoder", "none"] = "none"
+    segment_init_std: float | None = None
+    contrastive_weight: float = 0.0
     temperature: float = 0.1
+    contrastive_features: str | int = "head"
+    cls_key: bool = True
+    homology_data: str | None = None
+    homology_images: int = 64
+    homology_seed: int = 0
 
 
 @dataclass

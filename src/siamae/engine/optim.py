@@ -20,14 +20,19 @@ def decays(name: str, param: torch.Tensor, no_decay_tokens: bool = False) -> boo
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, no_decay_tokens: bool = False
+    model: nn.Module,
+    weight_decay: float,
+    no_decay_tokens: bool = False,
+    exempt: tuple[str, ...] = (),
 ) -> list[dict]:
-    """Two AdamW groups: decayed weights and the rest; frozen tensors are left out."""
+    """Two AdamW groups: decayed weights and the rest; frozen tensors are left out. Parameters
+    named in ``exempt`` (a method's own embedding tables) are never decayed."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if decays(name, param, no_decay_tokens) else no_decay).append(param)
+        decayed = decays(name, param, no_decay_tokens) and name not in exempt
+        (decay if decayed else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
