@@ -81,7 +81,12 @@ def _finetune(args: argparse.Namespace) -> int:
     from siamae.methods.finetune import command_overrides
     from siamae.recipes import load_config
 
-    flags = command_overrides(args.data, args.val, args.checkpoint, args.out)
+    from siamae.methods import segmentation
+
+    if segmentation.wants_segmentation(args.config, args.set):
+        flags = segmentation.command_overrides(args.data, args.val, args.checkpoint, args.out)
+    else:
+        flags = command_overrides(args.data, args.val, args.checkpoint, args.out)
     cfg = load_config(args.config, flags[:2] + list(args.set or []) + flags[2:])
     resume: str | bool = args.resume if args.resume else ("auto" if not args.no_resume else False)
     summary = train(cfg, resume=resume)
@@ -92,6 +97,8 @@ def _finetune(args: argparse.Namespace) -> int:
         print(f"  {key + ':':15s} {value:.4f}")
     if summary.get("eval"):
         print(f"  best checkpoint: {summary['run_dir']}/checkpoints/best.pt")
+    if cfg.method == segmentation.METHOD_NAME and summary.get("eval"):
+        print(f"  results:        {summary['run_dir']}/{segmentation.RESULTS_DIR}/summary.json")
     return 0
 
 
@@ -157,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "finetune",
-        help="fine-tune an encoder on a labelled ImageFolder (MAE/BEiT protocol), top-1 each epoch",
+        help="fine-tune an encoder on a labelled ImageFolder (MAE/BEiT protocol), top-1 each "
+        "epoch; or, with a segmentation config (method: segmentation), UperNet on a segmentation "
+        "data set, mIoU",
     )
     p.add_argument("--config", required=True, help="YAML config (configs/finetune_*.yaml)")
     p.add_argument(
@@ -166,9 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
         "('none': random init); sets finetune.checkpoint",
     )
     p.add_argument(
-        "--data", help="ImageFolder DIR/<class>/<image>, or DIR holding train/ and val/ (or test/)"
+        "--data",
+        help="ImageFolder DIR/<class>/<image>, or DIR holding train/ and val/ (or test/); "
+        "segmentation: an ADE20K, VOC or images/+masks/ folder",
     )
-    p.add_argument("--val", help="validation ImageFolder (default: DIR/val or DIR/test)")
+    p.add_argument(
+        "--val",
+        help="validation ImageFolder (default: DIR/val or DIR/test); segmentation: another "
+        "data set folder (default: DIR's val split)",
+    )
     p.add_argument("--out", help="run folder; sets run.out_dir")
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a field (repeatable)"
@@ -222,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     from siamae.eval import propagation_cli
 
     propagation_cli.register(eval_sub)
+    from siamae.eval import segmentation_cli
+
+    segmentation_cli.register(eval_sub)
     _ = eval_sub
 
     # top-level commands register here
