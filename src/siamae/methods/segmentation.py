@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from siamae.data.segmentation import (
@@ -60,9 +60,20 @@ class SyncBatchNorm2d(TokenBatchNorm):
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the labelled pixels (0 when a batch has none, not NaN)."""
+    """Mean cross-entropy over the labelled pixels of the global batch (0 when it has none).
+
+    Under DDP each process divides its sum by the global count / world size, so the average
+    DDP takes of the processes' losses is the mean over all labelled pixels, exactly as one
+    process with the whole batch computes it (a mean of per-process means would weigh the
+    processes' pixels unequally)."""
     total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+    count = (labels != IGNORE_INDEX).sum().to(total.dtype)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+        count = count / world
+    return total / count.clamp(min=1)
 
 
 def _upsample(logits: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -228,7 +239,8 @@ class SegmentationFineTune(Method):
         """The encoder's layer-decay groups, then the neck and heads (decayed conv weights,
         undecayed biases and norms) at lr scale 1."""
         heads = [dict(g, lr_scale=1.0) for g in param_groups(self.head, weight_decay)]
-        return layer_decay_groups(self.encoder, weight_decay, self.layer_decay) + heads
+        encoder = layer_decay_groups(self.encoder, weight_decay, self.layer_decay, head_outside=True)
+        return encoder + heads
 
     def after_step(self, step: int, total_steps: int) -> None:
         self.steps_done.fill_(step)
@@ -399,8 +411,14 @@ def export_segmentation(checkpoint: str | Path, out: str | Path) -> tuple[Path, 
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "usage": (
-            "siamae.methods.segmentation.load_segmentation_export(FILE) -> model; "
+            f"siamae.methods.segmentation.load_segmentation_export({out.name!r}) -> model; "
             "model.segment(images) gives (B, C, H, W) logits"
+        ),
+        "timm_usage": (
+            f"timm.create_model({name!r}, num_classes=0, "
+            + "".join(f"{k}={v!r}, " for k, v in timm_kwargs(model.encoder, name).items())
+            + f").load_state_dict({{k[9:]: v for k, v in safetensors.torch.load_file("
+            f"{out.name!r}).items() if k.startswith('backbone.')}})"
         ),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
