@@ -249,7 +249,9 @@ def test_training_views_are_seeded_padded_and_keep_labels_aligned(voc: Path) -> 
     assert image.shape == (64, 64, 3) and label.shape == (64, 64)
     # a 40x48 image resized into (64r, 32r) bounds never fills a 64 crop: padding is ignored
     assert (label == IGNORE_INDEX).any() and (image[label == IGNORE_INDEX] == 0).mean() > 0.5
-    plain = SegmentationViews(64, scale=(48, 40), ratio_range=(1.0, 1.0), hflip=0.0, photometric=False)
+    plain = SegmentationViews(
+        64, scale=(48, 40), ratio_range=(1.0, 1.0), hflip=0.0, photometric=False
+    )
     exact = plain(data, 0, np.random.default_rng(0))
     original, original_label = data.read(0)
     assert np.array_equal(exact.views[0][:40, :48], original)
@@ -340,7 +342,9 @@ def test_layer_decay_groups_of_encoder_and_heads(voc: Path) -> None:
     assert all(scale_of[id(p)] == 1.0 for p in head.values())
     assert decay_of[id(head["decode.fpn_bottleneck.0.weight"])] == 0.05
     assert decay_of[id(head["decode.fpn_bottleneck.1.weight"])] == 0.0  # a norm
-    assert decay_of[id(vit["pos_embed"])] == 0.0 and decay_of[id(vit["blocks.0.attn.qkv.bias"])] == 0.0
+    assert (
+        decay_of[id(vit["pos_embed"])] == 0.0 and decay_of[id(vit["blocks.0.attn.qkv.bias"])] == 0.0
+    )
     trainable = [p for p in method.parameters() if p.requires_grad]
     assert sorted(scale_of) == sorted(id(p) for p in trainable) and len(scale_of) == len(trainable)
     assert id(vit["norm.weight"]) not in scale_of  # the unused final norm is frozen
@@ -430,13 +434,29 @@ def test_export_whole_model_and_encoder(overfit_run, voc: Path, tmp_path: Path) 
     with torch.no_grad():
         assert torch.allclose(model.segment(images), again.segment(images), atol=1e-6)
     backbone = {
-        k[len("backbone.") :]: v for k, v in load_file(weights_path).items() if k.startswith("backbone.")
+        k[len("backbone.") :]: v
+        for k, v in load_file(weights_path).items()
+        if k.startswith("backbone.")
     }
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8)
     vit.load_state_dict(backbone, strict=True)
-    assert main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "enc.safetensors"), "--encoder-only"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(out),
+                "--out",
+                str(tmp_path / "enc.safetensors"),
+                "--encoder-only",
+            ]
+        )
+        == 0
+    )
     encoder = load_encoder(tmp_path / "enc.safetensors")
-    assert torch.equal(encoder.vit.blocks[0].attn.qkv.weight, model.encoder.vit.blocks[0].attn.qkv.weight)
+    assert torch.equal(
+        encoder.vit.blocks[0].attn.qkv.weight, model.encoder.vit.blocks[0].attn.qkv.weight
+    )
 
 
 # -- the linear probe --------------------------------------------------------------------------------
@@ -447,12 +467,25 @@ def test_linear_probe_learns_a_separable_toy(voc: Path, tmp_path: Path) -> None:
     encoder = random_encoder("vit_tiny_patch8_32")
     data = open_segmentation(voc, "train")
     cfg = ProbeConfig(
-        iters=40, batch_size=4, lr=1e-2, warmup_iters=2, crop=32, scale=(48, 32),
-        ratio_range=(1.0, 1.0), photometric=False, num_workers=0,
+        iters=40,
+        batch_size=4,
+        lr=1e-2,
+        warmup_iters=2,
+        crop=32,
+        scale=(48, 32),
+        ratio_range=(1.0, 1.0),
+        photometric=False,
+        num_workers=0,
     )
     inference = InferenceConfig(scale=(48, 32), crop=32, stride=21)
     summary = train_linear_probe(
-        encoder, data, data, tmp_path / "probe", cfg, inference, torch.device("cpu"),
+        encoder,
+        data,
+        data,
+        tmp_path / "probe",
+        cfg,
+        inference,
+        torch.device("cpu"),
         progress=False,
     )
     assert summary["mIoU"] > 70.0, summary["per_class"]
@@ -463,20 +496,50 @@ def test_linear_probe_learns_a_separable_toy(voc: Path, tmp_path: Path) -> None:
     assert summary["mIoU"] > untrained["mIoU"] + 30
     # a second call resumes from probe.pt at the last iteration: nothing more to train
     again = train_linear_probe(
-        encoder, data, data, tmp_path / "probe", cfg, inference, torch.device("cpu"),
+        encoder,
+        data,
+        data,
+        tmp_path / "probe",
+        cfg,
+        inference,
+        torch.device("cpu"),
         progress=False,
     )
     assert again["mIoU"] == pytest.approx(summary["mIoU"])
 
 
-def test_eval_segment_command_writes_summary_and_label_space_pngs(voc: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_eval_segment_command_writes_summary_and_label_space_pngs(
+    voc: Path, tmp_path: Path, capsys
+) -> None:  # noqa: ANN001
     out = tmp_path / "probe"
     code = main(
         [
-            "eval", "segment", "--random-init", "vit_tiny_patch8_32", "--data", str(voc),
-            "--out", str(out), "--iters", "3", "--batch-size", "2", "--crop", "32",
-            "--stride", "21", "--scale", "48", "32", "--warmup-iters", "1", "--layers", "4",
-            "--num-workers", "0", "--no-progress",
+            "eval",
+            "segment",
+            "--random-init",
+            "vit_tiny_patch8_32",
+            "--data",
+            str(voc),
+            "--out",
+            str(out),
+            "--iters",
+            "3",
+            "--batch-size",
+            "2",
+            "--crop",
+            "32",
+            "--stride",
+            "21",
+            "--scale",
+            "48",
+            "32",
+            "--warmup-iters",
+            "1",
+            "--layers",
+            "4",
+            "--num-workers",
+            "0",
+            "--no-progress",
         ]
     )
     assert code == 0
@@ -490,19 +553,48 @@ def test_eval_segment_command_writes_summary_and_label_space_pngs(voc: Path, tmp
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     root = write_plain(tmp_path / "plain")
-    code = main(["eval", "segment", "--random-init", "vit_tiny_patch8_32", "--data", str(root), "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "eval",
+            "segment",
+            "--random-init",
+            "vit_tiny_patch8_32",
+            "--data",
+            str(root),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--num-classes" in err and len(err.strip().splitlines()) == 1
     config = tmp_path / "seg.yaml"
-    config.write_text("method: segmentation\nmodel: {arch: vit_tiny, patch_size: 8, img_size: 32}\n")
-    code = main(["finetune", "--config", str(config), "--data", str(tmp_path / "nowhere"), "--checkpoint", "none", "--out", str(tmp_path / "r")])
+    config.write_text(
+        "method: segmentation\nmodel: {arch: vit_tiny, patch_size: 8, img_size: 32}\n"
+    )
+    code = main(
+        [
+            "finetune",
+            "--config",
+            str(config),
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--checkpoint",
+            "none",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "nowhere" in err and len(err.strip().splitlines()) == 1
 
 
 def test_recipes_resolve_to_the_published_protocol(voc: Path) -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
-    for name in ("upernet_vitb16_ade20k_mae", "upernet_vitb16_ade20k_siameseim", "upernet_vitb16_ade20k_mixedae"):
+    for name in (
+        "upernet_vitb16_ade20k_mae",
+        "upernet_vitb16_ade20k_siameseim",
+        "upernet_vitb16_ade20k_mixedae",
+    ):
         cfg = load_config(root / f"{name}.yaml", [f"data.path={voc}", "finetune.checkpoint=null"])
         assert cfg.method == "segmentation" and cfg.model.img_size == 512
         assert cfg.optim.max_steps == 160000 and cfg.optim.warmup_steps == 1500

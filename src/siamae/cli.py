@@ -78,10 +78,9 @@ def _print_summary(summary: dict) -> None:
 
 def _finetune(args: argparse.Namespace) -> int:
     from siamae.engine.trainer import train
+    from siamae.methods import segmentation
     from siamae.methods.finetune import command_overrides
     from siamae.recipes import load_config
-
-    from siamae.methods import segmentation
 
     if segmentation.wants_segmentation(args.config, args.set):
         flags = segmentation.command_overrides(args.data, args.val, args.checkpoint, args.out)

@@ -547,6 +547,7 @@ def check_fields(cfg: Config) -> None:
             o.warmup_steps >= 0, "optim.warmup_steps", f"expected 0 or more, got {o.warmup_steps}"
         )
     _check(o.accum_steps >= 1, "optim.accum_steps", f"expected 1 or more, got {o.accum_steps}")
+    _check(o.poly_power > 0, "optim.poly_power", f"expected a positive number, got {o.poly_power}")
     if o.clip_grad is not None:
         _check(
             o.clip_grad > 0,

@@ -146,9 +146,7 @@ def _ade_class_names(root: Path) -> list[str]:
 def _images_by_stem(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         return {}
-    return {
-        p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES
-    }
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
 
 
 @dataclass
@@ -198,7 +196,9 @@ class SegmentationSet:
             raise UnreadableSample(name, f"label values {wrong} are no class; expected {allowed}")
         return out.astype(np.uint8)
 
-    def to_dataset_labels(self, pred: np.ndarray, train_label: np.ndarray | None = None) -> np.ndarray:
+    def to_dataset_labels(
+        self, pred: np.ndarray, train_label: np.ndarray | None = None
+    ) -> np.ndarray:
         """Predicted class indices (0..C-1) -> the layout's own label values (ADE20K 1..150,
         VOC/plain 0..C-1). Where ``train_label`` is ignored, the layout's ignore value is
         written (ADE20K 0, VOC/plain 255), so a scorer reading the PNGs gets the same numbers."""
@@ -285,7 +285,9 @@ def open_segmentation(
         )
         classes = _ade_class_names(base)
         if num_classes not in (None, ADE20K_NUM_CLASSES):
-            raise DataError(f"ADE20K has {ADE20K_NUM_CLASSES} classes, got num_classes={num_classes}")
+            raise DataError(
+                f"ADE20K has {ADE20K_NUM_CLASSES} classes, got num_classes={num_classes}"
+            )
     elif layout == "voc":
         pairs, unpaired = _voc_pairs(base, split_name)
         classes = _read_class_names(base) or list(VOC_CLASSES)
@@ -327,8 +329,12 @@ def _pair_folders(image_dir: Path, mask_dir: Path) -> tuple[list[Pair], list[str
     images = _images_by_stem(image_dir)
     masks = {p.stem: p for p in sorted(mask_dir.glob("*.png"))} if mask_dir.is_dir() else {}
     pairs = [Pair(images[s], masks[s]) for s in sorted(images) if s in masks]
-    unpaired = [f"{images[s]}\tno mask {s}.png in {mask_dir}" for s in sorted(images) if s not in masks]
-    unpaired += [f"{masks[s]}\tno image {s}.* in {image_dir}" for s in sorted(masks) if s not in images]
+    unpaired = [
+        f"{images[s]}\tno mask {s}.png in {mask_dir}" for s in sorted(images) if s not in masks
+    ]
+    unpaired += [
+        f"{masks[s]}\tno image {s}.* in {image_dir}" for s in sorted(masks) if s not in images
+    ]
     return pairs, unpaired
 
 

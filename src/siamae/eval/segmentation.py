@@ -168,7 +168,9 @@ def predict(
             else:
                 logits = _padded(model_fn, xi, multiple)
             logits = logits.flip(-1) if flipped else logits
-            logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+            logits = F.interpolate(
+                logits.float(), size=(h, w), mode="bilinear", align_corners=False
+            )
             outs.append(logits[0])
     if len(outs) == 1:
         return outs[0]
@@ -235,7 +237,9 @@ def evaluate_segmentation(
                 out / "pred" / f"{dataset.pairs[i].stem}.png"
             )
             if rank == 0 and len(rows) < pictures:
-                rows.append([image, _colour(label), _colour(np.where(label == IGNORE_INDEX, 255, pred_np))])
+                rows.append(
+                    [image, _colour(label), _colour(np.where(label == IGNORE_INDEX, 255, pred_np))]
+                )
                 stems.append(dataset.pairs[i].stem)
         if bar is not None:
             bar.update(1)
@@ -366,9 +370,7 @@ def train_linear_probe(
     optimizer = torch.optim.AdamW(
         head.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
     )
-    views = SegmentationViews(
-        cfg.crop, cfg.scale, cfg.ratio_range, photometric=cfg.photometric
-    )
+    views = SegmentationViews(cfg.crop, cfg.scale, cfg.ratio_range, photometric=cfg.photometric)
     dataset = PretrainDataset(train_set, views, encoder.num_patches, cfg.seed)
     sampler = EpochSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
     loader = build_loader(dataset, sampler, cfg.num_workers)

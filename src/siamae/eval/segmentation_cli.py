@@ -39,15 +39,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="encoder (training checkpoint, run folder, export, timm/MAE state dict), or a "
         "segmentation fine-tuning run / its export (then no probe is trained)",
     )
-    src.add_argument("--random-init", metavar="NAME", help="untrained baseline, e.g. vit_small_patch16")
+    src.add_argument(
+        "--random-init", metavar="NAME", help="untrained baseline, e.g. vit_small_patch16"
+    )
     p.add_argument("--data", required=True, help="ADE20K, Pascal VOC or images/+masks/ folder")
     p.add_argument("--out", required=True, help="results folder (probe.pt, summary.json, pred/)")
-    p.add_argument("--layout", choices=LAYOUTS, default="auto", help="data layout (default: detected)")
+    p.add_argument(
+        "--layout", choices=LAYOUTS, default="auto", help="data layout (default: detected)"
+    )
     p.add_argument("--num-classes", type=int, help="class count of an images/+masks/ set")
     p.add_argument("--train-split", default="train", help="training split (default train)")
     p.add_argument("--val-split", default="val", help="validation split (default val)")
     p.add_argument(
-        "--layers", type=int, choices=(1, 4), default=1, help="last block (1) or last 4 concatenated"
+        "--layers",
+        type=int,
+        choices=(1, 4),
+        default=1,
+        help="last block (1) or last 4 concatenated",
     )
     p.add_argument(
         "--multi-scale",
@@ -59,7 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup-iters", type=int, default=1500)
-    p.add_argument("--crop", type=int, default=512, help="training crop and sliding window (pixels)")
+    p.add_argument(
+        "--crop", type=int, default=512, help="training crop and sliding window (pixels)"
+    )
     p.add_argument("--stride", type=int, default=341, help="sliding-window stride (pixels)")
     p.add_argument(
         "--scale",

@@ -145,9 +145,15 @@ class SegmentationFineTune(Method):
             )
         if s.val is not None:
             check(Path(s.val).is_dir(), "segmentation.val", f"{s.val!r} is not a folder")
-        check(0 < f.layer_decay <= 1, "finetune.layer_decay", f"expected 0 < d <= 1, got {f.layer_decay}")
         check(
-            min(s.scale) > 0, "segmentation.scale", f"expected two positive sizes, got {list(s.scale)}"
+            0 < f.layer_decay <= 1,
+            "finetune.layer_decay",
+            f"expected 0 < d <= 1, got {f.layer_decay}",
+        )
+        check(
+            min(s.scale) > 0,
+            "segmentation.scale",
+            f"expected two positive sizes, got {list(s.scale)}",
         )
         check(
             0 < s.ratio_range[0] <= s.ratio_range[1],
@@ -159,17 +165,29 @@ class SegmentationFineTune(Method):
             "segmentation.cat_max_ratio",
             f"expected 0 < r <= 1, got {s.cat_max_ratio}",
         )
-        check(s.aux_weight >= 0, "segmentation.aux_weight", f"expected 0 or more, got {s.aux_weight}")
+        check(
+            s.aux_weight >= 0, "segmentation.aux_weight", f"expected 0 or more, got {s.aux_weight}"
+        )
         check(0 <= s.dropout < 1, "segmentation.dropout", f"expected 0 <= p < 1, got {s.dropout}")
-        check(s.channels >= 1 and s.aux_channels >= 1, "segmentation.channels", "expected 1 or more")
-        check(s.eval_stride >= 1, "segmentation.eval_stride", f"expected 1 or more, got {s.eval_stride}")
+        check(
+            s.channels >= 1 and s.aux_channels >= 1, "segmentation.channels", "expected 1 or more"
+        )
+        check(
+            s.eval_stride >= 1,
+            "segmentation.eval_stride",
+            f"expected 1 or more, got {s.eval_stride}",
+        )
         check(
             s.eval_every_steps >= 1,
             "segmentation.eval_every_steps",
             f"expected 1 or more, got {s.eval_every_steps}",
         )
         if s.num_classes is not None:
-            check(s.num_classes >= 2, "segmentation.num_classes", f"expected 2 or more, got {s.num_classes}")
+            check(
+                s.num_classes >= 2,
+                "segmentation.num_classes",
+                f"expected 2 or more, got {s.num_classes}",
+            )
         if s.out_indices is not None:
             check(
                 list(s.out_indices) == sorted(set(s.out_indices)) and min(s.out_indices) >= 0,
@@ -239,7 +257,9 @@ class SegmentationFineTune(Method):
         """The encoder's layer-decay groups, then the neck and heads (decayed conv weights,
         undecayed biases and norms) at lr scale 1."""
         heads = [dict(g, lr_scale=1.0) for g in param_groups(self.head, weight_decay)]
-        encoder = layer_decay_groups(self.encoder, weight_decay, self.layer_decay, head_outside=True)
+        encoder = layer_decay_groups(
+            self.encoder, weight_decay, self.layer_decay, head_outside=True
+        )
         return encoder + heads
 
     def after_step(self, step: int, total_steps: int) -> None:
@@ -458,7 +478,10 @@ def load_segmentation_export(path: str | Path) -> SegmentationFineTune:
 
     with torch.device("meta"):
         encoder = Encoder(
-            m.arch, m.patch_size, m.img_size, **({"depth": depth} if depth != VIT_SIZES[m.arch].depth else {})
+            m.arch,
+            m.patch_size,
+            m.img_size,
+            **({"depth": depth} if depth != VIT_SIZES[m.arch].depth else {}),
         )
     encoder = encoder.to_empty(device="cpu")
     names = info.get("classes") or [f"class_{i}" for i in range(info["num_classes"])]
@@ -497,7 +520,9 @@ def command_overrides(
         overrides.append(f"segmentation.val={val}")
     if checkpoint is not None:
         overrides.append(
-            "finetune.checkpoint=null" if checkpoint == "none" else f"finetune.checkpoint={checkpoint}"
+            "finetune.checkpoint=null"
+            if checkpoint == "none"
+            else f"finetune.checkpoint={checkpoint}"
         )
     if out is not None:
         overrides.append(f"run.out_dir={out}")

@@ -167,7 +167,10 @@ class FCNHead(nn.Module):
     ) -> None:
         super().__init__()
         self.convs = nn.Sequential(
-            *(ConvNormAct(cin if i == 0 else channels, channels, 3, norm_layer) for i in range(num_convs))
+            *(
+                ConvNormAct(cin if i == 0 else channels, channels, 3, norm_layer)
+                for i in range(num_convs)
+            )
         )
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.classifier = _classifier(channels, num_classes)
@@ -192,8 +195,12 @@ class UperNet(nn.Module):
         super().__init__()
         self.aux_index = aux_index
         self.neck = MultiScaleNeck(dim, norm_layer)
-        self.decode = UperHead([dim] * 4, channels, num_classes, dropout=dropout, norm_layer=norm_layer)
-        self.auxiliary = FCNHead(dim, aux_channels, num_classes, dropout=dropout, norm_layer=norm_layer)
+        self.decode = UperHead(
+            [dim] * 4, channels, num_classes, dropout=dropout, norm_layer=norm_layer
+        )
+        self.auxiliary = FCNHead(
+            dim, aux_channels, num_classes, dropout=dropout, norm_layer=norm_layer
+        )
 
     def forward(
         self, features: Sequence[torch.Tensor], with_aux: bool = True
@@ -214,5 +221,7 @@ class Segmentor(nn.Module):
         self.out_indices = tuple(out_indices)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits, _ = self.head(block_features(self.encoder, images, self.out_indices), with_aux=False)
+        logits, _ = self.head(
+            block_features(self.encoder, images, self.out_indices), with_aux=False
+        )
         return _resize(logits, images.shape[-2:])
