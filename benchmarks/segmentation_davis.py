@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
             f"model.patch_size={encoder.patch_size}",
             f"model.img_size={args.crop}",
             f"data.batch_size={args.batch_size}",
-            "data.num_workers=1",
+            "data.num_workers=0",
             f"optim.max_steps={args.finetune_steps}",
             f"optim.warmup_steps={args.finetune_steps // 10}",
             f"optim.base_lr={args.finetune_lr * 256 / args.batch_size}",
