@@ -33,6 +33,7 @@ from siamae.eval.segmentation import (
     ProbeConfig,
     confusion_matrix,
     evaluate_segmentation,
+    predict,
     segmentation_scores,
     slide_logits,
     train_linear_probe,
@@ -171,6 +172,25 @@ def test_slide_windows_cover_the_image_and_average_overlaps() -> None:
     out = slide_logits(model, torch.zeros(1, 3, 40, 50), 2, crop=32, stride=21, multiple=8)
     assert out.shape == (1, 2, 40, 50) and torch.allclose(out, torch.ones_like(out))
     assert calls == [(32, 32)] * 4  # 2 rows x 2 columns, the last ones flush with the border
+
+
+def test_multi_scale_flip_test_averages_softmax_at_the_image_size() -> None:
+    # A per-pixel classifier (a 1x1 conv on colour) is scale- and flip-equivariant, so the
+    # multi-scale flipped test must agree with the single-scale one away from edges.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 3, 1)
+    image = np.zeros((40, 48, 3), np.uint8)
+    image[:, :24] = (200, 30, 30)
+    image[:, 24:] = (30, 30, 200)
+    single = InferenceConfig(scale=(48, 40), mode="whole")
+    multi = InferenceConfig(scale=(48, 40), mode="whole", ratios=(0.5, 1.0, 1.5), flip=True)
+    with torch.no_grad():
+        one = predict(conv, image, 3, single, torch.device("cpu"), 8)
+        many = predict(conv, image, 3, multi, torch.device("cpu"), 8)
+    assert one.shape == many.shape == (3, 40, 48)
+    assert torch.allclose(many.sum(0), torch.ones(40, 48), atol=1e-5)  # a mean of softmaxes
+    agree = (one.argmax(0) == many.argmax(0))[:, list(range(20)) + list(range(28, 48))]
+    assert agree.all()
 
 
 # -- readers ----------------------------------------------------------------------------------------

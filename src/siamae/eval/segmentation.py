@@ -245,10 +245,8 @@ def evaluate_segmentation(
             bar.update(1)
     if bar is not None:
         bar.close()
-    counted = torch.tensor([float(len(skipped))], device=device)
     if world > 1:
         dist.all_reduce(matrix)
-        dist.all_reduce(counted)
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, skipped)
         skipped = [s for part in gathered for s in part]
