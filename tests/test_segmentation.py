@@ -435,8 +435,12 @@ def test_ddp_two_gloo_processes_match_one_process(voc: Path, tmp_path: Path) -> 
     train(load_config(None, tiny(voc, tmp_path / "one", *extra)), resume=False)
     train_in_processes(tiny(voc, tmp_path / "ddp", *extra, "data.batch_size=2"))
     a, b = weights(tmp_path / "one"), weights(tmp_path / "ddp")
+    # The neck's transposed-convolution biases feed batch norms, so their gradient is zero up to
+    # rounding, and Adam turns rounding into whole steps: they cannot match, and need not.
+    redundant = {"head.neck.fpn1.0.bias", "head.neck.fpn1.3.bias", "head.neck.fpn2.bias"}
     for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=1e-4), k
+        if k not in redundant:
+            assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=1e-4), k
     one = json.loads((tmp_path / "one" / "segmentation" / "summary.json").read_text())
     two = json.loads((tmp_path / "ddp" / "segmentation" / "summary.json").read_text())
     assert one["mIoU"] == pytest.approx(two["mIoU"], abs=1e-6)
