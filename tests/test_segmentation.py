@@ -405,8 +405,8 @@ def test_tiny_upernet_overfits_and_writes_its_results(overfit_run, voc: Path) ->
     data = open_segmentation(voc, "train")
     matrix = torch.zeros(3, 3, dtype=torch.int64)
     for pair in data.pairs:
-        pred = np.asarray(Image.open(out / "segmentation" / "pred" / f"{pair.stem}.png"))
-        truth = np.asarray(Image.open(pair.label))
+        pred = np.array(Image.open(out / "segmentation" / "pred" / f"{pair.stem}.png"))
+        truth = np.array(Image.open(pair.label))
         assert (pred[truth == 255] == 255).all()
         matrix += confusion_matrix(torch.from_numpy(pred), torch.from_numpy(truth), 3)
     assert segmentation_scores(matrix, data.class_names)["mIoU"] == pytest.approx(results["mIoU"])
@@ -481,6 +481,13 @@ def test_export_whole_model_and_encoder(overfit_run, voc: Path, tmp_path: Path) 
     assert torch.equal(
         encoder.vit.blocks[0].attn.qkv.weight, model.encoder.vit.blocks[0].attn.qkv.weight
     )
+    # `eval segment` scores the fine-tuned export (no probe) exactly as the run's last evaluation
+    args = ["--data", str(voc), "--val-split", "train", "--crop", "32", "--stride", "21"]
+    args += ["--scale", "48", "32", "--no-progress", "--out", str(tmp_path / "scored")]
+    assert main(["eval", "segment", "--checkpoint", str(weights_path), *args]) == 0
+    scored = json.loads((tmp_path / "scored" / "summary.json").read_text())
+    ran = json.loads((out / "segmentation" / "summary.json").read_text())
+    assert scored["mIoU"] == pytest.approx(ran["mIoU"]) and "probe" not in scored
 
 
 # -- the linear probe --------------------------------------------------------------------------------
