@@ -143,11 +143,15 @@ def export_encoder(
     out: str | Path,
     timm_name: str | None = None,
     ema: bool = False,
+    encoder_only: bool = False,
 ) -> tuple[Path, Path]:
     """Write the encoder of ``checkpoint`` as timm-loadable safetensors plus a JSON sidecar.
 
     A ``siamae finetune`` checkpoint exports as the whole classifier (encoder, fc_norm and the
-    trained head; ``ema``: its EMA weights), see :func:`siamae.methods.finetune.export_classifier`.
+    trained head; ``ema``: its EMA weights), see :func:`siamae.methods.finetune.export_classifier`;
+    a segmentation fine-tuning checkpoint as the whole model (encoder + neck + heads), see
+    :func:`siamae.methods.segmentation.export_segmentation`; ``encoder_only``: its encoder
+    alone, as from any pre-training checkpoint.
 
     Args:
         checkpoint: anything :func:`siamae.load_encoder` reads (training checkpoint, run folder,
@@ -163,9 +167,12 @@ def export_encoder(
     if out.suffix != ".safetensors":
         raise SiamaeError(f"--out {str(out)!r}: the export is a .safetensors file; name it so")
     from siamae.methods.finetune import export_classifier, is_finetune_checkpoint
+    from siamae.methods.segmentation import export_segmentation, is_segmentation_checkpoint
 
     if is_finetune_checkpoint(checkpoint):
         return export_classifier(checkpoint, out, timm_name, ema=ema)
+    if is_segmentation_checkpoint(checkpoint) and not encoder_only:
+        return export_segmentation(checkpoint, out)
     if ema:
         raise SiamaeError("--ema applies to fine-tuning checkpoints (siamae finetune) only")
     encoder = load_encoder(checkpoint)
@@ -238,11 +245,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ema", action="store_true", help="fine-tuning checkpoints: export the EMA weights"
     )
+    p.add_argument(
+        "--encoder-only",
+        action="store_true",
+        help="segmentation fine-tuning checkpoints: export the encoder alone (timm ViT)",
+    )
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    weights, sidecar = export_encoder(args.checkpoint, args.out, args.timm_name, args.ema)
+    weights, sidecar = export_encoder(
+        args.checkpoint, args.out, args.timm_name, args.ema, args.encoder_only
+    )
     info = json.loads(sidecar.read_text())
     print(
         f"wrote {weights} ({info['timm_name']}{', ' + str(info['timm_kwargs']) if info['timm_kwargs'] else ''})"

@@ -5,6 +5,7 @@ from siamae.methods.cropmae import CropMAE, SiamMAE
 from siamae.methods.finetune import FineTune
 from siamae.methods.mae import MAE
 from siamae.methods.mixedae import MixedAE
+from siamae.methods.segmentation import SegmentationFineTune
 from siamae.methods.siameseim import SiameseIM
 
 METHODS: dict[str, type[Method]] = {
@@ -14,6 +15,7 @@ METHODS: dict[str, type[Method]] = {
     "mixedae": MixedAE,
     "finetune": FineTune,
     "siameseim": SiameseIM,
+    "segmentation": SegmentationFineTune,
 }
 
 
@@ -31,6 +33,7 @@ __all__ = [
     "MethodOutput",
     "MixedAE",
     "Reconstruction",
+    "SegmentationFineTune",
     "SiamMAE",
     "SiameseIM",
     "build_method",

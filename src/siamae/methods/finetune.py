@@ -138,6 +138,33 @@ def build_encoder(cfg: Config) -> Encoder:
     return encoder
 
 
+def layer_decay_groups(
+    encoder: Encoder, weight_decay: float, layer_decay: float, head_outside: bool = False
+) -> list[dict]:
+    """timm's layer-decay groups of the encoder's ViT: block i at ``d^(L + 1 - (i + 1))``, patch
+    and position embedding and CLS at ``d^(L + 1)``, the head (fc_norm, head) at 1; no weight
+    decay on 1-D tensors, the position embedding and CLS (timm's ``no_weight_decay``). Frozen
+    tensors are left out. Each group carries ``lr_scale``.
+
+    ``head_outside``: the head is another module (a segmentation head, at scale 1). timm then
+    sees no layer above the last block and would put it at 1; every scale is multiplied by
+    ``d`` so the blocks get the same scales as with a head inside (BEiT's segmentation rule).
+    """
+    from timm.optim import param_groups_layer_decay
+
+    vit = encoder.vit
+    groups = param_groups_layer_decay(
+        vit,
+        weight_decay=weight_decay,
+        no_weight_decay_list=list(vit.no_weight_decay()),
+        layer_decay=layer_decay,
+    )
+    if head_outside:
+        for group in groups:
+            group["lr_scale"] *= layer_decay
+    return groups
+
+
 # -- batch augmentations on the device ----------------------------------------------------------
 
 
@@ -412,18 +439,8 @@ class FineTune(Method):
         return self.eraser
 
     def param_groups(self, weight_decay: float, no_decay_tokens: bool = False) -> list[dict]:
-        """timm's layer-decay groups of the classifier: block i at ``d^(L + 1 - (i + 1))``, patch
-        and position embedding and CLS at ``d^(L + 1)``, fc_norm and head at 1; no weight decay
-        on 1-D tensors, the position embedding and CLS (timm's ``no_weight_decay``)."""
-        from timm.optim import param_groups_layer_decay
-
-        vit = self.encoder.vit
-        return param_groups_layer_decay(
-            vit,
-            weight_decay=weight_decay,
-            no_weight_decay_list=list(vit.no_weight_decay()),
-            layer_decay=self.layer_decay,
-        )
+        """:func:`layer_decay_groups` of the classifier (fc_norm and head at lr scale 1)."""
+        return layer_decay_groups(self.encoder, weight_decay, self.layer_decay)
 
     def after_step(self, step: int, total_steps: int) -> None:
         self.steps_done.fill_(step)
