@@ -2,23 +2,41 @@
 
 from __future__ import annotations
 
+import json
 import math
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from timm.models.vision_transformer import Block
 
 from ddp_helpers import train_in_processes
+from siamae.cli import main as cli_main
+from siamae.data.image_folder import EvalTransform, normalize
 from siamae.data.mixing import group_partition, mix_images, unmix_index, unmix_latent
+from siamae.data.sources import SyntheticImageSource
 from siamae.engine.trainer import train
 from siamae.errors import ConfigError, SiamaeError
 from siamae.export import export_encoder
 from siamae.loading import load_encoder
-from siamae.methods.mixedae import MixedAE, homologous_contrastive_loss, parse_topk_blocks
+from siamae.methods.mixedae import (
+    MixedAE,
+    homologous_contrastive_loss,
+    parse_contrastive_features,
+    parse_topk_blocks,
+)
 from siamae.models.decoder import MAEDecoder
-from siamae.models.homologous import homologous_block, homologous_precision, topk_attention
+from siamae.models.homologous import (
+    attend,
+    attention_logits,
+    homologous_block,
+    homologous_mass_loss,
+    homologous_precision,
+    topk_attention,
+)
 from siamae.models.masking import patchify, unshuffle_with_mask_tokens
 from siamae.models.vit import Encoder
 from siamae.recipes import load_config
@@ -122,8 +140,8 @@ def _block(dim: int = 32, heads: int = 4) -> Block:
 def test_topk_attention_equals_ordinary_attention_at_k_equal_all_tokens() -> None:
     block = _block().eval()
     x = torch.randn(3, 17, 32)
-    out, kept = homologous_block(block, x, k=17)
-    assert kept.shape == (3, 4, 17, 17)
+    out, logits, kept = homologous_block(block, x, k=17)
+    assert kept.shape == (3, 4, 17, 17) and logits.shape == (3, 4, 17, 17)
     torch.testing.assert_close(out, block(x), atol=1e-5, rtol=1e-5)
 
 
@@ -159,7 +177,7 @@ def test_topk_attention_runs_its_selection_in_fp32_under_autocast() -> None:
     block = _block().eval()
     x = torch.randn(2, 17, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, kept = homologous_block(block, x, k=17)
+        out, _, kept = homologous_block(block, x, k=17)
         reference = block(x)
     assert out.dtype == reference.dtype
     torch.testing.assert_close(out.float(), reference.float(), atol=5e-2, rtol=5e-2)
@@ -260,15 +278,40 @@ def _batch(b: int = 8) -> dict[str, torch.Tensor]:
 
 
 def test_default_k_is_one_source_plus_one_and_segment_embeddings_live_outside_the_vit() -> None:
-    method = _method()
+    method = _method(segment_embed="encoder")
     assert method.topk == math.ceil(17 / R) == 5
-    assert method.topk_blocks == (0, 1, 2)
+    assert method.topk_blocks == (0, 1, 2) and method.attention_loss_blocks == (0, 1, 2)
     assert method.segment_embed.shape == (R, 192)
     assert not any("segment" in k for k in method.encoder.vit.state_dict())
+    assert _method(cls_key=False).topk == 16 // R  # without the CLS key: one source's keys
+    assert _method().segment_embed is None  # the default: recognition from content only
+
+
+def test_segment_embeddings_start_at_the_position_embedding_scale_and_are_not_decayed() -> None:
+    method = _method(segment_embed="encoder")
+    pos_std = float(method.encoder.vit.pos_embed[0, 1:].std())
+    assert 0.3 < pos_std < 0.8  # sin-cos values in [-1, 1] (0.48 on this 4 x 4 grid)
+    assert float(method.segment_embed.detach().std()) == pytest.approx(pos_std, rel=0.2)
+    small = _method(segment_embed="encoder", segment_init_std=0.02).segment_embed
+    assert float(small.detach().std()) < 0.05
+    decayed, exempt = method.param_groups(0.05)
+    assert decayed["weight_decay"] == 0.05 and exempt["weight_decay"] == 0.0
+    assert any(p is method.segment_embed for p in exempt["params"])
+    assert not any(p is method.segment_embed for p in decayed["params"])
+    # Every other 2-D weight keeps timm's rule (decayed), and nothing is lost or doubled.
+    assert any(p is method.encoder.vit.blocks[0].attn.qkv.weight for p in decayed["params"])
+    trainable = [p for p in method.parameters() if p.requires_grad]  # pos_embed is frozen
+    assert len(decayed["params"]) + len(exempt["params"]) == len(trainable)
+    # AdamW with these groups leaves a segment embedding without gradient where it was.
+    before = method.segment_embed.detach().clone()
+    opt = torch.optim.AdamW(method.param_groups(0.5), lr=1.0)
+    method.segment_embed.grad = torch.zeros_like(method.segment_embed)
+    opt.step()
+    assert torch.equal(method.segment_embed.detach(), before)
 
 
 def test_loss_is_finite_logs_its_terms_and_falls_on_a_one_batch_overfit() -> None:
-    method = _method()
+    method = _method(segment_embed="encoder", contrastive_weight=1.0, contrastive_features="final")
     batch = _batch()
     opt = torch.optim.AdamW(method.parameters(), lr=1e-3)
     losses = []
@@ -279,11 +322,20 @@ def test_loss_is_finite_logs_its_terms_and_falls_on_a_one_batch_overfit() -> Non
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-    assert set(out.logs) == {"loss_recon", "loss_contrast", "homologous_precision"}
-    assert out.loss.item() == pytest.approx(
-        (out.logs["loss_recon"] + out.logs["loss_contrast"]).item(), rel=1e-6
-    )
+    per_block = {f"homologous_precision/block{i}" for i in range(3)}
+    assert set(out.logs) == {
+        "loss_recon",
+        "loss_contrast",
+        "loss_attention",
+        "homologous_precision",
+        "homologous_mass",
+        *per_block,
+    }
+    terms = out.logs["loss_recon"] + out.logs["loss_contrast"] + out.logs["loss_attention"]
+    assert out.loss.item() == pytest.approx(terms.item(), rel=1e-6)
     assert 0.0 <= out.logs["homologous_precision"].item() <= 1.0
+    mean_of_blocks = torch.stack([out.logs[k] for k in sorted(per_block)]).mean()
+    assert out.logs["homologous_precision"].item() == pytest.approx(mean_of_blocks.item())
     assert losses[-1] < 0.7 * losses[0], losses
     assert method.segment_embed.grad is not None and method.segment_embed.grad.abs().sum() > 0
 
@@ -299,9 +351,11 @@ def test_segment_embeddings_in_the_decoder_tell_each_sequence_its_slot() -> None
 
 
 def test_naive_mixing_has_ordinary_attention_no_segments_and_no_contrastive_gradient() -> None:
-    method = _method(topk_blocks=(), segment_embed="none", contrastive_weight=0.0)
+    method = _method(
+        topk_blocks=(), segment_embed="none", contrastive_weight=0.0, attention_loss_weight=0.0
+    )
     out = method(_batch())
-    assert "homologous_precision" not in out.logs
+    assert "homologous_precision" not in out.logs and "loss_attention" not in out.logs
     assert out.loss.item() == pytest.approx(out.logs["loss_recon"].item())
     assert method.segment_embed is None
 
@@ -365,19 +419,28 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
         ("mixing.topk_blocks=0,12", "mixing.topk_blocks"),
         ("mask_ratio=0.5", "mask_ratio"),
         ("mixing.temperature=0", "mixing.temperature"),
+        ("mixing.attention_loss_blocks=5,99", "mixing.attention_loss_blocks"),
+        ("mixing.attention_loss_weight=-1", "mixing.attention_loss_weight"),
+        ("mixing.contrastive_features=middle", "mixing.contrastive_features"),
+        ("mixing.contrastive_features=12", "mixing.contrastive_features"),
+        ("mixing.segment_init_std=0", "mixing.segment_init_std"),
+        ("mixing.homology_data=/no/such/folder", "mixing.homology_data"),
+        ("mixing.cls_key=false", "mixing.topk"),  # with mixing.topk=17 below: 16 keys only
     ],
 )
 def test_bad_mixing_settings_are_refused_naming_the_field(override: str, field_name: str) -> None:
+    extra = ["mixing.topk=17"] if override == "mixing.cls_key=false" else []
     with pytest.raises(ConfigError, match=f"'{field_name}'"):
-        load_config(None, [*TINY, override])
+        load_config(None, [*TINY, override, *extra])
 
 
 def test_config_builds_the_method_and_the_naive_switch() -> None:
     method = build_method(load_config(None, TINY))
-    assert isinstance(method, MixedAE) and method.topk == 5 and method.segment_place == "encoder"
+    assert isinstance(method, MixedAE) and method.topk == 5 and method.segment_place == "none"
+    assert method.attention_loss_weight == 1.0 and method.contrastive_weight == 0.0
     naive = build_method(load_config(None, [*TINY, "mixing.naive=true"]))
     assert naive.topk_blocks == () and naive.segment_embed is None
-    assert naive.contrastive_weight == 0.0
+    assert naive.contrastive_weight == 0.0 and naive.attention_loss_blocks == ()
     some = build_method(load_config(None, [*TINY, "mixing.topk_blocks=0,11", "mixing.topk=9"]))
     assert some.topk_blocks == (0, 11) and some.topk == 9
 
@@ -386,7 +449,13 @@ def test_config_builds_the_method_and_the_naive_switch() -> None:
 def resumed_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # 3 steps cross an epoch boundary (16 images, batch 8: 2 steps an epoch).
     root = tmp_path_factory.mktemp("mixedae")
-    extra = ["optim.max_steps=3"]
+    # Every parameter the method can own: segment embeddings and the contrastive head.
+    extra = [
+        "optim.max_steps=3",
+        "mixing.segment_embed=encoder",
+        "mixing.contrastive_weight=1.0",
+        "mixing.contrastive_features=head",
+    ]
     train(_cfg(root / "whole", *extra), resume=False)
     first = train(_cfg(root / "split", *extra), resume=False, stop_after_steps=1)
     assert first["step"] == 1
@@ -440,3 +509,241 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     a, b = _weights(single), _weights(tmp_path / "ddp")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+# -- homologous recognition: the loss, the CLS option, learning it, logging it -----------------
+
+
+def test_homologous_mass_loss_matches_the_formula_on_a_hand_made_case() -> None:
+    # One sequence: CLS + 4 patches, sources [0, 0, 1, 1]; one head.
+    logits = torch.tensor(
+        [
+            [0.0, 0.0, 0.0, 0.0, 0.0],
+            [1.0, 9.0, 2.0, 0.5, -1.0],  # patch 1 (source 0): its other homologous key is 2
+            [0.0, 1.0, 7.0, 3.0, 0.0],
+            [2.0, 0.0, 0.0, 5.0, 1.0],
+            [0.0, 0.0, 0.0, 0.0, 0.0],
+        ]
+    ).view(1, 1, 5, 5)
+    source_of = torch.tensor([[0, 0, 1, 1]])
+    e = torch.exp(logits[0, 0])
+
+    def mass(q: int, own: list[int], keys: list[int]) -> float:
+        return float(sum(e[q, j] for j in own) / sum(e[q, j] for j in keys))
+
+    # The query's own key (1 + its patch index) is never a candidate; CLS (0) is one.
+    with_cls = [mass(1, [2], [0, 2, 3, 4]), mass(2, [1], [0, 1, 3, 4])]
+    with_cls += [mass(3, [4], [0, 1, 2, 4]), mass(4, [3], [0, 1, 2, 3])]
+    loss, m = homologous_mass_loss(logits, source_of, cls_key=True)
+    assert loss.item() == pytest.approx(-sum(math.log(v) for v in with_cls) / 4, rel=1e-5)
+    assert m.item() == pytest.approx(sum(with_cls) / 4, rel=1e-5)
+    no_cls = [mass(1, [2], [2, 3, 4]), mass(2, [1], [1, 3, 4])]
+    no_cls += [mass(3, [4], [1, 2, 4]), mass(4, [3], [1, 2, 3])]
+    loss, m = homologous_mass_loss(logits, source_of, cls_key=False)
+    assert loss.item() == pytest.approx(-sum(math.log(v) for v in no_cls) / 4, rel=1e-5)
+
+
+def test_without_the_cls_key_patch_queries_never_keep_or_weigh_the_cls() -> None:
+    block = _block().eval()
+    x = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(2))
+    _, kept = topk_attention(block.attn, x, k=16, cls_key=True)
+    assert (kept[:, :, 1:] == 0).any()  # with it, 16 of 17 keys: most queries keep the CLS
+    _, kept = topk_attention(block.attn, x, k=16, cls_key=False)
+    assert not (kept[:, :, 1:] == 0).any()  # without it, no patch query keeps the CLS
+    assert (kept[:, :, 0] == 0).any()  # the CLS query may still keep itself: all 17 candidates
+    # Ordinary attention without the CLS key: each patch query attends to the patches alone.
+    logits, v = attention_logits(block.attn, x)
+    full, none_kept = attend(block.attn, logits, v, None, cls_key=False)
+    assert none_kept is None
+    weights = logits[:, :, 1:, 1:].softmax(-1)  # (B, H, 16, 16)
+    b, h, q, _ = weights.shape
+    alone = (weights @ v[:, :, 1:]).transpose(1, 2).reshape(b, q, -1)
+    torch.testing.assert_close(full[:, 1:], block.attn.proj(alone), atol=1e-5, rtol=1e-5)
+
+
+def _textured_images(count: int, size: int = 32) -> torch.Tensor:
+    source = SyntheticImageSource(count, 48, seed=0)
+    transform = EvalTransform(size, crop_pct=1.0)
+    rng = np.random.default_rng(0)
+    return torch.stack([transform(source.open_image(i, rng)) for i in range(count)])
+
+
+def _train_toy(pixels: torch.Tensor, steps: int, **kw) -> MixedAE:  # noqa: ANN003
+    method = _method(**kw)
+    opt = torch.optim.AdamW(method.param_groups(0.05), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        idx = torch.randint(0, 48, (16,), generator=g)
+        batch = {
+            "images": normalize(pixels[idx], "cpu").unsqueeze(1),
+            "mask_noise": torch.rand(16, 16, generator=g),
+        }
+        loss = method(batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return method
+
+
+def test_the_recognition_loss_is_what_lifts_precision_above_chance_on_textured_images() -> None:
+    # 64 synthetic scenes of distinct textures: 48 to train on, 16 held out (4 mixtures).
+    pixels = _textured_images(64)
+    noise = torch.rand(16, 16, generator=torch.Generator().manual_seed(5))
+    old = _train_toy(
+        pixels,
+        40,
+        segment_embed="encoder",
+        segment_init_std=0.02,
+        contrastive_weight=1.0,
+        contrastive_features="final",
+        attention_loss_weight=0.0,
+    )
+    new = _train_toy(pixels, 40)  # the defaults: recognition loss, no segment embeddings
+    chance = 4 / 17  # 4 homologous tokens (self included) among 17 for k = 5
+    before = _method().homology(pixels[48:], noise)["homologous_precision"]
+    after_old = old.homology(pixels[48:], noise)["homologous_precision"]
+    after_new = new.homology(pixels[48:], noise)
+    assert abs(before - chance) < 0.08 and abs(after_old - chance) < 0.08, (before, after_old)
+    assert after_new["homologous_precision"] > 0.5, after_new
+    assert after_new["homologous_mass"] > 0.5
+    assert all(after_new[f"homologous_precision/block{i}"] > 0.4 for i in range(3)), after_new
+
+
+def test_contrastive_term_reads_a_head_or_a_block_never_silently_the_final_tokens() -> None:
+    batch = _batch()
+    head = _method(contrastive_weight=1.0, contrastive_features="head")
+    assert head.contrastive_head is not None
+    head(batch).loss.backward()
+    assert head.contrastive_head[0].weight.grad.abs().sum() > 0
+    at_block = _method(contrastive_weight=1.0, contrastive_features=1)
+    run = at_block._run(batch)
+    rec = run["recognition"]
+    assert rec.features is not None and rec.features.shape == (2, 16, 192)
+    assert torch.equal(at_block.contrastive_tokens(run["latent"], rec), rec.features)
+    at_block(batch).loss.backward()
+    # The block after the one it reads gets no gradient from the contrastive term alone.
+    only_contrast = _method(
+        contrastive_weight=1.0,
+        contrastive_features=0,
+        attention_loss_weight=0.0,
+        topk_blocks=(),
+    )
+    run = only_contrast._run(batch)
+    loss = homologous_contrastive_loss(
+        only_contrast.contrastive_tokens(run["latent"], run["recognition"]),
+        run["part"].source_of,
+    )
+    loss.backward()
+    assert only_contrast.encoder.vit.blocks[2].attn.qkv.weight.grad is None
+    assert parse_contrastive_features("HEAD", 3) == "head"
+    assert parse_contrastive_features("2", 3) == 2
+
+
+def _write_images(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(_textured_images(count, 48)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"img{i:02d}.png")
+    return folder
+
+
+def test_training_logs_per_block_precision_and_eval_homology_gives_the_same_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    heldout = _write_images(tmp_path / "heldout", 8)
+    run = tmp_path / "run"
+    # 16 images, batch 8: 2 steps an epoch; the held-out figures at each epoch's end.
+    summary = train(
+        _cfg(
+            run,
+            "optim.max_steps=4",
+            f"mixing.homology_data={heldout}",
+            "mixing.homology_images=8",
+            "mixing.homology_seed=3",
+            "run.tensorboard=true",
+        ),
+        resume=False,
+    )
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    window = [r for r in records if "loss" in r]
+    assert [r["step"] for r in window] == [1, 2, 3, 4]
+    for r in window:  # every log window: the mean and every block of the 12
+        assert {f"homologous_precision/block{i}" for i in range(12)} <= set(r)
+        assert 0 <= r["homologous_precision"] <= 1 and 0 <= r["homologous_mass"] <= 1
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"homologous_precision", "homologous_precision/block11", "homologous_mass"} <= set(
+        header
+    )
+    tb = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = tb.EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {
+        "homologous_precision",
+        "homologous_precision/block11",
+        "homologous_mass",
+        "heldout_homologous_precision",
+    } <= set(events.Tags()["scalars"])
+    heldout_records = [r for r in records if "heldout_homologous_precision" in r]
+    assert [r["step"] for r in heldout_records] == [2, 4]
+    logged = heldout_records[-1]
+    out = tmp_path / "homology.json"
+    code = cli_main(
+        [
+            "eval",
+            "homology",
+            "--checkpoint",
+            summary["checkpoint"],
+            "--data",
+            str(heldout),
+            "--count",
+            "8",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    figures = json.loads(out.read_text())
+    for key in ("homologous_precision", "homologous_precision/block7", "homologous_mass"):
+        assert figures[key] == pytest.approx(logged[f"heldout_{key}"], abs=1e-6), key
+    # Another seed draws other partitions: other figures.
+    cli_main(["eval", "homology", "--checkpoint", str(run), "--data", str(heldout), "--count",
+              "8", "--seed", "4", "--out", str(out)])  # fmt: skip
+    assert json.loads(out.read_text())["homologous_mass"] != pytest.approx(
+        logged["heldout_homologous_mass"], abs=1e-9
+    )
+    # Bad input: one line naming it, exit code 2.
+    capsys.readouterr()
+    bad = cli_main(["eval", "homology", "--checkpoint", str(run), "--data", str(heldout),
+                    "--blocks", "0,99"])  # fmt: skip
+    assert bad == 2 and "--blocks" in capsys.readouterr().err
+    missing = cli_main(
+        ["eval", "homology", "--checkpoint", str(run), "--data", str(tmp_path / "none")]
+    )
+    assert missing == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_eval_homology_measures_any_encoder_with_ordinary_attention(tmp_path: Path) -> None:
+    encoder = Encoder("vit_tiny", PATCH, SIZE, depth=3)
+    method = method_for_encoder(encoder)
+    pixels = _textured_images(16)
+    noise = torch.rand(16, 16, generator=torch.Generator().manual_seed(0))
+    figures = method.homology(pixels, noise)
+    assert set(figures) == {
+        "homologous_precision",
+        "homologous_mass",
+        *(f"homologous_precision/block{i}" for i in range(3)),
+    }
+    # Measuring does not change the forward: the encoder's output is its ordinary one.
+    images = normalize(pixels[:4], "cpu")
+    part = group_partition(noise[:4], R)
+    latent, _ = method.encode_mixed(images, part, measure_blocks=(0, 1, 2))
+    plain = encoder(mix_images(images, part, PATCH))
+    torch.testing.assert_close(latent, plain, atol=1e-5, rtol=1e-5)
+
+
+def method_for_encoder(encoder: Encoder) -> MixedAE:
+    decoder = MAEDecoder(encoder.embed_dim, encoder.grid_size, PATCH, dim=16, depth=1, num_heads=1)
+    return MixedAE(
+        encoder, decoder, R, topk_blocks=(), attention_loss_weight=0.0, contrastive_features="final"
+    ).eval()

@@ -18,9 +18,11 @@ from siamae import __version__, export
 from siamae.demo import run_demo
 from siamae.engine.trainer import train
 from siamae.errors import SiamaeError
+from siamae.eval import homology, segmentation_cli
 from siamae.eval.attention import run_command
 from siamae.eval.probes import cli as probe_cli
 from siamae.eval.propagation import cli as propagation_cli
+from siamae.finetune import segmentation
 from siamae.finetune.command import command_overrides
 from siamae.paths import OUTPUT_ERRNOS, check_writable
 from siamae.recipes import load_config
@@ -86,10 +88,13 @@ def _print_summary(summary: dict) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    flags = command_overrides(args.data, args.val, args.checkpoint, args.out)
+    if segmentation.wants_segmentation(args.config, args.set):
+        flags = segmentation.command_overrides(args.data, args.val, args.checkpoint, args.out)
+    else:
+        flags = command_overrides(args.data, args.val, args.checkpoint, args.out)
     cfg = load_config(args.config, flags[:2] + list(args.set or []) + flags[2:])
     rank0 = _is_rank0()
-    if cfg.finetune.val is None and rank0:
+    if cfg.method != segmentation.METHOD_NAME and cfg.finetune.val is None and rank0:
         print(
             "siamae: note: no validation folder (no --val, and --data holds no val/, "
             "validation/ or test/ split): training without any evaluation; pass --val DIR "
@@ -112,6 +117,8 @@ def _finetune(args: argparse.Namespace) -> int:
         )
     if summary.get("eval"):
         print(f"  best checkpoint: {summary['run_dir']}/checkpoints/best.pt")
+    if cfg.method == segmentation.METHOD_NAME and summary.get("eval"):
+        print(f"  results:        {summary['run_dir']}/{segmentation.RESULTS_DIR}/summary.json")
     return exit_code(summary)
 
 
@@ -173,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "finetune",
-        help="fine-tune an encoder on a labelled ImageFolder (MAE/BEiT protocol), top-1 each epoch",
+        help="fine-tune an encoder on a labelled ImageFolder (MAE/BEiT protocol), top-1 each "
+        "epoch; or, with a segmentation config (method: segmentation), UperNet on a segmentation "
+        "data set, mIoU",
     )
     p.add_argument("--config", required=True, help="YAML config (configs/finetune_*.yaml)")
     p.add_argument(
@@ -184,12 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         help="ImageFolder DIR/<class>/<image>, or DIR holding train/ (or training/) and val/ "
-        "(or validation/, valid/, test/)",
+        "(or validation/, valid/, test/); segmentation: an ADE20K, VOC or images/+masks/ folder",
     )
     p.add_argument(
         "--val",
         help="validation ImageFolder (default: DIR's val/, validation/, valid/ or test/; none: "
-        "no evaluation, said at the start)",
+        "no evaluation, said at the start); segmentation: another data set folder (default: "
+        "DIR's val split)",
     )
     p.add_argument("--out", help="run folder; sets run.out_dir")
     p.add_argument(
@@ -240,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     # eval commands register here
     probe_cli.register(eval_sub)
     propagation_cli.register(eval_sub)
+    homology.register(eval_sub)
+    segmentation_cli.register(eval_sub)
     _ = eval_sub
 
     # top-level commands register here

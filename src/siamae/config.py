@@ -97,6 +97,9 @@ class OptimConfig:
     # The published runs decay CLS and mask tokens (timm's rule: every 2+ dim weight); true
     # exempts them, as many re-implementations do.
     no_decay_tokens: bool = False
+    # After the warmup: half-cosine (pre-training, classification) or poly (segmentation).
+    schedule: Literal["cosine", "poly"] = "cosine"
+    poly_power: float = 1.0
 
 
 @dataclass
@@ -184,22 +187,69 @@ class FinetuneConfig:
 
 
 @dataclass
+class SegmentationConfig:
+    """Semantic-segmentation fine-tuning (method=segmentation): UperNet on 4 ViT blocks, the
+    BEiT/MAE protocol (docs/segmentation.md). The encoder comes from ``finetune.checkpoint``
+    and its layer decay is ``finetune.layer_decay``; the crop is ``model.img_size``.
+
+    ``data.path`` is the data set (``layout`` auto: ADE20K, VOC or images/+masks/, detected);
+    ``val`` another root for validation (null: the same set's val split). ``out_indices`` null:
+    blocks 3, 5, 7, 11 at depth 12. ``scale`` is (long, short) side bounds of the keep-ratio
+    resize, for training (times a ratio from ``ratio_range``) and testing.
+    """
+
+    layout: Literal["auto", "ade20k", "voc", "plain"] = "auto"
+    num_classes: int | None = None  # images/+masks/ without class_names.txt; VOC of other classes
+    train_split: str = "train"
+    val_split: str = "val"
+    val: str | None = None
+    scale: tuple[int, int] = (2048, 512)
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    photometric: bool = True
+    out_indices: tuple[int, int, int, int] | None = None
+    channels: int = 768
+    aux_channels: int = 256
+    aux_weight: float = 0.4
+    dropout: float = 0.1
+    eval_mode: Literal["slide", "whole"] = "slide"
+    eval_stride: int = 341
+    eval_every_steps: int = 16000
+    pictures: int = 4
+
+
+@dataclass
 class MixingConfig:
     """MixedAE (method=mixedae): image mixing and homologous recognition (docs/mixedae.md).
 
     ``ratio`` R images are mixed into one (``data.batch_size`` must be a multiple of it);
-    ``topk`` null: ceil((N + 1) / R) keys per query; ``topk_blocks``: "all", "none" or block
-    indices "0,1,2"; ``naive``: mixing alone (ordinary attention, no segment embeddings,
-    contrastive weight 0), overriding the three.
+    ``topk`` null: ceil((N + 1) / R) keys per query (N / R with ``cls_key: false``);
+    ``topk_blocks`` / ``attention_loss_blocks``: "all", "none" or block indices "0,1,2";
+    ``attention_loss_weight``: the recognition loss on the attention logits (-log homologous
+    softmax mass); ``segment_embed``: where the per-slot vectors go (encoder input: recognition
+    becomes a lookup of the slot id), ``segment_init_std`` null: the position embedding's std;
+    ``contrastive_features``: "head" (a projection head), "final" or a block index;
+    ``cls_key: false`` removes the CLS from the patch queries' keys; ``homology_data``: held-out
+    images whose homologous figures are logged each epoch (``homology_images`` of them, the
+    partitions from ``homology_seed``); ``naive``: mixing alone (ordinary attention, no segment
+    embeddings, no recognition or contrastive term), overriding the rest.
     """
 
     ratio: int = 4
     naive: bool = False
     topk: int | None = None
     topk_blocks: str | int = "all"
-    segment_embed: Literal["encoder", "decoder", "none"] = "encoder"
-    contrastive_weight: float = 1.0
+    attention_loss_weight: float = 1.0
+    attention_loss_blocks: str | int = "all"
+    segment_embed: Literal["encoder", "decoder", "none"] = "none"
+    segment_init_std: float | None = None
+    contrastive_weight: float = 0.0
     temperature: float = 0.1
+    contrastive_features: str | int = "head"
+    cls_key: bool = True
+    homology_data: str | None = None
+    homology_images: int = 64
+    homology_seed: int = 0
 
 
 @dataclass
@@ -218,6 +268,7 @@ class Config:
     mixing: MixingConfig = field(default_factory=MixingConfig)
     siameseim: SiameseIMConfig = field(default_factory=SiameseIMConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -513,6 +564,7 @@ def check_fields(cfg: Config) -> None:
             o.warmup_steps >= 0, "optim.warmup_steps", f"expected 0 or more, got {o.warmup_steps}"
         )
     _check(o.accum_steps >= 1, "optim.accum_steps", f"expected 1 or more, got {o.accum_steps}")
+    _check(o.poly_power > 0, "optim.poly_power", f"expected a positive number, got {o.poly_power}")
     if o.clip_grad is not None:
         _check(
             o.clip_grad > 0,

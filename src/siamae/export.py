@@ -30,6 +30,7 @@ import torch
 from siamae.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from siamae.errors import SiamaeError
 from siamae.finetune.checkpoints import export_classifier, is_finetune_checkpoint
+from siamae.finetune.segmentation_checkpoints import export_segmentation, is_segmentation_checkpoint
 from siamae.loading import load_encoder
 from siamae.models.timm_names import check_against_timm, default_timm_name, timm_kwargs
 
@@ -41,11 +42,15 @@ def export_encoder(
     out: str | Path,
     timm_name: str | None = None,
     ema: bool = False,
+    encoder_only: bool = False,
 ) -> tuple[Path, Path]:
     """Write the encoder of ``checkpoint`` as timm-loadable safetensors plus a JSON sidecar.
 
     A ``siamae finetune`` checkpoint exports as the whole classifier (encoder, fc_norm and the
-    trained head; ``ema``: its EMA weights), see :func:`siamae.finetune.checkpoints.export_classifier`.
+    trained head; ``ema``: its EMA weights), see :func:`siamae.finetune.checkpoints.export_classifier`;
+    a segmentation fine-tuning checkpoint as the whole model (encoder + neck + heads), see
+    :func:`siamae.finetune.segmentation_checkpoints.export_segmentation`; ``encoder_only``: its encoder
+    alone, as from any pre-training checkpoint.
 
     Args:
         checkpoint: anything :func:`siamae.load_encoder` reads (training checkpoint, run folder,
@@ -63,6 +68,8 @@ def export_encoder(
 
     if is_finetune_checkpoint(checkpoint):
         return export_classifier(checkpoint, out, timm_name, ema=ema)
+    if is_segmentation_checkpoint(checkpoint) and not encoder_only:
+        return export_segmentation(checkpoint, out)
     if ema:
         raise SiamaeError("--ema applies to fine-tuning checkpoints (siamae finetune) only")
     encoder = load_encoder(checkpoint)
@@ -135,11 +142,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ema", action="store_true", help="fine-tuning checkpoints: export the EMA weights"
     )
+    p.add_argument(
+        "--encoder-only",
+        action="store_true",
+        help="segmentation fine-tuning checkpoints: export the encoder alone (timm ViT)",
+    )
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    weights, sidecar = export_encoder(args.checkpoint, args.out, args.timm_name, args.ema)
+    weights, sidecar = export_encoder(
+        args.checkpoint, args.out, args.timm_name, args.ema, args.encoder_only
+    )
     info = json.loads(sidecar.read_text())
     print(
         f"wrote {weights} ({info['timm_name']}{', ' + str(info['timm_kwargs']) if info['timm_kwargs'] else ''})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from siamae.finetune.classification import FineTune
+from siamae.finetune.segmentation import SegmentationFineTune
 from siamae.methods import MAE, CropMAE, Method, MixedAE, SiameseIM, SiamMAE
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ METHODS: dict[str, type[Method]] = {
     "mixedae": MixedAE,
     "finetune": FineTune,
     "siameseim": SiameseIM,
+    "segmentation": SegmentationFineTune,
 }
 
 

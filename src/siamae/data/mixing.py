@@ -12,9 +12,14 @@ Positions are kept: a patch taken from source j sits at the position it had in s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
+from siamae.data.image_folder import EvalTransform
+from siamae.data.sources import ImageFileSource, UnreadableSample
+from siamae.errors import DataError
 from siamae.models.masking import patchify, unpatchify
 
 
@@ -114,3 +119,39 @@ def unmix_latent(latent: torch.Tensor, index: UnmixIndex) -> torch.Tensor:
     d = latent.shape[-1]
     patches = torch.gather(per_group[:, 1:], 1, index.ids_keep.unsqueeze(-1).expand(-1, -1, d))
     return torch.cat([per_group[:, :1], patches], dim=1)
+
+
+# -- a fixed held-out set for the homologous figures ------------------------------------------
+
+
+def heldout_images(path: str | Path, img_size: int, count: int, ratio: int) -> torch.Tensor:
+    """The first ``count`` images (sorted file order, cut to a multiple of ``ratio``) of a folder
+    or list file, resized (short side) and centre-cropped to ``img_size``: uint8 (M, 3, S, S).
+
+    A fixed set, so that a training run's logged figures and ``siamae eval homology`` on its
+    checkpoint measure the same images.
+    """
+    source = ImageFileSource(path)
+    take = min(count, len(source)) // ratio * ratio
+    if take == 0:
+        raise DataError(
+            f"{str(path)!r} holds {len(source)} images: the homologous figures mix groups of "
+            f"{ratio}; give a folder with at least {ratio} images"
+        )
+    transform = EvalTransform(img_size, crop_pct=1.0)
+    rng = np.random.default_rng(0)  # unused by file sources; the Source interface takes one
+    pixels = []
+    for i in range(take):
+        try:
+            pixels.append(transform(source.open_image(i, rng)))
+        except (UnreadableSample, OSError, ValueError) as err:
+            raise DataError(
+                f"image {source.name(i)!r} could not be decoded ({err}); remove or replace it"
+            ) from None
+    return torch.stack(pixels)
+
+
+def heldout_partitions(count: int, num_patches: int, ratio: int, seed: int) -> torch.Tensor:
+    """(count, N) uniform noise from ``seed`` alone: the held-out set's partitions
+    (:func:`group_partition` of it), the same on every machine and at every evaluation."""
+    return torch.rand(count, num_patches, generator=torch.Generator().manual_seed(seed))

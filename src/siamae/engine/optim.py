@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the per-iteration warmup + half-cosine learning rate."""
+"""AdamW parameter groups and the per-iteration learning rate (warmup, then half-cosine or poly)."""
 
 from __future__ import annotations
 
@@ -20,14 +20,19 @@ def decays(name: str, param: torch.Tensor, no_decay_tokens: bool = False) -> boo
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, no_decay_tokens: bool = False
+    model: nn.Module,
+    weight_decay: float,
+    no_decay_tokens: bool = False,
+    exempt: tuple[str, ...] = (),
 ) -> list[dict]:
-    """Two AdamW groups: decayed weights and the rest; frozen tensors are left out."""
+    """Two AdamW groups: decayed weights and the rest; frozen tensors are left out. Parameters
+    named in ``exempt`` (a method's own embedding tables) are never decayed."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if decays(name, param, no_decay_tokens) else no_decay).append(param)
+        decayed = decays(name, param, no_decay_tokens) and name not in exempt
+        (decay if decayed else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -45,9 +50,26 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, **kwargs)
 
 
-def lr_at(step: int, peak_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup from 0, then half-cosine
-    from ``peak_lr`` to ``min_lr`` at ``total_steps``."""
+def lr_at(
+    step: int,
+    peak_lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: str = "cosine",
+    power: float = 1.0,
+) -> float:
+    """Learning rate for optimizer step ``step`` (0-based).
+
+    ``cosine``: linear warmup from 0, then half-cosine from ``peak_lr`` to ``min_lr`` at
+    ``total_steps``. ``poly`` (mmsegmentation's schedule): ``min_lr + (peak_lr - min_lr) x
+    (1 - step / total_steps) ^ power`` over the whole run, scaled by ``step / warmup_steps``
+    during the warmup (mmcv's linear warmup of the poly value).
+    """
+    if schedule == "poly":
+        progress = min(1.0, step / max(total_steps, 1))
+        value = min_lr + (peak_lr - min_lr) * (1.0 - progress) ** power
+        return value * step / warmup_steps if step < warmup_steps else value
     if step < warmup_steps:
         return peak_lr * step / warmup_steps
     if total_steps <= warmup_steps:

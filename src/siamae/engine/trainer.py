@@ -508,6 +508,8 @@ def _train(
                     cfg.optim.min_lr,
                     schedule.warmup_steps,
                     schedule.total_steps,
+                    cfg.optim.schedule,
+                    cfg.optim.poly_power,
                 )
                 set_lr(optimizer, lr)
                 if cfg.optim.clip_grad is not None:

@@ -11,6 +11,10 @@ attention: nothing is patched into the model.
 The logits, top-k, softmax and the weighted sum of values are computed in fp32 with autocast
 switched off (autocast would otherwise run the matmuls in bf16/fp16): bf16 logits move in 0.4 %
 steps, enough to change which keys are selected, and the selection decides which keys exist.
+
+The same logits give the homologous figures and the recognition loss: the share of a patch
+query's kept keys from its own image (precision), and the softmax mass of its logits on the
+other patches of its own image (mass; the loss is -log of it).
 """
 
 from __future__ import annotations
@@ -19,50 +23,108 @@ import torch
 import torch.nn as nn
 
 
-def topk_attention(attn: nn.Module, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_logits(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A timm ``Attention``'s scaled q.k logits (fp32, (B, H, L, L)) and its values (B, H, L, hd).
+
+    Autocast is switched off for the logits: they decide which keys a top-k keeps.
+    """
+    if getattr(attn, "gate", None) is not None:
+        raise ValueError("gated timm attention is not supported by homologous attention")
+    b, length, _ = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    qkv = attn.qkv(x).reshape(b, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, key, v = qkv.unbind(0)
+    q, key = attn.q_norm(q), attn.k_norm(key)
+    with torch.autocast(x.device.type, enabled=False):
+        logits = (q.float() * attn.scale) @ key.float().transpose(-2, -1)
+    return logits, v
+
+
+def attend(
+    attn: nn.Module,
+    logits: torch.Tensor,
+    v: torch.Tensor,
+    k: int | None,
+    cls_key: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rest of the timm ``Attention`` forward from (B, H, L, L) fp32 logits.
+
+    Args:
+        k: keys kept per query (top-k of the logits), or None for every key (ordinary softmax).
+        cls_key: False removes the CLS (token 0) from the keys of every patch query (the CLS
+            query still sees every token): the shared CLS is otherwise a channel between the
+            images of a mixture.
+    Returns:
+        (B, L, H*hd) the output after ``proj``, and (B, H, L, k) the kept key indices (None
+        when k is None).
+    """
+    b, heads, length, _ = logits.shape
+    keys = length if cls_key else length - 1  # the keys a patch query may attend
+    if k is not None and not 1 <= k <= keys:
+        raise ValueError(f"top-k attention needs 1 <= k <= {keys} keys, got k={k}")
+    if not cls_key:
+        blocked = torch.zeros(length, length, dtype=torch.bool, device=logits.device)
+        blocked[1:, 0] = True
+        logits = logits.masked_fill(blocked, float("-inf"))
+    kept = None
+    with torch.autocast(logits.device.type, enabled=False):
+        if k is None:
+            weights = logits.softmax(dim=-1)
+        else:
+            top, kept = logits.topk(k, dim=-1)
+            # Softmax over the k kept logits, scattered back into place: the same as masking
+            # the rest to -inf before a softmax over all L, in less time (1.6x less on a CPU).
+            # Exactly k keys per query, ties included: the places come from the indices.
+            weights = torch.zeros_like(logits).scatter_(-1, kept, top.softmax(dim=-1))
+        weights = attn.attn_drop(weights)
+        out = (weights @ v.float()).to(v.dtype)
+    out = out.transpose(1, 2).reshape(b, length, heads * v.shape[-1])
+    out = attn.norm(out)
+    return attn.proj_drop(attn.proj(out)), kept
+
+
+def topk_attention(
+    attn: nn.Module, x: torch.Tensor, k: int, cls_key: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A timm ``Attention``'s forward with only the top-k logits of each query kept.
 
     Args:
         attn: ``timm.models.vision_transformer.Attention`` (its weights are used, not changed).
         x: (B, L, D) tokens (after the block's first norm).
         k: keys kept per query, 1 <= k <= L. With k = L it equals ordinary attention.
+        cls_key: see :func:`attend`.
     Returns:
         (B, L, D) the attention output after ``proj``, and (B, heads, L, k) the indices of the
         kept keys of every query (for the homologous precision).
     """
-    b, length, _ = x.shape
+    length = x.shape[1]
     if not 1 <= k <= length:
         raise ValueError(f"top-k attention needs 1 <= k <= {length} keys, got k={k}")
-    if getattr(attn, "gate", None) is not None:
-        raise ValueError("gated timm attention is not supported by homologous attention")
-    heads, head_dim = attn.num_heads, attn.head_dim
-    qkv = attn.qkv(x).reshape(b, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, key, v = qkv.unbind(0)
-    q, key = attn.q_norm(q), attn.k_norm(key)
-    # Autocast would run these matmuls in bf16/fp16 even on fp32 inputs: switch it off here.
-    with torch.autocast(x.device.type, enabled=False):
-        logits = (q.float() * attn.scale) @ key.float().transpose(-2, -1)  # (B, H, L, L)
-        top, kept = logits.topk(k, dim=-1)
-        # Softmax over the k kept logits, scattered back into place: the same as masking the
-        # rest to -inf before a softmax over all L, in less time (1.6x less on a CPU). Exactly
-        # k keys per query, ties included: the places come from the indices, not a threshold.
-        weights = torch.zeros_like(logits).scatter_(-1, kept, top.softmax(dim=-1))
-        weights = attn.attn_drop(weights)
-        out = (weights @ v.float()).to(v.dtype)
-    out = out.transpose(1, 2).reshape(b, length, heads * head_dim)
-    out = attn.norm(out)
-    out = attn.proj_drop(attn.proj(out))
+    logits, v = attention_logits(attn, x)
+    out, kept = attend(attn, logits, v, k, cls_key)
+    assert kept is not None
     return out, kept
 
 
 def homologous_block(
-    block: nn.Module, x: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A timm ``Block``'s forward with top-k attention; returns (tokens, kept key indices)."""
-    attended, kept = topk_attention(block.attn, block.norm1(x), k)
+    block: nn.Module, x: torch.Tensor, k: int | None, cls_key: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A timm ``Block``'s forward with top-k attention (k None: ordinary attention, computed
+    from explicit logits). Returns (tokens, fp32 logits (B, H, L, L), kept key indices or
+    None)."""
+    logits, v = attention_logits(block.attn, block.norm1(x))
+    attended, kept = attend(block.attn, logits, v, k, cls_key)
     x = x + block.drop_path1(block.ls1(attended))
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return x, kept
+    return x, logits, kept
+
+
+def token_sources(source_of: torch.Tensor) -> torch.Tensor:
+    """(G, N) source slot of every patch -> (G, 1 + N) with -1 for the CLS (no source)."""
+    cls_source = torch.full(
+        (source_of.shape[0], 1), -1, dtype=source_of.dtype, device=source_of.device
+    )
+    return torch.cat([cls_source, source_of], dim=1)
 
 
 def homologous_precision(kept: torch.Tensor, source_of: torch.Tensor) -> torch.Tensor:
@@ -76,9 +138,43 @@ def homologous_precision(kept: torch.Tensor, source_of: torch.Tensor) -> torch.T
         A scalar: the mean over groups, heads and patch queries (CLS queries left out).
     """
     g, heads, length, k = kept.shape
-    cls_source = torch.full((g, 1), -1, dtype=source_of.dtype, device=source_of.device)
-    token_source = torch.cat([cls_source, source_of], dim=1)  # (G, 1 + N)
     flat = kept[:, :, 1:].reshape(g, -1)
-    key_source = torch.gather(token_source, 1, flat).view(g, heads, length - 1, k)
+    key_source = torch.gather(token_sources(source_of), 1, flat).view(g, heads, length - 1, k)
     query_source = source_of.view(g, 1, length - 1, 1)
     return (key_source == query_source).float().mean()
+
+
+def homologous_mass_loss(
+    logits: torch.Tensor, source_of: torch.Tensor, cls_key: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recognition loss on one block's attention logits, and the soft homologous mass.
+
+    For patch query i of a mixed sequence, with the candidate keys A(i) = every token it may
+    attend except itself (the CLS included when ``cls_key``) and H(i) = the other patches of
+    its own source, the homologous mass is the softmax mass of the logits on H(i):
+    ``m_i = sum_{j in H(i)} exp(l_ij) / sum_{a in A(i)} exp(l_ia)``, and the loss is
+    ``-log m_i``, averaged over heads, patch queries and sequences (a multi-positive InfoNCE on
+    q.k with the attention's own scale). The query's own key is left out of both sums: a query
+    that attends to itself recognises nothing.
+
+    Args:
+        logits: (G, H, 1 + N, 1 + N) fp32 attention logits of one block.
+        source_of: (G, N) the source slot of every patch position.
+    Returns:
+        (loss, mean mass): the loss with gradient, the mass detached.
+    """
+    with torch.autocast(logits.device.type, enabled=False):
+        patch_logits = logits[:, :, 1:].float()  # (G, H, N, 1 + N): patch queries
+        g, _, n, length = patch_logits.shape
+        sources = token_sources(source_of)  # (G, 1 + N)
+        query = torch.arange(n, device=logits.device)
+        self_key = torch.zeros(n, length, dtype=torch.bool, device=logits.device)
+        self_key[query, query + 1] = True
+        allowed = ~self_key
+        if not cls_key:
+            allowed[:, 0] = False
+        homologous = (sources.unsqueeze(1) == source_of.unsqueeze(2)) & allowed  # (G, N, 1 + N)
+        all_keys = patch_logits.masked_fill(~allowed, float("-inf")).logsumexp(-1)
+        own = patch_logits.masked_fill(~homologous.unsqueeze(1), float("-inf")).logsumexp(-1)
+        log_mass = own - all_keys  # (G, H, N)
+        return -log_mass.mean(), log_mass.detach().exp().mean()

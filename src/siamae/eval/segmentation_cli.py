@@ -1,0 +1,211 @@
+"""``siamae eval segment``: the frozen linear segmentation probe, or the scores of a fine-tuned
+segmentation model, on a data set in its published layout."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from siamae.arguments import add_pos_resample_option, add_threads_option, apply_threads_option
+from siamae.data.segmentation import LAYOUTS, open_segmentation
+from siamae.errors import SiamaeError
+from siamae.eval.probes.features import resolve_device
+from siamae.eval.segmentation import (
+    InferenceConfig,
+    ProbeConfig,
+    evaluate_segmentation,
+    train_linear_probe,
+)
+from siamae.finetune.segmentation_checkpoints import (
+    is_segmentation_checkpoint,
+    load_segmentation_export,
+    load_segmentation_model,
+)
+from siamae.loading import describe_encoder, load_encoder, random_encoder
+
+MULTI_SCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "segment",
+        help="semantic segmentation: frozen linear probe (mIoU), or a fine-tuned model's mIoU",
+        description=(
+            "Linear probe (DINOv2 protocol): frozen encoder, patch tokens of the last block (or "
+            "the last 4, --layers 4), BatchNorm + 1x1 conv, logits upsampled bilinearly to the "
+            "label size, cross-entropy ignoring void pixels; AdamW + poly schedule on random "
+            "crops. Then mIoU/mAcc/aAcc on the whole validation split (sliding window). Given a "
+            "'siamae finetune' segmentation run or its export, scores that model instead. OUT "
+            "gets summary.json, pred/<stem>.png (the data set's label values) and pictures.png."
+        ),
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--checkpoint",
+        help="encoder (training checkpoint, run folder, export, timm/MAE state dict), or a "
+        "segmentation fine-tuning run / its export (then no probe is trained)",
+    )
+    src.add_argument(
+        "--random-init", metavar="NAME", help="untrained baseline, e.g. vit_small_patch16"
+    )
+    p.add_argument("--data", required=True, help="ADE20K, Pascal VOC or images/+masks/ folder")
+    p.add_argument("--out", required=True, help="results folder (probe.pt, summary.json, pred/)")
+    p.add_argument(
+        "--layout", choices=LAYOUTS, default="auto", help="data layout (default: detected)"
+    )
+    p.add_argument("--num-classes", type=int, help="class count of an images/+masks/ set")
+    p.add_argument("--train-split", default="train", help="training split (default train)")
+    p.add_argument("--val-split", default="val", help="validation split (default val)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        choices=(1, 4),
+        default=1,
+        help="last block (1) or last 4 concatenated",
+    )
+    p.add_argument(
+        "--multi-scale",
+        action="store_true",
+        help=f"test at ratios {MULTI_SCALE_RATIOS} with flips, softmax averaged",
+    )
+    p.add_argument("--iters", type=int, default=40000, help="probe iterations (default 40000)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--warmup-iters", type=int, default=1500)
+    p.add_argument(
+        "--crop", type=int, default=512, help="training crop and sliding window (pixels)"
+    )
+    p.add_argument("--stride", type=int, default=341, help="sliding-window stride (pixels)")
+    p.add_argument(
+        "--scale",
+        type=int,
+        nargs=2,
+        default=(2048, 512),
+        metavar=("LONG", "SHORT"),
+        help="keep-ratio resize bounds (default 2048 512, ADE20K's)",
+    )
+    p.add_argument("--whole", action="store_true", help="whole-image inference, no sliding window")
+    p.add_argument(
+        "--no-photometric", action="store_true", help="no photometric distortion of training crops"
+    )
+    p.add_argument("--pictures", type=int, default=4, help="images in pictures.png")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true", help="ignore OUT/probe.pt")
+    p.add_argument("--no-progress", action="store_true")
+    add_pos_resample_option(p)
+    add_threads_option(p)
+    p.set_defaults(func=_run)
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("iters", "batch_size", "crop", "stride", "warmup_iters"):
+        value = getattr(args, name)
+        if value < (0 if name == "warmup_iters" else 1):
+            raise SiamaeError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.lr <= 0:
+        raise SiamaeError(f"--lr must be positive, got {args.lr}")
+    if min(args.scale) <= 0:
+        raise SiamaeError(f"--scale must be two positive sizes, got {list(args.scale)}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    apply_threads_option(args)
+    _check(args)
+    device = resolve_device(args.device)
+    inference = InferenceConfig(
+        scale=tuple(args.scale),
+        mode="whole" if args.whole else "slide",
+        crop=args.crop,
+        stride=args.stride,
+        ratios=MULTI_SCALE_RATIOS if args.multi_scale else (1.0,),
+        flip=args.multi_scale,
+    )
+    val_set = open_segmentation(args.data, args.val_split, args.layout, args.num_classes)
+    checkpoint = args.checkpoint
+    fine_tuned = None
+    if checkpoint and is_segmentation_checkpoint(checkpoint):
+        fine_tuned, _ = load_segmentation_model(checkpoint)
+    elif checkpoint and Path(checkpoint).suffix == ".safetensors" and _is_seg_export(checkpoint):
+        fine_tuned = load_segmentation_export(checkpoint)
+    if fine_tuned is not None:
+        if fine_tuned.num_classes != val_set.num_classes:
+            raise SiamaeError(
+                f"--checkpoint {checkpoint!r} predicts {fine_tuned.num_classes} classes, "
+                f"--data has {val_set.num_classes}"
+            )
+        model = fine_tuned.to(device)
+        print(f"scoring the fine-tuned segmentation model {checkpoint}")
+        summary = evaluate_segmentation(
+            model.segment,
+            val_set,
+            device,
+            inference,
+            model.encoder.patch_size,
+            out_dir=args.out,
+            pictures=args.pictures,
+            title="UperNet",
+            extra={"protocol": "UperNet fine-tuning", "checkpoint": checkpoint},
+            progress=not args.no_progress,
+        )
+    else:
+        if checkpoint:
+            encoder, source = load_encoder(checkpoint), checkpoint
+        else:
+            encoder = random_encoder(args.random_init, seed=args.seed)
+            source = f"random:{args.random_init}:seed{args.seed}"
+        encoder.pos_resample = args.pos_resample
+        if args.layers > encoder.depth:
+            raise SiamaeError(f"--layers {args.layers}: the encoder has {encoder.depth} blocks")
+        print(describe_encoder(encoder))
+        train_set = open_segmentation(args.data, args.train_split, args.layout, args.num_classes)
+        cfg = ProbeConfig(
+            layers=args.layers,
+            iters=args.iters,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            warmup_iters=args.warmup_iters,
+            crop=args.crop,
+            scale=tuple(args.scale),
+            photometric=not args.no_photometric,
+            seed=args.seed,
+            num_workers=args.num_workers,
+        )
+        summary = train_linear_probe(
+            encoder,
+            train_set,
+            val_set,
+            args.out,
+            cfg,
+            inference,
+            device,
+            resume=not args.no_resume,
+            progress=not args.no_progress,
+            source=source,
+            pictures=args.pictures,
+        )
+    print(
+        f"{summary['protocol']}: mIoU {summary['mIoU']:.2f}  mAcc {summary['mAcc']:.2f}  "
+        f"aAcc {summary['aAcc']:.2f} on {summary['num_images']} images, "
+        f"{summary['num_classes']} classes"
+    )
+    if summary["skipped"] or summary["unpaired"]:
+        print(
+            f"skipped {len(summary['skipped'])} unreadable and {len(summary['unpaired'])} "
+            "unpaired files (listed in summary.json)"
+        )
+    print(f"results in {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def _is_seg_export(path: str) -> bool:
+    import json
+
+    side = Path(path).with_suffix(".json")
+    try:
+        return json.loads(side.read_text()).get("format") == "siamae-export-segmentation-v1"
+    except (OSError, ValueError, AttributeError):
+        return False
