@@ -148,3 +148,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a dict of weights"
         )
     return obj
+
+
+def training_method(path: str | Path) -> str | None:
+    """The ``method`` of the training checkpoint at ``path`` (a ``.pt`` file or a run folder, whose
+    ``checkpoints/last.pt`` is read); None where there is none or it is not a training checkpoint.
+    The downstream tasks recognise their own runs by it."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoints" / "last.pt"
+    if p.suffix != ".pt" or not p.is_file():
+        return None
+    try:
+        obj = load_checkpoint(p)
+    except CheckpointError:
+        return None
+    return obj.get("method") if obj.get("format") == TRAIN_FORMAT else None

@@ -14,7 +14,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint
+from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint, training_method
 from siamae.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from siamae.data.labelled import folder_classes
 from siamae.errors import CheckpointError, SiamaeError
@@ -60,17 +60,7 @@ def load_classifier(path: str | Path, ema: bool = False) -> tuple[dict[str, torc
 
 def is_finetune_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` (a file or run folder) is a ``siamae finetune`` training checkpoint."""
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoints" / "last.pt"
-    if p.suffix != ".pt" or not p.is_file():
-        return False
-    try:
-        obj = load_checkpoint(p)
-    except CheckpointError:
-        return False
-    return obj.get("format") == TRAIN_FORMAT and obj.get("method") == METHOD_NAME
+    return training_method(path) == METHOD_NAME
 
 
 def export_classifier(

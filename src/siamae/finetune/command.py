@@ -50,6 +50,13 @@ def command_overrides(
             val = str(found_val)
     if val is not None:
         overrides.append(f"finetune.val={val}")
+    return overrides + encoder_and_out_overrides(checkpoint, out)
+
+
+def encoder_and_out_overrides(checkpoint: str | None, out: str | None) -> list[str]:
+    """The overrides of ``--checkpoint`` (``none``: random init) and ``--out``, the same for every
+    downstream task."""
+    overrides = []
     if checkpoint is not None:
         overrides.append(
             "finetune.checkpoint=null"

@@ -40,6 +40,7 @@ from siamae.engine.optim import param_groups
 from siamae.errors import ConfigError
 from siamae.eval.segmentation import InferenceConfig, evaluate_segmentation
 from siamae.finetune.classification import build_encoder
+from siamae.finetune.command import encoder_and_out_overrides
 from siamae.finetune.layer_decay import layer_decay_groups
 from siamae.methods.base import Method, MethodOutput, Picture, Reconstruction
 from siamae.methods.siameseim import TokenBatchNorm
@@ -342,12 +343,4 @@ def command_overrides(
         overrides += ["data.source=images", f"data.path={data}"]
     if val is not None:
         overrides.append(f"segmentation.val={val}")
-    if checkpoint is not None:
-        overrides.append(
-            "finetune.checkpoint=null"
-            if checkpoint == "none"
-            else f"finetune.checkpoint={checkpoint}"
-        )
-    if out is not None:
-        overrides.append(f"run.out_dir={out}")
-    return overrides
+    return overrides + encoder_and_out_overrides(checkpoint, out)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint
+from siamae.checkpoint import load_checkpoint, training_method
 from siamae.config import Config
 from siamae.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from siamae.data.segmentation import SegmentationSet, open_segmentation
@@ -26,17 +26,7 @@ from siamae.recipes import config_from_dict
 
 def is_segmentation_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` (a file or run folder) is a segmentation fine-tuning checkpoint."""
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoints" / "last.pt"
-    if p.suffix != ".pt" or not p.is_file():
-        return False
-    try:
-        obj = load_checkpoint(p)
-    except CheckpointError:
-        return False
-    return obj.get("format") == TRAIN_FORMAT and obj.get("method") == METHOD_NAME
+    return training_method(path) == METHOD_NAME
 
 
 def load_segmentation_model(path: str | Path) -> tuple[SegmentationFineTune, dict[str, Any]]:
