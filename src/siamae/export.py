@@ -27,10 +27,13 @@ from pathlib import Path
 
 import torch
 
+from siamae.checkpoint import training_method
 from siamae.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from siamae.errors import SiamaeError
-from siamae.finetune.checkpoints import export_classifier, is_finetune_checkpoint
-from siamae.finetune.segmentation_checkpoints import export_segmentation, is_segmentation_checkpoint
+from siamae.finetune.checkpoints import export_classifier
+from siamae.finetune.classification import METHOD_NAME as CLASSIFICATION
+from siamae.finetune.segmentation import METHOD_NAME as SEGMENTATION
+from siamae.finetune.segmentation_checkpoints import export_segmentation
 from siamae.loading import load_encoder
 from siamae.models.timm_names import check_against_timm, default_timm_name, timm_kwargs
 
@@ -66,9 +69,10 @@ def export_encoder(
     if out.suffix != ".safetensors":
         raise SiamaeError(f"--out {str(out)!r}: the export is a .safetensors file; name it so")
 
-    if is_finetune_checkpoint(checkpoint):
+    method = training_method(checkpoint)  # read once: a training checkpoint can be large
+    if method == CLASSIFICATION:
         return export_classifier(checkpoint, out, timm_name, ema=ema)
-    if is_segmentation_checkpoint(checkpoint) and not encoder_only:
+    if method == SEGMENTATION and not encoder_only:
         return export_segmentation(checkpoint, out)
     if ema:
         raise SiamaeError("--ema applies to fine-tuning checkpoints (siamae finetune) only")
