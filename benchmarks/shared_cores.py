@@ -9,7 +9,7 @@ per usable core before the measurement and stops them after it. Settings:
 
 - ``old``: torch's default threads (one per core) as siamae ran before the policy, the demo's 1
   loader worker beside them; propagation with the same default.
-- ``policy``: ``siamae.engine.threads``: usable cores less loader workers (the demo step: 1
+- ``policy``: ``siamae.threads``: usable cores less loader workers (the demo step: 1
   thread beside its worker); propagation as ``siamae eval davis`` runs it (no workers: all
   usable cores).
 - ``old+passive``, ``policy+passive``: the same with ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP
@@ -43,12 +43,12 @@ import torch
 
 from siamae.data.synthetic import synthetic_video
 from siamae.demo import DEMO_OVERRIDES
-from siamae.engine.threads import apply_thread_policy, usable_cores
 from siamae.engine.trainer import train
 from siamae.eval.propagation.engine import protocol
 from siamae.eval.propagation.synthetic_videos import predict
 from siamae.loading import random_encoder
 from siamae.recipes import load_config
+from siamae.threads import apply_thread_policy, usable_cores
 
 SETTINGS = {
     "old": {},

@@ -21,7 +21,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from siamae.engine.optim import build_optimizer
+from siamae.optim import build_optimizer
 from siamae.recipes import load_config
 from siamae.registry import build_method
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from ddp_helpers import train_in_processes
-from siamae.engine.optim import lr_at, param_groups
 from siamae.engine.trainer import train
 from siamae.errors import TrainingDiverged
 from siamae.methods.cropmae import CropMAE
+from siamae.optim import lr_at, param_groups
 from siamae.recipes import load_config
 from siamae.registry import build_method
 

@@ -15,17 +15,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from siamae.arguments import apply_threads_option
 from siamae.cli import build_parser, main
-from siamae.engine.threads import (
+from siamae.engine.trainer import THREADS_FILE, _init_worker, train
+from siamae.entry import main as entry_main
+from siamae.errors import ConfigError
+from siamae.recipes import load_config
+from siamae.threads import (
     apply_thread_policy,
     cgroup_cores,
     plan_threads,
     quota_cores,
     usable_cores,
 )
-from siamae.engine.trainer import THREADS_FILE, _init_worker, train
-from siamae.entry import main as entry_main
-from siamae.errors import ConfigError
-from siamae.recipes import load_config
 
 TINY = [
     "model.arch=vit_tiny",

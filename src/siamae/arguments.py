@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from siamae.engine.threads import apply_thread_policy
 from siamae.errors import SiamaeError
+from siamae.threads import apply_thread_policy
 
 
 def add_pos_resample_option(p: argparse.ArgumentParser) -> None:

@@ -137,7 +137,7 @@ class RunConfig:
     progress: bool = True
     visualize: bool = True
     tensorboard: bool = True
-    # torch threads of the main process; null: usable cores less loader workers (engine.threads)
+    # torch threads of the main process; null: usable cores less loader workers (siamae.threads)
     threads: int | None = None
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from siamae.config import Config
-from siamae.engine.threads import apply_thread_policy
 from siamae.engine.trainer import train
 from siamae.eval.propagation.synthetic_videos import evaluate_synthetic
 from siamae.loading import load_encoder, random_encoder
 from siamae.recipes import load_config
+from siamae.threads import apply_thread_policy
 
 # The same values as configs/demo.yaml (a test keeps the two in step); kept here so the demo
 # works from an installed wheel without the repository's configs/ folder.

@@ -24,7 +24,6 @@ from siamae.data.segmentation import (
     photometric_distortion,
 )
 from siamae.data.sources import UnreadableSample
-from siamae.engine.optim import lr_at
 from siamae.engine.trainer import train
 from siamae.errors import DataError
 from siamae.eval.propagation.overlays import PALETTE
@@ -47,6 +46,7 @@ from siamae.finetune.segmentation_checkpoints import (
 from siamae.loading import load_encoder, random_encoder
 from siamae.models.upernet import UperNet, block_features, default_out_indices
 from siamae.models.vit import Encoder
+from siamae.optim import lr_at
 from siamae.recipes import load_config
 from siamae.registry import build_method
 

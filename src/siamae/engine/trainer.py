@@ -37,17 +37,17 @@ from siamae.data.dataset import (
 )
 from siamae.engine import distributed as D
 from siamae.engine.logging import MetricsLogger
-from siamae.engine.optim import build_optimizer, lr_at, set_lr
-from siamae.engine.threads import apply_thread_policy, worker_threads
 from siamae.errors import CheckpointError, ConfigError, TrainingDiverged
 from siamae.eval.probes.monitor import build_monitor
 from siamae.methods import Method
+from siamae.optim import build_optimizer, lr_at, set_lr
 from siamae.paths import check_writable
 from siamae.recipes import config_from_dict
 from siamae.registry import build_method
+from siamae.threads import apply_thread_policy, worker_threads
 from siamae.viz import save_loss_curve, save_reconstruction
 
-THREADS_FILE = "threads.json"  # the resolved thread plan (engine.threads.ThreadPlan)
+THREADS_FILE = "threads.json"  # the resolved thread plan (siamae.threads.ThreadPlan)
 VIDEO_INDEX_FILE = "video_index.json"  # siamae.data.video.INDEX_FILE, without importing PyAV
 SKIPPED_FILE = "skipped_files.txt"  # siamae.data.video.SKIPPED_FILE
 __all__ = ["normalize_images", "train"]

@@ -37,10 +37,10 @@ from siamae.data.segmentation import (
     resize_pair,
 )
 from siamae.data.sources import UnreadableSample
-from siamae.engine.optim import lr_at
 from siamae.errors import CheckpointError, DataError
 from siamae.eval.propagation.overlays import PALETTE, save_labelled_grid
 from siamae.models.vit import Encoder
+from siamae.optim import lr_at
 
 SUMMARY_FORMAT = "siamae-segmentation-v1"
 PROBE_FORMAT = "siamae-segprobe-v1"

@@ -3,7 +3,7 @@
 timm's groups: block i at ``d^(L + 1 - (i + 1))``, patch and position embedding and CLS at
 ``d^(L + 1)``, the head (and fc_norm) at 1; no weight decay on 1-D tensors, the position
 embedding and CLS (timm's ``no_weight_decay``). Each group's ``lr_scale`` reaches the engine,
-which multiplies the scheduled lr by it (:func:`siamae.engine.optim.set_lr`).
+which multiplies the scheduled lr by it (:func:`siamae.optim.set_lr`).
 """
 
 from __future__ import annotations

@@ -36,7 +36,6 @@ from siamae.data.segmentation import (
     SegmentationViews,
     open_segmentation,
 )
-from siamae.engine.optim import param_groups
 from siamae.errors import ConfigError
 from siamae.eval.segmentation import InferenceConfig, evaluate_segmentation
 from siamae.finetune.classification import build_encoder
@@ -46,6 +45,7 @@ from siamae.methods.base import Method, MethodOutput, Picture, Reconstruction
 from siamae.methods.siameseim import TokenBatchNorm
 from siamae.models.upernet import UperNet, block_features, default_out_indices
 from siamae.models.vit import Encoder
+from siamae.optim import param_groups
 
 if TYPE_CHECKING:
     from siamae.config import Config

@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 
 from siamae.data.dataset import IMAGENET_MEAN, IMAGENET_STD, build_source, build_view_maker
-from siamae.engine.optim import param_groups
 from siamae.errors import ConfigError
 from siamae.models.masking import num_visible, patchify, unpatchify
 from siamae.models.vit import Encoder
+from siamae.optim import param_groups
 
 if TYPE_CHECKING:
     from siamae.config import Config

@@ -55,7 +55,6 @@ from siamae.data.mixing import (
     unmix_index,
     unmix_latent,
 )
-from siamae.engine.optim import param_groups
 from siamae.errors import ConfigError, SiamaeError
 from siamae.methods.base import (
     Method,
@@ -74,6 +73,7 @@ from siamae.models.homologous import (
 )
 from siamae.models.masking import masked_mse, pixel_targets
 from siamae.models.vit import VIT_SIZES, Encoder
+from siamae.optim import param_groups
 
 if TYPE_CHECKING:
     from siamae.config import Config

@@ -12,12 +12,12 @@ import torch
 from siamae.checkpoint import load_checkpoint
 from siamae.cli import main
 from siamae.data.image_folder import EvalTransform, ImageFolder
-from siamae.engine.optim import lr_at
 from siamae.errors import DataError
 from siamae.eval.probes.features import extract_features
 from siamae.eval.probes.knn import knn_classify
 from siamae.eval.probes.linear import LinearConfig, fit_probe
 from siamae.models.vit import Encoder
+from siamae.optim import lr_at
 
 COLOURS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
 

@@ -42,11 +42,11 @@ from siamae.data.image_folder import (
     validation_folder,
 )
 from siamae.data.sources import to_rgb
-from siamae.engine.optim import lr_at
 from siamae.errors import CheckpointError, SiamaeError
 from siamae.eval.probes.features import FEATURES, POOLS, encode_features, extract_features
 from siamae.eval.probes.protocols import DEFAULT_LINEAR_PROTOCOL, LINEAR_PROTOCOLS, linear_protocol
 from siamae.models.vit import Encoder
+from siamae.optim import lr_at
 
 LINEAR_FORMAT = "siamae-linear-v1"
 ENCODE_CHUNK = 256  # images encoded at once when the probe runs the encoder every epoch
