@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from siamae.eval.propagation.overlays import PALETTE
+from siamae.overlays import PALETTE
 
 
 def convert(

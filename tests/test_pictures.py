@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from siamae.eval.propagation.overlays import OverlayRecorder, save_labelled_grid
+from siamae.overlays import OverlayRecorder, save_labelled_grid
 
 
 def _ink(region: np.ndarray) -> int:
@@ -149,9 +149,10 @@ def test_reconstruction_draws_the_methods_picture_with_name_and_step(
 
     from siamae.checkpoint import load_checkpoint
     from siamae.data.dataset import build_dataset
+    from siamae.engine.pictures import save_loss_curve, save_reconstruction
     from siamae.recipes import config_from_dict
     from siamae.registry import build_method
-    from siamae.viz import save_loss_curve, save_reconstruction, visualize_checkpoint
+    from siamae.viz import visualize_checkpoint
 
     run = tmp_path / "run"
     summary = _small_run(run)

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from siamae.arguments import apply_threads_option
 from siamae.cli import build_parser, main
-from siamae.engine.trainer import THREADS_FILE, _init_worker, train
+from siamae.engine.setup import THREADS_FILE, _init_worker
+from siamae.engine.trainer import train
 from siamae.entry import main as entry_main
 from siamae.errors import ConfigError
 from siamae.recipes import load_config

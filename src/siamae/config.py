@@ -462,6 +462,15 @@ def _check_range(pair: tuple[float, float], name: str, low: float, high: float) 
 def check_fields(cfg: Config) -> None:
     """Check every generic field of a config whose method defaults are filled in
     (:func:`siamae.recipes.resolve`); a bad value raises a ConfigError naming the field."""
+    _check_model(cfg)
+    _check_decoder(cfg)
+    _check_data(cfg)
+    _check_optim(cfg)
+    _check_run(cfg)
+    _check_monitor(cfg)
+
+
+def _check_model(cfg: Config) -> None:
     _check(
         0.0 <= cfg.mask_ratio < 1.0,
         "mask_ratio",
@@ -480,6 +489,9 @@ def check_fields(cfg: Config) -> None:
         f"expected a positive multiple of the patch size {m.patch_size}, got {m.img_size}",
     )
     _check(0.0 <= m.drop_path < 1.0, "model.drop_path", f"expected 0 <= p < 1, got {m.drop_path}")
+
+
+def _check_decoder(cfg: Config) -> None:
     d = cfg.decoder
     for name in ("dim", "depth", "num_heads", "mlp_dim"):
         value = getattr(d, name)
@@ -498,6 +510,9 @@ def check_fields(cfg: Config) -> None:
         )
     if d.dropout is not None:
         _check(0.0 <= d.dropout < 1.0, "decoder.dropout", f"expected 0 <= p < 1, got {d.dropout}")
+
+
+def _check_data(cfg: Config) -> None:
     a = cfg.data
     _check(a.batch_size > 0, "data.batch_size", f"expected a positive integer, got {a.batch_size}")
     _check(a.num_workers >= 0, "data.num_workers", f"expected 0 or more, got {a.num_workers}")
@@ -540,6 +555,9 @@ def check_fields(cfg: Config) -> None:
             "data.path",
             f"source '{a.source}' needs a path; pass --data PATH or use data.source=synthetic",
         )
+
+
+def _check_optim(cfg: Config) -> None:
     o = cfg.optim
     _check(o.base_lr > 0, "optim.base_lr", f"expected a positive number, got {o.base_lr}")
     _check(0 <= o.min_lr <= o.base_lr * 1e6, "optim.min_lr", f"expected 0 or more, got {o.min_lr}")
@@ -571,6 +589,9 @@ def check_fields(cfg: Config) -> None:
             "optim.clip_grad",
             f"expected a positive number or null, got {o.clip_grad}",
         )
+
+
+def _check_run(cfg: Config) -> None:
     r = cfg.run
     _check(
         r.checkpoint_every > 0,
@@ -585,7 +606,10 @@ def check_fields(cfg: Config) -> None:
     )
     if r.threads is not None:
         _check(r.threads >= 1, "run.threads", f"expected 1 or more, or null, got {r.threads}")
-    mo = cfg.monitor
+
+
+def _check_monitor(cfg: Config) -> None:
+    mo, patch = cfg.monitor, cfg.model.patch_size
     _check(
         (mo.knn_train is None) == (mo.knn_val is None),
         "monitor.knn_val",
@@ -603,9 +627,9 @@ def check_fields(cfg: Config) -> None:
         )
     if mo.img_size is not None:
         _check(
-            mo.img_size > 0 and mo.img_size % m.patch_size == 0,
+            mo.img_size > 0 and mo.img_size % patch == 0,
             "monitor.img_size",
-            f"expected a positive multiple of the patch size {m.patch_size}, got {mo.img_size}",
+            f"expected a positive multiple of the patch size {patch}, got {mo.img_size}",
         )
     _check(
         0.0 < mo.crop_pct <= 1.0,

@@ -63,8 +63,6 @@ def export_encoder(
     Returns:
         (safetensors path, sidecar path).
     """
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.suffix != ".safetensors":
         raise SiamaeError(f"--out {str(out)!r}: the export is a .safetensors file; name it so")
@@ -76,6 +74,16 @@ def export_encoder(
         return export_segmentation(checkpoint, out)
     if ema:
         raise SiamaeError("--ema applies to fine-tuning checkpoints (siamae finetune) only")
+    return _export_encoder_alone(checkpoint, out, timm_name)
+
+
+def _export_encoder_alone(
+    checkpoint: str | Path, out: Path, timm_name: str | None
+) -> tuple[Path, Path]:
+    """The encoder alone (of any checkpoint :func:`siamae.load_encoder` reads), with the
+    placeholder head its timm name's pretrained config declares."""
+    from safetensors.torch import save_file
+
     encoder = load_encoder(checkpoint)
     report = encoder.load_report  # type: ignore[attr-defined]
     name = timm_name or default_timm_name(encoder)

@@ -1,8 +1,11 @@
 """Resolved configs: a recipe (YAML file or defaults) plus ``--set`` overrides, with the chosen
 method's published values filled into every ``null`` field, then every field checked.
 
-This is where configs meet methods: :mod:`siamae.config` knows the fields, each method knows its
-recipe (``published_defaults``) and its own checks (``check_config``).
+This is where configs meet the registry: :mod:`siamae.config` knows the fields, each method knows
+its recipe (``published_defaults``) and its own checks (``check_config``), and
+:meth:`siamae.methods.base.Method.resolve_config` applies both; here the method is the one the
+config names. Code below the registry (a downstream task reading its own runs back) calls
+``resolve_config`` of its method directly.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from siamae.config import Config, apply_overrides, check_fields, from_dict, load_yaml
+from siamae.config import Config, apply_overrides, from_dict, load_yaml
 from siamae.errors import ConfigError
 from siamae.registry import METHODS
 
@@ -25,20 +28,7 @@ def resolve(cfg: Config) -> Config:
             f"config field 'method': unknown method {cfg.method!r}{hint}; "
             f"choose one of {', '.join(METHODS)}"
         )
-    method = METHODS[cfg.method]
-    defaults = method.published_defaults(cfg)
-    if cfg.mask_ratio is None:
-        cfg.mask_ratio = defaults["mask_ratio"]
-    for name, value in defaults.get("decoder", {}).items():
-        if getattr(cfg.decoder, name) is None:
-            setattr(cfg.decoder, name, value)
-    if cfg.data.global_scale is None:
-        cfg.data.global_scale = tuple(defaults["global_scale"])
-    if cfg.data.interpolation is None:
-        cfg.data.interpolation = defaults.get("interpolation", "bilinear")
-    check_fields(cfg)
-    method.check_config(cfg)
-    return cfg
+    return METHODS[cfg.method].resolve_config(cfg)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -26,27 +26,26 @@ from siamae.data.segmentation import (
 from siamae.data.sources import UnreadableSample
 from siamae.engine.trainer import train
 from siamae.errors import DataError
-from siamae.eval.propagation.overlays import PALETTE
-from siamae.eval.segmentation import (
-    InferenceConfig,
-    ProbeConfig,
-    confusion_matrix,
-    evaluate_segmentation,
-    predict,
-    segmentation_scores,
-    slide_logits,
-    train_linear_probe,
-)
+from siamae.eval.segmentation import ProbeConfig, train_linear_probe
 from siamae.finetune.segmentation import SyncBatchNorm2d
 from siamae.finetune.segmentation_checkpoints import (
     export_segmentation,
     load_segmentation_export,
     load_segmentation_model,
 )
+from siamae.finetune.segmentation_eval import (
+    InferenceConfig,
+    confusion_matrix,
+    evaluate_segmentation,
+    predict,
+    segmentation_scores,
+    slide_logits,
+)
 from siamae.loading import load_encoder, random_encoder
 from siamae.models.upernet import UperNet, block_features, default_out_indices
 from siamae.models.vit import Encoder
 from siamae.optim import lr_at
+from siamae.overlays import PALETTE
 from siamae.recipes import load_config
 from siamae.registry import build_method
 

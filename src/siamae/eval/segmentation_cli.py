@@ -10,17 +10,13 @@ from siamae.arguments import add_pos_resample_option, add_threads_option, apply_
 from siamae.data.segmentation import LAYOUTS, open_segmentation
 from siamae.errors import SiamaeError
 from siamae.eval.probes.features import resolve_device
-from siamae.eval.segmentation import (
-    InferenceConfig,
-    ProbeConfig,
-    evaluate_segmentation,
-    train_linear_probe,
-)
+from siamae.eval.segmentation import ProbeConfig, train_linear_probe
 from siamae.finetune.segmentation_checkpoints import (
     is_segmentation_checkpoint,
     load_segmentation_export,
     load_segmentation_model,
 )
+from siamae.finetune.segmentation_eval import InferenceConfig, evaluate_segmentation
 from siamae.loading import describe_encoder, load_encoder, random_encoder
 
 MULTI_SCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)

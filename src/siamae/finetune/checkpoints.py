@@ -81,6 +81,23 @@ def export_classifier(
     if out.suffix != ".safetensors":
         raise SiamaeError(f"--out {str(out)!r}: the export is a .safetensors file; name it so")
     state, info = load_classifier(checkpoint, ema=ema)
+    name, kwargs = _fitting_timm_model(state, info, timm_name)
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    sidecar = _sidecar(checkpoint, out, info, name, kwargs, ema)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": sidecar["format"], "timm_name": name})
+    tmp.replace(out)
+    json_path = out.with_suffix(".json")
+    json_path.write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
+    return out, json_path
+
+
+def _fitting_timm_model(
+    state: dict[str, torch.Tensor], info: dict[str, Any], timm_name: str | None
+) -> tuple[str, dict[str, Any]]:
+    """The timm model name and keyword arguments the classifier's state dict loads into
+    strictly; a SiamaeError when it does not fit."""
     dims = {
         "depth": 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
         "embed_dim": int(state["cls_token"].shape[-1]),
@@ -108,13 +125,24 @@ def export_classifier(
             f"{extra[:3]}, shapes differ {wrong[:3]}); pass --timm-name with the same width, "
             "depth and patch size"
         )
-    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    return name, kwargs
+
+
+def _sidecar(
+    checkpoint: str | Path,
+    out: Path,
+    info: dict[str, Any],
+    name: str,
+    kwargs: dict[str, Any],
+    ema: bool,
+) -> dict[str, Any]:
+    """The JSON written beside the weights: where they come from and how timm loads them."""
     train_dir = info["config"].get("data", {}).get("path")
     classes = None
     if train_dir and Path(train_dir).is_dir():
         classes = folder_classes(train_dir)  # index -> class name, as the head was trained
     usage_kwargs = "".join(f"{k}={v!r}, " for k, v in kwargs.items())
-    sidecar = {
+    return {
         "format": "siamae-export-classifier-v1",
         "weights": out.name,
         "source": str(checkpoint),
@@ -139,10 +167,3 @@ def export_classifier(
             f"mean={tuple(IMAGENET_MEAN)}, std={tuple(IMAGENET_STD)}))"
         ),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": sidecar["format"], "timm_name": name})
-    tmp.replace(out)
-    json_path = out.with_suffix(".json")
-    json_path.write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
-    return out, json_path

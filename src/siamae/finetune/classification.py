@@ -51,7 +51,7 @@ from siamae.methods.base import Method, MethodOutput, Picture, Reconstruction
 from siamae.models.vit import VIT_SIZES, Encoder
 
 if TYPE_CHECKING:
-    from siamae.config import Config
+    from siamae.config import Config, FinetuneConfig
 
 METHOD_NAME = "finetune"
 
@@ -234,78 +234,10 @@ class FineTune(Method):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
+        _check_inputs(cfg)
+        _check_values(cfg.finetune)
+        _check_batches(cfg)
         f = cfg.finetune
-
-        def check(ok: bool, name: str, message: str) -> None:
-            if not ok:
-                raise ConfigError(f"config field '{name}': {message}")
-
-        check(
-            cfg.data.source == "images",
-            "data.source",
-            f"fine-tuning reads a labelled ImageFolder (DIR/<class>/<image>), got "
-            f"{cfg.data.source!r}; pass --data DIR (or set data.source=images, data.path=DIR)",
-        )
-        if f.checkpoint is not None:
-            check(
-                Path(f.checkpoint).exists(),
-                "finetune.checkpoint",
-                f"{f.checkpoint!r} does not exist; pass the pre-trained encoder's checkpoint, "
-                "run folder or export (null: random initialisation)",
-            )
-        if f.val is not None:
-            check(
-                Path(f.val).is_dir(),
-                "finetune.val",
-                f"{f.val!r} is not a folder; pass the validation ImageFolder (or null: none)",
-            )
-        if f.num_classes is not None:
-            check(
-                f.num_classes >= 2,
-                "finetune.num_classes",
-                f"expected 2 or more, got {f.num_classes}",
-            )
-        check(
-            0 < f.layer_decay <= 1,
-            "finetune.layer_decay",
-            f"expected 0 < d <= 1, got {f.layer_decay}",
-        )
-        check(
-            f.mixup >= 0, "finetune.mixup", f"expected 0 (off) or a positive alpha, got {f.mixup}"
-        )
-        check(
-            f.cutmix >= 0,
-            "finetune.cutmix",
-            f"expected 0 (off) or a positive alpha, got {f.cutmix}",
-        )
-        for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
-            value = getattr(f, name)
-            check(0 <= value <= 1, f"finetune.{name}", f"expected a probability, got {value}")
-        check(0 <= f.smoothing < 1, "finetune.smoothing", f"expected 0 <= s < 1, got {f.smoothing}")
-        check(f.head_init >= 0, "finetune.head_init", f"expected 0 or more, got {f.head_init}")
-        check(0 < f.ema_decay < 1, "finetune.ema_decay", f"expected 0 < d < 1, got {f.ema_decay}")
-        check(
-            0 < f.eval_crop_pct <= 1,
-            "finetune.eval_crop_pct",
-            f"expected 0 < crop_pct <= 1, got {f.eval_crop_pct}",
-        )
-        check(
-            f.eval_batch_size >= 1,
-            "finetune.eval_batch_size",
-            f"expected 1 or more, got {f.eval_batch_size}",
-        )
-        check(
-            cfg.data.repeated_sampling == 1,
-            "data.repeated_sampling",
-            "fine-tuning samples each image once per epoch; set it to 1",
-        )
-        if f.mixup > 0 or f.cutmix > 0:
-            check(
-                cfg.data.batch_size % 2 == 0,
-                "data.batch_size",
-                f"mixup/cutmix mixes pairs of images; use an even batch size, got "
-                f"{cfg.data.batch_size}",
-            )
         if f.aa is not None:
             try:
                 cls.build_views(cfg)
@@ -469,3 +401,85 @@ def evaluate_classifier(
     out = {name: float(v) for name, v in zip(names, totals[:-1].tolist())}
     out["n"] = float(totals[-1])
     return out
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field '{name}': {message}")
+
+
+def _check_inputs(cfg: Config) -> None:
+    """The labelled folders and the encoder to start from."""
+    f = cfg.finetune
+    _check(
+        cfg.data.source == "images",
+        "data.source",
+        f"fine-tuning reads a labelled ImageFolder (DIR/<class>/<image>), got "
+        f"{cfg.data.source!r}; pass --data DIR (or set data.source=images, data.path=DIR)",
+    )
+    if f.checkpoint is not None:
+        _check(
+            Path(f.checkpoint).exists(),
+            "finetune.checkpoint",
+            f"{f.checkpoint!r} does not exist; pass the pre-trained encoder's checkpoint, "
+            "run folder or export (null: random initialisation)",
+        )
+    if f.val is not None:
+        _check(
+            Path(f.val).is_dir(),
+            "finetune.val",
+            f"{f.val!r} is not a folder; pass the validation ImageFolder (or null: none)",
+        )
+    if f.num_classes is not None:
+        _check(
+            f.num_classes >= 2,
+            "finetune.num_classes",
+            f"expected 2 or more, got {f.num_classes}",
+        )
+
+
+def _check_values(f: FinetuneConfig) -> None:
+    """The recipe's numbers: layer decay, mixing, smoothing, EMA, evaluation."""
+    _check(
+        0 < f.layer_decay <= 1,
+        "finetune.layer_decay",
+        f"expected 0 < d <= 1, got {f.layer_decay}",
+    )
+    _check(f.mixup >= 0, "finetune.mixup", f"expected 0 (off) or a positive alpha, got {f.mixup}")
+    _check(
+        f.cutmix >= 0,
+        "finetune.cutmix",
+        f"expected 0 (off) or a positive alpha, got {f.cutmix}",
+    )
+    for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
+        value = getattr(f, name)
+        _check(0 <= value <= 1, f"finetune.{name}", f"expected a probability, got {value}")
+    _check(0 <= f.smoothing < 1, "finetune.smoothing", f"expected 0 <= s < 1, got {f.smoothing}")
+    _check(f.head_init >= 0, "finetune.head_init", f"expected 0 or more, got {f.head_init}")
+    _check(0 < f.ema_decay < 1, "finetune.ema_decay", f"expected 0 < d < 1, got {f.ema_decay}")
+    _check(
+        0 < f.eval_crop_pct <= 1,
+        "finetune.eval_crop_pct",
+        f"expected 0 < crop_pct <= 1, got {f.eval_crop_pct}",
+    )
+    _check(
+        f.eval_batch_size >= 1,
+        "finetune.eval_batch_size",
+        f"expected 1 or more, got {f.eval_batch_size}",
+    )
+
+
+def _check_batches(cfg: Config) -> None:
+    f = cfg.finetune
+    _check(
+        cfg.data.repeated_sampling == 1,
+        "data.repeated_sampling",
+        "fine-tuning samples each image once per epoch; set it to 1",
+    )
+    if f.mixup > 0 or f.cutmix > 0:
+        _check(
+            cfg.data.batch_size % 2 == 0,
+            "data.batch_size",
+            f"mixup/cutmix mixes pairs of images; use an even batch size, got "
+            f"{cfg.data.batch_size}",
+        )

@@ -37,10 +37,10 @@ from siamae.data.segmentation import (
     open_segmentation,
 )
 from siamae.errors import ConfigError
-from siamae.eval.segmentation import InferenceConfig, evaluate_segmentation
 from siamae.finetune.classification import build_encoder
 from siamae.finetune.command import encoder_and_out_overrides
 from siamae.finetune.layer_decay import layer_decay_groups
+from siamae.finetune.segmentation_eval import InferenceConfig, evaluate_segmentation
 from siamae.methods.base import Method, MethodOutput, Picture, Reconstruction
 from siamae.methods.siameseim import TokenBatchNorm
 from siamae.models.upernet import UperNet, block_features, default_out_indices

@@ -1,7 +1,9 @@
 """Segmentation fine-tuning runs on disk: whether a checkpoint is one, the model it holds, and
 its export (the whole model, encoder + neck + heads, as safetensors with a JSON sidecar) and the
-export read back. Apart from :mod:`siamae.finetune.segmentation` because rebuilding a model from
-its stored recipe needs :mod:`siamae.recipes`, which needs the registry, which holds the model.
+export read back, like :mod:`siamae.finetune.checkpoints` for classification. The model is
+rebuilt from its stored recipe, resolved by the task itself
+(:meth:`~siamae.methods.base.Method.resolve_config`, what :func:`siamae.recipes.config_from_dict`
+does for a config naming it), so this room never imports the registry above it.
 """
 
 from __future__ import annotations
@@ -14,14 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from siamae.checkpoint import load_checkpoint, training_method
-from siamae.config import Config
+from siamae.config import Config, from_dict
 from siamae.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from siamae.data.segmentation import SegmentationSet, open_segmentation
 from siamae.errors import CheckpointError, SiamaeError
 from siamae.finetune.segmentation import METHOD_NAME, SegmentationFineTune
 from siamae.models.timm_names import default_timm_name, timm_kwargs
 from siamae.models.vit import VIT_SIZES, Encoder
-from siamae.recipes import config_from_dict
 
 
 def is_segmentation_checkpoint(path: str | Path) -> bool:
@@ -42,7 +43,7 @@ def load_segmentation_model(path: str | Path) -> tuple[SegmentationFineTune, dic
     data = dict(obj["config"])
     data["finetune"] = {**data["finetune"], "checkpoint": None}  # weights come from this file
     data["segmentation"] = {**data["segmentation"], "val": None}
-    cfg = config_from_dict(data)
+    cfg = SegmentationFineTune.resolve_config(from_dict(Config, data))
     state = obj["model"]
     num_classes = int(state["head.decode.classifier.weight"].shape[0])
     names = _class_names(cfg, num_classes)
@@ -148,7 +149,7 @@ def load_segmentation_export(path: str | Path) -> SegmentationFineTune:
     data = dict(info["recipe"])
     data["finetune"] = {**data["finetune"], "checkpoint": None}
     data["segmentation"] = {**data["segmentation"], "val": None}
-    cfg = config_from_dict(data)
+    cfg = SegmentationFineTune.resolve_config(from_dict(Config, data))
     tensors = load_file(str(p))
     m = cfg.model
     backbone = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn as nn
 
+from siamae.config import check_fields
 from siamae.data.dataset import IMAGENET_MEAN, IMAGENET_STD, build_source, build_view_maker
 from siamae.errors import ConfigError
 from siamae.models.masking import num_visible, patchify, unpatchify
@@ -97,6 +98,26 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         The default refuses a mask ratio that masks no patch or leaves none visible.
         """
         check_mask_ratio(cfg)
+
+    @classmethod
+    def resolve_config(cls, cfg: Config) -> Config:
+        """``cfg`` with its ``null`` fields set to this method's published values, then every
+        field checked: the generic checks (:func:`siamae.config.check_fields`), then the
+        method's own (:meth:`check_config`). :func:`siamae.recipes.resolve` calls it for the
+        method a config names; not a hook to override."""
+        defaults = cls.published_defaults(cfg)
+        if cfg.mask_ratio is None:
+            cfg.mask_ratio = defaults["mask_ratio"]
+        for name, value in defaults.get("decoder", {}).items():
+            if getattr(cfg.decoder, name) is None:
+                setattr(cfg.decoder, name, value)
+        if cfg.data.global_scale is None:
+            cfg.data.global_scale = tuple(defaults["global_scale"])
+        if cfg.data.interpolation is None:
+            cfg.data.interpolation = defaults.get("interpolation", "bilinear")
+        check_fields(cfg)
+        cls.check_config(cfg)
+        return cfg
 
     # -- data ---------------------------------------------------------------------------------
     @classmethod

@@ -16,9 +16,9 @@ from siamae.errors import DataError
 from siamae.eval.propagation.davis import evaluate_davis, list_sequences, read_mask, write_mask
 from siamae.eval.propagation.engine import protocol
 from siamae.eval.propagation.jhmdb import decode_joints, evaluate_jhmdb, joint_labels, read_joints
-from siamae.eval.propagation.overlays import PALETTE
 from siamae.eval.propagation.vip import evaluate_vip, read_category_ids
 from siamae.models.vit import Encoder
+from siamae.overlays import PALETTE
 
 
 @pytest.fixture(scope="module")

@@ -38,8 +38,8 @@ from siamae.eval.propagation.metrics import (
     num_objects_of,
     summarise,
 )
-from siamae.eval.propagation.overlays import PALETTE, OverlayRecorder
 from siamae.loading import describe_encoder
+from siamae.overlays import PALETTE, OverlayRecorder
 
 RESOLUTION = "480p"
 

@@ -16,7 +16,7 @@ import torch
 from siamae.data.synthetic import synthetic_video
 from siamae.eval.propagation.engine import labels_to_ids, propagate_video, protocol
 from siamae.eval.propagation.metrics import score_sequence, summarise
-from siamae.eval.propagation.overlays import blend, save_labelled_grid
+from siamae.overlays import blend, save_labelled_grid
 
 
 @torch.no_grad()

@@ -1,4 +1,7 @@
-"""Pictures of propagated labels: masks blended over frames, as a PNG strip or an animated GIF."""
+"""Pictures of label maps: the DAVIS / PASCAL VOC palette, masks blended over frames, labelled
+grids, PNG strips and animated GIFs. Propagation (:mod:`siamae.eval.propagation`) and
+segmentation (:mod:`siamae.finetune.segmentation_eval`, :mod:`siamae.eval.segmentation`) draw
+with them, so they stand below both."""
 
 from __future__ import annotations
 

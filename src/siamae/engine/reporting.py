@@ -1,0 +1,142 @@
+"""What a run reports as it trains: every ``run.log_every`` steps the log window's means (loss,
+learning rate, throughput, loader wait, the method's own scalars) to the metrics files
+(:class:`siamae.engine.logging.MetricsLogger`) and the progress bar; the k-NN monitor; the
+method's evaluations (a ``best`` checkpoint when its ``best_metric`` improves); the files
+skipped as unreadable.
+
+The means are taken over every process (collectives: every process reports at the same steps).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from siamae.engine import distributed as D
+from siamae.engine.checkpointing import save_checkpoint
+from siamae.engine.setup import SKIPPED_FILE
+from siamae.engine.state import Run
+
+
+class LogWindow:
+    """The sums one log window averages: the loss and the method's own scalars
+    (``MethodOutput.logs``) per micro-batch, the pairs seen and the seconds spent waiting for
+    the loader."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.count = 0
+        self.log_sums: dict[str, torch.Tensor] = {}
+        self.samples = 0
+        self.start = time.perf_counter()
+        self.data_wait = 0.0  # seconds this log window spent waiting for the loader
+
+    def next_batch(self, iterator: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        wait_start = time.perf_counter()
+        batch = next(iterator)
+        self.data_wait += time.perf_counter() - wait_start
+        return batch
+
+    def add(self, loss: torch.Tensor, logs: dict[str, torch.Tensor], samples: int) -> None:
+        self.loss_sum += loss.detach()
+        for key, value in logs.items():
+            self.log_sums[key] = self.log_sums.get(key, 0.0) + value.detach().float()
+        self.count += 1
+        self.samples += samples
+
+    def reset(self) -> None:
+        self.log_sums.clear()
+        self.loss_sum.zero_()
+        self.count = 0
+        self.samples, self.start = 0, time.perf_counter()
+        self.data_wait = 0.0
+
+
+def log_window(run: Run, window: LogWindow, lr: float) -> None:
+    """Log the window's means (over every process) and start a new window."""
+    info, state = run.info, run.state
+    mean_loss = D.all_reduce_mean(window.loss_sum / max(window.count, 1), info).item()
+    skipped = int(
+        D.all_reduce_sum(torch.tensor(float(state.skipped), device=run.device), info).item()
+    )
+    elapsed = time.perf_counter() - window.start
+    record = {
+        "step": state.step,
+        "epoch": run.epoch_fraction(),
+        "loss": mean_loss,
+        "lr": lr,
+        "pairs_per_s": window.samples / max(elapsed, 1e-9),
+        # A loader that keeps up leaves this near 0.
+        "data_wait": window.data_wait / max(elapsed, 1e-9),
+        "skipped": skipped,
+    }
+    for key in sorted(window.log_sums):  # the same keys, in the same order, on every rank
+        record[key] = D.all_reduce_mean(window.log_sums[key] / max(window.count, 1), info).item()
+    run.last_loss = mean_loss
+    window.reset()
+    if run.logger is not None:
+        run.logger.log(record)
+    if run.progress is not None:
+        run.progress.set_postfix(
+            loss=f"{mean_loss:.4f}",
+            lr=f"{lr:.2e}",
+            pairs_s=f"{record['pairs_per_s']:.1f}",
+            data_wait=f"{record['data_wait']:.0%}",
+        )
+
+
+def note_skipped_files(run: Run, lines: list[str]) -> None:
+    """Count and list (``skipped_files.txt``) the unreadable files of a batch not met before."""
+    state = run.state
+    new = [line for line in lines if line.split("\t")[0] not in state.skipped_names]
+    if not new:
+        return
+    state.skipped_names.update(line.split("\t")[0] for line in new)
+    state.skipped += len(new)
+    with (run.run_dir / SKIPPED_FILE).open("a") as f:
+        f.writelines(line + "\n" for line in new)
+    if run.progress is not None:
+        run.progress.write(
+            f"skipped unreadable file {new[0]}"
+            + (f" (+{len(new) - 1} more)" if len(new) > 1 else "")
+        )
+
+
+def run_monitor(run: Run) -> None:
+    """The k-NN monitor, when it is due at this step (at an epoch's end unless it counts steps)."""
+    monitor, state, steps_per_epoch = run.monitor, run.state, run.schedule.steps_per_epoch
+    if not (
+        monitor is not None
+        and monitor.due(state.step // steps_per_epoch, state.step)
+        and (state.step % steps_per_epoch == 0 or run.cfg.monitor.every_steps)
+    ):
+        return
+    _report(run, monitor.run(run.method.encoder))
+
+
+def run_evaluation(run: Run) -> None:
+    """The method's own evaluation (at an epoch's end); a ``best`` checkpoint when its
+    ``best_metric`` improves."""
+    result = run.method.evaluate(run.device)
+    if not result:
+        return
+    result = {k: float(v) for k, v in result.items()}
+    _report(run, result)
+    run.eval_results.update(result)
+    metric, state = run.method.best_metric, run.state
+    if metric is not None and metric in result:
+        if state.best is None or result[metric] > state.best:
+            state.best = result[metric]
+            save_checkpoint(run, "best")
+
+
+def _report(run: Run, result: dict[str, float]) -> None:
+    if run.logger is not None and result:
+        run.logger.log({"step": run.state.step, "epoch": run.epoch_fraction(), **result})
+    if run.progress is not None and result:
+        run.progress.write(
+            f"step {run.state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+        )

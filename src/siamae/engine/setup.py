@@ -1,0 +1,272 @@
+"""A training call set up: device and precision, the model (the same on every process), the
+data, the schedule and the optimizer, the resumed state, the DDP / compile wrappers, and the
+reporters (metrics files, progress bar, k-NN monitor).
+
+Every check that can fail runs before anything is written: a failed start leaves the run
+folder as it was (no config of a run that never ran, no empty folders).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from siamae.config import Config, save_config
+from siamae.data.dataset import EpochSampler, build_dataset, build_loader, loader_batch_size
+from siamae.engine import distributed as D
+from siamae.engine.checkpointing import check_weights_fit, open_resume_checkpoint, restore
+from siamae.engine.logging import MetricsLogger
+from siamae.engine.state import Run, Schedule, TrainState
+from siamae.errors import ConfigError
+from siamae.eval.probes.monitor import build_monitor
+from siamae.methods import Method
+from siamae.optim import build_optimizer
+from siamae.paths import check_writable
+from siamae.registry import build_method
+from siamae.threads import apply_thread_policy, worker_threads
+
+THREADS_FILE = "threads.json"  # the resolved thread plan (siamae.threads.ThreadPlan)
+VIDEO_INDEX_FILE = "video_index.json"  # siamae.data.video.INDEX_FILE, without importing PyAV
+SKIPPED_FILE = "skipped_files.txt"  # siamae.data.video.SKIPPED_FILE
+
+
+def pick_device(cfg: Config, info: D.DistInfo) -> torch.device:
+    if cfg.run.device == "auto":
+        return torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"config field 'run.device': {cfg.run.device!r} asked for, but no CUDA device is available; use 'auto' or 'cpu'"
+        )
+    if cfg.run.device == "cuda" and info.enabled:
+        return torch.device(f"cuda:{info.local_rank}")
+    return torch.device(cfg.run.device)
+
+
+def pick_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32."""
+    p = cfg.run.precision
+    if device.type != "cuda":
+        if p in ("fp16", "bf16"):
+            # The recipes ask for fp16 on GPUs; on a CPU mixed precision is slower, not faster.
+            warnings.warn(
+                f"run.precision={p} applies to CUDA devices; training in fp32 on {device}",
+                stacklevel=2,
+            )
+        return None
+    if p == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[p]
+
+
+def make_schedule(cfg: Config, batches_per_epoch: int, world_size: int) -> Schedule:
+    o = cfg.optim
+    steps_per_epoch = batches_per_epoch // o.accum_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"config field 'optim.accum_steps': {o.accum_steps} accumulation steps exceed the "
+            f"{batches_per_epoch} batches of one epoch; lower it or use more data"
+        )
+    total = o.max_steps if o.max_steps is not None else max(1, round(o.epochs * steps_per_epoch))
+    warmup = (
+        o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
+    )
+    effective = cfg.data.batch_size * world_size * o.accum_steps
+    return Schedule(
+        steps_per_epoch, total, min(warmup, total), o.base_lr * effective / 256, effective
+    )
+
+
+def set_up(cfg: Config, info: D.DistInfo, resume: str | Path | bool | None) -> Run:
+    """Everything a training call needs, resumed from ``resume`` when it names a checkpoint."""
+    # Before any parallel work (building the model is some), so the whole run uses the plan.
+    threads = apply_thread_policy(cfg.run.threads, cfg.data.num_workers)
+    device = pick_device(cfg, info)
+    amp_dtype = pick_precision(cfg, device)
+    run_dir = Path(cfg.run.out_dir)
+    if info.is_main:  # before any work (the CLI checks --out; this covers run.out_dir too)
+        check_writable(run_dir, "run.out_dir")
+    resume_path, checkpoint = open_resume_checkpoint(cfg, run_dir, resume)
+    method = _build_same_method(cfg, info, device)
+    with _staging_folder(run_dir) as staging:
+        dataset = build_dataset(
+            cfg,
+            method.view_kind,
+            method.encoder.num_patches,
+            views=method.build_views(cfg),
+            source=method.build_source(cfg, str(staging)),
+        )
+        # With repeated sampling one loader item holds several pairs; data.batch_size counts pairs.
+        sampler = EpochSampler(
+            len(dataset), loader_batch_size(cfg), info.rank, info.world_size, cfg.run.seed
+        )
+        schedule = make_schedule(cfg, sampler.batches_per_epoch, info.world_size)
+        optimizer = build_optimizer(
+            method.param_groups(cfg.optim.weight_decay, cfg.optim.no_decay_tokens),
+            schedule.peak_lr,
+            cfg.optim.betas,
+            fused=device.type == "cuda",
+        )
+        if checkpoint is not None:
+            check_weights_fit(method, checkpoint["model"], resume_path)
+        if info.is_main:
+            _write_start_files(cfg, run_dir, staging, method)
+    D.barrier(info)
+
+    if info.is_main:
+        print(f"siamae: {cfg.method} on {device.type}, {threads.describe()}", flush=True)
+        (run_dir / THREADS_FILE).write_text(json.dumps(threads.to_dict()) + "\n")
+    loader = _build_loader(dataset, sampler, cfg.data.num_workers, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    state = TrainState()
+    if checkpoint is not None:
+        state = restore(checkpoint, resume_path, method, optimizer, scaler, info, device)
+    run = Run(
+        cfg=cfg,
+        info=info,
+        device=device,
+        run_dir=run_dir,
+        method=method,
+        model=_wrap(method, cfg, info, device),
+        dataset=dataset,
+        sampler=sampler,
+        loader=loader,
+        schedule=schedule,
+        optimizer=optimizer,
+        scaler=scaler,
+        autocast=(
+            torch.autocast(device.type, dtype=amp_dtype)
+            if amp_dtype is not None
+            else contextlib.nullcontext()
+        ),
+        state=state,
+    )
+    if info.is_main:
+        _start_reporters(run)
+    return run
+
+
+def _build_same_method(cfg: Config, info: D.DistInfo, device: torch.device) -> Method:
+    torch.manual_seed(cfg.run.seed + info.rank)
+    with torch.random.fork_rng(devices=[]):
+        # Every process builds the same model: DDP broadcasts the trained weights from rank 0,
+        # but not what it ignores (an EMA target), which must start equal too.
+        torch.manual_seed(cfg.run.seed)
+        return build_method(cfg).to(device)
+
+
+@contextlib.contextmanager
+def _staging_folder(run_dir: Path) -> Iterator[Path]:
+    """A temporary folder for what the start writes (the video index), copied into the run
+    folder once the start is sure, and removed however the start ends."""
+    staging = Path(tempfile.mkdtemp(prefix="siamae-start-"))
+    try:
+        cached_index = run_dir / VIDEO_INDEX_FILE
+        if cached_index.is_file():  # a restart does not probe the videos again
+            shutil.copy2(cached_index, staging / cached_index.name)
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_start_files(cfg: Config, run_dir: Path, staging: Path, method: Method) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    for staged in staging.iterdir():
+        shutil.copy2(staged, run_dir / staged.name)
+    _list_skipped_at_start(run_dir, getattr(method, "skipped_at_start", []))
+    # A kill during a checkpoint write leaves a temporary file; the rename never came.
+    for stale in (run_dir / "checkpoints").glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def _list_skipped_at_start(run_dir: Path, lines: list[str]) -> None:
+    """Add the files a method dropped while it was built (a fine-tuning run's unreadable
+    validation images) to ``skipped_files.txt``, once: a resumed run finds them listed."""
+    if not lines:
+        return
+    listing = run_dir / "skipped_files.txt"
+    listed = set(listing.read_text().splitlines()) if listing.is_file() else set()
+    with listing.open("a") as f:
+        f.writelines(line + "\n" for line in lines if line not in listed)
+
+
+def _init_worker(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; workers keep serving so the main process can
+    # finish its step and save a checkpoint.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    worker_threads(worker_id)
+
+
+def _build_loader(
+    dataset: Any, sampler: EpochSampler, num_workers: int, device: torch.device
+) -> DataLoader:
+    loader = build_loader(dataset, sampler, num_workers, pin_memory=device.type == "cuda")
+    loader.worker_init_fn = _init_worker
+    # A private generator: creating loader iterators must not consume the global RNG, or a
+    # resumed run's dropout would drift from an uninterrupted one.
+    loader.generator = torch.Generator()
+    return loader
+
+
+def _wrap(method: Method, cfg: Config, info: D.DistInfo, device: torch.device) -> nn.Module:
+    """What runs the step: ``method`` in DDP with several processes, compiled on request."""
+    model: nn.Module = method
+    if info.enabled:
+        ignored = method.ddp_ignored_names()
+        if ignored:
+            # An EMA target is updated identically on every process; DDP must neither reduce
+            # nor broadcast it.
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(method, ignored)
+        model = DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.run.compile:
+        model = torch.compile(model)
+    return model
+
+
+def _start_reporters(run: Run) -> None:
+    """The main process's k-NN monitor, metrics files and progress bar; files the source found
+    unreadable before training are listed."""
+    cfg = run.cfg
+    if cfg.monitor.knn_train:
+        run.monitor = build_monitor(cfg, run.device)
+    run.logger = MetricsLogger(run.run_dir, run.state.step, cfg.run.tensorboard)
+    if cfg.run.progress:
+        from tqdm.auto import tqdm
+
+        run.progress = tqdm(
+            total=run.schedule.total_steps,
+            initial=run.state.step,
+            desc=f"{cfg.method} pre-training",
+            unit="step",
+            dynamic_ncols=True,
+        )
+    _list_unreadable_at_start(run.dataset, run.run_dir, run.state)
+
+
+def _list_unreadable_at_start(dataset: Any, run_dir: Path, state: TrainState) -> None:
+    """Items the source found unreadable before training (videos a probe could not open) go to
+    ``skipped_files.txt`` and the count, like the files skipped during training. Main process
+    only: every process found the same ones."""
+    unreadable = getattr(getattr(dataset, "source", None), "unreadable", None) or []
+    new = [(name, why) for name, why in unreadable if name not in state.skipped_names]
+    if not new:
+        return
+    state.skipped_names.update(name for name, _ in new)
+    state.skipped += len(new)
+    with (run_dir / SKIPPED_FILE).open("a") as f:
+        f.writelines(f"{name}\t{why}\n" for name, why in new)

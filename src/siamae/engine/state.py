@@ -1,0 +1,77 @@
+"""What one call of :func:`siamae.engine.trainer.train` holds: the schedule, the counters a
+checkpoint keeps (:class:`TrainState`), and :class:`Run`, everything the setup built, which the
+step, the logging, the checkpoints and the shutdown share."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from siamae.config import Config
+from siamae.data.dataset import EpochSampler
+from siamae.engine import distributed as D
+from siamae.engine.logging import MetricsLogger
+from siamae.eval.probes.monitor import KNNMonitor
+from siamae.methods import Method
+
+
+@dataclass
+class Schedule:
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    effective_batch: int
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    skipped: int = 0  # unreadable files met so far (distinct names, this process)
+    skipped_names: set[str] = field(default_factory=set)
+    last_checkpoint_step: int | None = None
+    best: float | None = None  # the best value of the method's best_metric so far
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """One training call, set up: ``method`` is the model itself, ``model`` what runs the step
+    (``method`` wrapped in DDP and/or ``torch.compile``, or ``method`` again). ``monitor``,
+    ``logger`` and ``progress`` exist on the main process only (and ``progress`` with
+    ``run.progress``). The last three fields are what this call has done so far."""
+
+    cfg: Config
+    info: D.DistInfo
+    device: torch.device
+    run_dir: Path
+    method: Method
+    model: nn.Module
+    dataset: Any
+    sampler: EpochSampler
+    loader: DataLoader
+    schedule: Schedule
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: Any  # torch.autocast, or a null context for fp32
+    state: TrainState
+    monitor: KNNMonitor | None = None
+    logger: MetricsLogger | None = None
+    progress: Any = None  # a tqdm bar
+    steps_this_call: int = 0
+    last_loss: float = math.nan  # the mean loss of the last log window
+    eval_results: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def epoch_fraction(self) -> float:
+        """The epoch the log records name: steps over steps per epoch, to 4 decimals."""
+        return round(self.state.step / self.schedule.steps_per_epoch, 4)

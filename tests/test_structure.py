@@ -1,0 +1,69 @@
+"""The package's plan (README, "Design"), measured by benchmarks/structure_figures.py: no import
+circles, no room importing a room above it, siamae imports at the top of each file, and the
+training loop in parts of at most 80 lines."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "structure_figures.py"
+
+
+@pytest.fixture(scope="module")
+def figures_of():
+    spec = importlib.util.spec_from_file_location("structure_figures", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["structure_figures"] = module  # the dataclass looks its module up there
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module.measure
+
+
+def _write(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / "siamae" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root / "siamae"
+
+
+def test_the_script_finds_room_loops_circles_and_inner_imports(figures_of, tmp_path: Path) -> None:
+    src = _write(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "low/__init__.py": "",
+            "low/a.py": "from siamae.high.b import thing\n",  # a room importing one above it
+            "high/__init__.py": "",
+            "high/b.py": "from siamae.low.c import other\nthing = 1\n",
+            "low/c.py": "other = 2\n\ndef f():\n    from siamae.high import b\n",
+            "alone.py": "from siamae.low.c import other\n",
+        },
+    )
+    figures = figures_of(src)
+    assert figures.room_loops == [["high", "low"]]
+    assert figures.room_arrows["low"]["high"] == {
+        "siamae.low.a -> siamae.high.b",
+        "siamae.low.c -> siamae.high.b",
+    }
+    assert figures.circles == [["siamae.high.b", "siamae.low.c"]]  # via c's inner import
+    assert figures.inner_imports == ["siamae/low/c.py:4 -> siamae.high.b"]
+    assert figures.longest == (2, "siamae.low.c.f")
+
+
+def test_the_package_keeps_its_plan(figures_of) -> None:
+    figures = figures_of(REPO / "src" / "siamae")
+    assert figures.room_loops == [], {
+        room: dict(arrows) for room, arrows in figures.room_arrows.items()
+    }
+    assert figures.circles == []
+    # The one exception: the console script imports the CLI once OMP_WAIT_POLICY is set.
+    assert [line.split(":")[0] for line in figures.inner_imports] == ["siamae/entry.py"]
+    engine = [(n, name) for n, name in figures.functions if name.startswith("siamae.engine.")]
+    assert len(engine) > 20  # the parts are measured
+    assert max(engine)[0] <= 80, max(engine)
