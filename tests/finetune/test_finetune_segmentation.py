@@ -5,6 +5,7 @@ the predicted PNGs in the data set's label space, the export and the command lin
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -451,8 +452,12 @@ def test_export_whole_model_and_encoder(overfit_run, voc: Path, tmp_path: Path) 
 
     out, _ = overfit_run
     model, _ = load_segmentation_model(out)
-    weights_path, _ = export_segmentation(out, tmp_path / "seg.safetensors")
+    weights_path, sidecar_path = export_segmentation(out, tmp_path / "seg.safetensors")
     again = load_segmentation_export(weights_path)
+    # the sidecar's usage line names a function that exists where it says
+    dotted = json.loads(sidecar_path.read_text())["usage"].split("(")[0]
+    module_name, function_name = dotted.rsplit(".", 1)
+    assert getattr(importlib.import_module(module_name), function_name) is load_segmentation_export
     images = torch.randn(1, 3, 32, 40)
     with torch.no_grad():
         assert torch.allclose(model.segment(images), again.segment(images), atol=1e-6)

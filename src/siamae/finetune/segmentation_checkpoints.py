@@ -115,7 +115,7 @@ def export_segmentation(checkpoint: str | Path, out: str | Path) -> tuple[Path, 
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "usage": (
-            f"siamae.finetune.segmentation.load_segmentation_export({out.name!r}) -> model; "
+            f"siamae.finetune.segmentation_checkpoints.load_segmentation_export({out.name!r}) -> model; "
             "model.segment(images) gives (B, C, H, W) logits"
         ),
         "timm_usage": (
