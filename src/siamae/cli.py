@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from siamae import __version__, export
+from siamae.arguments import add_device_option
 from siamae.demo import run_demo
 from siamae.engine.trainer import train
 from siamae.errors import SiamaeError
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep", type=float, default=0.6, help="attention: share of the mass the mask keeps"
     )
     p.add_argument("--resize", type=int, help="attention: resize the short side first (pixels)")
-    p.add_argument("--device", default="auto", help="attention: auto, cpu or cuda[:N]")
+    add_device_option(p, note="attention: ")
     p.add_argument("--data", help="data path (default: the checkpoint's own data config)")
     p.add_argument(
         "--out",

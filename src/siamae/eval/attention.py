@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from siamae.arguments import resolve_device
 from siamae.data.image_folder import normalize
 from siamae.data.sources import to_rgb
 from siamae.errors import DataError, SiamaeError
-from siamae.eval.probes.features import resolve_device
 from siamae.loading import load_encoder
 from siamae.models.vit import Encoder
 
