@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from siamae.data.dataset import EpochSampler, PretrainDataset, build_loader
 from siamae.data.image_folder import normalize
@@ -208,61 +209,30 @@ def evaluate_segmentation(
     image (the dataset's label space), ``pictures.png`` (image, ground truth, prediction of the
     first ``pictures`` images) and ``summary.json`` (rank 0)."""
     rank, world = _world()
-    c = dataset.num_classes
-    matrix = torch.zeros((c, c), dtype=torch.int64, device=device)
-    skipped: list[str] = []
-    rows: list[list[np.ndarray]] = []
-    stems: list[str] = []
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         (out / "pred").mkdir(parents=True, exist_ok=True)
-    indices = range(rank, len(dataset), world)
     start = time.perf_counter()
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(indices), desc="segmentation eval", unit="image")
-    for i in indices:
-        try:
-            image, label = dataset.read(i)
-        except UnreadableSample as bad:
-            skipped.append(f"{bad.name}\t{bad.reason}")
-            continue
-        scores = predict(model_fn, image, c, inference, device, multiple)
-        pred = scores.argmax(0)
-        matrix += confusion_matrix(pred, torch.from_numpy(label).to(device), c)
-        if out is not None:
-            pred_np = pred.to(torch.uint8).cpu().numpy()
-            Image.fromarray(dataset.to_dataset_labels(pred_np, label)).save(
-                out / "pred" / f"{dataset.pairs[i].stem}.png"
-            )
-            if rank == 0 and len(rows) < pictures:
-                rows.append(
-                    [image, _colour(label), _colour(np.where(label == IGNORE_INDEX, 255, pred_np))]
-                )
-                stems.append(dataset.pairs[i].stem)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    scored = _score_images(
+        model_fn, dataset, device, inference, multiple, out, pictures, progress and rank == 0
+    )
     if world > 1:
-        dist.all_reduce(matrix)
+        dist.all_reduce(scored.matrix)
         gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, skipped)
-        skipped = [s for part in gathered for s in part]
-    result = segmentation_scores(matrix, dataset.class_names)
+        dist.all_gather_object(gathered, scored.skipped)
+        scored.skipped = [s for part in gathered for s in part]
+    result = segmentation_scores(scored.matrix, dataset.class_names)
     summary = {
         "format": SUMMARY_FORMAT,
         "mIoU": result["mIoU"],
         "mAcc": result["mAcc"],
         "aAcc": result["aAcc"],
-        "num_images": len(dataset) - len(skipped),
-        "num_classes": c,
+        "num_images": len(dataset) - len(scored.skipped),
+        "num_classes": dataset.num_classes,
         "layout": dataset.layout,
         "split": dataset.split,
         "data": str(dataset.root),
-        "skipped": skipped,
+        "skipped": scored.skipped,
         "unpaired": list(dataset.unpaired),
         "inference": asdict(inference),
         "seconds": round(time.perf_counter() - start, 2),
@@ -270,17 +240,74 @@ def evaluate_segmentation(
         "per_class": result["per_class"],
     }
     if out is not None and rank == 0:
-        if rows:
+        if scored.rows:
             save_labelled_grid(
                 out / "pictures.png",
-                rows,
-                stems,
+                scored.rows,
+                scored.stems,
                 ["image", "ground truth", "prediction"],
                 title=f"{title} mIoU {summary['mIoU']:.1f}".strip(),
             )
             summary["pictures"] = str(out / "pictures.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+@dataclass
+class _Scored:
+    """What one process's share of the images gave: the confusion matrix, the unreadable
+    files, and the first images' picture rows (image, ground truth, prediction) and stems."""
+
+    matrix: torch.Tensor
+    skipped: list[str] = field(default_factory=list)
+    rows: list[list[np.ndarray]] = field(default_factory=list)
+    stems: list[str] = field(default_factory=list)
+
+
+def _score_images(
+    model_fn: LogitsFn,
+    dataset: SegmentationSet,
+    device: torch.device,
+    inference: InferenceConfig,
+    multiple: int,
+    out: Path | None,
+    pictures: int,
+    progress: bool,
+) -> _Scored:
+    """This process's every world-th image predicted and scored; with ``out``, its predicted
+    PNG written (and, on rank 0, the first ``pictures`` kept for the picture)."""
+    rank, world = _world()
+    c = dataset.num_classes
+    scored = _Scored(torch.zeros((c, c), dtype=torch.int64, device=device))
+    indices = range(rank, len(dataset), world)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(indices), desc="segmentation eval", unit="image")
+    for i in indices:
+        try:
+            image, label = dataset.read(i)
+        except UnreadableSample as bad:
+            scored.skipped.append(f"{bad.name}\t{bad.reason}")
+            continue
+        pred = predict(model_fn, image, c, inference, device, multiple).argmax(0)
+        scored.matrix += confusion_matrix(pred, torch.from_numpy(label).to(device), c)
+        if out is not None:
+            pred_np = pred.to(torch.uint8).cpu().numpy()
+            Image.fromarray(dataset.to_dataset_labels(pred_np, label)).save(
+                out / "pred" / f"{dataset.pairs[i].stem}.png"
+            )
+            if rank == 0 and len(scored.rows) < pictures:
+                truth = _colour(label)
+                shown = _colour(np.where(label == IGNORE_INDEX, 255, pred_np))
+                scored.rows.append([image, truth, shown])
+                scored.stems.append(dataset.pairs[i].stem)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return scored
 
 
 # -- the frozen linear probe ------------------------------------------------------------------
@@ -360,92 +387,15 @@ def train_linear_probe(
             f"the training split has {train_set.num_classes} classes, the validation split "
             f"{val_set.num_classes}"
         )
-    encoder = encoder.to(device).eval()
-    encoder.requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    head = LinearSegHead(cfg.layers * encoder.embed_dim, train_set.num_classes).to(device)
-    optimizer = torch.optim.AdamW(
-        head.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
-    )
-    views = SegmentationViews(cfg.crop, cfg.scale, cfg.ratio_range, photometric=cfg.photometric)
-    dataset = PretrainDataset(train_set, views, encoder.num_patches, cfg.seed)
-    sampler = EpochSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
-    loader = build_loader(dataset, sampler, cfg.num_workers)
-    loader.generator = torch.Generator()
-    ckpt = out / "probe.pt"
-    step = 0
-    if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state.get("format") != PROBE_FORMAT or state.get("config") != _plain(asdict(cfg)):
-            raise CheckpointError(
-                f"{ckpt} was made with other probe settings; pass another --out or --no-resume"
-            )
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        torch.set_rng_state(state["rng"])
-
-    def save() -> None:
-        payload = {
-            "format": PROBE_FORMAT,
-            "config": _plain(asdict(cfg)),
-            "encoder": source,
-            "head": head.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "rng": torch.get_rng_state(),
-        }
-        tmp = ckpt.with_name(f".{ckpt.name}.tmp")
-        torch.save(payload, tmp)
-        tmp.replace(ckpt)
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.iters, initial=step, desc="linear probe", unit="iter")
-    losses: list[float] = []
-    skipped: set[str] = set()
-    head.train()
+    probe = _ProbeRun.build(encoder, train_set, cfg, device, out / "probe.pt", source)
+    if resume and probe.ckpt.is_file():
+        probe.resume()
     start = time.perf_counter()
-    while step < cfg.iters:
-        epoch = step // sampler.batches_per_epoch
-        sampler.set_epoch(epoch, step % sampler.batches_per_epoch)
-        for batch in loader:
-            skipped.update(batch["skipped_files"])
-            images = normalize(batch["images"][:, 0], device)
-            labels = batch["label"].to(device)
-            with torch.no_grad():
-                features = probe_features(encoder, images, cfg.layers)
-            logits = F.interpolate(
-                head(features), size=labels.shape[-2:], mode="bilinear", align_corners=False
-            )
-            loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg.lr, 0.0, cfg.warmup_iters, cfg.iters, "poly")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            losses.append(loss.item())
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.iters:
-                save()
-            if step >= cfg.iters:
-                break
-    if bar is not None:
-        bar.close()
+    losses, skipped = probe.train(device, progress)
     train_seconds = time.perf_counter() - start
-    head.eval()
-
-    def model_fn(images: torch.Tensor) -> torch.Tensor:
-        logits = head(probe_features(encoder, images, cfg.layers))
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-
+    probe.head.eval()
     return evaluate_segmentation(
-        model_fn,
+        probe.logits,
         val_set,
         device,
         inference,
@@ -457,12 +407,129 @@ def train_linear_probe(
             "protocol": "linear probe (frozen encoder, BatchNorm + 1x1 conv)",
             "encoder": source,
             "probe": _plain(asdict(cfg)),
-            "train_iters": step,
+            "train_iters": probe.step,
             "final_train_loss": float(np.mean(losses[-20:])) if losses else None,
             "train_seconds": round(train_seconds, 1),
             "train_skipped": sorted(skipped),
         },
     )
+
+
+@dataclass
+class _ProbeRun:
+    """A linear probe in training: the frozen encoder, the head and its optimizer, the seeded
+    crops, the iteration reached and the checkpoint file."""
+
+    encoder: Encoder
+    cfg: ProbeConfig
+    head: LinearSegHead
+    optimizer: torch.optim.Optimizer
+    sampler: EpochSampler
+    loader: DataLoader
+    ckpt: Path
+    source: str
+    step: int = 0
+
+    @classmethod
+    def build(
+        cls,
+        encoder: Encoder,
+        train_set: SegmentationSet,
+        cfg: ProbeConfig,
+        device: torch.device,
+        ckpt: Path,
+        source: str,
+    ) -> _ProbeRun:
+        encoder = encoder.to(device).eval()
+        encoder.requires_grad_(False)
+        torch.manual_seed(cfg.seed)  # the head's initial weights
+        head = LinearSegHead(cfg.layers * encoder.embed_dim, train_set.num_classes).to(device)
+        optimizer = torch.optim.AdamW(
+            head.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
+        )
+        views = SegmentationViews(cfg.crop, cfg.scale, cfg.ratio_range, photometric=cfg.photometric)
+        dataset = PretrainDataset(train_set, views, encoder.num_patches, cfg.seed)
+        sampler = EpochSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
+        loader = build_loader(dataset, sampler, cfg.num_workers)
+        loader.generator = torch.Generator()
+        return cls(encoder, cfg, head, optimizer, sampler, loader, ckpt, source)
+
+    def resume(self) -> None:
+        state = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+        if state.get("format") != PROBE_FORMAT or state.get("config") != _plain(asdict(self.cfg)):
+            raise CheckpointError(
+                f"{self.ckpt} was made with other probe settings; pass another --out or --no-resume"
+            )
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"])
+
+    def save(self) -> None:
+        payload = {
+            "format": PROBE_FORMAT,
+            "config": _plain(asdict(self.cfg)),
+            "encoder": self.source,
+            "head": self.head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "rng": torch.get_rng_state(),
+        }
+        tmp = self.ckpt.with_name(f".{self.ckpt.name}.tmp")
+        torch.save(payload, tmp)
+        tmp.replace(self.ckpt)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) logits at the images' size."""
+        logits = self.head(probe_features(self.encoder, images, self.cfg.layers))
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    def train(self, device: torch.device, progress: bool) -> tuple[list[float], set[str]]:
+        """Iterate to ``cfg.iters``, saving every ``checkpoint_every``: the losses, and the
+        files skipped as unreadable."""
+        cfg = self.cfg
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.iters, initial=self.step, desc="linear probe", unit="iter")
+        losses: list[float] = []
+        skipped: set[str] = set()
+        self.head.train()
+        while self.step < cfg.iters:
+            epoch = self.step // self.sampler.batches_per_epoch
+            self.sampler.set_epoch(epoch, self.step % self.sampler.batches_per_epoch)
+            for batch in self.loader:
+                skipped.update(batch["skipped_files"])
+                losses.append(self._step(batch, device))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iters:
+                    self.save()
+                if self.step >= cfg.iters:
+                    break
+        if bar is not None:
+            bar.close()
+        return losses, skipped
+
+    def _step(self, batch: dict[str, Any], device: torch.device) -> float:
+        cfg = self.cfg
+        images = normalize(batch["images"][:, 0], device)
+        labels = batch["label"].to(device)
+        with torch.no_grad():
+            features = probe_features(self.encoder, images, cfg.layers)
+        logits = F.interpolate(
+            self.head(features), size=labels.shape[-2:], mode="bilinear", align_corners=False
+        )
+        loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, cfg.lr, 0.0, cfg.warmup_iters, cfg.iters, "poly")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return loss.item()
 
 
 def _plain(value: Any) -> Any:

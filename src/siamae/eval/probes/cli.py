@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from siamae.arguments import (
     add_device_option,
@@ -154,13 +155,7 @@ def _run_knn(args: argparse.Namespace) -> int:
         args.val,
         ks=args.k,
         temperature=args.temperature,
-        pool=args.pool,
-        img_size=args.img_size,
-        crop_pct=args.crop_pct,
-        batch_size=args.batch_size or 64,
-        num_workers=args.num_workers,
-        device=resolve_device(args.device),
-        progress=not args.no_progress,
+        **_feature_options(args),
     )
     result.info["encoder"] = source
     result.info["pos_resample"] = encoder.pos_resample
@@ -174,6 +169,19 @@ def _run_knn(args: argparse.Namespace) -> int:
         write_result_file(args.out, result.to_dict())
         print(f"wrote {args.out}")
     return 0
+
+
+def _feature_options(args: argparse.Namespace) -> dict[str, Any]:
+    """How the k-NN and few-shot probes compute features, from the probes' shared options."""
+    return {
+        "pool": args.pool,
+        "img_size": args.img_size,
+        "crop_pct": args.crop_pct,
+        "batch_size": args.batch_size or 64,
+        "num_workers": args.num_workers,
+        "device": resolve_device(args.device),
+        "progress": not args.no_progress,
+    }
 
 
 def _run_linear(args: argparse.Namespace) -> int:
@@ -270,16 +278,10 @@ def _run_fewshot(args: argparse.Namespace) -> int:
         subset_file=args.subset,
         seed=args.seed,
         lambd=args.lambd,
-        pool=args.pool,
-        img_size=args.img_size,
-        crop_pct=args.crop_pct,
-        batch_size=args.batch_size or 64,
-        num_workers=args.num_workers,
-        device=resolve_device(args.device),
         out_dir=args.out_dir,
         source=source,
-        progress=not args.no_progress,
         protocol=protocol.name,
+        **_feature_options(args),
     )
     print(
         f"few-shot ({result.subset}: {result.num_labelled} labelled images, {args.pool} "

@@ -126,25 +126,6 @@ def decode_all(
     return torch.cat(chunks)
 
 
-def open_probe_folders(
-    encoder: Encoder,
-    train_dir: str | Path,
-    val_dir: str | Path,
-    img_size: int | None,
-    crop_pct: float,
-) -> tuple[ImageFolder, ImageFolder, int]:
-    """A probe's training and validation folders under the evaluation transform, and the image
-    size (``img_size``, else the encoder's), which must be a multiple of its patch size."""
-    img_size = img_size or encoder.img_size
-    if img_size % encoder.patch_size:
-        raise SiamaeError(
-            f"image size {img_size} is not a multiple of the patch size {encoder.patch_size}"
-        )
-    transform = EvalTransform(img_size, crop_pct)
-    train_set = ImageFolder(train_dir, transform)
-    return train_set, validation_folder(val_dir, transform, train_set.classes), img_size
-
-
 def encoder_fingerprint(source: str) -> dict[str, Any]:
     """What identifies the encoder's weights: the file's path, size and modification time."""
     path = Path(source)
@@ -233,3 +214,44 @@ class FeatureCache:
     def of_folder(self, name: str, folder: ImageFolder, desc: str) -> torch.Tensor:
         """:meth:`features` of a whole folder, under its :meth:`key`."""
         return self.features(name, folder, self.key(folder), desc)
+
+
+def open_probe(
+    encoder: Encoder,
+    train_dir: str | Path,
+    val_dir: str | Path,
+    img_size: int | None,
+    crop_pct: float,
+    pool: str,
+    cache_dir: str | Path | None,
+    source: str,
+    device: torch.device | str,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+) -> tuple[ImageFolder, ImageFolder, FeatureCache]:
+    """What every image probe starts from: the training and validation folders under the
+    evaluation transform at ``img_size`` (default: the encoder's; a multiple of its patch
+    size), and the cache of their features in ``cache_dir`` (None: kept nowhere), the encoder
+    moved to ``device``."""
+    img_size = img_size or encoder.img_size
+    if img_size % encoder.patch_size:
+        raise SiamaeError(
+            f"image size {img_size} is not a multiple of the patch size {encoder.patch_size}"
+        )
+    transform = EvalTransform(img_size, crop_pct)
+    train_set = ImageFolder(train_dir, transform)
+    val_set = validation_folder(val_dir, transform, train_set.classes)
+    cache = FeatureCache(
+        encoder.to(device),
+        Path(cache_dir) if cache_dir is not None else None,
+        source,
+        pool,
+        img_size,
+        crop_pct,
+        device,
+        batch_size,
+        num_workers,
+        progress,
+    )
+    return train_set, val_set, cache

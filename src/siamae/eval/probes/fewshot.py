@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from siamae.data.image_folder import ImageFolder
 from siamae.errors import DataError, SiamaeError
-from siamae.eval.probes.features import FEATURES, FeatureCache, open_probe_folders
+from siamae.eval.probes.features import FEATURES, FeatureCache, open_probe
 from siamae.models.vit import Encoder
 
 
@@ -193,23 +193,22 @@ def fewshot_eval(
     """
 
     device = torch.device(device)
-    train_set, val_set, img_size = open_probe_folders(
-        encoder, train_dir, val_dir, img_size, crop_pct
-    )
-    chosen, subset = _labelled_subset(train_set, subset_file, per_class, seed)
-    encoder = encoder.to(device).eval()
-    cache = FeatureCache(
+    train_set, val_set, cache = open_probe(
         encoder,
-        Path(out_dir) / "features" if out_dir is not None else None,
-        source,
-        pool,
+        train_dir,
+        val_dir,
         img_size,
         crop_pct,
+        pool,
+        cache_dir=Path(out_dir) / "features" if out_dir is not None else None,
+        source=source,
         device=device,
         batch_size=batch_size,
         num_workers=num_workers,
         progress=progress,
     )
+    chosen, subset = _labelled_subset(train_set, subset_file, per_class, seed)
+    encoder.eval()
     train_feats = _subset_features(cache, train_set, chosen)
     val_feats = cache.of_folder("val", val_set, desc="val features")
     train_labels = train_set.labels[torch.from_numpy(chosen)]
@@ -229,7 +228,7 @@ def fewshot_eval(
             "val": str(Path(val_dir).resolve()),
             "pool": pool,
             "features": FEATURES[pool],
-            "img_size": img_size,
+            "img_size": cache.img_size,
             "crop_pct": crop_pct,
             **({"protocol": protocol} if protocol else {}),
         },

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from siamae.errors import DataError
-from siamae.eval.probes.features import FeatureCache, open_probe_folders
+from siamae.eval.probes.features import open_probe
 from siamae.models.vit import Encoder
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
@@ -147,17 +147,15 @@ def knn_eval(
     their ``OUT_DIR/features``; default: nowhere); ``source`` names the encoder's checkpoint
     (part of the cache key).
     """
-    train_set, val_set, img_size = open_probe_folders(
-        encoder, train_dir, val_dir, img_size, crop_pct
-    )
-    encoder = encoder.to(device)
-    cache = FeatureCache(
+    train_set, val_set, cache = open_probe(
         encoder,
-        Path(cache_dir) if cache_dir is not None else None,
-        source,
-        pool,
+        train_dir,
+        val_dir,
         img_size,
         crop_pct,
+        pool,
+        cache_dir=cache_dir,
+        source=source,
         device=device,
         batch_size=batch_size,
         num_workers=num_workers,
@@ -176,7 +174,7 @@ def knn_eval(
     )
     result.info = {
         "features": pool,
-        "img_size": img_size,
+        "img_size": cache.img_size,
         "crop_pct": crop_pct,
         "pos_resample": getattr(encoder, "pos_resample", "dino"),
         "train": str(train_dir),

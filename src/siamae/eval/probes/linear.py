@@ -41,9 +41,8 @@ from siamae.errors import CheckpointError, SiamaeError
 from siamae.eval.probes.features import (
     FEATURES,
     POOLS,
-    FeatureCache,
     encode_features,
-    open_probe_folders,
+    open_probe,
 )
 from siamae.eval.probes.protocols import DEFAULT_LINEAR_PROTOCOL, LINEAR_PROTOCOLS, linear_protocol
 from siamae.models.vit import Encoder
@@ -295,10 +294,21 @@ def train_linear(
     cfg.check()
     device = torch.device(device)
     out = Path(out_dir) if out_dir is not None else None
-    train_set, val_set, img_size = open_probe_folders(
-        encoder, train_dir, val_dir, cfg.img_size, cfg.crop_pct
+    train_set, val_set, cache = open_probe(
+        encoder,
+        train_dir,
+        val_dir,
+        cfg.img_size,
+        cfg.crop_pct,
+        cfg.pool,
+        cache_dir=out / "features" if out is not None else None,
+        source=source,
+        device=device,
+        batch_size=max(64, min(cfg.batch_size, 512)),
+        num_workers=cfg.num_workers,
+        progress=progress,
     )
-    encoder = encoder.to(device).eval()
+    encoder = encoder.eval()
     run_info = {
         "encoder": source,
         "train": str(Path(train_dir).resolve()),
@@ -307,18 +317,6 @@ def train_linear(
     }
     if val_set.skipped:  # the accuracy is over the readable images only: say which were not
         run_info["val_skipped"] = [line.split("\t")[0] for line in val_set.skipped]
-    cache = FeatureCache(
-        encoder,
-        out / "features" if out is not None else None,
-        source,
-        cfg.pool,
-        img_size,
-        cfg.crop_pct,
-        device=device,
-        batch_size=max(64, min(cfg.batch_size, 512)),
-        num_workers=cfg.num_workers,
-        progress=progress,
-    )
     val_feats = cache.of_folder("val", val_set, desc="val features")
     train: torch.Tensor | _AugmentedFeatures
     if cfg.cache_features:
@@ -441,6 +439,18 @@ def fit_probe(
                 _save(ckpt_path, run_info, head, opt, epoch + 1, history)
         bar.close()
         top1 = evaluate(head, val_feats, val_labels, device)
+    return _result(head, cfg, top1, history, out, run_info)
+
+
+def _result(
+    head: LinearProbe,
+    cfg: LinearConfig,
+    top1: float,
+    history: list[dict[str, float]],
+    out: Path | None,
+    run_info: dict[str, Any],
+) -> LinearResult:
+    """The trained probe's result, also written to ``out/results.json`` with ``run_info``."""
     evaluated = [h["top1"] for h in history if "top1" in h]
     result = LinearResult(
         top1=top1,
