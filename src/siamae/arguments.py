@@ -1,15 +1,71 @@
-"""Command-line options that several commands share, each written once.
+"""Command-line options that several commands share, each written once, with what reads them.
 
-``--pos-resample`` and ``--threads`` are every evaluation command's (probes and propagation);
-a new command takes them from here.
+- the encoder source: ``--checkpoint`` or ``--random-init`` (one of them), with
+  ``--pos-resample`` (:func:`add_encoder_source`, read by :func:`encoder_from_args`);
+- ``--device`` (:func:`add_device_option`, read by :func:`resolve_device`);
+- ``--out``: a JSON file of the result (:func:`add_result_file_option`,
+  :func:`write_result_file`) or a folder of outputs (:func:`add_output_folder_option`);
+- ``--threads`` (:func:`add_threads_option`, :func:`apply_threads_option`).
+
+Every evaluation command (probes, propagation, segmentation, homology) takes them from here; a
+new command does too. ``tests/test_arguments.py`` checks that each command shows them alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
 
 from siamae.errors import SiamaeError
+from siamae.loading import describe_encoder, load_encoder, random_encoder
+from siamae.models.vit import Encoder
 from siamae.threads import apply_thread_policy
+
+CHECKPOINT_HELP = (
+    "encoder: training checkpoint, run folder, exported .safetensors, or a timm/DINO/MAE/"
+    "CropMAE state dict ('model', 'state_dict', 'teacher' keys; 'module.', 'backbone.' prefixes)"
+)
+RANDOM_INIT_HELP = (
+    "an untrained encoder, the baseline every table needs, e.g. vit_small_patch16 or "
+    "vit_tiny_patch8_32 (seeded by --seed)"
+)
+DEVICE_CHOICES = "auto (cuda if there is one, else cpu), cpu, cuda or cuda:N"
+
+
+def add_encoder_source(p: argparse.ArgumentParser, checkpoint_help: str = CHECKPOINT_HELP) -> None:
+    """``--checkpoint`` or ``--random-init`` (exactly one) and ``--pos-resample``.
+
+    ``checkpoint_help``: :data:`CHECKPOINT_HELP`, or it followed by what else this command's
+    ``--checkpoint`` accepts. :func:`encoder_from_args` reads them (and the command's ``--seed``).
+    """
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help=checkpoint_help)
+    src.add_argument("--random-init", metavar="MODEL", help=RANDOM_INIT_HELP)
+    add_pos_resample_option(p)
+
+
+def encoder_from_args(
+    args: argparse.Namespace, check: Callable[[Encoder], None] | None = None
+) -> tuple[Encoder, str]:
+    """The encoder :func:`add_encoder_source`'s options name, and its source as recorded in the
+    results (the checkpoint's path, or ``random:<MODEL>:seed<N>``). ``check`` may refuse the
+    encoder before the line describing it is printed."""
+    if args.checkpoint:
+        encoder = load_encoder(args.checkpoint)  # names a missing or unfit file itself
+        source = args.checkpoint
+    else:
+        encoder = random_encoder(args.random_init, seed=args.seed)
+        source = f"random:{args.random_init}:seed{args.seed}"
+    encoder.pos_resample = args.pos_resample
+    if check is not None:
+        check(encoder)
+    print(describe_encoder(encoder))
+    return encoder, source
 
 
 def add_pos_resample_option(p: argparse.ArgumentParser) -> None:
@@ -22,6 +78,48 @@ def add_pos_resample_option(p: argparse.ArgumentParser) -> None:
         "published evaluations: bicubic, scale factor (h + 0.1) / h0, no antialias) or timm "
         "(timm's antialiased resample_abs_pos_embed)",
     )
+
+
+def add_device_option(p: argparse.ArgumentParser, default: str = "auto", note: str = "") -> None:
+    """``--device``; ``note`` starts the help where the option serves only part of a command."""
+    p.add_argument("--device", default=default, help=f"{note}{DEVICE_CHOICES} (default: {default})")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda if available, else cpu; a CUDA device that is not there is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SiamaeError(
+            f"device {name!r} was asked for but CUDA is not available; use --device cpu"
+        )
+    return torch.device(name)
+
+
+def add_result_file_option(p: argparse.ArgumentParser) -> None:
+    """``--out FILE``: the result, also as JSON (:func:`write_result_file`)."""
+    p.add_argument("--out", help="also write the result as JSON to this file")
+
+
+def write_result_file(path: str | Path, record: dict[str, Any]) -> Path:
+    """``record`` as indented JSON at ``path`` (its folder made if need be)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def add_output_folder_option(
+    p: argparse.ArgumentParser,
+    holds: str,
+    flag: str = "--out",
+    default: str | None = None,
+    required: bool = False,
+) -> None:
+    """``--out DIR`` (or ``flag``): the folder of the command's outputs, ``holds`` saying what
+    goes there; ``default`` describes the folder used without it (the command computes it)."""
+    shown = f" (default: {default})" if default else ""
+    p.add_argument(flag, required=required, metavar="DIR", help=f"output folder: {holds}{shown}")
 
 
 def add_threads_option(p: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from siamae import __version__, export
+from siamae.arguments import add_device_option
 from siamae.demo import run_demo
 from siamae.engine.trainer import train
 from siamae.errors import SiamaeError
@@ -145,7 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"siamae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_demo(sub)
+    _add_pretrain(sub)
+    _add_finetune(sub)
+    _add_visualize(sub)
+    _add_eval(sub)
+    # top-level commands register here
+    export.register(sub)
+    return parser
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    """``siamae demo``."""
     p = sub.add_parser(
         "demo", help="pre-train a tiny CropMAE on built-in data (a few minutes on a CPU)"
     )
@@ -155,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_demo)
 
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    """``siamae pretrain``."""
     p = sub.add_parser("pretrain", help="pre-train an encoder from a config file")
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
     p.add_argument(
@@ -178,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_pretrain)
 
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    """``siamae finetune``."""
     p = sub.add_parser(
         "finetune",
         help="fine-tune an encoder on a labelled ImageFolder (MAE/BEiT protocol), top-1 each "
@@ -210,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--no-resume", action="store_true", help="start from scratch")
     p.set_defaults(func=_finetune)
 
+
+def _add_visualize(sub: argparse._SubParsersAction) -> None:
+    """``siamae visualize``."""
     p = sub.add_parser(
         "visualize",
         help="pictures from a checkpoint: reconstructions (default) or attention maps",
@@ -234,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep", type=float, default=0.6, help="attention: share of the mass the mask keeps"
     )
     p.add_argument("--resize", type=int, help="attention: resize the short side first (pixels)")
-    p.add_argument("--device", default="auto", help="attention: auto, cpu or cuda[:N]")
+    add_device_option(p, note="attention: ")
     p.add_argument("--data", help="data path (default: the checkpoint's own data config)")
     p.add_argument(
         "--out",
@@ -245,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which crops and masks to draw")
     p.set_defaults(func=_visualize)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    """``siamae eval BENCHMARK``: each evaluation room registers its commands."""
     eval_parser = sub.add_parser("eval", help="evaluate a frozen encoder")
     eval_sub = eval_parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     # eval commands register here
@@ -252,11 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
     propagation_cli.register(eval_sub)
     homology.register(eval_sub)
     segmentation_cli.register(eval_sub)
-    _ = eval_sub
-
-    # top-level commands register here
-    export.register(sub)
-    return parser
 
 
 def one_line(err: SiamaeError) -> str:

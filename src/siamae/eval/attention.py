@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from siamae.arguments import resolve_device
 from siamae.data.image_folder import normalize
 from siamae.data.sources import to_rgb
 from siamae.errors import DataError, SiamaeError
-from siamae.eval.probes.features import resolve_device
 from siamae.loading import load_encoder
 from siamae.models.vit import Encoder
 
@@ -231,31 +231,11 @@ def attention_figure(result: AttentionResult, keep: float = 0.6, title: str | No
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     p = result.patch_size
-    heads = result.num_heads
-    masks = mass_mask(result.maps, keep)
-    mean = result.maps.mean(dim=0)
-    mean_mask = mass_mask(mean, keep)
     image = result.image
     percent = result.maps * 100.0  # each map sums to 100 %
     # One scale for all maps; the square root keeps a diffuse head visible beside a peaked one.
     norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=float(percent.max()))
-    panels: list[tuple[str, np.ndarray | None, torch.Tensor | None]] = [
-        (f"image ({image.shape[1]}x{image.shape[0]})", None, None),
-        (f"mean of {heads} heads", _upsample(mean * 100.0, p), mean_mask),
-        (
-            f"mask: {keep:.0%} of the mass ({int(mean_mask.sum())}/{mean_mask.numel()} patches)",
-            None,
-            mean_mask,
-        ),
-    ]
-    for h in range(heads):
-        panels.append(
-            (
-                f"head {h} ({int(masks[h].sum())} patches hold {keep:.0%})",
-                _upsample(percent[h], p),
-                masks[h],
-            )
-        )
+    panels = _panels(result, keep)
     cols = min(len(panels), 4)
     rows = math.ceil(len(panels) / cols)
     aspect = image.shape[0] / image.shape[1]
@@ -283,17 +263,43 @@ def attention_figure(result: AttentionResult, keep: float = 0.6, title: str | No
         bar.set_label("attention per patch (% of the CLS token's attention)", fontsize=8)
         bar.ax.tick_params(labelsize=7)
         bar.solids.set_alpha(1.0)  # the scale itself, not its blend with the image
-    fig.suptitle(
-        "\n".join(
-            textwrap.wrap(
-                title
-                or f"{result.name}: CLS attention of the last block (outline: {keep:.0%} of the mass)",
-                110,
-            )
-        ),
-        fontsize=10,
+    heading = title or (
+        f"{result.name}: CLS attention of the last block (outline: {keep:.0%} of the mass)"
     )
+    fig.suptitle("\n".join(textwrap.wrap(heading, 110)), fontsize=10)
     return fig
+
+
+def _panels(
+    result: AttentionResult, keep: float
+) -> list[tuple[str, np.ndarray | None, torch.Tensor | None]]:
+    """The figure's panels, each (title, heat map in percent or None, mask or None): the image,
+    the mean over heads, its mask, then every head."""
+    p = result.patch_size
+    heads = result.num_heads
+    masks = mass_mask(result.maps, keep)
+    mean = result.maps.mean(dim=0)
+    mean_mask = mass_mask(mean, keep)
+    image = result.image
+    percent = result.maps * 100.0
+    panels: list[tuple[str, np.ndarray | None, torch.Tensor | None]] = [
+        (f"image ({image.shape[1]}x{image.shape[0]})", None, None),
+        (f"mean of {heads} heads", _upsample(mean * 100.0, p), mean_mask),
+        (
+            f"mask: {keep:.0%} of the mass ({int(mean_mask.sum())}/{mean_mask.numel()} patches)",
+            None,
+            mean_mask,
+        ),
+    ]
+    for h in range(heads):
+        panels.append(
+            (
+                f"head {h} ({int(masks[h].sum())} patches hold {keep:.0%})",
+                _upsample(percent[h], p),
+                masks[h],
+            )
+        )
+    return panels
 
 
 def visualize_attention(

@@ -17,17 +17,23 @@ precision is that of the k keys a top-k would keep.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from siamae.arguments import add_threads_option, apply_threads_option
+from siamae.arguments import (
+    CHECKPOINT_HELP,
+    add_device_option,
+    add_result_file_option,
+    add_threads_option,
+    apply_threads_option,
+    resolve_device,
+    write_result_file,
+)
 from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint
 from siamae.data.mixing import heldout_images, heldout_partitions
 from siamae.errors import CheckpointError, SiamaeError
-from siamae.eval.probes.features import resolve_device
 from siamae.loading import describe_encoder, load_encoder
 from siamae.methods.mixedae import MixedAE, parse_topk_blocks
 from siamae.models.decoder import MAEDecoder
@@ -97,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="MixedAE training checkpoint or run folder, or any encoder load_encoder reads",
+        help=CHECKPOINT_HELP + "; a MixedAE training checkpoint or run folder runs as trained",
     )
     p.add_argument("--data", required=True, help="folder (or .txt list) of held-out images")
     p.add_argument("--count", type=int, default=64, help="images used, in sorted order (64)")
@@ -113,8 +119,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--topk", type=int, default=None, help="k, for non-MixedAE encoders")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (64)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--out", help="also write the figures to this JSON file")
+    add_device_option(p)
+    add_result_file_option(p)
     add_threads_option(p)
     p.set_defaults(func=run_command)
 
@@ -148,8 +154,6 @@ def run_command(args: argparse.Namespace) -> int:
     for key, value in figures.items():
         print(f"  {key:32s} {value:.4f}")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "checkpoint": str(args.checkpoint),
             "data": str(args.data),
@@ -159,6 +163,5 @@ def run_command(args: argparse.Namespace) -> int:
             "topk": method.topk,
             **figures,
         }
-        out.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"  written to {out}")
+        print(f"  written to {write_result_file(args.out, record)}")
     return 0

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from siamae.data.dataset import EpochSampler, PretrainDataset, build_loader
 from siamae.data.image_folder import normalize
@@ -103,92 +104,15 @@ def train_linear_probe(
             f"the training split has {train_set.num_classes} classes, the validation split "
             f"{val_set.num_classes}"
         )
-    encoder = encoder.to(device).eval()
-    encoder.requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    head = LinearSegHead(cfg.layers * encoder.embed_dim, train_set.num_classes).to(device)
-    optimizer = torch.optim.AdamW(
-        head.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
-    )
-    views = SegmentationViews(cfg.crop, cfg.scale, cfg.ratio_range, photometric=cfg.photometric)
-    dataset = PretrainDataset(train_set, views, encoder.num_patches, cfg.seed)
-    sampler = EpochSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
-    loader = build_loader(dataset, sampler, cfg.num_workers)
-    loader.generator = torch.Generator()
-    ckpt = out / "probe.pt"
-    step = 0
-    if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state.get("format") != PROBE_FORMAT or state.get("config") != _plain(asdict(cfg)):
-            raise CheckpointError(
-                f"{ckpt} was made with other probe settings; pass another --out or --no-resume"
-            )
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        torch.set_rng_state(state["rng"])
-
-    def save() -> None:
-        payload = {
-            "format": PROBE_FORMAT,
-            "config": _plain(asdict(cfg)),
-            "encoder": source,
-            "head": head.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "rng": torch.get_rng_state(),
-        }
-        tmp = ckpt.with_name(f".{ckpt.name}.tmp")
-        torch.save(payload, tmp)
-        tmp.replace(ckpt)
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.iters, initial=step, desc="linear probe", unit="iter")
-    losses: list[float] = []
-    skipped: set[str] = set()
-    head.train()
+    probe = _ProbeRun.build(encoder, train_set, cfg, device, out / "probe.pt", source)
+    if resume and probe.ckpt.is_file():
+        probe.resume()
     start = time.perf_counter()
-    while step < cfg.iters:
-        epoch = step // sampler.batches_per_epoch
-        sampler.set_epoch(epoch, step % sampler.batches_per_epoch)
-        for batch in loader:
-            skipped.update(batch["skipped_files"])
-            images = normalize(batch["images"][:, 0], device)
-            labels = batch["label"].to(device)
-            with torch.no_grad():
-                features = probe_features(encoder, images, cfg.layers)
-            logits = F.interpolate(
-                head(features), size=labels.shape[-2:], mode="bilinear", align_corners=False
-            )
-            loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg.lr, 0.0, cfg.warmup_iters, cfg.iters, "poly")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            losses.append(loss.item())
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.iters:
-                save()
-            if step >= cfg.iters:
-                break
-    if bar is not None:
-        bar.close()
+    losses, skipped = probe.train(device, progress)
     train_seconds = time.perf_counter() - start
-    head.eval()
-
-    def model_fn(images: torch.Tensor) -> torch.Tensor:
-        logits = head(probe_features(encoder, images, cfg.layers))
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-
+    probe.head.eval()
     return evaluate_segmentation(
-        model_fn,
+        probe.logits,
         val_set,
         device,
         inference,
@@ -200,12 +124,129 @@ def train_linear_probe(
             "protocol": "linear probe (frozen encoder, BatchNorm + 1x1 conv)",
             "encoder": source,
             "probe": _plain(asdict(cfg)),
-            "train_iters": step,
+            "train_iters": probe.step,
             "final_train_loss": float(np.mean(losses[-20:])) if losses else None,
             "train_seconds": round(train_seconds, 1),
             "train_skipped": sorted(skipped),
         },
     )
+
+
+@dataclass
+class _ProbeRun:
+    """A linear probe in training: the frozen encoder, the head and its optimizer, the seeded
+    crops, the iteration reached and the checkpoint file."""
+
+    encoder: Encoder
+    cfg: ProbeConfig
+    head: LinearSegHead
+    optimizer: torch.optim.Optimizer
+    sampler: EpochSampler
+    loader: DataLoader
+    ckpt: Path
+    source: str
+    step: int = 0
+
+    @classmethod
+    def build(
+        cls,
+        encoder: Encoder,
+        train_set: SegmentationSet,
+        cfg: ProbeConfig,
+        device: torch.device,
+        ckpt: Path,
+        source: str,
+    ) -> _ProbeRun:
+        encoder = encoder.to(device).eval()
+        encoder.requires_grad_(False)
+        torch.manual_seed(cfg.seed)  # the head's initial weights
+        head = LinearSegHead(cfg.layers * encoder.embed_dim, train_set.num_classes).to(device)
+        optimizer = torch.optim.AdamW(
+            head.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
+        )
+        views = SegmentationViews(cfg.crop, cfg.scale, cfg.ratio_range, photometric=cfg.photometric)
+        dataset = PretrainDataset(train_set, views, encoder.num_patches, cfg.seed)
+        sampler = EpochSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
+        loader = build_loader(dataset, sampler, cfg.num_workers)
+        loader.generator = torch.Generator()
+        return cls(encoder, cfg, head, optimizer, sampler, loader, ckpt, source)
+
+    def resume(self) -> None:
+        state = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+        if state.get("format") != PROBE_FORMAT or state.get("config") != _plain(asdict(self.cfg)):
+            raise CheckpointError(
+                f"{self.ckpt} was made with other probe settings; pass another --out or --no-resume"
+            )
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"])
+
+    def save(self) -> None:
+        payload = {
+            "format": PROBE_FORMAT,
+            "config": _plain(asdict(self.cfg)),
+            "encoder": self.source,
+            "head": self.head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "rng": torch.get_rng_state(),
+        }
+        tmp = self.ckpt.with_name(f".{self.ckpt.name}.tmp")
+        torch.save(payload, tmp)
+        tmp.replace(self.ckpt)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) logits at the images' size."""
+        logits = self.head(probe_features(self.encoder, images, self.cfg.layers))
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    def train(self, device: torch.device, progress: bool) -> tuple[list[float], set[str]]:
+        """Iterate to ``cfg.iters``, saving every ``checkpoint_every``: the losses, and the
+        files skipped as unreadable."""
+        cfg = self.cfg
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.iters, initial=self.step, desc="linear probe", unit="iter")
+        losses: list[float] = []
+        skipped: set[str] = set()
+        self.head.train()
+        while self.step < cfg.iters:
+            epoch = self.step // self.sampler.batches_per_epoch
+            self.sampler.set_epoch(epoch, self.step % self.sampler.batches_per_epoch)
+            for batch in self.loader:
+                skipped.update(batch["skipped_files"])
+                losses.append(self._step(batch, device))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iters:
+                    self.save()
+                if self.step >= cfg.iters:
+                    break
+        if bar is not None:
+            bar.close()
+        return losses, skipped
+
+    def _step(self, batch: dict[str, Any], device: torch.device) -> float:
+        cfg = self.cfg
+        images = normalize(batch["images"][:, 0], device)
+        labels = batch["label"].to(device)
+        with torch.no_grad():
+            features = probe_features(self.encoder, images, cfg.layers)
+        logits = F.interpolate(
+            self.head(features), size=labels.shape[-2:], mode="bilinear", align_corners=False
+        )
+        loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, cfg.lr, 0.0, cfg.warmup_iters, cfg.iters, "poly")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return loss.item()
 
 
 def _plain(value: Any) -> Any:

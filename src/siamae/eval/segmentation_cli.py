@@ -4,20 +4,33 @@ segmentation model, on a data set in its published layout."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
-from siamae.arguments import add_pos_resample_option, add_threads_option, apply_threads_option
-from siamae.data.segmentation import LAYOUTS, open_segmentation
+import torch
+
+from siamae.arguments import (
+    CHECKPOINT_HELP,
+    add_device_option,
+    add_encoder_source,
+    add_output_folder_option,
+    add_threads_option,
+    apply_threads_option,
+    encoder_from_args,
+    resolve_device,
+)
+from siamae.data.segmentation import LAYOUTS, SegmentationSet, open_segmentation
 from siamae.errors import SiamaeError
-from siamae.eval.probes.features import resolve_device
 from siamae.eval.segmentation import ProbeConfig, train_linear_probe
+from siamae.finetune.segmentation import SegmentationFineTune
 from siamae.finetune.segmentation_checkpoints import (
     is_segmentation_checkpoint,
     load_segmentation_export,
     load_segmentation_model,
 )
 from siamae.finetune.segmentation_eval import InferenceConfig, evaluate_segmentation
-from siamae.loading import describe_encoder, load_encoder, random_encoder
+from siamae.models.vit import Encoder
 
 MULTI_SCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -35,17 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "gets summary.json, pred/<stem>.png (the data set's label values) and pictures.png."
         ),
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--checkpoint",
-        help="encoder (training checkpoint, run folder, export, timm/MAE state dict), or a "
-        "segmentation fine-tuning run / its export (then no probe is trained)",
-    )
-    src.add_argument(
-        "--random-init", metavar="NAME", help="untrained baseline, e.g. vit_small_patch16"
+    add_encoder_source(
+        p,
+        CHECKPOINT_HELP + "; or a segmentation fine-tuning run / its export (then no probe is "
+        "trained)",
     )
     p.add_argument("--data", required=True, help="ADE20K, Pascal VOC or images/+masks/ folder")
-    p.add_argument("--out", required=True, help="results folder (probe.pt, summary.json, pred/)")
+    add_output_folder_option(p, "probe.pt, summary.json, pred/", required=True)
     p.add_argument(
         "--layout", choices=LAYOUTS, default="auto", help="data layout (default: detected)"
     )
@@ -87,11 +96,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--pictures", type=int, default=4, help="images in pictures.png")
     p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--seed", type=int, default=0)
+    add_device_option(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init and of the probe")
     p.add_argument("--no-resume", action="store_true", help="ignore OUT/probe.pt")
     p.add_argument("--no-progress", action="store_true")
-    add_pos_resample_option(p)
     add_threads_option(p)
     p.set_defaults(func=_run)
 
@@ -120,69 +128,11 @@ def _run(args: argparse.Namespace) -> int:
         flip=args.multi_scale,
     )
     val_set = open_segmentation(args.data, args.val_split, args.layout, args.num_classes)
-    checkpoint = args.checkpoint
-    fine_tuned = None
-    if checkpoint and is_segmentation_checkpoint(checkpoint):
-        fine_tuned, _ = load_segmentation_model(checkpoint)
-    elif checkpoint and Path(checkpoint).suffix == ".safetensors" and _is_seg_export(checkpoint):
-        fine_tuned = load_segmentation_export(checkpoint)
+    fine_tuned = _fine_tuned_model(args.checkpoint)
     if fine_tuned is not None:
-        if fine_tuned.num_classes != val_set.num_classes:
-            raise SiamaeError(
-                f"--checkpoint {checkpoint!r} predicts {fine_tuned.num_classes} classes, "
-                f"--data has {val_set.num_classes}"
-            )
-        model = fine_tuned.to(device)
-        print(f"scoring the fine-tuned segmentation model {checkpoint}")
-        summary = evaluate_segmentation(
-            model.segment,
-            val_set,
-            device,
-            inference,
-            model.encoder.patch_size,
-            out_dir=args.out,
-            pictures=args.pictures,
-            title="UperNet",
-            extra={"protocol": "UperNet fine-tuning", "checkpoint": checkpoint},
-            progress=not args.no_progress,
-        )
+        summary = _score_fine_tuned(args, fine_tuned, val_set, device, inference)
     else:
-        if checkpoint:
-            encoder, source = load_encoder(checkpoint), checkpoint
-        else:
-            encoder = random_encoder(args.random_init, seed=args.seed)
-            source = f"random:{args.random_init}:seed{args.seed}"
-        encoder.pos_resample = args.pos_resample
-        if args.layers > encoder.depth:
-            raise SiamaeError(f"--layers {args.layers}: the encoder has {encoder.depth} blocks")
-        print(describe_encoder(encoder))
-        train_set = open_segmentation(args.data, args.train_split, args.layout, args.num_classes)
-        cfg = ProbeConfig(
-            layers=args.layers,
-            iters=args.iters,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            warmup_iters=args.warmup_iters,
-            crop=args.crop,
-            scale=tuple(args.scale),
-            photometric=not args.no_photometric,
-            seed=args.seed,
-            num_workers=args.num_workers,
-        )
-        summary = train_linear_probe(
-            encoder,
-            train_set,
-            val_set,
-            args.out,
-            cfg,
-            inference,
-            device,
-            resume=not args.no_resume,
-            progress=not args.no_progress,
-            source=source,
-            pictures=args.pictures,
-        )
+        summary = _train_probe(args, val_set, device, inference)
     print(
         f"{summary['protocol']}: mIoU {summary['mIoU']:.2f}  mAcc {summary['mAcc']:.2f}  "
         f"aAcc {summary['aAcc']:.2f} on {summary['num_images']} images, "
@@ -197,9 +147,84 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_seg_export(path: str) -> bool:
-    import json
+def _fine_tuned_model(checkpoint: str | None) -> SegmentationFineTune | None:
+    """The segmentation model of a fine-tuning run or its export; None for an encoder."""
+    if checkpoint and is_segmentation_checkpoint(checkpoint):
+        return load_segmentation_model(checkpoint)[0]
+    if checkpoint and Path(checkpoint).suffix == ".safetensors" and _is_seg_export(checkpoint):
+        return load_segmentation_export(checkpoint)
+    return None
 
+
+def _score_fine_tuned(
+    args: argparse.Namespace,
+    fine_tuned: SegmentationFineTune,
+    val_set: SegmentationSet,
+    device: torch.device,
+    inference: InferenceConfig,
+) -> dict[str, Any]:
+    if fine_tuned.num_classes != val_set.num_classes:
+        raise SiamaeError(
+            f"--checkpoint {args.checkpoint!r} predicts {fine_tuned.num_classes} classes, "
+            f"--data has {val_set.num_classes}"
+        )
+    model = fine_tuned.to(device)
+    print(f"scoring the fine-tuned segmentation model {args.checkpoint}")
+    return evaluate_segmentation(
+        model.segment,
+        val_set,
+        device,
+        inference,
+        model.encoder.patch_size,
+        out_dir=args.out,
+        pictures=args.pictures,
+        title="UperNet",
+        extra={"protocol": "UperNet fine-tuning", "checkpoint": args.checkpoint},
+        progress=not args.no_progress,
+    )
+
+
+def _train_probe(
+    args: argparse.Namespace,
+    val_set: SegmentationSet,
+    device: torch.device,
+    inference: InferenceConfig,
+) -> dict[str, Any]:
+    def check_layers(encoder: Encoder) -> None:
+        if args.layers > encoder.depth:
+            raise SiamaeError(f"--layers {args.layers}: the encoder has {encoder.depth} blocks")
+
+    encoder, source = encoder_from_args(args, check=check_layers)
+    train_set = open_segmentation(args.data, args.train_split, args.layout, args.num_classes)
+    cfg = ProbeConfig(
+        layers=args.layers,
+        iters=args.iters,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_iters=args.warmup_iters,
+        crop=args.crop,
+        scale=tuple(args.scale),
+        photometric=not args.no_photometric,
+        seed=args.seed,
+        num_workers=args.num_workers,
+    )
+    return train_linear_probe(
+        encoder,
+        train_set,
+        val_set,
+        args.out,
+        cfg,
+        inference,
+        device,
+        resume=not args.no_resume,
+        progress=not args.no_progress,
+        source=source,
+        pictures=args.pictures,
+    )
+
+
+def _is_seg_export(path: str) -> bool:
     side = Path(path).with_suffix(".json")
     try:
         return json.loads(side.read_text()).get("format") == "siamae-export-segmentation-v1"

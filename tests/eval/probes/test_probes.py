@@ -13,9 +13,11 @@ from siamae.checkpoint import load_checkpoint
 from siamae.cli import main
 from siamae.data.image_folder import EvalTransform, ImageFolder
 from siamae.errors import DataError
+from siamae.eval.probes import features as features_module
 from siamae.eval.probes.features import extract_features
-from siamae.eval.probes.knn import knn_classify
-from siamae.eval.probes.linear import LinearConfig, fit_probe
+from siamae.eval.probes.fewshot import fewshot_eval
+from siamae.eval.probes.knn import knn_classify, knn_eval
+from siamae.eval.probes.linear import LinearConfig, fit_probe, train_linear
 from siamae.models.vit import Encoder
 from siamae.optim import lr_at
 
@@ -177,6 +179,41 @@ def test_features_cls_and_mean_pool(folders: tuple[Path, Path]) -> None:
         tokens = encoder.eval()(normalize(images, "cpu"))
     torch.testing.assert_close(cls, tokens[:, 0])
     torch.testing.assert_close(mean, tokens[:, 1:].mean(1))
+
+
+def test_one_feature_cache_serves_the_knn_linear_and_fewshot_probes(
+    folders: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    encoder = Encoder("vit_tiny", 8, 32, depth=2).eval()
+    weights = tmp_path / "encoder.pt"
+    torch.save(encoder.vit.state_dict(), weights)
+    out = tmp_path / "probe"
+    shared = dict(crop_pct=1.0, source=str(weights), progress=False)
+    knn = knn_eval(encoder, *folders, ks=(1,), cache_dir=out / "features", **shared)  # type: ignore[arg-type]
+    assert sorted(p.name for p in (out / "features").iterdir()) == ["train.pt", "val.pt"]
+
+    computed: list[str] = []
+
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        computed.append(kwargs["desc"])
+        return extract_features(*args, **kwargs)
+
+    monkeypatch.setattr(features_module, "extract_features", counting)
+    # The linear probe and the few-shot subset read the k-NN's features: nothing is encoded.
+    cfg = LinearConfig(epochs=1, batch_size=8, warmup_epochs=0, crop_pct=1.0)
+    train_linear(encoder, *folders, out_dir=out, cfg=cfg, source=str(weights), progress=False)
+    few = fewshot_eval(encoder, *folders, per_class=2, pool="cls", out_dir=out, **shared)  # type: ignore[arg-type]
+    again = knn_eval(encoder, *folders, ks=(1,), cache_dir=out / "features", **shared)  # type: ignore[arg-type]
+    assert computed == [] and again.top1 == knn.top1 and few.num_labelled == 6
+    # Another pooling is another key: computed, and the file replaced.
+    knn_eval(encoder, *folders, ks=(1,), pool="mean", cache_dir=out / "features", **shared)  # type: ignore[arg-type]
+    assert computed == ["train features", "val features"]
+    assert load_checkpoint(out / "features" / "val.pt")["key"]["pool"] == "mean"
+    # Other weights in the same file are another key too (its size and time are in it).
+    torch.save(Encoder("vit_tiny", 8, 32, depth=1).vit.state_dict(), weights)
+    knn_eval(encoder, *folders, ks=(1,), pool="mean", cache_dir=out / "features", **shared)  # type: ignore[arg-type]
+    assert len(computed) == 4
 
 
 def test_image_folder_errors_name_the_problem(tmp_path: Path, folders: tuple[Path, Path]) -> None:

@@ -15,7 +15,14 @@ from siamae.data.synthetic import synthetic_video
 from siamae.errors import DataError
 from siamae.eval.propagation.davis import evaluate_davis, list_sequences, read_mask, write_mask
 from siamae.eval.propagation.engine import protocol
-from siamae.eval.propagation.jhmdb import decode_joints, evaluate_jhmdb, joint_labels, read_joints
+from siamae.eval.propagation.jhmdb import (
+    decode_joints,
+    evaluate_jhmdb,
+    joint_labels,
+    list_clips,
+    read_joints,
+)
+from siamae.eval.propagation.results import split_lines, video_name
 from siamae.eval.propagation.vip import evaluate_vip, read_category_ids
 from siamae.models.vit import Encoder
 from siamae.overlays import PALETTE
@@ -98,12 +105,30 @@ def test_davis_fixture_end_to_end(tmp_path, tiny_encoder, year):
         assert Image.open(pngs[1]).mode == "P"
     csv = (out / "per_sequence.csv").read_text().splitlines()
     assert csv[0].startswith("sequence,object,J&F-Mean")
+    # The file as the csv module writes it (\r\n), the figures with 4 decimals.
+    raw = (out / "per_sequence.csv").read_bytes()
+    assert raw.startswith(b"sequence,object,J&F-Mean,J-Mean,J-Recall,J-Decay,F-Mean,F-Recall,"
+                          b"F-Decay,frames\r\nseq0,1,")  # fmt: skip
+    assert all(len(v.split(".")[1]) == 4 for v in csv[1].split(",")[2:9])
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("protocol", "resolution", "J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean",
-                "F-Recall", "F-Decay", "encoder", "params"):  # fmt: skip
-        assert key in summary
+    assert list(summary) == ["benchmark", "protocol", "params", "resolution", "score_at", "void",
+                             "sequences", "unscored_sequences", "max_frames", "J&F-Mean",
+                             "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay",
+                             "objects", "encoder", "timing"]  # fmt: skip
+    assert list(summary["timing"]) == ["frames", "seconds_total", "seconds_reading",
+                                       "seconds_features", "seconds_propagation", "features_fps",
+                                       "propagation_fps"]  # fmt: skip
+    assert summary["timing"]["frames"] == 10  # 2 sequences of 5 frames
     assert summary["objects"] == len(csv) - 1 == len(res.sequences[0].j) + len(res.sequences[1].j)
     assert (out / "overlays" / "seq0.png").is_file()
+
+
+def test_split_files_name_videos_by_their_last_part(tmp_path):
+    split = tmp_path / "split.txt"
+    split.write_text("JPEGImages/480p/bear/ extra\n\n  \nblackswan\n/abs/dog\n")
+    assert [video_name(fields[0]) for fields in split_lines(split)] == ["bear", "blackswan", "dog"]
+    with pytest.raises(DataError, match="split file .*none.txt not found"):
+        split_lines(tmp_path / "none.txt")
 
 
 def test_jhmdb_mat_reader_and_heatmaps(tmp_path):
@@ -141,11 +166,26 @@ def test_jhmdb_fixture_end_to_end(tmp_path, tiny_encoder):
         ]
     )
     savemat(root / "joint_positions" / clip / "joint_positions.mat", {"pos_img": pos})
+    # A split file in CRW's form (.mat, then the frames' folder) or naming the clip.
+    split = tmp_path / "split.txt"
+    split.write_text(f"x/joint_positions/{clip}/joint_positions.mat x/Rename_Images/{clip}\n"
+                     f"\n{clip}/\n")  # fmt: skip
+    assert [c.name for c in list_clips(root, str(split))] == [clip, clip]
     params = protocol("cropmae", "jhmdb", ["resize=64x64"])
     summary = evaluate_jhmdb(tiny_encoder, root, tmp_path / "out", params, progress=False)
     assert summary["clips"] == 1
     assert 0 <= summary["PCK@0.1"] <= summary["PCK@0.2"] <= 100
-    assert (tmp_path / "out" / "summary.json").is_file()
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(written) == ["benchmark", "protocol", "params", "clips", "PCK@0.1", "PCK@0.2",
+                             "encoder", "timing"]  # fmt: skip
+    assert list(written["timing"]) == ["frames", "seconds_total", "seconds_features",
+                                       "seconds_propagation"]  # fmt: skip
+    assert written["timing"]["frames"] == 4
+    # per_clip.csv: \n line ends, the figures as Python prints them.
+    table = (tmp_path / "out" / "per_clip.csv").read_bytes().decode()
+    assert table == (
+        f"clip,frames,PCK@0.1,PCK@0.2\n{clip},4,{summary['PCK@0.1']},{summary['PCK@0.2']}\n"
+    )
 
 
 def test_vip_fixture_end_to_end(tmp_path, tiny_encoder):
@@ -165,6 +205,11 @@ def test_vip_fixture_end_to_end(tmp_path, tiny_encoder):
     summary = evaluate_vip(tiny_encoder, root, tmp_path / "out", params, progress=False)
     assert summary["videos"] == 1 and 0 <= summary["mIoU"] <= 1
     assert len(list((tmp_path / "out" / video).glob("*.png"))) == 4
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(written) == ["benchmark", "protocol", "params", "videos", "mIoU",
+                             "per_class_IoU", "encoder", "timing"]  # fmt: skip
+    assert written["per_class_IoU"]["hat"] is None  # a class never seen
+    assert written["timing"]["frames"] == 4
 
 
 def test_cli_davis_and_errors(tmp_path, capsys):

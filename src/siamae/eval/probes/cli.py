@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from siamae.arguments import add_pos_resample_option, add_threads_option, apply_threads_option
+from siamae.arguments import (
+    add_device_option,
+    add_encoder_source,
+    add_output_folder_option,
+    add_result_file_option,
+    add_threads_option,
+    apply_threads_option,
+    encoder_from_args,
+    resolve_device,
+    write_result_file,
+)
 from siamae.errors import SiamaeError
 from siamae.eval.probes import fewshot
-from siamae.eval.probes.features import POOLS, resolve_device
+from siamae.eval.probes.features import POOLS
 from siamae.eval.probes.knn import knn_eval
 from siamae.eval.probes.linear import LinearConfig, train_linear
 from siamae.eval.probes.protocols import (
@@ -20,21 +29,12 @@ from siamae.eval.probes.protocols import (
     LINEAR_PROTOCOLS,
     fewshot_protocol,
 )
-from siamae.loading import describe_encoder, load_encoder, random_encoder
+from siamae.models.vit import Encoder
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--checkpoint",
-        help="encoder: training checkpoint, run folder, exported .safetensors or a "
-        "timm/DINO/MAE state dict",
-    )
-    src.add_argument(
-        "--random-init",
-        metavar="NAME",
-        help="an untrained encoder as the baseline, e.g. vit_small_patch16 or vit_tiny_patch8_32",
-    )
+    """The probes' shared options: the encoder, the two folders and how images become features."""
+    add_encoder_source(p)
     p.add_argument("--train", required=True, help="labelled training ImageFolder (DIR/<class>/*)")
     p.add_argument("--val", required=True, help="labelled validation ImageFolder (same classes)")
     p.add_argument(
@@ -61,23 +61,15 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
     p.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    add_device_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init and of the probe")
-    add_pos_resample_option(p)
     add_threads_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _encoder(args: argparse.Namespace):  # noqa: ANN202 - returns (Encoder, source string)
+def _encoder(args: argparse.Namespace) -> tuple[Encoder, str]:
     apply_threads_option(args)
-    if args.checkpoint:
-        encoder = load_encoder(args.checkpoint)
-        source = args.checkpoint
-    else:
-        encoder = random_encoder(args.random_init, seed=args.seed)
-        source = f"random:{args.random_init}:seed{args.seed}"
-    encoder.pos_resample = args.pos_resample
-    print(describe_encoder(encoder))
+    encoder, source = encoder_from_args(args)
     img_size = args.img_size or encoder.img_size
     if img_size % encoder.patch_size:
         raise SiamaeError(
@@ -101,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbours (several at once)"
     )
     p.add_argument("--temperature", type=float, default=0.07, help="vote temperature T")
-    p.add_argument("--out", help="also write the result as JSON to this file")
+    add_result_file_option(p)
     p.set_defaults(func=_run_knn)
 
     p = subparsers.add_parser(
@@ -115,8 +107,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     _add_encoder_args(p)
-    p.add_argument(
-        "--out-dir", required=True, help="folder for checkpoints, cached features, results"
+    add_output_folder_option(
+        p, "checkpoints, cached features, results", flag="--out-dir", required=True
     )
     p.add_argument(
         "--protocol",
@@ -147,7 +139,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_run_linear)
 
-    _register_fewshot(subparsers, _add_encoder_args)
+    _register_fewshot(subparsers)
 
 
 def _run_knn(args: argparse.Namespace) -> int:
@@ -163,13 +155,7 @@ def _run_knn(args: argparse.Namespace) -> int:
         args.val,
         ks=args.k,
         temperature=args.temperature,
-        pool=args.pool,
-        img_size=args.img_size,
-        crop_pct=args.crop_pct,
-        batch_size=args.batch_size or 64,
-        num_workers=args.num_workers,
-        device=resolve_device(args.device),
-        progress=not args.no_progress,
+        **_feature_options(args),
     )
     result.info["encoder"] = source
     result.info["pos_resample"] = encoder.pos_resample
@@ -180,10 +166,22 @@ def _run_knn(args: argparse.Namespace) -> int:
     )
     print(result.table())
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        write_result_file(args.out, result.to_dict())
         print(f"wrote {args.out}")
     return 0
+
+
+def _feature_options(args: argparse.Namespace) -> dict[str, Any]:
+    """How the k-NN and few-shot probes compute features, from the probes' shared options."""
+    return {
+        "pool": args.pool,
+        "img_size": args.img_size,
+        "crop_pct": args.crop_pct,
+        "batch_size": args.batch_size or 64,
+        "num_workers": args.num_workers,
+        "device": resolve_device(args.device),
+        "progress": not args.no_progress,
+    }
 
 
 def _run_linear(args: argparse.Namespace) -> int:
@@ -227,9 +225,8 @@ def _run_linear(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_fewshot(subparsers: Any, add_encoder_args: Any) -> None:
-    """Add ``fewshot`` to the ``siamae eval`` group (``add_encoder_args``: the probes' shared
-    encoder/folder options)."""
+def _register_fewshot(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``fewshot`` to the ``siamae eval`` group."""
     p = subparsers.add_parser(
         "fewshot",
         help="1 %%-label few-shot top-1: logistic regression on frozen global-pooled features",
@@ -240,7 +237,7 @@ def _register_fewshot(subparsers: Any, add_encoder_args: Any) -> None:
             "cached in --out-dir, shared with 'siamae eval linear'."
         ),
     )
-    add_encoder_args(p)
+    _add_encoder_args(p)
     p.add_argument(
         "--protocol",
         choices=tuple(FEWSHOT_PROTOCOLS),
@@ -262,11 +259,13 @@ def _register_fewshot(subparsers: Any, add_encoder_args: Any) -> None:
     p.add_argument(
         "--lambd", type=float, default=None, help="L2 regularisation (default: the protocol's)"
     )
-    p.add_argument("--out-dir", help="feature cache and fewshot.json (shared with eval linear)")
+    add_output_folder_option(
+        p, "feature cache and fewshot.json (shared with eval linear)", flag="--out-dir"
+    )
     p.set_defaults(func=_run_fewshot)
 
 
-def _run_fewshot(args: Any) -> int:
+def _run_fewshot(args: argparse.Namespace) -> int:
     encoder, source = _encoder(args)
     protocol = fewshot_protocol(args.protocol)
     args.pool = args.pool or protocol.pool
@@ -279,16 +278,10 @@ def _run_fewshot(args: Any) -> int:
         subset_file=args.subset,
         seed=args.seed,
         lambd=args.lambd,
-        pool=args.pool,
-        img_size=args.img_size,
-        crop_pct=args.crop_pct,
-        batch_size=args.batch_size or 64,
-        num_workers=args.num_workers,
-        device=resolve_device(args.device),
         out_dir=args.out_dir,
         source=source,
-        progress=not args.no_progress,
         protocol=protocol.name,
+        **_feature_options(args),
     )
     print(
         f"few-shot ({result.subset}: {result.num_labelled} labelled images, {args.pool} "

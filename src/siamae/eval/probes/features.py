@@ -1,4 +1,5 @@
-"""Frozen features of a labelled ImageFolder (``root/<class>/<image>``), for the image probes.
+"""Frozen features of a labelled ImageFolder (``root/<class>/<image>``), for the image probes,
+and their cache (:class:`FeatureCache`), shared by the k-NN, linear and few-shot probes.
 
 Images are decoded in loader workers and come out as uint8 (3, S, S) tensors after a
 deterministic resize (short side to ``floor(S / crop_pct)``, bicubic) and a centre crop of S:
@@ -10,14 +11,23 @@ the global generators, so calling it in the middle of a training run changes not
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from siamae.data.image_folder import ImageFolder, loader, normalize
-from siamae.errors import SiamaeError
+from siamae.checkpoint import load_checkpoint, save_atomic
+from siamae.data.image_folder import (
+    EvalTransform,
+    ImageFolder,
+    loader,
+    normalize,
+    validation_folder,
+)
+from siamae.errors import CheckpointError, SiamaeError
 from siamae.models.vit import Encoder
 
 Pool = Literal["cls", "mean", "mean-ln", "cls-raw"]
@@ -34,6 +44,7 @@ FEATURES: dict[str, str] = {
 POOLS: tuple[str, ...] = tuple(FEATURES)
 RAW_POOLS = {"mean-ln", "cls-raw"}
 FC_NORM_EPS = 1e-6
+FEATURES_FORMAT = "siamae-features-v1"
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
@@ -115,12 +126,132 @@ def decode_all(
     return torch.cat(chunks)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda if available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SiamaeError(
-            f"device {name!r} was asked for but CUDA is not available; use --device cpu"
+def encoder_fingerprint(source: str) -> dict[str, Any]:
+    """What identifies the encoder's weights: the file's path, size and modification time."""
+    path = Path(source)
+    if path.is_dir() and (path / "checkpoints" / "last.pt").is_file():
+        path = path / "checkpoints" / "last.pt"  # a run folder: the checkpoint it resolves to
+    if path.is_file():
+        st = path.stat()
+        return {"source": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"source": source}
+
+
+@dataclass
+class FeatureCache:
+    """Frozen features of one encoder under one transform, computed once.
+
+    Each set of features is a file ``directory/<name>.pt`` (``directory`` None: kept nowhere)
+    holding a key: the encoder's weights (:func:`encoder_fingerprint` of ``source``), the
+    pooling, the image size, the crop, the position resampling, the folder and its image count
+    (and whatever a probe adds, e.g. the few-shot subset). A file whose key differs is computed
+    again and replaced. ``eval linear`` and ``eval fewshot`` with one ``--out-dir`` share it.
+    """
+
+    encoder: Encoder
+    directory: Path | None
+    source: str
+    pool: str
+    img_size: int
+    crop_pct: float
+    device: torch.device | str = "cpu"
+    batch_size: int = 64
+    num_workers: int = 0
+    progress: bool = True
+
+    def key(self, folder: ImageFolder, **extra: Any) -> dict[str, Any]:
+        return {
+            **encoder_fingerprint(self.source),
+            "pool": self.pool,
+            "img_size": self.img_size,
+            "crop_pct": self.crop_pct,
+            # Features at another size than the trained one depend on how the grid is resampled.
+            "pos_resample": getattr(self.encoder, "pos_resample", "dino"),
+            "folder": str(folder.root.resolve()),
+            "n": len(folder),
+            **extra,
+        }
+
+    def _path(self, name: str) -> Path | None:
+        return self.directory / f"{name}.pt" if self.directory is not None else None
+
+    def stored(self, name: str, key: dict[str, Any]) -> torch.Tensor | None:
+        """The features saved as ``name`` under ``key``; None if there are none."""
+        path = self._path(name)
+        if path is None or not path.is_file():
+            return None
+        try:
+            stored = load_checkpoint(path)
+        except CheckpointError:
+            return None
+        if stored.get("format") == FEATURES_FORMAT and stored.get("key") == key:
+            return stored["features"]
+        return None
+
+    def features(
+        self, name: str, images: Dataset, key: dict[str, Any], desc: str = "features"
+    ) -> torch.Tensor:
+        """The features of ``images`` (in order), read back when saved as ``name`` under
+        ``key``, else computed and saved."""
+        found = self.stored(name, key)
+        if found is not None:
+            return found
+        feats = extract_features(
+            self.encoder,
+            images,
+            device=self.device,
+            pool=self.pool,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            progress=self.progress,
+            desc=desc,
         )
-    return torch.device(name)
+        path = self._path(name)
+        if path is not None:
+            save_atomic({"format": FEATURES_FORMAT, "key": key, "features": feats}, path)
+        return feats
+
+    def of_folder(self, name: str, folder: ImageFolder, desc: str) -> torch.Tensor:
+        """:meth:`features` of a whole folder, under its :meth:`key`."""
+        return self.features(name, folder, self.key(folder), desc)
+
+
+def open_probe(
+    encoder: Encoder,
+    train_dir: str | Path,
+    val_dir: str | Path,
+    img_size: int | None,
+    crop_pct: float,
+    pool: str,
+    cache_dir: str | Path | None,
+    source: str,
+    device: torch.device | str,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+) -> tuple[ImageFolder, ImageFolder, FeatureCache]:
+    """What every image probe starts from: the training and validation folders under the
+    evaluation transform at ``img_size`` (default: the encoder's; a multiple of its patch
+    size), and the cache of their features in ``cache_dir`` (None: kept nowhere), the encoder
+    moved to ``device``."""
+    img_size = img_size or encoder.img_size
+    if img_size % encoder.patch_size:
+        raise SiamaeError(
+            f"image size {img_size} is not a multiple of the patch size {encoder.patch_size}"
+        )
+    transform = EvalTransform(img_size, crop_pct)
+    train_set = ImageFolder(train_dir, transform)
+    val_set = validation_folder(val_dir, transform, train_set.classes)
+    cache = FeatureCache(
+        encoder.to(device),
+        Path(cache_dir) if cache_dir is not None else None,
+        source,
+        pool,
+        img_size,
+        crop_pct,
+        device,
+        batch_size,
+        num_workers,
+        progress,
+    )
+    return train_set, val_set, cache

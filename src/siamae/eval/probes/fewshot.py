@@ -29,11 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from siamae.checkpoint import load_checkpoint
-from siamae.data.image_folder import EvalTransform, ImageFolder, validation_folder
-from siamae.errors import CheckpointError, DataError, SiamaeError
-from siamae.eval.probes.features import FEATURES
-from siamae.eval.probes.linear import FEATURES_FORMAT, _fingerprint, cached_features
+from siamae.data.image_folder import ImageFolder
+from siamae.errors import DataError, SiamaeError
+from siamae.eval.probes.features import FEATURES, FeatureCache, open_probe
 from siamae.models.vit import Encoder
 
 
@@ -195,65 +193,24 @@ def fewshot_eval(
     """
 
     device = torch.device(device)
-    img_size = img_size or encoder.img_size
-    if img_size % encoder.patch_size:
-        raise SiamaeError(
-            f"image size {img_size} is not a multiple of the patch size {encoder.patch_size}"
-        )
-    transform = EvalTransform(img_size, crop_pct)
-    train_set = ImageFolder(train_dir, transform)
-    val_set = validation_folder(val_dir, transform, train_set.classes)
-    if subset_file is not None:
-        chosen = read_subset(subset_file, train_set)
-        subset = f"list {Path(subset_file).name} ({len(chosen)} images)"
-    elif per_class is not None:
-        chosen = draw_subset(train_set.labels.numpy(), per_class, seed)
-        subset = f"{per_class} images a class, seed {seed}"
-    else:
-        raise SiamaeError("pass --subset LIST_FILE or --per-class N")
-    encoder = encoder.to(device).eval()
-    key_base = {
-        **_fingerprint(source),
-        "pool": pool,
-        "img_size": img_size,
-        "crop_pct": crop_pct,
-        "pos_resample": getattr(encoder, "pos_resample", "dino"),
-    }
-    train_resolved = str(Path(train_dir).resolve())
-    val_resolved = str(Path(val_dir).resolve())
-    cache = Path(out_dir) / "features" if out_dir is not None else None
-    feat_kw: dict[str, Any] = dict(
+    train_set, val_set, cache = open_probe(
+        encoder,
+        train_dir,
+        val_dir,
+        img_size,
+        crop_pct,
+        pool,
+        cache_dir=Path(out_dir) / "features" if out_dir is not None else None,
+        source=source,
         device=device,
         batch_size=batch_size,
         num_workers=num_workers,
-        pool=pool,
         progress=progress,
     )
-    full_key = {**key_base, "folder": train_resolved, "n": len(train_set)}
-    train_cache = cache / "train.pt" if cache else None
-    if train_cache is not None and _cache_matches(train_cache, full_key):
-        # The linear probe's features of the whole training folder: slice the subset.
-        train_feats = cached_features(
-            encoder, train_set, train_cache, full_key, desc="train features", **feat_kw
-        )[torch.from_numpy(chosen)]
-    else:
-        subset_key = {**full_key, "subset": chosen.tolist()}
-        train_feats = cached_features(
-            encoder,
-            torch.utils.data.Subset(train_set, chosen.tolist()),  # type: ignore[arg-type]
-            cache / "fewshot_train.pt" if cache else None,
-            subset_key,
-            desc="subset features",
-            **feat_kw,
-        )
-    val_feats = cached_features(
-        encoder,
-        val_set,
-        cache / "val.pt" if cache else None,
-        {**key_base, "folder": val_resolved, "n": len(val_set)},
-        desc="val features",
-        **feat_kw,
-    )
+    chosen, subset = _labelled_subset(train_set, subset_file, per_class, seed)
+    encoder.eval()
+    train_feats = _subset_features(cache, train_set, chosen)
+    val_feats = cache.of_folder("val", val_set, desc="val features")
     train_labels = train_set.labels[torch.from_numpy(chosen)]
     num_classes = len(train_set.classes)
     weights = fit_logistic(train_feats, train_labels, num_classes, lambd)
@@ -267,11 +224,11 @@ def fewshot_eval(
         subset=subset,
         info={
             "encoder": source,
-            "train": train_resolved,
-            "val": val_resolved,
+            "train": str(Path(train_dir).resolve()),
+            "val": str(Path(val_dir).resolve()),
             "pool": pool,
             "features": FEATURES[pool],
-            "img_size": img_size,
+            "img_size": cache.img_size,
             "crop_pct": crop_pct,
             **({"protocol": protocol} if protocol else {}),
         },
@@ -282,11 +239,30 @@ def fewshot_eval(
     return result
 
 
-def _cache_matches(path: Path, key: dict[str, Any]) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        stored = load_checkpoint(path)
-    except CheckpointError:
-        return False
-    return stored.get("format") == FEATURES_FORMAT and stored.get("key") == key
+def _labelled_subset(
+    train_set: ImageFolder, subset_file: str | Path | None, per_class: int | None, seed: int
+) -> tuple[np.ndarray, str]:
+    """The indices of the labelled images, and how they were chosen (for the result)."""
+    if subset_file is not None:
+        chosen = read_subset(subset_file, train_set)
+        return chosen, f"list {Path(subset_file).name} ({len(chosen)} images)"
+    if per_class is not None:
+        chosen = draw_subset(train_set.labels.numpy(), per_class, seed)
+        return chosen, f"{per_class} images a class, seed {seed}"
+    raise SiamaeError("pass --subset LIST_FILE or --per-class N")
+
+
+def _subset_features(
+    cache: FeatureCache, train_set: ImageFolder, chosen: np.ndarray
+) -> torch.Tensor:
+    """The features of the ``chosen`` training images: sliced from the linear probe's features
+    of the whole folder where the cache holds them, else computed (and cached) for the subset."""
+    whole = cache.stored("train", cache.key(train_set))
+    if whole is not None:
+        return whole[torch.from_numpy(chosen)]
+    return cache.features(
+        "fewshot_train",
+        torch.utils.data.Subset(train_set, chosen.tolist()),  # type: ignore[arg-type]
+        cache.key(train_set, subset=chosen.tolist()),
+        desc="subset features",
+    )

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from siamae.data.image_folder import EvalTransform, ImageFolder, validation_folder
 from siamae.errors import DataError
-from siamae.eval.probes.features import extract_features
+from siamae.eval.probes.features import open_probe
 from siamae.models.vit import Encoder
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
@@ -139,23 +138,31 @@ def knn_eval(
     num_workers: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    cache_dir: str | Path | None = None,
+    source: str = "<encoder>",
 ) -> KNNResult:
-    """k-NN top-1/top-5 of a frozen encoder on two ImageFolders (features computed once)."""
+    """k-NN top-1/top-5 of a frozen encoder on two ImageFolders (features computed once).
 
-    img_size = img_size or encoder.img_size
-    transform = EvalTransform(img_size, crop_pct)
-    train_set = ImageFolder(train_dir, transform)
-    val_set = validation_folder(val_dir, transform, train_set.classes)
-    encoder = encoder.to(device)
-    kw = dict(
+    ``cache_dir``: where the features are kept (the linear and few-shot probes' cache, e.g.
+    their ``OUT_DIR/features``; default: nowhere); ``source`` names the encoder's checkpoint
+    (part of the cache key).
+    """
+    train_set, val_set, cache = open_probe(
+        encoder,
+        train_dir,
+        val_dir,
+        img_size,
+        crop_pct,
+        pool,
+        cache_dir=cache_dir,
+        source=source,
         device=device,
-        pool=pool,
         batch_size=batch_size,
         num_workers=num_workers,
         progress=progress,
     )
-    train_f = extract_features(encoder, train_set, desc="train features", **kw)  # type: ignore[arg-type]
-    val_f = extract_features(encoder, val_set, desc="val features", **kw)  # type: ignore[arg-type]
+    train_f = cache.of_folder("train", train_set, desc="train features")
+    val_f = cache.of_folder("val", val_set, desc="val features")
     result = knn_classify(
         train_f.to(device),
         train_set.labels,
@@ -167,7 +174,7 @@ def knn_eval(
     )
     result.info = {
         "features": pool,
-        "img_size": img_size,
+        "img_size": cache.img_size,
         "crop_pct": crop_pct,
         "pos_resample": getattr(encoder, "pos_resample", "dino"),
         "train": str(train_dir),

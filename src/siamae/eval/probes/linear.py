@@ -23,6 +23,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,23 +35,21 @@ import torch.nn.functional as F
 from timm.optim import Lars
 
 from siamae.checkpoint import load_checkpoint, save_atomic
-from siamae.data.image_folder import (
-    EvalTransform,
-    ImageFolder,
-    loader,
-    normalize,
-    validation_folder,
-)
+from siamae.data.image_folder import ImageFolder, loader, normalize
 from siamae.data.sources import to_rgb
 from siamae.errors import CheckpointError, SiamaeError
-from siamae.eval.probes.features import FEATURES, POOLS, encode_features, extract_features
+from siamae.eval.probes.features import (
+    FEATURES,
+    POOLS,
+    encode_features,
+    open_probe,
+)
 from siamae.eval.probes.protocols import DEFAULT_LINEAR_PROTOCOL, LINEAR_PROTOCOLS, linear_protocol
 from siamae.models.vit import Encoder
 from siamae.optim import lr_at
 
 LINEAR_FORMAT = "siamae-linear-v1"
 ENCODE_CHUNK = 256  # images encoded at once when the probe runs the encoder every epoch
-FEATURES_FORMAT = "siamae-features-v1"
 
 
 @dataclass
@@ -204,55 +203,6 @@ class LinearResult:
         }
 
 
-# -- features ---------------------------------------------------------------------------------
-
-
-def _fingerprint(source: str) -> dict[str, Any]:
-    """What identifies the encoder's weights: the file's path, size and modification time."""
-    path = Path(source)
-    if path.is_dir() and (path / "checkpoints" / "last.pt").is_file():
-        path = path / "checkpoints" / "last.pt"  # a run folder: the checkpoint it resolves to
-    if path.is_file():
-        st = path.stat()
-        return {"source": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return {"source": source}
-
-
-def cached_features(
-    encoder: Encoder,
-    dataset: ImageFolder,
-    cache: Path | None,
-    key: dict[str, Any],
-    device: torch.device | str,
-    batch_size: int,
-    num_workers: int,
-    pool: str,
-    progress: bool,
-    desc: str,
-) -> torch.Tensor:
-    """Features of ``dataset``, read from ``cache`` when its key matches, else computed (and saved)."""
-    if cache is not None and cache.is_file():
-        try:
-            stored = load_checkpoint(cache)
-        except CheckpointError:
-            stored = {}
-        if stored.get("format") == FEATURES_FORMAT and stored.get("key") == key:
-            return stored["features"]
-    feats = extract_features(
-        encoder,
-        dataset,
-        device=device,
-        pool=pool,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        progress=progress,
-        desc=desc,
-    )
-    if cache is not None:
-        save_atomic({"format": FEATURES_FORMAT, "key": key, "features": feats}, cache)
-    return feats
-
-
 class AugmentedFolder(ImageFolder):
     """An ImageFolder whose images are random-resized crops (scale 0.08-1) with flips.
 
@@ -298,9 +248,7 @@ class AugmentedFolder(ImageFolder):
 def _feature_batches(
     feats: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, epoch: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    order = torch.randperm(
-        feats.shape[0], generator=torch.Generator().manual_seed(seed * 100003 + epoch)
-    )
+    order = _epoch_order(feats.shape[0], seed, epoch)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         if len(idx) < 2 and start > 0:
@@ -346,15 +294,21 @@ def train_linear(
     cfg.check()
     device = torch.device(device)
     out = Path(out_dir) if out_dir is not None else None
-    img_size = cfg.img_size or encoder.img_size
-    if img_size % encoder.patch_size:
-        raise SiamaeError(
-            f"image size {img_size} is not a multiple of the patch size {encoder.patch_size}"
-        )
-    transform = EvalTransform(img_size, cfg.crop_pct)
-    train_set = ImageFolder(train_dir, transform)
-    val_set = validation_folder(val_dir, transform, train_set.classes)
-    encoder = encoder.to(device).eval()
+    train_set, val_set, cache = open_probe(
+        encoder,
+        train_dir,
+        val_dir,
+        cfg.img_size,
+        cfg.crop_pct,
+        cfg.pool,
+        cache_dir=out / "features" if out is not None else None,
+        source=source,
+        device=device,
+        batch_size=max(64, min(cfg.batch_size, 512)),
+        num_workers=cfg.num_workers,
+        progress=progress,
+    )
+    encoder = encoder.eval()
     run_info = {
         "encoder": source,
         "train": str(Path(train_dir).resolve()),
@@ -363,39 +317,10 @@ def train_linear(
     }
     if val_set.skipped:  # the accuracy is over the readable images only: say which were not
         run_info["val_skipped"] = [line.split("\t")[0] for line in val_set.skipped]
-    key_base = {
-        **_fingerprint(source),
-        "pool": cfg.pool,
-        "img_size": img_size,
-        "crop_pct": cfg.crop_pct,
-        # Features at another size than the trained one depend on how the grid is resampled.
-        "pos_resample": getattr(encoder, "pos_resample", "dino"),
-    }
-    feat_kw = dict(
-        device=device,
-        batch_size=max(64, min(cfg.batch_size, 512)),
-        num_workers=cfg.num_workers,
-        pool=cfg.pool,
-        progress=progress,
-    )
-    cache_dir = out / "features" if out is not None else None
-    val_feats = cached_features(
-        encoder,
-        val_set,
-        cache_dir / "val.pt" if cache_dir else None,
-        {**key_base, "folder": run_info["val"], "n": len(val_set)},
-        desc="val features",
-        **feat_kw,  # type: ignore[arg-type]
-    )
+    val_feats = cache.of_folder("val", val_set, desc="val features")
+    train: torch.Tensor | _AugmentedFeatures
     if cfg.cache_features:
-        train: torch.Tensor | _AugmentedFeatures = cached_features(
-            encoder,
-            train_set,
-            cache_dir / "train.pt" if cache_dir else None,
-            {**key_base, "folder": run_info["train"], "n": len(train_set)},
-            desc="train features",
-            **feat_kw,  # type: ignore[arg-type]
-        )
+        train = cache.of_folder("train", train_set, desc="train features")
     else:
         train = _AugmentedFeatures(encoder, AugmentedFolder(train_set, cfg.seed), cfg, device)
     return fit_probe(
@@ -486,81 +411,46 @@ def fit_probe(
     run_info = {"recipe": dataclasses.asdict(cfg), **(run_info or {})}
     dim = train.shape[1] if isinstance(train, torch.Tensor) else train.dim
     head = LinearProbe(dim, num_classes, seed=cfg.seed).to(device)
-    if cfg.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    else:
-        opt = make_lars(list(head.parameters()), cfg.lr, cfg.momentum, cfg.weight_decay)
+    opt = _optimizer(head, cfg)
     start_epoch, history = 0, []
     ckpt_path = out / "checkpoints" / "last.pt" if out is not None else None
     if resume and ckpt_path is not None and ckpt_path.is_file():
         start_epoch, history = _restore(ckpt_path, run_info, head, opt)
-
-    n = len(train)
-    steps_per_epoch = max(1, n // cfg.batch_size + (1 if n % cfg.batch_size >= 2 else 0))
-    total = cfg.epochs * steps_per_epoch
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    head.train()
-    lr = lr_at(start_epoch * steps_per_epoch, cfg.lr, cfg.min_lr, warmup, total)
+    schedule = _Schedule.of(len(train), cfg)
     end_epoch = cfg.epochs
     if stop_after_epochs is not None:
         end_epoch = min(cfg.epochs, start_epoch + stop_after_epochs)
+    head.train()
+    lr = schedule.lr(start_epoch * schedule.steps_per_epoch)
     # The head is tiny: on a CPU it trains on one thread. Multi-threaded BatchNorm and matmuls
     # on (B, D) tensors are slower there, by orders of magnitude on a busy machine.
-    one_thread = device.type == "cpu" and isinstance(train, torch.Tensor)
-    threads = torch.get_num_threads()
-    if one_thread:
-        torch.set_num_threads(1)
-    try:
+    with _threads(1 if device.type == "cpu" and isinstance(train, torch.Tensor) else None):
         bar = tqdm(
             range(start_epoch, end_epoch), desc="linear probe", unit="epoch", disable=not progress
         )
         for epoch in bar:
-            t0 = time.perf_counter()
-            step = epoch * steps_per_epoch
-            loss_sum, seen = 0.0, 0
-            if isinstance(train, torch.Tensor):
-                batches = _feature_batches(train, train_labels, cfg.batch_size, cfg.seed, epoch)
-            else:
-                batches = train.batches(epoch)
-            for feats, labels in batches:
-                lr = lr_at(step, cfg.lr, cfg.min_lr, warmup, total)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                loss = F.cross_entropy(head(feats.to(device)), labels.to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += float(loss.detach()) * labels.shape[0]
-                seen += labels.shape[0]
-                step += 1
-            record: dict[str, float] = {
-                "epoch": epoch + 1,
-                "loss": loss_sum / max(1, seen),
-                "lr": lr,
-                "seconds": time.perf_counter() - t0,
-            }
+            record = _train_epoch(head, opt, train, train_labels, schedule, epoch, device, lr)
+            lr = record["lr"]
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 record["top1"] = evaluate(head, val_feats, val_labels, device)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.2f}")
             history.append(record)
             if ckpt_path is not None:
-                save_atomic(
-                    {
-                        "format": LINEAR_FORMAT,
-                        "config": run_info,
-                        "head": head.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "epoch": epoch + 1,
-                        "history": history,
-                    },
-                    ckpt_path,
-                )
+                _save(ckpt_path, run_info, head, opt, epoch + 1, history)
         bar.close()
         top1 = evaluate(head, val_feats, val_labels, device)
-    finally:
-        torch.set_num_threads(threads)
+    return _result(head, cfg, top1, history, out, run_info)
+
+
+def _result(
+    head: LinearProbe,
+    cfg: LinearConfig,
+    top1: float,
+    history: list[dict[str, float]],
+    out: Path | None,
+    run_info: dict[str, Any],
+) -> LinearResult:
+    """The trained probe's result, also written to ``out/results.json`` with ``run_info``."""
     evaluated = [h["top1"] for h in history if "top1" in h]
     result = LinearResult(
         top1=top1,
@@ -577,6 +467,106 @@ def fit_probe(
             json.dumps(result.to_dict() | run_info, indent=2, default=str) + "\n"
         )
     return result
+
+
+def _optimizer(head: LinearProbe, cfg: LinearConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    return make_lars(list(head.parameters()), cfg.lr, cfg.momentum, cfg.weight_decay)
+
+
+@dataclass
+class _Schedule:
+    """Warm-up then half-cosine, set every iteration (``siamae.optim.lr_at``)."""
+
+    cfg: LinearConfig
+    steps_per_epoch: int
+    total: int
+    warmup: int
+
+    @classmethod
+    def of(cls, n: int, cfg: LinearConfig) -> _Schedule:
+        """For ``n`` training samples; a last batch of one is dropped (BatchNorm)."""
+        steps = max(1, n // cfg.batch_size + (1 if n % cfg.batch_size >= 2 else 0))
+        return cls(cfg, steps, cfg.epochs * steps, int(round(cfg.warmup_epochs * steps)))
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.cfg.lr, self.cfg.min_lr, self.warmup, self.total)
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """torch's thread count set to ``count`` (None: left) inside, restored after."""
+    threads = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_epoch(
+    head: LinearProbe,
+    opt: torch.optim.Optimizer,
+    train: torch.Tensor | _AugmentedFeatures,
+    train_labels: torch.Tensor,
+    schedule: _Schedule,
+    epoch: int,
+    device: torch.device,
+    lr: float,
+) -> dict[str, float]:
+    """One epoch's steps: the history record (epoch, mean loss, last lr, seconds). ``lr``:
+    the rate before the epoch, recorded if it takes no step."""
+    cfg = schedule.cfg
+    t0 = time.perf_counter()
+    step = epoch * schedule.steps_per_epoch
+    loss_sum, seen = 0.0, 0
+    if isinstance(train, torch.Tensor):
+        batches = _feature_batches(train, train_labels, cfg.batch_size, cfg.seed, epoch)
+    else:
+        batches = train.batches(epoch)
+    for feats, labels in batches:
+        lr = schedule.lr(step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = F.cross_entropy(head(feats.to(device)), labels.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += float(loss.detach()) * labels.shape[0]
+        seen += labels.shape[0]
+        step += 1
+    return {
+        "epoch": epoch + 1,
+        "loss": loss_sum / max(1, seen),
+        "lr": lr,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _save(
+    path: Path,
+    run_info: dict[str, Any],
+    head: LinearProbe,
+    opt: torch.optim.Optimizer,
+    epoch: int,
+    history: list[dict[str, float]],
+) -> None:
+    """The checkpoint after ``epoch`` epochs, written atomically."""
+    save_atomic(
+        {
+            "format": LINEAR_FORMAT,
+            "config": run_info,
+            "head": head.state_dict(),
+            "optimizer": opt.state_dict(),
+            "epoch": epoch,
+            "history": history,
+        },
+        path,
+    )
 
 
 def _restore(

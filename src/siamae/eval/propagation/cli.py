@@ -3,60 +3,71 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from siamae.arguments import add_pos_resample_option, add_threads_option, apply_threads_option
-from siamae.eval.probes.features import resolve_device
+from siamae.arguments import (
+    add_device_option,
+    add_encoder_source,
+    add_output_folder_option,
+    add_threads_option,
+    apply_threads_option,
+    encoder_from_args,
+    resolve_device,
+)
 from siamae.eval.propagation import davis, jhmdb, vip
-from siamae.eval.propagation.engine import protocol
-from siamae.loading import describe_encoder, load_encoder, random_encoder
+from siamae.eval.propagation.engine import PropagationParams, protocol
+from siamae.models.vit import Encoder
 
 
-def _encoder(args: argparse.Namespace):
+def _encoder(args: argparse.Namespace) -> Encoder:
     apply_threads_option(args)
-    if args.random_init:
-        encoder = random_encoder(args.random_init, seed=args.seed)
-    else:
-        encoder = load_encoder(args.checkpoint)  # names a missing or unfit file itself
-    encoder.pos_resample = args.pos_resample
-    print(describe_encoder(encoder))
-    return encoder
+    return encoder_from_args(args)[0]
 
 
-def _params(args: argparse.Namespace, benchmark: str):
+def _params(args: argparse.Namespace, benchmark: str) -> PropagationParams:
     params = protocol(args.protocol, benchmark, args.set or [])
     print(params.describe())
     return params
-
-
-def _device(name: str):  # noqa: ANN202 - torch.device, imported lazily
-    return resolve_device(name)
 
 
 def _out(args: argparse.Namespace, benchmark: str) -> Path:
     return Path(args.out or f"runs/eval/{benchmark}-{args.protocol}")
 
 
-def _davis(args: argparse.Namespace) -> int:
+def _propagate(
+    args: argparse.Namespace, benchmark: str, evaluate: Callable[..., Any], **options: Any
+) -> tuple[Any, Path]:
+    """The benchmark's ``evaluate`` on the encoder, data and protocol the options name: its
+    result, and the output folder."""
     encoder = _encoder(args)
-    params = _params(args, "davis")
-    sequences = [s for s in (args.sequences or "").split(",") if s] or None
-    overlays = [s for s in (args.overlay or "").split(",") if s]
-    out = _out(args, "davis")
-    result = davis.evaluate_davis(
+    params = _params(args, benchmark)
+    out = _out(args, benchmark)
+    result = evaluate(
         encoder,
         args.data_root,
         out,
         params,
-        sequences=sequences,
+        **options,
+        device=resolve_device(args.device),
+        progress=not args.no_progress,
+    )
+    return result, out
+
+
+def _davis(args: argparse.Namespace) -> int:
+    result, out = _propagate(
+        args,
+        "davis",
+        davis.evaluate_davis,
+        sequences=[s for s in (args.sequences or "").split(",") if s] or None,
         split=args.split,
         score_at=args.score_at,
         void=args.void,
-        overlays=overlays,
+        overlays=[s for s in (args.overlay or "").split(",") if s],
         overlay_kind=args.overlay_format,
         max_frames=args.max_frames,
-        device=_device(args.device),
-        progress=not args.no_progress,
     )
     print(davis.format_summary(result.summary))
     print(f"  predictions, per_sequence.csv, summary.json in {out}")
@@ -64,18 +75,8 @@ def _davis(args: argparse.Namespace) -> int:
 
 
 def _jhmdb(args: argparse.Namespace) -> int:
-    encoder = _encoder(args)
-    params = _params(args, "jhmdb")
-    out = _out(args, "jhmdb")
-    summary = jhmdb.evaluate_jhmdb(
-        encoder,
-        args.data_root,
-        out,
-        params,
-        split=args.split,
-        max_clips=args.max_clips,
-        device=_device(args.device),
-        progress=not args.no_progress,
+    summary, out = _propagate(
+        args, "jhmdb", jhmdb.evaluate_jhmdb, split=args.split, max_clips=args.max_clips
     )
     print(jhmdb.format_summary(summary))
     print(f"  summary.json in {out}")
@@ -83,19 +84,13 @@ def _jhmdb(args: argparse.Namespace) -> int:
 
 
 def _vip(args: argparse.Namespace) -> int:
-    encoder = _encoder(args)
-    params = _params(args, "vip")
-    out = _out(args, "vip")
-    summary = vip.evaluate_vip(
-        encoder,
-        args.data_root,
-        out,
-        params,
+    summary, out = _propagate(
+        args,
+        "vip",
+        vip.evaluate_vip,
         split=args.split,
         max_videos=args.max_videos,
         max_frames=args.max_frames,
-        device=_device(args.device),
-        progress=not args.no_progress,
     )
     print(vip.format_summary(summary))
     print(f"  predictions and summary.json in {out}")
@@ -103,20 +98,8 @@ def _vip(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--checkpoint",
-        help="encoder: this project's checkpoint, an exported .safetensors, or a timm/DINO/MAE/"
-        "CropMAE state dict ('model', 'state_dict', 'teacher' keys; 'module.', 'backbone.' "
-        "prefixes)",
-    )
-    src.add_argument(
-        "--random-init",
-        metavar="MODEL",
-        help="an untrained encoder, the baseline every table needs, e.g. vit_small_patch16",
-    )
+    add_encoder_source(p)
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default 0)")
-    add_pos_resample_option(p)
     add_threads_option(p)
     p.add_argument("--data-root", required=True, help="the benchmark's folder (official layout)")
     p.add_argument(
@@ -133,8 +116,10 @@ def _common(p: argparse.ArgumentParser) -> None:
         "(keys: resize, temperature, topk, radius, queue, neighbourhood, restrict_first, "
         "pad_queue, label_downsample, norm_mask, batch_size, chunk)",
     )
-    p.add_argument("--out", help="output folder (default: runs/eval/<benchmark>-<protocol>)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    add_output_folder_option(
+        p, "predictions and scores", default="runs/eval/<benchmark>-<protocol>"
+    )
+    add_device_option(p, default="cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -10,9 +10,7 @@ Written: ``<out>/<seq>/%05d.png`` DAVIS-palette predictions (the submission layo
 
 from __future__ import annotations
 
-import csv
-import json
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +19,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from siamae.data.sources import UnreadableSample, to_rgb
 from siamae.errors import DataError
 from siamae.eval.propagation.engine import (
     PropagationParams,
-    Timer,
     frame_size,
     labels_to_ids,
     propagate_video,
@@ -38,7 +34,14 @@ from siamae.eval.propagation.metrics import (
     num_objects_of,
     summarise,
 )
-from siamae.loading import describe_encoder
+from siamae.eval.propagation.results import (
+    BenchmarkRun,
+    read_frame,
+    split_lines,
+    video_name,
+    write_summary,
+    write_table,
+)
 from siamae.overlays import PALETTE, OverlayRecorder
 
 RESOLUTION = "480p"
@@ -98,14 +101,6 @@ def write_mask(path: str | Path, ids: np.ndarray) -> None:
     img.save(path)
 
 
-def read_frame(path: str | Path) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            return np.asarray(to_rgb(img))
-    except (OSError, UnreadableSample) as err:
-        raise DataError(f"cannot read frame {path}: {err}") from None
-
-
 @dataclass
 class DavisSequence:
     name: str
@@ -150,8 +145,7 @@ def list_sequences(
             candidates = [root / "ImageSets" / y / f"{name}.txt" for y in ("2017", "2016")]
     for path in candidates:
         if path.is_file():
-            names = [ln.split()[0] for ln in path.read_text().splitlines() if ln.strip()]
-            return [n.strip("/").split("/")[-1] for n in names]
+            return [video_name(fields[0]) for fields in split_lines(path)]
     raise DataError(
         f"no split file found (looked for {', '.join(str(c) for c in candidates)}); "
         "pass --split FILE or --sequences a,b"
@@ -190,6 +184,10 @@ def _scored_size(params: PropagationParams, score_at: str, native: tuple[int, in
     return prop, (prop if score_at == "resized" else native)
 
 
+PER_SEQUENCE_COLUMNS = ["sequence", "object", "J&F-Mean", "J-Mean", "J-Recall", "J-Decay",
+                        "F-Mean", "F-Recall", "F-Decay", "frames"]  # fmt: skip
+
+
 @torch.no_grad()
 def evaluate_davis(
     encoder: torch.nn.Module,
@@ -218,12 +216,61 @@ def evaluate_davis(
     """
     root = check_root(root)
     out = Path(out)
-    names = list_sequences(root, split, sequences)
-    seqs = [load_sequence(root, n) for n in names]
+    seqs = [load_sequence(root, n) for n in list_sequences(root, split, sequences)]
+    scoring = _Scoring(_score_at(score_at, params), void, _checked_max_frames(max_frames))
+    want_overlay = set(overlays or [])
+    run = BenchmarkRun.start(encoder, device)
+    results: list[SequenceScores] = []
+    unscored: list[str] = []
+    sizes: set[str] = set()
+    bar = tqdm(seqs, desc="DAVIS", unit="seq", disable=not progress)
+    for seq in bar:
+        bar.set_postfix_str(seq.name)
+        overlay = overlay_kind if ("all" in want_overlay or seq.name in want_overlay) else None
+        scores, size = _evaluate_sequence(run, seq, out, params, scoring, overlay, progress)
+        sizes.add(size)
+        if scores is None:
+            unscored.append(seq.name)
+        else:
+            results.append(scores)
+    figures = {
+        "resolution": _resolution(scoring.score_at, sizes),
+        "score_at": scoring.score_at,
+        "void": void,
+        "sequences": [s.name for s in results],
+        "unscored_sequences": unscored,
+        "max_frames": max_frames,
+        **summarise(results),
+    }
+    summary = run.summary(
+        "DAVIS (semi-supervised, davis2017-evaluation J&F)", params, figures, detailed_timing=True
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for s in results for r in s.object_rows()]
+    write_table(out / "per_sequence.csv", PER_SEQUENCE_COLUMNS, rows, float_format="{:.4f}")
+    write_summary(out, summary)
+    return DavisResult(summary, results)
+
+
+@dataclass
+class _Scoring:
+    """How the predictions are scored: at which size, with which void pixels, over how many
+    frames."""
+
+    score_at: str
+    void: str
+    max_frames: int | None
+
+
+def _score_at(score_at: str | None, params: PropagationParams) -> str:
     if score_at is None:
-        score_at = "resized" if "x" in params.resize else "native"
+        return "resized" if "x" in params.resize else "native"
     if score_at not in ("resized", "native"):
         raise DataError(f"score_at must be 'resized' or 'native', got {score_at!r}")
+    return score_at
+
+
+def _checked_max_frames(max_frames: int | None) -> int | None:
     if max_frames is not None and max_frames < 3:
         # Frame 0 is the given annotation and the last frame is not scored (as the official
         # evaluation does): fewer than 3 frames leave nothing to score.
@@ -231,117 +278,97 @@ def evaluate_davis(
             f"--max-frames {max_frames}: counts frames from the annotated first one, which is "
             "given, and the last is not scored; pass 3 or more (or leave it out: every frame)"
         )
-    want_overlay = set(overlays or [])
-    patch = int(encoder.patch_size)
-    encoder = encoder.eval().to(device)
-    timer = Timer()
-    results: list[SequenceScores] = []
-    unscored: list[str] = []
-    sizes: set[str] = set()
-    t_start = time.perf_counter()
-    bar = tqdm(seqs, desc="DAVIS", unit="seq", disable=not progress)
-    for seq in bar:
-        bar.set_postfix_str(seq.name)
-        frames = seq.frames[:max_frames] if max_frames is not None else seq.frames
-        masks = seq.masks[: len(frames)]
-        first = read_mask(masks[0])
-        native = first.shape
-        prop_size, score_size = _scored_size(params, score_at, native, patch)
-        sizes.add(f"{prop_size[0]}x{prop_size[1]}")
-        n_obj = num_objects_of(first)
-        first_ids = np.where(first == VOID, 0, first)
-        scored = seq.fully_annotated and len(frames) >= 3
-        if not scored:
-            unscored.append(seq.name)
-        (out / seq.name).mkdir(parents=True, exist_ok=True)
-        recorder = (
-            OverlayRecorder(len(frames), overlay_kind)
-            if ("all" in want_overlay or seq.name in want_overlay)
-            else None
-        )
-        j_rows, f_rows = [], []
-        frame_iter = (read_frame(p) for p in frames)
-        soft_iter = propagate_video(
-            encoder, frame_iter, first_ids, n_obj + 1, params, prop_size, device, timer
-        )
-        inner = tqdm(
-            soft_iter,
-            total=len(frames),
-            desc=seq.name,
-            unit="frame",
-            leave=False,
-            disable=not progress,
-        )
-        for t, soft in enumerate(inner):
-            if t == 0:
-                pred = resize_ids(first_ids.astype(np.uint8), score_size, exact=False)
-            else:
-                ids = labels_to_ids(soft, prop_size, params.norm_mask).numpy().astype(np.uint8)
-                pred = resize_ids(ids, score_size, exact=True)
-            write_mask(out / seq.name / f"{frames[t].stem}.png", pred)
-            if recorder is not None and recorder.wants(t):
-                truth = (
-                    resize_ids(read_mask(masks[t]), score_size, exact=False)
-                    if t < len(masks)
-                    else None
-                )
-                recorder.add(t, read_frame(frames[t]), pred, truth)
-            if scored and 0 < t < len(frames) - 1:
-                gt = resize_ids(read_mask(masks[t]), score_size, exact=False)
-                j, f = frame_scores(gt, pred, n_obj, void)
-                j_rows.append(j)
-                f_rows.append(f)
-        if scored:
-            j_arr = np.stack(j_rows, axis=1) if j_rows else np.zeros((n_obj, 0))
-            f_arr = np.stack(f_rows, axis=1) if f_rows else np.zeros((n_obj, 0))
-            results.append(SequenceScores(seq.name, j_arr, f_arr))
-        if recorder is not None:
-            score = f"J&F {summarise(results[-1:])['J&F-Mean']:.3f}" if scored else "not scored"
-            recorder.save(
-                out / "overlays" / seq.name,
-                title=f"{seq.name}: propagated masks ({params.name} protocol, {score})",
-            )
-    elapsed = time.perf_counter() - t_start
-    figures = summarise(results)
-    resolution = (
-        f"resized: frames and annotations at {', '.join(sorted(sizes))} (published CropMAE protocol)"
-        if score_at == "resized"
-        else f"native: propagated at {', '.join(sorted(sizes))}, scored at the annotations' size"
-    )
+    return max_frames
 
-    summary = {
-        "benchmark": "DAVIS (semi-supervised, davis2017-evaluation J&F)",
-        "protocol": params.name,
-        "params": params.to_dict(),
-        "resolution": resolution,
-        "score_at": score_at,
-        "void": void,
-        "sequences": [s.name for s in results],
-        "unscored_sequences": unscored,
-        "max_frames": max_frames,
-        **figures,
-        "encoder": describe_encoder(encoder),
-        "timing": {
-            "frames": timer.frames,
-            "seconds_total": round(elapsed, 2),
-            "seconds_reading": round(timer.load_s, 2),
-            "seconds_features": round(timer.features_s, 2),
-            "seconds_propagation": round(timer.propagation_s, 2),
-            "features_fps": timer.frames / timer.features_s if timer.features_s else None,
-            "propagation_fps": timer.frames / timer.propagation_s if timer.propagation_s else None,
-        },
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [r for s in results for r in s.object_rows()]
-    with open(out / "per_sequence.csv", "w", newline="") as fh:
-        cols = ["sequence", "object", "J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean",
-                "F-Recall", "F-Decay", "frames"]  # fmt: skip
-        writer = csv.DictWriter(fh, fieldnames=cols)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
-    return DavisResult(summary, results)
+
+def _resolution(score_at: str, sizes: set[str]) -> str:
+    shown = ", ".join(sorted(sizes))
+    if score_at == "resized":
+        return f"resized: frames and annotations at {shown} (published CropMAE protocol)"
+    return f"native: propagated at {shown}, scored at the annotations' size"
+
+
+def _evaluate_sequence(
+    run: BenchmarkRun,
+    seq: DavisSequence,
+    out: Path,
+    params: PropagationParams,
+    scoring: _Scoring,
+    overlay_kind: str | None,
+    progress: bool,
+) -> tuple[SequenceScores | None, str]:
+    """Propagate one sequence, write its predictions (and its overlay, with ``overlay_kind``):
+    its scores (None when it is not fully annotated) and its propagation size ("HxW")."""
+    frames = seq.frames[: scoring.max_frames] if scoring.max_frames is not None else seq.frames
+    masks = seq.masks[: len(frames)]
+    first = read_mask(masks[0])
+    prop_size, score_size = _scored_size(params, scoring.score_at, first.shape, run.patch)
+    n_obj = num_objects_of(first)
+    scored = seq.fully_annotated and len(frames) >= 3
+    (out / seq.name).mkdir(parents=True, exist_ok=True)
+    recorder = OverlayRecorder(len(frames), overlay_kind) if overlay_kind else None
+    j_rows, f_rows = [], []
+    first_ids = np.where(first == VOID, 0, first)
+    predictions = _predictions(
+        run, seq.name, frames, first_ids, n_obj, params, prop_size, score_size, progress
+    )
+    for t, pred in predictions:
+        write_mask(out / seq.name / f"{frames[t].stem}.png", pred)
+        if recorder is not None and recorder.wants(t):
+            truth = (
+                resize_ids(read_mask(masks[t]), score_size, exact=False) if t < len(masks) else None
+            )
+            recorder.add(t, read_frame(frames[t]), pred, truth)
+        if scored and 0 < t < len(frames) - 1:
+            gt = resize_ids(read_mask(masks[t]), score_size, exact=False)
+            j, f = frame_scores(gt, pred, n_obj, scoring.void)
+            j_rows.append(j)
+            f_rows.append(f)
+    scores = None
+    if scored:
+        j_arr = np.stack(j_rows, axis=1) if j_rows else np.zeros((n_obj, 0))
+        f_arr = np.stack(f_rows, axis=1) if f_rows else np.zeros((n_obj, 0))
+        scores = SequenceScores(seq.name, j_arr, f_arr)
+    if recorder is not None:
+        score = f"J&F {summarise([scores])['J&F-Mean']:.3f}" if scores is not None else "not scored"
+        recorder.save(
+            out / "overlays" / seq.name,
+            title=f"{seq.name}: propagated masks ({params.name} protocol, {score})",
+        )
+    return scores, f"{prop_size[0]}x{prop_size[1]}"
+
+
+def _predictions(
+    run: BenchmarkRun,
+    name: str,
+    frames: list[Path],
+    first_ids: np.ndarray,
+    n_obj: int,
+    params: PropagationParams,
+    prop_size: tuple[int, int],
+    score_size: tuple[int, int],
+    progress: bool,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(t, object ids at ``score_size``) for every frame, frame 0 being the given mask."""
+    soft_iter = propagate_video(
+        run.encoder,
+        (read_frame(p) for p in frames),
+        first_ids,
+        n_obj + 1,
+        params,
+        prop_size,
+        run.device,
+        run.timer,
+    )
+    inner = tqdm(
+        soft_iter, total=len(frames), desc=name, unit="frame", leave=False, disable=not progress
+    )
+    for t, soft in enumerate(inner):
+        if t == 0:
+            yield t, resize_ids(first_ids.astype(np.uint8), score_size, exact=False)
+        else:
+            ids = labels_to_ids(soft, prop_size, params.norm_mask).numpy().astype(np.uint8)
+            yield t, resize_ids(ids, score_size, exact=True)
 
 
 def format_summary(summary: dict) -> str:

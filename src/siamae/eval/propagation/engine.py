@@ -421,7 +421,7 @@ def propagate_video(
     device: str | torch.device = "cpu",
     timer: Timer | None = None,
 ) -> Iterator[torch.Tensor]:
-    """The whole pipeline for one video.
+    """The whole pipeline for one video whose first frame is labelled with class ids.
 
     Args:
         encoder: a frozen :class:`~siamae.models.vit.Encoder` (``patch_features``, ``patch_size``).
@@ -431,14 +431,33 @@ def propagate_video(
     Yields:
         (C, h, w) soft labels per frame, the first being frame 0's own labels.
     """
-    timer = timer if timer is not None else Timer()
-    patch = int(encoder.patch_size)
-    if size[0] % patch or size[1] % patch:
-        raise SiamaeError(f"frame size {size} is not a multiple of the patch size {patch}")
-    grid = grid_size(size, patch)
+    grid = _checked_grid(size, int(encoder.patch_size))
     if params.label_downsample == "bilinear":
         first_ids = resize_ids(first_ids, size)  # CRW resizes annotations (nearest) first
     first_labels = labels_to_grid(first_ids, num_classes, grid, params.label_downsample)
+    yield from propagate_labels(encoder, frames, first_labels, params, size, device, timer)
+
+
+def _checked_grid(size: tuple[int, int], patch: int) -> tuple[int, int]:
+    if size[0] % patch or size[1] % patch:
+        raise SiamaeError(f"frame size {size} is not a multiple of the patch size {patch}")
+    return grid_size(size, patch)
+
+
+def propagate_labels(
+    encoder: torch.nn.Module,
+    frames: Iterable[np.ndarray],
+    first_labels: torch.Tensor,
+    params: PropagationParams,
+    size: tuple[int, int],
+    device: str | torch.device = "cpu",
+    timer: Timer | None = None,
+) -> Iterator[torch.Tensor]:
+    """:func:`propagate_video` from soft labels (C, h, w) of frame 0 already on the feature grid
+    (e.g. JHMDB's joint heat-maps). ``timer`` gets the seconds spent reading frames, computing
+    features and propagating, and the frames."""
+    timer = timer if timer is not None else Timer()
+    _checked_grid(size, int(encoder.patch_size))
 
     def tensors() -> Iterator[torch.Tensor]:
         it = iter(frames)

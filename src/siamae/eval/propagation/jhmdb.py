@@ -15,28 +15,27 @@ frame 0 is excluded; PCK is averaged over the 15 joints (each joint pooled over 
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from siamae.data.sources import UnreadableSample, to_rgb
 from siamae.errors import DataError
 from siamae.eval.propagation.engine import (
-    LabelPropagator,
     PropagationParams,
-    Timer,
-    extract_features,
     frame_size,
     grid_size,
-    prepare_frame,
+    propagate_labels,
 )
-from siamae.loading import describe_encoder
+from siamae.eval.propagation.results import (
+    BenchmarkRun,
+    read_frame,
+    split_lines,
+    write_summary,
+    write_table,
+)
 
 NUM_JOINTS = 15
 ALPHAS = (0.1, 0.2)
@@ -149,18 +148,7 @@ def list_clips(root: str | Path, split: str | None = None) -> list[JhmdbClip]:
     if not img_root.is_dir() or not joint_root.is_dir():
         raise DataError(f"{root} needs Rename_Images/ and joint_positions/ (the JHMDB layout)")
     if split:
-        path = Path(split)
-        if not path.is_file():
-            raise DataError(f"split file {split} not found")
-        names = []
-        for line in path.read_text().splitlines():
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) >= 2 and parts[0].endswith(".mat"):
-                names.append("/".join(Path(parts[1]).parts[-2:]))
-            else:
-                names.append(parts[0].strip("/"))
+        names = [_clip_name(fields) for fields in split_lines(split)]
     else:
         names = sorted(
             "/".join(p.parent.relative_to(joint_root).parts)
@@ -180,12 +168,11 @@ def list_clips(root: str | Path, split: str | None = None) -> list[JhmdbClip]:
     return clips
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            return np.asarray(to_rgb(img))
-    except (OSError, UnreadableSample) as err:
-        raise DataError(f"cannot read frame {path}: {err}") from None
+def _clip_name(fields: list[str]) -> str:
+    """A split file's line -> ``action/clip``: CRW's ``<.mat> <.../action/clip>`` or the name."""
+    if len(fields) >= 2 and fields[0].endswith(".mat"):
+        return "/".join(Path(fields[1]).parts[-2:])
+    return fields[0].strip("/")
 
 
 @torch.no_grad()
@@ -203,62 +190,47 @@ def evaluate_jhmdb(
     clips = list_clips(root, split)[:max_clips]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    patch = int(encoder.patch_size)
-    encoder = encoder.eval().to(device)
-    timer = Timer()
+    run = BenchmarkRun.start(encoder, device)
     preds, gts, rows = [], [], []
-    t0 = time.perf_counter()
     for clip in tqdm(clips, desc="JHMDB", unit="clip", disable=not progress):
         gt = read_joints(clip.mat)
-        first = _read_rgb(clip.frames[0])
-        native = first.shape[:2]
-        size = frame_size(params.resize, native, patch)
-        grid = grid_size(size, patch)
-        g0 = gt[:, :, 0].copy()
-        g0[0] *= grid[1] / native[1]
-        g0[1] *= grid[0] / native[0]
-        labels = joint_labels(g0, grid)
-        frames = (prepare_frame(_read_rgb(p), size) for p in clip.frames[: gt.shape[2]])
-        feats = extract_features(encoder.patch_features, frames, params.batch_size, device, timer)
-        start = time.perf_counter()
-        before = timer.features_s
-        coords = []
-        for soft in LabelPropagator(params).propagate(feats, labels):
-            c = decode_joints(soft)
-            lost = c[0] < 0
-            c[0] *= native[1] / grid[1]
-            c[1] *= native[0] / grid[0]
-            c[:, lost] = -1
-            coords.append(c)
-            timer.frames += 1
-        timer.propagation_s += time.perf_counter() - start - (timer.features_s - before)
-        pred = np.stack(coords, axis=-1)
+        pred = _propagate_clip(run, clip, gt, params)
         preds.append(pred)
         gts.append(gt)
         rows.append({"clip": clip.name, "frames": pred.shape[2], **pck([pred], [gt])})
         np.save(out / f"{clip.name.replace('/', '__')}_joints.npy", pred)
-
-    summary = {
-        "benchmark": "JHMDB (keypoint propagation, PCK)",
-        "protocol": params.name,
-        "params": params.to_dict(),
-        "clips": len(clips),
-        **pck(preds, gts),
-        "encoder": describe_encoder(encoder),
-        "timing": {
-            "frames": timer.frames,
-            "seconds_total": round(time.perf_counter() - t0, 2),
-            "seconds_features": round(timer.features_s, 2),
-            "seconds_propagation": round(timer.propagation_s, 2),
-        },
-    }
-    with open(out / "per_clip.csv", "w") as fh:
-        keys = ["clip", "frames", *[f"PCK@{a:g}" for a in ALPHAS]]
-        fh.write(",".join(keys) + "\n")
-        for r in rows:
-            fh.write(",".join(str(r[k]) for k in keys) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    figures = {"clips": len(clips), **pck(preds, gts)}
+    summary = run.summary("JHMDB (keypoint propagation, PCK)", params, figures)
+    columns = ["clip", "frames", *[f"PCK@{a:g}" for a in ALPHAS]]
+    write_table(out / "per_clip.csv", columns, rows, line_end="\n")
+    write_summary(out, summary)
     return summary
+
+
+def _propagate_clip(
+    run: BenchmarkRun, clip: JhmdbClip, gt: np.ndarray, params: PropagationParams
+) -> np.ndarray:
+    """(2, 15, T) predicted joints (pixels of the clip's frames; -1 where lost), frame 0's
+    given by ``gt``."""
+    native = read_frame(clip.frames[0]).shape[:2]
+    size = frame_size(params.resize, native, run.patch)
+    grid = grid_size(size, run.patch)
+    g0 = gt[:, :, 0].copy()
+    g0[0] *= grid[1] / native[1]
+    g0[1] *= grid[0] / native[0]
+    frames = (read_frame(p) for p in clip.frames[: gt.shape[2]])
+    soft_iter = propagate_labels(
+        run.encoder, frames, joint_labels(g0, grid), params, size, run.device, run.timer
+    )
+    coords = []
+    for soft in soft_iter:
+        c = decode_joints(soft)
+        lost = c[0] < 0
+        c[0] *= native[1] / grid[1]
+        c[1] *= native[0] / grid[0]
+        c[:, lost] = -1
+        coords.append(c)
+    return np.stack(coords, axis=-1)
 
 
 def format_summary(summary: dict) -> str:

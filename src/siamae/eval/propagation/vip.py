@@ -14,8 +14,6 @@ diag / (gt + pred - diag), classes never seen giving NaN and left out of the mea
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +21,21 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from siamae.data.sources import UnreadableSample, to_rgb
 from siamae.errors import DataError
 from siamae.eval.propagation.engine import (
     PropagationParams,
-    Timer,
     frame_size,
     labels_to_ids,
     propagate_video,
     resize_ids,
 )
-from siamae.loading import describe_encoder
+from siamae.eval.propagation.results import (
+    BenchmarkRun,
+    read_frame,
+    split_lines,
+    video_name,
+    write_summary,
+)
 
 NUM_CLASSES = 20
 CLASSES = (
@@ -83,14 +85,7 @@ def vip_root(root: str | Path) -> Path:
 
 def list_videos(root: Path, split: str | None = None) -> list[str]:
     if split:
-        path = Path(split)
-        if not path.is_file():
-            raise DataError(f"split file {split} not found")
-        names = [
-            ln.split()[0].rstrip("/").split("/")[-1]
-            for ln in path.read_text().splitlines()
-            if ln.strip()
-        ]
+        names = [video_name(fields[0]) for fields in split_lines(split)]
     else:
         names = sorted(p.name for p in (root / "Images").iterdir() if p.is_dir())
     if not names:
@@ -115,66 +110,67 @@ def evaluate_vip(
     videos = list_videos(root, split)[:max_videos]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    patch = int(encoder.patch_size)
-    encoder = encoder.eval().to(device)
-    timer = Timer()
+    run = BenchmarkRun.start(encoder, device)
     hist = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
-    t0 = time.perf_counter()
     for name in tqdm(videos, desc="VIP", unit="video", disable=not progress):
-        frames = sorted((root / "Images" / name).glob("*.jpg"))[:max_frames]
-        ann_dir = root / "Annotations" / "Category_ids" / name
-        if not frames:
-            raise DataError(f"video {name!r}: no frames in {root / 'Images' / name}")
-        first_ann = ann_dir / f"{frames[0].stem}.png"
-        if not first_ann.is_file():
-            raise DataError(f"video {name!r}: first annotation {first_ann} not found")
-        first = read_category_ids(first_ann)
-        first = np.where(first == 255, 0, first)
-        classes = np.unique(first)  # CRW's label set: the classes present in frame 0
-        index = np.searchsorted(classes, first).astype(np.uint8)
-        with Image.open(frames[0]) as im:
-            native = (im.height, im.width)
-        size = frame_size(params.resize, native, patch)
-        (out / name).mkdir(parents=True, exist_ok=True)
-
-        def read(p: Path) -> np.ndarray:
-            try:
-                with Image.open(p) as im:
-                    return np.asarray(to_rgb(im))
-            except (OSError, UnreadableSample) as err:
-                raise DataError(f"cannot read frame {p}: {err}") from None
-
-        soft_iter = propagate_video(
-            encoder, (read(p) for p in frames), index, len(classes), params, size, device, timer
-        )
-        for t, soft in enumerate(soft_iter):
-            ids = classes[labels_to_ids(soft, size, params.norm_mask).numpy()].astype(np.uint8)
-            ann = ann_dir / f"{frames[t].stem}.png"
-            Image.fromarray(ids).save(out / name / f"{frames[t].stem}.png")
-            if ann.is_file():
-                gt = read_category_ids(ann)
-                hist += confusion(gt, resize_ids(ids, gt.shape, exact=True))
+        hist += _propagate_parts(run, root, name, out, params, max_frames)
     mean_iou, per_class = miou(hist)
-
-    summary = {
-        "benchmark": "VIP (part propagation, mIoU over 20 classes)",
-        "protocol": params.name,
-        "params": params.to_dict(),
+    figures = {
         "videos": len(videos),
         "mIoU": mean_iou,
         "per_class_IoU": {
             c: (None if np.isnan(v) else float(v)) for c, v in zip(CLASSES, per_class)
         },
-        "encoder": describe_encoder(encoder),
-        "timing": {
-            "frames": timer.frames,
-            "seconds_total": round(time.perf_counter() - t0, 2),
-            "seconds_features": round(timer.features_s, 2),
-            "seconds_propagation": round(timer.propagation_s, 2),
-        },
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = run.summary("VIP (part propagation, mIoU over 20 classes)", params, figures)
+    write_summary(out, summary)
     return summary
+
+
+def _propagate_parts(
+    run: BenchmarkRun,
+    root: Path,
+    name: str,
+    out: Path,
+    params: PropagationParams,
+    max_frames: int | None,
+) -> np.ndarray:
+    """Propagate one video's frame-0 parts, write its predictions to ``out/<name>/``: the
+    confusion matrix of its annotated frames."""
+    frames = sorted((root / "Images" / name).glob("*.jpg"))[:max_frames]
+    ann_dir = root / "Annotations" / "Category_ids" / name
+    if not frames:
+        raise DataError(f"video {name!r}: no frames in {root / 'Images' / name}")
+    first_ann = ann_dir / f"{frames[0].stem}.png"
+    if not first_ann.is_file():
+        raise DataError(f"video {name!r}: first annotation {first_ann} not found")
+    first = read_category_ids(first_ann)
+    first = np.where(first == 255, 0, first)
+    classes = np.unique(first)  # CRW's label set: the classes present in frame 0
+    index = np.searchsorted(classes, first).astype(np.uint8)
+    with Image.open(frames[0]) as im:
+        native = (im.height, im.width)
+    size = frame_size(params.resize, native, run.patch)
+    (out / name).mkdir(parents=True, exist_ok=True)
+    soft_iter = propagate_video(
+        run.encoder,
+        (read_frame(p) for p in frames),
+        index,
+        len(classes),
+        params,
+        size,
+        run.device,
+        run.timer,
+    )
+    hist = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    for t, soft in enumerate(soft_iter):
+        ids = classes[labels_to_ids(soft, size, params.norm_mask).numpy()].astype(np.uint8)
+        ann = ann_dir / f"{frames[t].stem}.png"
+        Image.fromarray(ids).save(out / name / f"{frames[t].stem}.png")
+        if ann.is_file():
+            gt = read_category_ids(ann)
+            hist += confusion(gt, resize_ids(ids, gt.shape, exact=True))
+    return hist
 
 
 def format_summary(summary: dict) -> str:

@@ -1,0 +1,116 @@
+"""The options every evaluation command shares (siamae/arguments.py): one spelling, one help,
+one reading, in every command that has them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from siamae.arguments import (
+    CHECKPOINT_HELP,
+    DEVICE_CHOICES,
+    RANDOM_INIT_HELP,
+    encoder_from_args,
+    resolve_device,
+    write_result_file,
+)
+from siamae.cli import build_parser
+from siamae.errors import SiamaeError
+
+ENCODER_COMMANDS = ("knn", "linear", "fewshot", "davis", "jhmdb", "vip", "segment")
+
+
+def _eval_commands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    top = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    group = next(
+        a for a in top.choices["eval"]._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    return dict(group.choices)
+
+
+def _options(command: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {flag: a for a in command._actions for flag in a.option_strings}
+
+
+def _minimal_line(name: str, command: argparse.ArgumentParser, *source: str) -> list[str]:
+    """``eval NAME`` with ``source`` and a value for every other required option."""
+    line = ["eval", name, *source]
+    for action in command._actions:
+        if action.required and action.option_strings:
+            line += [action.option_strings[0], "x"]
+    return line
+
+
+def test_every_eval_command_has_the_shared_options_with_the_same_help() -> None:
+    commands = _eval_commands()
+    assert set(ENCODER_COMMANDS) | {"homology"} <= set(commands)
+    helps: dict[str, set[str]] = {
+        "--random-init": set(),
+        "--pos-resample": set(),
+        "--threads": set(),
+    }
+    for name, command in commands.items():
+        options = _options(command)
+        assert options["--checkpoint"].help.startswith(CHECKPOINT_HELP), name
+        device = options["--device"]
+        assert device.help == f"{DEVICE_CHOICES} (default: {device.default})", name
+        helps["--threads"].add(options["--threads"].help)
+        if name in ENCODER_COMMANDS:
+            assert options["--random-init"].metavar == "MODEL"
+            helps["--random-init"].add(options["--random-init"].help)
+            helps["--pos-resample"].add(options["--pos-resample"].help)
+    assert helps["--random-init"] == {RANDOM_INIT_HELP}
+    assert len(helps["--pos-resample"]) == 1 and len(helps["--threads"]) == 1
+
+
+@pytest.mark.parametrize("name", ENCODER_COMMANDS)
+def test_each_command_reads_the_encoder_source_alike(name: str, capsys) -> None:  # noqa: ANN001
+    command = _eval_commands()[name]
+    parser = build_parser()
+    args = parser.parse_args(_minimal_line(name, command, "--random-init", "vit_tiny_patch16_32"))
+    assert (args.checkpoint, args.random_init, args.pos_resample) == (
+        None,
+        "vit_tiny_patch16_32",
+        "dino",
+    )
+    assert args.device == ("cpu" if name in ("davis", "jhmdb", "vip") else "auto")
+    # One source, and only one.
+    for line in (
+        _minimal_line(name, command),
+        _minimal_line(name, command, "--checkpoint", "a.pt", "--random-init", "vit_tiny_patch16"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(line)
+        assert exit_.value.code == 2
+    assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_encoder_from_args_builds_the_baseline_and_names_its_source(capsys) -> None:  # noqa: ANN001
+    args = argparse.Namespace(
+        checkpoint=None, random_init="vit_tiny_patch8_32", seed=3, pos_resample="timm"
+    )
+    encoder, source = encoder_from_args(args)
+    assert source == "random:vit_tiny_patch8_32:seed3"
+    assert encoder.pos_resample == "timm" and encoder.patch_size == 8
+    assert capsys.readouterr().out.startswith("random init (seed 3): vit_tiny patch 8 (32px)")
+
+    def refuse(encoder: object) -> None:
+        raise SiamaeError("refused")
+
+    with pytest.raises(SiamaeError, match="refused"):
+        encoder_from_args(args, check=refuse)
+    assert capsys.readouterr().out == ""  # refused before it was described
+
+
+def test_device_and_result_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(SiamaeError, match="use --device cpu"):
+        resolve_device("cuda:1")
+    path = write_result_file(tmp_path / "new" / "r.json", {"top1": 1.5})
+    assert path.read_text() == '{\n  "top1": 1.5\n}\n' and json.loads(path.read_text())
