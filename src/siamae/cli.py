@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from siamae import __version__, export
+from siamae.data import shard_writer
 from siamae.demo import run_demo
 from siamae.engine.trainer import train
 from siamae.errors import SiamaeError
@@ -256,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # top-level commands register here
     export.register(sub)
+    shard_writer.register(sub)
     return parser
 
 
