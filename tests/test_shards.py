@@ -21,12 +21,14 @@ from siamae.data import shards as S
 from siamae.data.dataset import PretrainDataset, build_source
 from siamae.data.image_folder import EvalTransform, ImageFolder, validation_folder
 from siamae.data.labelled import LabelledImageSource, folder_classes, labelled_source
+from siamae.data.mixing import heldout_images
 from siamae.data.shard_writer import parse_size, write_shards
 from siamae.data.sources import ImageFileSource
 from siamae.data.synthetic import synthetic_image
 from siamae.data.views import ViewMaker
 from siamae.engine.trainer import train
 from siamae.errors import DataError
+from siamae.eval.probes.linear import AugmentedFolder
 from siamae.finetune.classification import FineTune
 from siamae.recipes import load_config
 
@@ -134,10 +136,12 @@ def test_pretraining_on_shards_gives_the_folders_loss_curve(
 ) -> None:
     runs = {}
     for name, data in (("files", folder), ("shards", shards)):
+        # The shards are read in two loader workers (forked: they share the open shards).
+        workers = 2 if name == "shards" else 0
         cfg = load_config(
             None,
             [*TINY, f"method={method}", f"data.path={data}", "optim.max_steps=4"]
-            + [f"run.out_dir={tmp_path / name}"],
+            + [f"data.num_workers={workers}", f"run.out_dir={tmp_path / name}"],
         )
         train(cfg, resume=False)
         runs[name] = tmp_path / name
@@ -374,6 +378,7 @@ def test_data_shard_round_trips_labels_and_is_deterministic(
         (["--images", "{empty}"], "no images"),
         (["--images", "{folder}", "--out", "{shards}"], "already holds .tar shards"),
         (["--images", "{folder}", "--shard-size", "lots"], "is not a size"),
+        (["--images", "{folder}", "--out", "{folder}/cat/0.jpg"], "is a file"),
     ],
 )
 def test_data_shard_bad_input_is_one_line_and_exit_2(
@@ -435,3 +440,8 @@ def test_probe_folders_read_shards_as_the_folder(
     write_shards(val, tmp_path / "val_shards", progress=False)
     checked = validation_folder(tmp_path / "val_shards", transform, files.classes)
     assert checked.labels.tolist() == [1, 2] and checked.skipped == []
+    # the linear probe's augmented crops, and MixedAE's held-out images
+    augmented = AugmentedFolder(files, seed=5), AugmentedFolder(from_shards, seed=5)
+    for i in range(len(files)):
+        assert torch.equal(augmented[0][i][0], augmented[1][i][0])
+    assert torch.equal(heldout_images(folder, 32, 8, 4), heldout_images(shards, 32, 8, 4))

@@ -126,6 +126,8 @@ def write_shards(
             f"no images in {str(images)!r} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {str(out)!r} is a file; pass a folder for the shards")
     if out.is_dir() and (any(out.glob("*.tar")) or any(out.glob("*.tar.tmp"))):
         raise DataError(
             f"--out {str(out)!r} already holds .tar shards; pass an empty or new folder (shards of "
