@@ -273,6 +273,8 @@ def test_the_index_is_cached_and_a_changed_shard_is_indexed_again(
     cache = tmp_path / "cache"
     first = S.open_shards(copy, cache_dir=cache)
     assert (cache / S.SHARD_INDEX_FILE).is_file()
+    in_processes = S.build_shard_index(S.shard_paths(copy), workers=2)
+    assert in_processes == json.loads((cache / S.SHARD_INDEX_FILE).read_text())["shards"]
     with mock.patch.object(S, "index_shard", wraps=S.index_shard) as indexing:
         again = S.open_shards(copy, cache_dir=cache)
         assert indexing.call_count == 0 and len(again) == len(first)

@@ -167,7 +167,7 @@ def build_source(cfg: Config, kind: str, cache_dir: str | None = None):  # noqa:
             )
         return SyntheticImageSource(d.synthetic_count, d.synthetic_size, cfg.run.seed)
     if d.source == "images":
-        return image_source(d.path, cache_dir, cfg.run.out_dir, cfg.run.progress)
+        return image_source(d.path, cache_dir, cfg.run.out_dir, cfg.run.progress, d.num_workers)
     if is_shard_spec(d.path):
         raise DataError(
             f"data.path {d.path!r} names tar shards, which hold images; data.source "

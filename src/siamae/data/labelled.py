@@ -71,11 +71,12 @@ def labelled_source(
     cache_dir: str | Path | None = None,
     run_dir: str | Path | None = None,
     progress: bool = False,
+    workers: int = 0,
 ) -> LabelledImageSource | ShardSource:
     """Labelled images: an ImageFolder, or tar shards with ``.cls`` members and their
     ``classes.json`` (index cached as :func:`siamae.data.shards.open_shards` says)."""
     if is_shard_spec(path):
-        return open_shards(path, cache_dir, run_dir, progress, labelled=True)
+        return open_shards(path, cache_dir, run_dir, progress, labelled=True, workers=workers)
     return LabelledImageSource(path)
 
 

@@ -332,7 +332,8 @@ class FineTune(Method):
 
     @classmethod
     def build_source(cls, cfg: Config, cache_dir: str | None = None):  # noqa: ANN206
-        return labelled_source(cfg.data.path, cache_dir, cfg.run.out_dir, cfg.run.progress)
+        d = cfg.data
+        return labelled_source(d.path, cache_dir, cfg.run.out_dir, cfg.run.progress, d.num_workers)
 
     @classmethod
     def from_config(cls, cfg: Config) -> FineTune:
