@@ -442,6 +442,17 @@ def test_probe_folders_read_shards_as_the_folder(
     write_shards(val, tmp_path / "val_shards", progress=False)
     checked = validation_folder(tmp_path / "val_shards", transform, files.classes)
     assert checked.labels.tolist() == [1, 2] and checked.skipped == []
+    # a validation shard's corrupt member is dropped and named, as a corrupt file is
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "classes.json").write_text(json.dumps(files.classes))
+    members = [("a.jpg", _jpeg(0)), ("a.cls", b"1"), ("b.jpg", b"garbage"), ("b.cls", b"2")]
+    _tar(corrupt / "val-0.tar", members + [("c.jpg", _jpeg(1)), ("c.cls", b"0")])
+    checked = validation_folder(corrupt, transform, files.classes)
+    assert checked.labels.tolist() == [1, 0]
+    assert [line.split("\t")[0] for line in checked.skipped] == [
+        f"{corrupt.resolve()}/val-0.tar/b.jpg"
+    ]
     # the linear probe's augmented crops, and MixedAE's held-out images
     augmented = AugmentedFolder(files, seed=5), AugmentedFolder(from_shards, seed=5)
     for i in range(len(files)):
