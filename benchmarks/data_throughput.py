@@ -5,6 +5,8 @@ RandomResizedCrop(224, (0.1, 1)) for the global crop, a second RandomResizedCrop
 of the resized global crop for the local one, flips, ToTensor + Normalize to float tensors.
 Ours: the same crop-parameter distribution; JPEG decoded at the smallest 1/2-1/4-1/8 scale the
 crop allows, one fused crop+resize per view, uint8 out (normalisation happens on the device).
+The same images are also written into tar shards (``siamae data shard``) and read from them
+(one positional read per image through the shard index): the shards row.
 
     python benchmarks/data_throughput.py --data ../shared/data/imagenet-sample
     python benchmarks/data_throughput.py --methods siameseim --videos none   # SiameseIM's views
@@ -16,6 +18,7 @@ import argparse
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +28,8 @@ from PIL import Image
 from torchvision import transforms
 
 from siamae.data.dataset import PretrainDataset
+from siamae.data.shard_writer import write_shards
+from siamae.data.shards import open_shards
 from siamae.data.sources import ImageFileSource
 from siamae.data.views import ViewMaker
 
@@ -99,6 +104,31 @@ def bench_images(data: Path, count: int, repeats: int, workers: int) -> None:
         print(
             f"{'siamae DataLoader, ' + str(workers) + ' workers (total)':44s} {loader_rate(ours, workers, 32 * 8):15.1f}"
         )
+    bench_shards(data, ours, len(files), repeats, workers)
+
+
+def bench_shards(
+    data: Path, files_set: PretrainDataset, count: int, repeats: int, workers: int
+) -> None:
+    """The same views from tar shards of the same folder (sorted order: item i is file i), timed
+    in alternating passes with the files so that other load on the machine hits both alike."""
+    with tempfile.TemporaryDirectory(prefix="siamae-shards-") as tmp:
+        written = write_shards(data, Path(tmp) / "shards", shard_size=64 * 2**20, progress=False)
+        source = open_shards(Path(tmp) / "shards", cache_dir=tmp)
+        shards = PretrainDataset(source, files_set.views, num_patches=196)
+        items = list(range(count))
+        files_rates, shard_rates = [], []
+        for _ in range(repeats):
+            files_rates.append(time_per_item(lambda i: files_set[(0, i)], items, 1))
+            shard_rates.append(time_per_item(lambda i: shards[(0, i)], items, 1))
+        files_rate, shard_rate = statistics.median(files_rates), statistics.median(shard_rates)
+        print(f"{'files again (alternating with shards)':44s} {files_rate:15.1f}")
+        label = f"tar shards ({len(written.shards)} of <= 64 MiB, same images)"
+        print(f"{label:44s} {shard_rate:15.1f}   x{shard_rate / files_rate:.2f} of files")
+        if workers > 0:
+            print(
+                f"{'shards, DataLoader, ' + str(workers) + ' workers (total)':44s} {loader_rate(shards, workers, 32 * 8):15.1f}"
+            )
 
 
 # -- SiameseIM (two views with boxes, photometric augments, block mask) ---------------------------
@@ -179,8 +209,6 @@ def bench_siameseim(data: Path, count: int, repeats: int, workers: int) -> None:
 def bench_videos(videos: Path, seconds: float, repeats: int, frames_per_video: int = 120) -> None:
     """SiamMAE pairs/s per worker from video files (PyAV, keyframe seeking) and from folders of
     extracted JPEG frames of the same videos (Kinetics layout), with and without repeated sampling."""
-    import tempfile
-
     import av
 
     from siamae.data import video as V

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from siamae import __version__, export
 from siamae.arguments import add_device_option
+from siamae.data import shard_writer
 from siamae.demo import run_demo
 from siamae.engine.trainer import train
 from siamae.errors import SiamaeError
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     # top-level commands register here
     export.register(sub)
+    shard_writer.register(sub)
     return parser
 
 

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from siamae.config import Config
 from siamae.data import video
+from siamae.data.shards import image_source, is_shard_spec
 from siamae.data.sources import (
-    ImageFileSource,
     SyntheticImageSource,
     SyntheticVideoSource,
     UnreadableSample,
@@ -155,8 +155,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
 
 def build_source(cfg: Config, kind: str, cache_dir: str | None = None):  # noqa: ANN201 - a Source
-    """The source the config names; video kinds come from :mod:`siamae.data.video` (their index
-    is cached in ``cache_dir``, by default the run folder when it exists)."""
+    """The source the config names; video kinds come from :mod:`siamae.data.video`, tar shards
+    from :mod:`siamae.data.shards` (their index is cached in ``cache_dir``, by default the run
+    folder when it exists)."""
     d = cfg.data
     video_method = kind == "frames"
     if d.source == "synthetic":
@@ -166,8 +167,12 @@ def build_source(cfg: Config, kind: str, cache_dir: str | None = None):  # noqa:
             )
         return SyntheticImageSource(d.synthetic_count, d.synthetic_size, cfg.run.seed)
     if d.source == "images":
-        return ImageFileSource(d.path)
-
+        return image_source(d.path, cache_dir, cfg.run.out_dir, cfg.run.progress, d.num_workers)
+    if is_shard_spec(d.path):
+        raise DataError(
+            f"data.path {d.path!r} names tar shards, which hold images; data.source "
+            f"{d.source!r} reads videos (SiamMAE's frame pairs): pass video files or frame folders"
+        )
     return video.build_video_source(cfg, cache_dir)
 
 

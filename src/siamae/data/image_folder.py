@@ -10,7 +10,9 @@ attention maps read images through here.
 
 from __future__ import annotations
 
+import io
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from siamae.data.sources import DECODE_ERRORS, UnreadableSample, to_rgb
+from siamae.data.shards import ShardSource, is_shard_spec, open_shards
+from siamae.data.sources import DECODE_ERRORS, UnreadableSample, open_bytes, to_rgb
 from siamae.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,6 +33,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
+
+# A shard member's first bytes read to check it is an image (the header of a JPEG or PNG).
+HEADER_BYTES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,13 @@ class EvalTransform:
 class ImageFolder(Dataset):
     """``root/<class>/**/<image>``: classes sorted by name, files sorted, labels 0..C-1.
 
+    ``root`` may also name labelled tar shards (:mod:`siamae.data.shards`): the samples are
+    then the shards' images in shard order, labelled by their ``.cls`` members and named by
+    ``classes.json``; each sample's path is ``<shard>/<member>`` (no file of its own: read it
+    with :meth:`open`), and ``root`` is the folder holding the shards.
+
     Args:
-        root: the folder.
+        root: the folder (or the shards).
         transform: uint8 transform applied to each decoded image.
         classes: the class names to use (e.g. the training folder's, for a validation folder);
             a class folder not in this list raises a DataError.
@@ -79,8 +90,14 @@ class ImageFolder(Dataset):
     def __init__(
         self, root: str | Path, transform: EvalTransform, classes: list[str] | None = None
     ) -> None:
-        self.root = Path(root)
         self.transform = transform
+        self.skipped: list[str] = []  # files dropped by drop_unreadable, path<TAB>reason
+        self._shards: ShardSource | None = None
+        self._items: np.ndarray | None = None  # sample i -> its index in self._shards
+        if is_shard_spec(root):
+            self._read_shards(root, classes)
+            return
+        self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(
                 f"image folder {str(self.root)!r} does not exist; pass a folder laid out as "
@@ -102,7 +119,6 @@ class ImageFolder(Dataset):
                     f"{unknown[:5]}; use train and val folders with the same class names"
                 )
         self.classes = list(classes)
-        self.skipped: list[str] = []  # files dropped by drop_unreadable, path<TAB>reason
         index = {name: i for i, name in enumerate(self.classes)}
         self.samples: list[tuple[Path, int]] = []
         for name in found:
@@ -118,6 +134,56 @@ class ImageFolder(Dataset):
                 f"({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders"
             )
 
+    def _read_shards(self, spec: str | Path, classes: list[str] | None) -> None:
+        """The samples of labelled shards; labels mapped by name onto ``classes`` when given."""
+        source = open_shards(spec, labelled=True)
+        names = source.classes or []
+        unlabelled = np.flatnonzero(source.labels < 0)
+        if unlabelled.size:
+            bad = int(unlabelled[0])
+            raise DataError(
+                f"{source.name(bad)}: the image has no class index (a <key>.cls member holding "
+                f"one); {unlabelled.size} image(s) of the shards {str(spec)!r} lack one"
+            )
+        used = [names[i] for i in np.unique(source.labels)]
+        if classes is None:
+            classes = names
+        else:
+            unknown = [c for c in used if c not in classes]
+            if unknown:
+                raise DataError(
+                    f"the shards {str(spec)!r} have classes the training set lacks: "
+                    f"{unknown[:5]}; use train and val sets with the same class names"
+                )
+        self.classes = list(classes)
+        index = {name: i for i, name in enumerate(self.classes)}
+        to_ours = np.array([index.get(name, -1) for name in names], dtype=np.int64)
+        self._shards = source
+        self._items = np.arange(len(source), dtype=np.int64)
+        shard_dirs = {str(Path(shard).parent) for shard in source.shards}
+        self.root = Path(os.path.commonpath(sorted(shard_dirs)))
+        self.samples = [
+            (Path(source.name(i)), int(to_ours[source.labels[i]])) for i in range(len(source))
+        ]
+
+    def open(self, i: int) -> Image.Image:
+        """Sample i's image, opened lazily (not decoded yet)."""
+        if self._shards is None:
+            return Image.open(self.samples[i][0])
+        item = int(self._items[i])  # type: ignore[index]
+        return open_bytes(self._shards.read(item), self._shards.name(item))
+
+    def _header_ok(self, i: int) -> None:
+        """Raise if sample i is not an image (its header is read, no pixels are decoded)."""
+        if self._shards is None:
+            with Image.open(self.samples[i][0]):
+                return
+        item = int(self._items[i])  # type: ignore[index]
+        try:  # the header is in the first bytes; read them all when it is larger
+            Image.open(io.BytesIO(self._shards.read(item, limit=HEADER_BYTES)))
+        except DECODE_ERRORS:
+            Image.open(io.BytesIO(self._shards.read(item)))
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -127,22 +193,24 @@ class ImageFolder(Dataset):
         Returns one ``path<TAB>reason`` line per dropped file (the ``skipped_files.txt`` format).
         """
 
-        kept: list[tuple[Path, int]] = []
+        kept: list[int] = []
         dropped: list[str] = []
-        for path, label in self.samples:
+        for i, (path, _) in enumerate(self.samples):
             try:
-                with Image.open(path):
-                    pass
-            except DECODE_ERRORS as err:
-                dropped.append(f"{path}\t{type(err).__name__}: {err}")
+                self._header_ok(i)
+            except (*DECODE_ERRORS, UnreadableSample) as err:
+                reason = err.reason if isinstance(err, UnreadableSample) else err
+                dropped.append(f"{path}\t{type(err).__name__}: {reason}")
                 continue
-            kept.append((path, label))
+            kept.append(i)
         if not kept:
             raise DataError(
                 f"image folder {str(self.root)!r}: none of its {len(self.samples)} images can be "
                 "read; replace them"
             )
-        self.samples = kept
+        self.samples = [self.samples[i] for i in kept]
+        if self._items is not None:
+            self._items = self._items[kept]
         return dropped
 
     @property
@@ -154,7 +222,7 @@ class ImageFolder(Dataset):
 
         path, label = self.samples[i]
         try:
-            with Image.open(path) as image:
+            with self.open(i) as image:
                 if image.format == "JPEG":
                     # Decode-time reduction: never below the size the resize needs.
                     image.draft("RGB", (self.transform.resize, self.transform.resize))

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from siamae.data.image_folder import EvalTransform, ImageFolder
+from siamae.data.shards import ShardSource, is_shard_spec, open_shards, shard_classes
 from siamae.data.sources import DECODE_ERRORS, UnreadableSample, open_lazy, to_rgb
 from siamae.data.views import ViewSample
 from siamae.errors import DataError
@@ -65,8 +66,25 @@ class LabelledImageSource:
         return open_lazy(self.files[index])
 
 
+def labelled_source(
+    path: str | Path,
+    cache_dir: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    progress: bool = False,
+    workers: int = 0,
+) -> LabelledImageSource | ShardSource:
+    """Labelled images: an ImageFolder, or tar shards with ``.cls`` members and their
+    ``classes.json`` (index cached as :func:`siamae.data.shards.open_shards` says)."""
+    if is_shard_spec(path):
+        return open_shards(path, cache_dir, run_dir, progress, labelled=True, workers=workers)
+    return LabelledImageSource(path)
+
+
 def folder_classes(root: str | Path) -> list[str]:
-    """The sorted class-folder names of an ImageFolder (what a head's class count comes from)."""
+    """The sorted class-folder names of an ImageFolder (what a head's class count comes from);
+    for tar shards, the names their ``classes.json`` lists."""
+    if is_shard_spec(root):
+        return shard_classes(root)
     root = Path(root)
     if not root.is_dir():
         raise DataError(

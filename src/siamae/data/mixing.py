@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from siamae.data.image_folder import EvalTransform
-from siamae.data.sources import ImageFileSource, UnreadableSample
+from siamae.data.shards import image_source
+from siamae.data.sources import UnreadableSample
 from siamae.errors import DataError
 from siamae.models.masking import patchify, unpatchify
 
@@ -125,13 +126,14 @@ def unmix_latent(latent: torch.Tensor, index: UnmixIndex) -> torch.Tensor:
 
 
 def heldout_images(path: str | Path, img_size: int, count: int, ratio: int) -> torch.Tensor:
-    """The first ``count`` images (sorted file order, cut to a multiple of ``ratio``) of a folder
-    or list file, resized (short side) and centre-cropped to ``img_size``: uint8 (M, 3, S, S).
+    """The first ``count`` images (sorted file order, cut to a multiple of ``ratio``) of a folder,
+    list file or tar shards, resized (short side) and centre-cropped to ``img_size``: uint8
+    (M, 3, S, S).
 
     A fixed set, so that a training run's logged figures and ``siamae eval homology`` on its
     checkpoint measure the same images.
     """
-    source = ImageFileSource(path)
+    source = image_source(path)
     take = min(count, len(source)) // ratio * ratio
     if take == 0:
         raise DataError(

@@ -120,11 +120,21 @@ def open_lazy(path: Path) -> Image.Image:
     """
     try:
         with open(path, "rb") as f:
-            img = Image.open(io.BytesIO(f.read()))
-        img.filename = str(path)  # named in the report if decoding fails later
-        return img
+            data = f.read()
     except DECODE_ERRORS as err:
         raise UnreadableSample(str(path), f"{type(err).__name__}: {err}") from None
+    return open_bytes(data, str(path))
+
+
+def open_bytes(data: bytes, name: str) -> Image.Image:
+    """An image file's bytes (a file's, a tar shard member's), opened lazily as :func:`open_lazy`
+    does; ``name`` is what a report of a failure names."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.filename = name  # named in the report if decoding fails later
+        return img
+    except DECODE_ERRORS as err:
+        raise UnreadableSample(name, f"{type(err).__name__}: {err}") from None
 
 
 class ImageFileSource:

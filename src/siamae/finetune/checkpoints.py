@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint, training_method
 from siamae.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from siamae.data.labelled import folder_classes
+from siamae.data.shards import classes_file, is_shard_spec, shard_classes
 from siamae.errors import CheckpointError, SiamaeError
 from siamae.finetune.classification import METHOD_NAME
 from siamae.models.timm_names import check_vit_name, default_timm_name, timm_kwargs
@@ -141,6 +142,8 @@ def _sidecar(
     classes = None
     if train_dir and Path(train_dir).is_dir():
         classes = folder_classes(train_dir)  # index -> class name, as the head was trained
+    elif train_dir and is_shard_spec(train_dir) and classes_file(train_dir).is_file():
+        classes = shard_classes(train_dir)
     usage_kwargs = "".join(f"{k}={v!r}, " for k, v in kwargs.items())
     return {
         "format": "siamae-export-classifier-v1",

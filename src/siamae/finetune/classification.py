@@ -38,11 +38,12 @@ import torch.nn.functional as F
 
 from siamae.data.image_folder import EvalTransform, loader, normalize, validation_folder
 from siamae.data.labelled import (
-    LabelledImageSource,
     LabelledViews,
     folder_classes,
+    labelled_source,
     seeded_global_rngs,
 )
+from siamae.data.shards import is_shard_spec
 from siamae.errors import ConfigError
 from siamae.finetune.heads import classify, make_classifier
 from siamae.finetune.layer_decay import layer_decay_groups
@@ -262,7 +263,8 @@ class FineTune(Method):
 
     @classmethod
     def build_source(cls, cfg: Config, cache_dir: str | None = None):  # noqa: ANN206
-        return LabelledImageSource(cfg.data.path)
+        d = cfg.data
+        return labelled_source(d.path, cache_dir, cfg.run.out_dir, cfg.run.progress, d.num_workers)
 
     @classmethod
     def from_config(cls, cfg: Config) -> FineTune:
@@ -426,9 +428,10 @@ def _check_inputs(cfg: Config) -> None:
         )
     if f.val is not None:
         _check(
-            Path(f.val).is_dir(),
+            Path(f.val).is_dir() or is_shard_spec(f.val),
             "finetune.val",
-            f"{f.val!r} is not a folder; pass the validation ImageFolder (or null: none)",
+            f"{f.val!r} is not a folder; pass the validation ImageFolder or its tar shards "
+            "(or null: none)",
         )
     if f.num_classes is not None:
         _check(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from siamae.data.shards import is_shard_spec
 from siamae.errors import ConfigError
 
 # The split names datasets use (ImageNet and torchvision: train/val; ADE20K: training/validation;
@@ -18,8 +19,11 @@ def split_folders(data: str | Path) -> tuple[Path, Path | None]:
     """``--data DIR``: (training folder, validation folder or None). DIR holding a training split
     (``train/`` or ``training/``) is split into it and its validation split (``val/``,
     ``validation/``, ``valid/`` or ``test/``); otherwise DIR is the training folder itself. A DIR
-    with a validation split and no training split is refused (its splits are not classes)."""
+    with a validation split and no training split is refused (its splits are not classes).
+    Tar shards (a pattern, a folder of ``.tar`` files, a list) are the training set itself."""
     root = Path(data)
+    if is_shard_spec(data):
+        return root, None  # tar shards: the training set itself; --val names the validation set
     if not root.is_dir():
         raise ConfigError(
             f"--data {str(data)!r} is not a folder; pass an ImageFolder (DIR/<class>/<image>) or "

@@ -218,10 +218,10 @@ class AugmentedFolder(ImageFolder):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         from PIL import Image
 
-        path, label = self.samples[i]
+        _, label = self.samples[i]
         rng = np.random.default_rng([self.seed, self.epoch, i])
         size = self.transform.img_size
-        with Image.open(path) as image:
+        with self.open(i) as image:  # a file, or a tar shard's member
             image = to_rgb(image)
             w, h = image.size
             box = (0, 0, w, h)
