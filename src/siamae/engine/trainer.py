@@ -37,6 +37,8 @@ from siamae.data.dataset import (
 )
 from siamae.engine import distributed as D
 from siamae.engine.logging import MetricsLogger
+from siamae.engine.stop import StopRequest
+from siamae.engine.tracking import check_tracking
 from siamae.errors import CheckpointError, ConfigError, TrainingDiverged
 from siamae.eval.probes.monitor import build_monitor
 from siamae.methods import Method
@@ -134,33 +136,6 @@ def make_schedule(cfg: Config, batches_per_epoch: int, world_size: int) -> Sched
     )
 
 
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a notebook worker thread)
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
-
 def _list_unreadable_at_start(dataset: Any, run_dir: Path, state: TrainState) -> None:
     """Items the source found unreadable before training (videos a probe could not open) go to
     ``skipped_files.txt`` and the count, like the files skipped during training. Main process
@@ -237,6 +212,7 @@ def train(
     ``stop_after_steps`` interrupts the run after that many optimizer steps of this call, as a
     signal would (used by tests of resume).
     """
+    check_tracking(cfg)  # a missing optional tracker fails before any work
     device_kind = "cuda" if (cfg.run.device != "cpu" and torch.cuda.is_available()) else "cpu"
     info = D.init_distributed(device_kind)
     try:
@@ -369,7 +345,11 @@ def _train(
     if info.is_main and cfg.monitor.knn_train:
         monitor = build_monitor(cfg, device)
 
-    logger = MetricsLogger(run_dir, state.step, cfg.run.tensorboard) if info.is_main else None
+    logger = (
+        MetricsLogger(run_dir, state.step, cfg.run.tensorboard, config=cfg)
+        if info.is_main
+        else None
+    )
     progress = None
     if info.is_main and cfg.run.progress:
         from tqdm.auto import tqdm
@@ -439,7 +419,7 @@ def _train(
             micro = 0
             iterator = iter(loader)
             while state.step < schedule.total_steps:
-                if stop.requested:
+                if stop.agreed(info, device):
                     interrupted = signal.Signals(stop.signal).name
                     break
                 if stop_after_steps is not None and steps_this_call >= stop_after_steps:
@@ -614,8 +594,6 @@ def _train(
             save()
     if progress is not None:
         progress.close()
-    if logger is not None:
-        logger.close()
 
     summary = {
         "run_dir": str(run_dir),
@@ -643,6 +621,8 @@ def _train(
             summary["reconstruction"] = str(picture)
         summary["loss_curve"] = str(save_loss_curve(run_dir, run_dir / "loss_curve.png"))
         method.train()
+    if logger is not None:  # after the pictures: a tracker (W&B) gets them
+        logger.close()
     if math.isnan(last_loss) and info.is_main:
         summary["final_loss"] = None
     return summary
