@@ -3,6 +3,7 @@ local executor (preemption signal -> save -> requeue -> resume), torchrun's elas
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -164,15 +165,28 @@ def test_two_tasks_started_with_only_slurms_variables_train_like_one_process(
     # A job id whose derived port is free here: the tasks find the port as on a cluster.
     job_id = next(j for j in range(90000, 91000) if _port_is_free(slurm.port_for_job(str(j))))
     out = tmp_path / "srun"
+    # W&B (offline), where installed: only the main process logs.
+    tracked = importlib.util.find_spec("wandb") is not None
+    wandb_env = {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        **{v: str(tmp_path / v.lower()) for v in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR")},
+    }
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "siamae", *_command(out, config_file, 4)],
+            [
+                sys.executable,
+                "-m",
+                "siamae",
+                *_command(out, config_file, 4, *(["run.wandb=true"] if tracked else [])),
+            ],
             env=_clean_environment(
                 SLURM_PROCID=str(rank),
                 SLURM_NTASKS="2",
                 SLURM_LOCALID=str(rank),
                 SLURM_NODELIST="localhost",
                 SLURM_JOB_ID=str(job_id),
+                **(wandb_env if tracked else {}),
             ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -187,6 +201,8 @@ def test_two_tasks_started_with_only_slurms_variables_train_like_one_process(
     _assert_close(_weights(reference), _weights(out))
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert len(ckpt["rng"]["cpu"]) == 2  # a group of two ranks saved it
+    if tracked:
+        assert len(list((out / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
 
 
 def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path: Path) -> None:

@@ -34,7 +34,9 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
+        # The last vote's result (on the host) and, on a GPU, the event after its copy.
         self._vote: torch.Tensor | None = None
+        self._vote_ready: torch.cuda.Event | None = None
 
     def __enter__(self) -> StopRequest:
         for sig in STOP_SIGNALS:
@@ -60,14 +62,26 @@ class StopRequest:
     def agreed(self, info: DistInfo, device: torch.device) -> bool:
         """Whether the run stops here. One process: its own signal. Several: a collective that
         every process calls at the same point of the loop; it returns the vote of its previous
-        call (so it never waits for the device: that all-reduce ran during the last step) and
-        sets :attr:`signal` alike on every process."""
+        call (so it never waits for the device: that all-reduce and its copy to the host ran
+        before the last step's work) and sets :attr:`signal` alike on every process."""
         if not info.enabled or not dist.is_initialized():
             return self.requested
-        decided = int(self._vote.item()) if self._vote is not None else 0
+        decided = 0
+        if self._vote is not None:
+            if self._vote_ready is not None:
+                self._vote_ready.synchronize()
+            decided = int(self._vote.item())
         own = _PRIORITY.get(self.signal, 0)  # 0: no signal here
-        self._vote = torch.tensor(own, dtype=torch.int32, device=device)
-        dist.all_reduce(self._vote, op=dist.ReduceOp.MAX)
+        vote = torch.full((1,), own, dtype=torch.int32, device=device)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+        if device.type == "cuda":
+            if self._vote is None:
+                self._vote = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            self._vote.copy_(vote, non_blocking=True)
+            self._vote_ready = torch.cuda.Event()
+            self._vote_ready.record()
+        else:
+            self._vote = vote
         if decided:
             self.signal = _BY_PRIORITY[decided]
             return True
