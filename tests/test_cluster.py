@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import submitit
 import torch
 
 from ddp_helpers import stop_votes
@@ -225,7 +226,7 @@ def _submit_args(config: Path, out: Path, *options: str, command: list[str] | No
     "options, command, message",
     [
         (["--time", "1:00:00"], None, "--partition: needed for a Slurm job"),
-        (["--time", "1:00:00", "--partition", "gpu"], None, "sbatch is not on this machine"),
+        (["--time", "1:00:00", "--partition", "gpu"], None, "sbatch and srun not found"),
         (["--executor", "local", "--time", "90 min"], None, "--time '90 min': expected HH:MM:SS"),
         (["--executor", "local", "--time", "0:00:00"], None, "must be positive"),
         (["--executor", "local", "--time", "1:00:00", "--nodes", "2"], None, "use --nodes 1"),
@@ -278,6 +279,53 @@ def test_a_requeued_job_resumes_whatever_the_first_start_asked() -> None:
     command = ["pretrain", "--config", "c", "--no-resume", "--set", "a=1", "--resume", "x.pt"]
     assert submit.resumed_command(command) == ["pretrain", "--config", "c", "--set", "a=1"]
     assert submit.resumed_command(["finetune", "--resume=x.pt"]) == ["finetune"]
+
+
+def test_submit_writes_the_batch_script_slurm_gets(
+    tmp_path: Path,
+    config_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """A stand-in sbatch keeps the script it is given: one task per GPU, the signal before the
+    time limit, every log in the run folder, the command pickled for every task."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    kept = tmp_path / "script.sh"
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {kept}\necho "Submitted batch job 4321"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "run"
+    command = [*_command(out, config_file, 8, "data.num_workers=6"), "--no-resume"]
+    options = ["--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--time", "1-00"]
+    options += ["--account", "proj", "--mem", "256G", "--slurm-option", "qos=high"]
+    assert cli.main(["submit", *options, "--", *command]) == 0
+    printed = capsys.readouterr().out
+    assert "submitted job 4321" in printed and f"{out}/slurm/4321_<task>_log.out" in printed
+    script = kept.read_text()
+    for line in [
+        "--nodes=4",
+        "--ntasks-per-node=8",
+        "--gpus-per-node=8",
+        "--cpus-per-task=7",  # the config's 6 loader workers and the main process
+        "--partition=gpu",
+        "--time=1440",
+        "--signal=USR2@120",
+        "--account=proj",
+        "--mem=256G",
+        "--qos=high",
+        f"--output={out}/slurm/%j_0_log.out",
+    ]:
+        assert f"#SBATCH {line}\n" in script, line
+    assert f"--output {out}/slurm/%j_%t_log.out" in script  # srun: one log per task
+    delayed = submitit.helpers.DelayedSubmission.load(out / "slurm" / "4321_submitted.pkl")
+    job = delayed.function
+    assert isinstance(job, submit.SiamaeJob) and job.command == command and job.attempt == 1
+    requeued = job.checkpoint().function
+    assert requeued.attempt == 2 and "--no-resume" not in requeued.command
+    assert requeued.command == [c for c in command if c != "--no-resume"]
 
 
 def _children(pid: int) -> list[int]:

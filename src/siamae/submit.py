@@ -205,10 +205,11 @@ def plan_from_args(
                 "submit --partition: needed for a Slurm job (or pass --executor local to run "
                 "the job here)"
             )
-        if shutil.which("sbatch") is None:
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+        if missing:
             raise ConfigError(
-                "submit: sbatch is not on this machine: submit from a Slurm login node, or "
-                "pass --executor local to run the job here"
+                f"submit: {' and '.join(missing)} not found on this machine: submit from a "
+                "Slurm login node, or pass --executor local to run the job here"
             )
     elif args.nodes != 1:
         raise ConfigError(
@@ -242,8 +243,8 @@ def plan_from_args(
     )
 
 
-def launch(plan: JobPlan) -> submitit.Job:
-    """Submit the plan; the job's files go to ``<run>/slurm/``."""
+def build_executor(plan: JobPlan) -> submitit.AutoExecutor:
+    """The submitit executor of the plan; its files go to ``<run>/slurm/``."""
     plan.log_dir.mkdir(parents=True, exist_ok=True)
     executor = submitit.AutoExecutor(
         folder=plan.log_dir,
@@ -271,7 +272,12 @@ def launch(plan: JobPlan) -> submitit.Job:
         if plan.mem:
             parameters["slurm_mem"] = plan.mem
     executor.update_parameters(**parameters)
-    return executor.submit(SiamaeJob(plan.command, os.getcwd()))
+    return executor
+
+
+def launch(plan: JobPlan) -> submitit.Job:
+    """Submit the plan: every task runs its command (:class:`SiamaeJob`)."""
+    return build_executor(plan).submit(SiamaeJob(plan.command, os.getcwd()))
 
 
 def run_submit(
