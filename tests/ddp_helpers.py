@@ -39,3 +39,36 @@ def train_in_processes(overrides: list[str], world: int = 2) -> None:
         join=True,
         start_method="spawn",
     )
+
+
+def _vote(rank: int, world: int, port: int, signalled_at: int, out: str) -> None:
+    import signal
+
+    from siamae.engine.distributed import DistInfo
+    from siamae.engine.stop import StopRequest
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    torch.distributed.init_process_group("gloo")
+    stop = StopRequest()
+    stopped_at = None
+    for call in range(10):
+        if rank == world - 1 and call == signalled_at:
+            stop._handle(signal.SIGUSR2, None)  # what its handler does when the signal comes
+        if stop.agreed(DistInfo(rank, world, rank), torch.device("cpu")):
+            stopped_at = call
+            break
+    name = signal.Signals(stop.signal).name if stop.signal else None
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(f"{stopped_at} {name}")
+    torch.distributed.destroy_process_group()
+
+
+def stop_votes(out: str, world: int = 2, signalled_at: int = 3) -> list[str]:
+    """``world`` gloo processes ask StopRequest.agreed at each step; only the last process gets
+    SIGUSR2, before its call ``signalled_at``. Each one's "<call it stopped at> <signal>"."""
+    mp.start_processes(
+        _vote, args=(world, _free_port(), signalled_at, out), nprocs=world, join=True
+    )
+    return [open(f"{out}.{rank}").read() for rank in range(world)]

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
-from siamae import __version__, export
+from siamae import __version__, export, submit
 from siamae.arguments import add_device_option
+from siamae.config import Config
 from siamae.data import shard_writer
 from siamae.demo import run_demo
 from siamae.engine.trainer import train
@@ -32,7 +34,7 @@ from siamae.registry import METHODS
 from siamae.viz import visualize_checkpoint
 
 
-def _pretrain(args: argparse.Namespace) -> int:
+def _pretrain_config(args: argparse.Namespace) -> Config:
     overrides = list(args.set or [])
     if args.data is not None:
         overrides.append(f"data.path={args.data}")
@@ -41,9 +43,13 @@ def _pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.data is not None and cfg.data.source == "synthetic":
         # --data names real data: read it as images (or videos for frame-pair methods).
-
         kind = "videos" if METHODS[cfg.method].view_kind == "frames" else "images"
         cfg = load_config(args.config, overrides + [f"data.source={kind}"])
+    return cfg
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    cfg = _pretrain_config(args)
     resume: str | bool = args.resume if args.resume else ("auto" if not args.no_resume else False)
     summary = train(cfg, resume=resume)
     if summary.get("world_size", 1) == 1 or _is_rank0():
@@ -53,16 +59,24 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 # A run stopped by a signal saved its checkpoint, but it did not finish: scripts must not read
 # it as done. The shell's convention: 128 + the signal number.
-INTERRUPTED_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+# SIGUSR2: a cluster's warning before a time limit or a preemption (140 on Linux; siamae submit
+# requeues the job on it).
+INTERRUPTED_EXIT_CODES = {
+    "SIGINT": 130,
+    "SIGTERM": 143,
+    **({"SIGUSR2": 128 + signal.SIGUSR2} if hasattr(signal, "SIGUSR2") else {}),  # POSIX only
+}
 
 
 def exit_code(summary: dict) -> int:
-    """0 for a finished run, 130 / 143 for a run stopped (and saved) by SIGINT / SIGTERM."""
+    """0 for a finished run, 130 / 143 / 140 for a run stopped (and saved) by SIGINT / SIGTERM /
+    SIGUSR2."""
     return INTERRUPTED_EXIT_CODES.get(summary.get("interrupted") or "", 0)
 
 
 def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    # Under plain srun RANK is set only once the run joins its group: SLURM_PROCID says it first.
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def _print_summary(summary: dict) -> None:
@@ -89,12 +103,16 @@ def _print_summary(summary: dict) -> None:
         )
 
 
-def _finetune(args: argparse.Namespace) -> int:
+def _finetune_config(args: argparse.Namespace) -> Config:
     if segmentation.wants_segmentation(args.config, args.set):
         flags = segmentation.command_overrides(args.data, args.val, args.checkpoint, args.out)
     else:
         flags = command_overrides(args.data, args.val, args.checkpoint, args.out)
-    cfg = load_config(args.config, flags[:2] + list(args.set or []) + flags[2:])
+    return load_config(args.config, flags[:2] + list(args.set or []) + flags[2:])
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    cfg = _finetune_config(args)
     rank0 = _is_rank0()
     if cfg.method != segmentation.METHOD_NAME and cfg.finetune.val is None and rank0:
         print(
@@ -155,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     # top-level commands register here
     export.register(sub)
     shard_writer.register(sub)
+    submit.register(sub, parser, {"pretrain": _pretrain_config, "finetune": _finetune_config})
     return parser
 
 

@@ -27,6 +27,7 @@ SourceKind = Literal["images", "synthetic", "videos", "frames"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 CropSampler = Literal["torchvision", "clamp"]
 Interpolation = Literal["bilinear", "bicubic"]
+WandbMode = Literal["online", "offline", "disabled"]
 
 
 @dataclass
@@ -139,6 +140,14 @@ class RunConfig:
     tensorboard: bool = True
     # torch threads of the main process; null: usable cores less loader workers (siamae.threads)
     threads: int | None = None
+    # Weights & Biases (pip install -e ".[wandb]"): rank 0 logs the CSV's scalars, the resolved
+    # config and the run's pictures. name null: the run folder's name; mode null: W&B's own
+    # choice (WANDB_MODE, else online); offline writes <out_dir>/wandb/ with no network.
+    wandb: bool = False
+    wandb_project: str = "siamae"
+    wandb_entity: str | None = None
+    wandb_name: str | None = None
+    wandb_mode: WandbMode | None = None
 
 
 @dataclass
@@ -606,6 +615,7 @@ def _check_run(cfg: Config) -> None:
     )
     if r.threads is not None:
         _check(r.threads >= 1, "run.threads", f"expected 1 or more, or null, got {r.threads}")
+    _check(bool(r.wandb_project.strip()), "run.wandb_project", "expected a project name, got ''")
 
 
 def _check_monitor(cfg: Config) -> None:

@@ -1,12 +1,15 @@
-"""Process groups under torchrun: gloo on CPU, NCCL on GPU, one node or many."""
+"""Process groups under torchrun or plain ``srun``: gloo on CPU, NCCL on GPU, one node or many."""
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from siamae.engine.slurm import process_group_variables
 
 
 @dataclass
@@ -25,7 +28,20 @@ class DistInfo:
 
 
 def init_distributed(device_kind: str) -> DistInfo:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); a no-op for one process."""
+    """Join the process group torchrun describes (WORLD_SIZE > 1), or, in a task ``srun``
+    started without torchrun, the one Slurm's variables describe; a no-op for one process."""
+    # Exported, not only read: torch's env:// rendezvous and the CLI (which rank prints) read them.
+    from_slurm = process_group_variables(os.environ)
+    os.environ.update(from_slurm)
+    if from_slurm and from_slurm.get("RANK") == "0" and int(from_slurm["WORLD_SIZE"]) > 1:
+        # A batch script that runs the command without srun would wait here for tasks that
+        # never come: say what it waits for.
+        print(
+            f"siamae: joining {from_slurm['WORLD_SIZE']} Slurm tasks (SLURM_PROCID, "
+            f"SLURM_NTASKS) at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            file=sys.stderr,
+            flush=True,
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()

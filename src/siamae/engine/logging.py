@@ -1,11 +1,16 @@
-"""Metrics to JSONL and CSV (and TensorBoard when installed), safe to resume."""
+"""Metrics to JSONL and CSV (and TensorBoard when installed, W&B when asked), safe to resume."""
 
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from siamae.engine.tracking import open_tracking
+
+if TYPE_CHECKING:
+    from siamae.config import Config
 
 CSV_COLUMNS = [
     "step",
@@ -53,7 +58,13 @@ class MetricsLogger:
     evaluation's top-1) gets a column of its own the first time it appears.
     """
 
-    def __init__(self, run_dir: Path, resume_step: int = 0, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_step: int = 0,
+        tensorboard: bool = True,
+        config: Config | None = None,
+    ) -> None:
         self.jsonl = run_dir / "metrics.jsonl"
         self.csv = run_dir / "metrics.csv"
         self.columns = list(CSV_COLUMNS)
@@ -80,6 +91,8 @@ class MetricsLogger:
                 )
             except ImportError:  # tensorboard is an optional extra
                 self.tb = None
+        # W&B when the config asks for it (run.wandb): the same records, the config, pictures.
+        self.tracker = open_tracking(config, run_dir, resume_step)
 
     def log(self, record: dict[str, Any]) -> None:
         with self.jsonl.open("a") as f:
@@ -95,10 +108,16 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def close(self) -> None:
+        """Close the files; the tracker gets the pictures the run wrote into its folder."""
         if self.tb is not None:
             self.tb.close()
+        if self.tracker is not None:
+            self.tracker.log_pictures()
+            self.tracker.close()
 
 
 def _is_scalar(value: Any) -> bool:

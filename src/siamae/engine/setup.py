@@ -244,7 +244,7 @@ def _start_reporters(run: Run) -> None:
     cfg = run.cfg
     if cfg.monitor.knn_train:
         run.monitor = build_monitor(cfg, run.device)
-    run.logger = MetricsLogger(run.run_dir, run.state.step, cfg.run.tensorboard)
+    run.logger = MetricsLogger(run.run_dir, run.state.step, cfg.run.tensorboard, config=cfg)
     if cfg.run.progress:
         from tqdm.auto import tqdm
 

@@ -1,47 +1,14 @@
-"""How a training call ends: a stop asked by a signal (:class:`StopRequest`), the last
-checkpoint, the reporters closed, the summary, and the run's pictures."""
+"""How a training call ends: the last checkpoint, the reporters closed, the summary, and the
+run's pictures (the stop a signal asks for is :class:`siamae.engine.stop.StopRequest`)."""
 
 from __future__ import annotations
 
 import math
-import signal
 from typing import Any
 
 from siamae.engine.checkpointing import save_checkpoint
 from siamae.engine.pictures import save_loss_curve, save_reconstruction
 from siamae.engine.state import Run
-
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a notebook worker thread)
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
-    @property
-    def name(self) -> str:
-        """The signal's name (``SIGTERM``), what the summary's ``interrupted`` says."""
-        return signal.Signals(self.signal).name
 
 
 def save_last_checkpoint(run: Run, interrupted: str | None) -> None:
@@ -52,9 +19,13 @@ def save_last_checkpoint(run: Run, interrupted: str | None) -> None:
         save_checkpoint(run)
 
 
-def close_reporters(run: Run) -> None:
+def close_progress(run: Run) -> None:
     if run.progress is not None:
         run.progress.close()
+
+
+def close_logger(run: Run) -> None:
+    """After the pictures: a tracker (W&B) logs them when the logger closes."""
     if run.logger is not None:
         run.logger.close()
 

@@ -20,8 +20,8 @@ from siamae.engine.reporting import (
     run_evaluation,
     run_monitor,
 )
-from siamae.engine.shutdown import StopRequest
 from siamae.engine.state import Run
+from siamae.engine.stop import StopRequest
 from siamae.errors import TrainingDiverged
 from siamae.optim import lr_at, set_lr
 
@@ -46,7 +46,7 @@ def _run_epoch(
     micro = 0
     iterator = iter(run.loader)
     while state.step < schedule.total_steps:
-        if stop.requested:
+        if stop.agreed(run.info, run.device):
             return stop.name
         if stop_after_steps is not None and run.steps_this_call >= stop_after_steps:
             return "stop_after_steps"

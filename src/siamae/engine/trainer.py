@@ -23,8 +23,10 @@ from siamae.config import Config
 from siamae.data.dataset import normalize_images
 from siamae.engine import distributed as D
 from siamae.engine.setup import set_up
-from siamae.engine.shutdown import StopRequest, close_reporters, save_last_checkpoint, summarize
+from siamae.engine.shutdown import close_logger, close_progress, save_last_checkpoint, summarize
 from siamae.engine.step import run_steps
+from siamae.engine.stop import StopRequest
+from siamae.engine.tracking import check_tracking
 
 __all__ = ["normalize_images", "train"]
 
@@ -37,6 +39,7 @@ def train(
     ``stop_after_steps`` interrupts the run after that many optimizer steps of this call, as a
     signal would (used by tests of resume).
     """
+    check_tracking(cfg)  # a missing optional tracker fails before any work
     device_kind = "cuda" if (cfg.run.device != "cpu" and torch.cuda.is_available()) else "cpu"
     info = D.init_distributed(device_kind)
     try:
@@ -53,5 +56,8 @@ def _train(
     with StopRequest() as stop:
         interrupted = run_steps(run, stop, stop_after_steps)
         save_last_checkpoint(run, interrupted)
-    close_reporters(run)
-    return summarize(run, interrupted)
+    close_progress(run)
+    try:
+        return summarize(run, interrupted)
+    finally:
+        close_logger(run)
