@@ -17,7 +17,8 @@ per usable core before the measurement and stops them after it. Settings:
 
 The demo step is the median of the logged per-step times after the first (worker start-up),
 over ``--steps`` steps or ``--budget`` seconds, whichever ends first (an oversubscribed step can
-take a minute); the propagation frame is the median over repeats of one synthetic demo video
+take a minute); ``--rounds N`` takes every row N times, interleaved, and gives the median and the
+range (a single step time on 2 shared cores varies by 2x from one run to the next); the propagation frame is the median over repeats of one synthetic demo video
 (96 px, vit_tiny patch 8, protocol cropmae), divided by its propagated frames. Prints a
 markdown table; the load averages before and after each measurement are in its last column,
 because other processes on the machine change them.
@@ -158,6 +159,16 @@ def main() -> None:
         "--budget", type=float, default=20.0, help="seconds of demo steps at most (then stop)"
     )
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset")
+    ap.add_argument(
+        "--cores", choices=("both", "quiet", "loaded"), default="both", help="which rows to take"
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="take every row this many times, interleaved (a round is every row once); the "
+        "table gives the median and the range",
+    )
     ap.add_argument("--child", choices=list(SETTINGS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -168,26 +179,46 @@ def main() -> None:
         f"machine: {cpu}, {os.cpu_count()} cores ({usable_cores()} usable), torch "
         f"{torch.__version__}, Python {platform.python_version()}"
     )
-    rows = []
-    for loaded in (False, True):
-        for setting in args.settings.split(","):
-            rows.append(measure(setting, loaded, args.steps, args.repeats, args.budget))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    quiet = {r["setting"]: r for r in rows if not r["loaded"]}
+    loads = {"both": (False, True), "quiet": (False,), "loaded": (True,)}[args.cores]
+    taken: dict[tuple[bool, str], list[dict]] = {}
+    for _ in range(args.rounds):
+        for loaded in loads:
+            for setting in args.settings.split(","):
+                result = measure(setting, loaded, args.steps, args.repeats, args.budget)
+                taken.setdefault((loaded, setting), []).append(result)
+                print(json.dumps(result), file=sys.stderr, flush=True)
     print()
     print(
         "| cores | setting | demo step (threads) | x quiet | propagation frame (threads) "
         "| x quiet | load avg before -> after |"
     )
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        q = quiet[r["setting"]]
+    for (loaded, setting), results in taken.items():
+        quiet = taken.get((False, setting))
         print(
-            f"| {'loaded' if r['loaded'] else 'quiet'} | {r['setting']} "
-            f"| {r['step_s']:.3f} s ({r['step_threads']}) | {r['step_s'] / q['step_s']:.1f} "
-            f"| {1000 * r['frame_s']:.1f} ms ({r['frame_threads']}) "
-            f"| {r['frame_s'] / q['frame_s']:.1f} | {r['load']} |"
+            f"| {'loaded' if loaded else 'quiet'} | {setting} "
+            f"| {_figure(results, 'step_s', 1, 's')} ({results[0]['step_threads']}) "
+            f"| {_ratio(results, quiet, 'step_s')} "
+            f"| {_figure(results, 'frame_s', 1000, 'ms')} ({results[0]['frame_threads']}) "
+            f"| {_ratio(results, quiet, 'frame_s')} "
+            f"| {results[0]['load'].split(' -> ')[0]} -> {results[-1]['load'].split(' -> ')[1]} |"
         )
+
+
+def _figure(results: list[dict], key: str, scale: float, unit: str) -> str:
+    """The median, and the range when a row was taken more than once."""
+    values = sorted(scale * r[key] for r in results)
+    digits = 3 if unit == "s" else 1
+    median = f"{statistics.median(values):.{digits}f} {unit}"
+    if len(values) == 1:
+        return median
+    return f"{median} [{values[0]:.{digits}f}-{values[-1]:.{digits}f}]"
+
+
+def _ratio(results: list[dict], quiet: list[dict] | None, key: str) -> str:
+    if not quiet:
+        return "-"
+    return f"{statistics.median(r[key] for r in results) / statistics.median(r[key] for r in quiet):.1f}"
 
 
 if __name__ == "__main__":

@@ -44,7 +44,13 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from siamae.data.sources import IMAGE_EXTENSIONS, ImageFileSource, UnreadableSample, open_bytes
+from siamae.data.sources import (
+    IMAGE_EXTENSIONS,
+    ImageFileSource,
+    UnreadableSample,
+    file_stat_key,
+    open_bytes,
+)
 from siamae.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -187,14 +193,6 @@ def shard_classes(spec: str | Path) -> list[str]:
 # -- the index --------------------------------------------------------------------------------
 
 
-def _stat_key(path: Path) -> list[int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
 def split_key(member: str) -> tuple[str | None, str]:
     """WebDataset's split of a member name: (key, extension) at the first dot of the file name;
     (None, "") when the file name has no stem before a dot."""
@@ -223,7 +221,7 @@ def index_shard(path: Path) -> dict[str, Any]:
     sizes: list[int] = []
     labels: list[int] = []
     bad: list[list[str]] = []
-    record: dict[str, Any] = {"path": str(path), "stat": _stat_key(path)}
+    record: dict[str, Any] = {"path": str(path), "stat": file_stat_key(path)}
     image: tarfile.TarInfo | None = None
     label = NO_LABEL
 
@@ -312,7 +310,7 @@ def build_shard_index(
     for p in paths:
         resolved = p.resolve()
         old = cached.get(str(resolved))
-        if old is not None and old.get("stat") == _stat_key(resolved):
+        if old is not None and old.get("stat") == file_stat_key(resolved):
             records.append(old)
         else:
             records.append(None)

@@ -228,3 +228,13 @@ def sample_frame_pair(
     g = min(g, num_frames - 1)
     t = int(rng.integers(0, num_frames - g))
     return t, t + g
+
+
+def file_stat_key(path: Path) -> list[int] | None:
+    """(size, mtime in ns) of a file, what a cached index is keyed by (None: unreadable): a
+    file changed since the index was built is indexed again."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]

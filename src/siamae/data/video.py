@@ -42,6 +42,7 @@ from PIL import Image
 from siamae.data.sources import (
     IMAGE_EXTENSIONS,
     UnreadableSample,
+    file_stat_key,
     open_lazy,
     read_list_file,
     sample_frame_pair,
@@ -386,14 +387,6 @@ def find_items(path: Path, kind: str) -> list[Path]:
 # -- the index ----------------------------------------------------------------------------------
 
 
-def _stat_key(path: Path) -> list[int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
 def _probe_one(job: tuple[str, str]) -> dict[str, Any]:
     kind, path = job
     try:
@@ -450,7 +443,7 @@ def build_index(
     todo: list[int] = []
     for p in items:
         path = str(p.resolve()) if p.exists() else str(p)
-        stat = _stat_key(p)
+        stat = file_stat_key(p)
         old = cached.get(path)
         if old is not None and old.get("stat") == stat:
             records.append(old)
