@@ -14,6 +14,7 @@ import io
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,16 +110,14 @@ class ImageFolder(Dataset):
                 f"image folder {str(self.root)!r} has no class sub-folders; lay it out as "
                 "<folder>/<class>/<image>.jpg (ImageFolder)"
             )
-        if classes is None:
-            classes = found
-        else:
-            unknown = [c for c in found if c not in classes]
-            if unknown:
-                raise DataError(
-                    f"image folder {str(self.root)!r} has classes the training folder lacks: "
-                    f"{unknown[:5]}; use train and val folders with the same class names"
-                )
-        self.classes = list(classes)
+        self.classes = _known_classes(
+            found,
+            classes,
+            lambda unknown: (
+                f"image folder {str(self.root)!r} has classes the training folder "
+                f"lacks: {unknown}; use train and val folders with the same class names"
+            ),
+        )
         index = {name: i for i, name in enumerate(self.classes)}
         self.samples: list[tuple[Path, int]] = []
         for name in found:
@@ -146,16 +145,15 @@ class ImageFolder(Dataset):
                 f"one); {unlabelled.size} image(s) of the shards {str(spec)!r} lack one"
             )
         used = [names[i] for i in np.unique(source.labels)]
-        if classes is None:
-            classes = names
-        else:
-            unknown = [c for c in used if c not in classes]
-            if unknown:
-                raise DataError(
-                    f"the shards {str(spec)!r} have classes the training set lacks: "
-                    f"{unknown[:5]}; use train and val sets with the same class names"
-                )
-        self.classes = list(classes)
+        self.classes = _known_classes(
+            used,
+            classes,
+            lambda unknown: (
+                f"the shards {str(spec)!r} have classes the training set lacks: "
+                f"{unknown}; use train and val sets with the same class names"
+            ),
+            own=names,
+        )
         index = {name: i for i, name in enumerate(self.classes)}
         to_ours = np.array([index.get(name, -1) for name in names], dtype=np.int64)
         self._shards = source
@@ -232,6 +230,23 @@ class ImageFolder(Dataset):
                 f"image {str(path)!r} could not be decoded ({err}); remove or replace it"
             ) from None
         return pixels, label
+
+
+def _known_classes(
+    found: list[str],
+    classes: list[str] | None,
+    refusal: Callable[[list[str]], str],
+    own: list[str] | None = None,
+) -> list[str]:
+    """The class list a set is labelled with: its own (``own``, else ``found``) when no
+    training set's ``classes`` are given; otherwise those, refusing (``refusal`` of the first
+    five) a class they lack."""
+    if classes is None:
+        return list(own if own is not None else found)
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise DataError(refusal(unknown[:5]))
+    return list(classes)
 
 
 def validation_folder(
