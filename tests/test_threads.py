@@ -1,18 +1,22 @@
-"""The thread policy: its arithmetic, cgroup quotas, 1-thread workers, run.threads and --threads."""
+"""The thread policy: its arithmetic, cgroup quotas, 1-thread workers, run.threads and --threads,
+and its re-fit to the cores left free as a run goes (the /proc readings, the governor, the run)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from siamae import threads as T
 from siamae.arguments import apply_threads_option
 from siamae.cli import build_parser, main
 from siamae.engine.setup import THREADS_FILE, _init_worker
@@ -21,10 +25,20 @@ from siamae.entry import main as entry_main
 from siamae.errors import ConfigError
 from siamae.recipes import load_config
 from siamae.threads import (
+    CoreMeter,
+    CoreUse,
+    CpuSample,
+    ThreadChange,
+    ThreadGovernor,
+    ThreadPlan,
     apply_thread_policy,
     cgroup_cores,
+    core_use,
     plan_threads,
     quota_cores,
+    refit_threads,
+    reserved_cores,
+    thread_governor,
     usable_cores,
 )
 
@@ -196,3 +210,301 @@ def test_the_command_sets_a_passive_wait_policy_unless_the_user_chose_one(
         + ["--val", str(tmp_path), "--threads", "0"]
     )
     assert os.environ["OMP_WAIT_POLICY"] == after
+
+
+# --- the re-fit: cores left free by the loader workers and other processes --------------------
+
+
+@pytest.mark.parametrize(
+    ("busy", "reserved"),
+    [(0.0, 0), (0.1, 0), (0.25, 0), (0.3, 1), (1.0, 1), (1.25, 1), (1.3, 2), (2.0, 2)],
+)
+def test_a_core_is_taken_when_over_a_quarter_of_it_is_busy(busy: float, reserved: int) -> None:
+    assert reserved_cores(busy) == reserved
+
+
+@pytest.mark.parametrize(
+    ("cores", "workers_busy", "others_busy", "threads"),
+    [
+        (2, 1.0, 0.0, 1),  # the start: a worker counts as a whole core
+        (2, 0.1, 0.0, 2),  # the demo's light worker gives its core back
+        (2, 0.1, 1.0, 1),  # ... and a rival process takes it again
+        (2, 0.1, 2.0, 1),  # never fewer than 1
+        (16, 3.6, 0.0, 12),  # 4 heavy workers keep 4 cores
+        (16, 3.6, 8.0, 4),  # beside an 8-core job
+        (8, 8.0, 0.0, 1),
+    ],
+)
+def test_refit_gives_the_cores_workers_and_others_leave_free(
+    cores: int, workers_busy: float, others_busy: float, threads: int
+) -> None:
+    assert refit_threads(cores, workers_busy, others_busy) == threads
+
+
+def test_the_start_plan_is_the_refit_with_every_worker_a_whole_core() -> None:
+    for cores in (1, 2, 8, 16):
+        for workers in range(0, 10):
+            assert plan_threads(cores, workers).threads == refit_threads(cores, workers, 0.0)
+
+
+def _fake_proc(
+    root: Path, cpus: dict[int, list[int]], children: dict[int, tuple[int, int]]
+) -> None:
+    lines = ["cpu  1 1 1 1 1 1 1 1 0 0"]  # the all-cores line is not read
+    lines += [f"cpu{n} " + " ".join(map(str, ticks)) + " 0 0" for n, ticks in cpus.items()]
+    (root / "stat").write_text("\n".join(lines) + "\nintr 5 6\n")
+    for pid, (utime, stime) in children.items():
+        (root / str(pid)).mkdir(exist_ok=True)
+        # a name with a space and a parenthesis, as a process may have
+        fields = ["S", "1"] + ["0"] * 9 + [str(utime), str(stime)] + ["0"] * 10
+        (root / str(pid) / "stat").write_text(f"{pid} (pt worker) x) " + " ".join(fields) + "\n")
+
+
+def test_core_meter_reads_proc_stat_and_the_children(tmp_path: Path) -> None:
+    tick = os.sysconf("SC_CLK_TCK")
+    # ticks: user nice system idle iowait irq softirq steal
+    start = {0: [100, 0, 0, 800, 100, 0, 0, 0], 1: [1000] + [0] * 7, 2: [50, 0, 0, 950, 0, 0, 0, 0]}
+    _fake_proc(tmp_path, start, {41: (10, 0), 42: (5, 5)})
+    wall, own = iter([10.0, 20.0]), iter([5.0, 10.0])
+    meter = CoreMeter(
+        proc=tmp_path,
+        cpus={0, 2},  # cpu1 is outside this process's affinity
+        child_pids=lambda: [41, 42, 43],  # 43 has ended: no /proc entry
+        own_cpu=lambda: next(own),
+        clock=lambda: next(wall),
+    )
+    assert meter.available
+    before = meter.sample()
+    assert before is not None
+    assert (before.core_count, before.wall, before.own) == (2, 10.0, 5.0)
+    assert before.core_busy == pytest.approx(150 / tick)  # idle and iowait are not busy
+    assert before.core_total == pytest.approx(2000 / tick)
+    assert before.children == pytest.approx(20 / tick)
+    # 10 s later: cpu0 busy all the time (a quarter of it stolen by the hypervisor's other
+    # guests, which is busy too), cpu2 half; this process ran 5 s, worker 41 5 s.
+    t = 10 * tick
+    later = {
+        0: [100 + 3 * t // 4, 0, 0, 800, 100, 0, 0, t // 4],
+        1: [5000] + [0] * 7,
+        2: [50 + t // 2, 0, 0, 950 + t // 2, 0, 0, 0, 0],
+    }
+    _fake_proc(tmp_path, later, {41: (10 + t // 4, t // 4), 42: (5, 5)})
+    after = meter.sample()
+    assert after is not None
+    use = core_use(before, after)
+    assert use.workers == pytest.approx(0.5)
+    assert use.others == pytest.approx(1.5 - 0.5 - 0.5)
+
+
+def test_core_meter_is_unavailable_without_proc_stat(tmp_path: Path) -> None:
+    assert not CoreMeter(proc=tmp_path, cpus={0}).available
+    assert CoreMeter(proc=tmp_path, cpus={0}).sample() is None
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux's /proc")
+def test_the_real_meter_counts_a_child_process_cpu_time() -> None:
+    # CPU seconds, not a rate: the child burns 0.3 s of CPU however loaded the machine is.
+    ready = multiprocessing.get_context("spawn").Event()
+    child = multiprocessing.get_context("spawn").Process(target=_burn, args=(0.3, ready))
+    meter = CoreMeter()
+    child.start()
+    try:
+        before = meter.sample()
+        assert before is not None
+        assert ready.wait(60), "the child process did not finish burning CPU"
+        after = meter.sample()
+        assert after is not None
+        assert after.children - before.children >= 0.2
+        assert after.core_busy > before.core_busy and after.core_count >= 1
+    finally:
+        child.terminate()
+        child.join()
+
+
+def _burn(seconds: float, done: object) -> None:
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        pass
+    done.set()  # type: ignore[attr-defined]
+    time.sleep(60)  # stay alive so the parent can read its CPU time
+
+
+def test_core_use_arithmetic() -> None:
+    before = CpuSample(wall=0.0, own=0.0, children=0.0, core_busy=0.0, core_total=0.0, core_count=4)
+    after = CpuSample(
+        wall=10.0, own=20.0, children=3.0, core_busy=35.0, core_total=40.0, core_count=4
+    )
+    use = core_use(before, after)
+    assert use == CoreUse(workers=pytest.approx(0.3), others=pytest.approx(3.5 - 2.0 - 0.3))
+    idle = CpuSample(
+        wall=10.0, own=20.0, children=3.0, core_busy=10.0, core_total=40.0, core_count=4
+    )
+    assert core_use(before, idle).others == 0.0  # never below 0 (sampling skew)
+
+
+class _ScriptedMeter:
+    """A meter over ``cores`` cores on which time passes as a test says (``advance``, or
+    ``seconds_per_reading`` at every reading), this process keeping 1 core busy, its loader
+    workers and the other processes as ``use`` says (changeable as time goes)."""
+
+    available = True
+
+    def __init__(
+        self, workers: float, others: float, cores: int = 2, seconds_per_reading: float = 0.0
+    ) -> None:
+        self.use = CoreUse(workers, others)
+        self.cores, self.cpus = cores, set(range(cores))
+        self.seconds_per_reading = seconds_per_reading
+        self.now = self.own = self.children = self.busy = 0.0
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.own += seconds
+        self.children += self.use.workers * seconds
+        self.busy += (1.0 + self.use.workers + self.use.others) * seconds
+
+    def clock(self) -> float:
+        self.advance(self.seconds_per_reading)
+        return self.now
+
+    def sample(self) -> CpuSample:
+        now = self.clock()
+        return CpuSample(now, self.own, self.children, self.busy, self.cores * now, self.cores)
+
+
+def _governor(meter: _ScriptedMeter, **plan: bool) -> tuple[ThreadGovernor, list[int]]:
+    set_to: list[int] = []
+    start = ThreadPlan(1, 2, 1, "policy", **plan)  # 2 cores less 1 loader worker
+    return ThreadGovernor(start, meter, set_threads=set_to.append), set_to  # type: ignore[arg-type]
+
+
+def _run(governor: ThreadGovernor, meter: _ScriptedMeter, steps: range) -> dict[int, ThreadChange]:
+    """Steps of 1 s each; the changes by step."""
+    changes = {}
+    for step in steps:
+        meter.advance(1.0)
+        change = governor.after_step(step)
+        if change is not None:
+            changes[step] = change
+    return changes
+
+
+def test_governor_gives_a_light_workers_core_back_after_the_first_window() -> None:
+    meter = _ScriptedMeter(workers=0.1, others=0.0)
+    governor, set_to = _governor(meter)
+    changes = _run(governor, meter, range(1, 40))
+    # step 1 is skipped (start-up); the window opens after step 2 and closes after 3 s: step 5
+    assert list(changes) == [5]
+    change = changes[5]
+    assert (change.threads_before, change.threads) == (1, 2)
+    assert change.use.workers == pytest.approx(0.1) and change.use.others == pytest.approx(0.0)
+    assert set_to == [2] and governor.threads == 2
+    line = change.describe(2)
+    assert "threads: 1 -> 2 torch threads at step 5" in line and "loader workers kept 0.10" in line
+    assert governor.to_dict()["changes"] == [
+        {"step": 5, "threads": 2, "workers_busy": 0.1, "others_busy": 0.0}
+    ]
+
+
+def test_governor_gives_the_core_to_a_rival_and_takes_it_back_when_it_leaves() -> None:
+    meter = _ScriptedMeter(workers=0.1, others=0.0)
+    governor, set_to = _governor(meter)
+    assert list(_run(governor, meter, range(1, 7))) == [5]
+    meter.use = CoreUse(0.1, 0.9)  # a CPU-bound job starts beside the run after step 6
+    # the later windows are 30 s long: the one from step 5 closes at step 35
+    changes = _run(governor, meter, range(7, 66))
+    assert list(changes) == [35] and changes[35].threads == 1
+    assert changes[35].use.others == pytest.approx((0.0 * 1 + 0.9 * 29) / 30)
+    meter.use = CoreUse(0.1, 0.0)  # it ends
+    changes = _run(governor, meter, range(66, 100))
+    assert list(changes) == [95] and changes[95].threads == 2
+    assert set_to == [2, 1, 2]
+
+
+def test_governor_keeps_heavy_workers_cores_and_ignores_others_under_a_quota() -> None:
+    meter = _ScriptedMeter(workers=0.9, others=0.0)
+    heavy, _ = _governor(meter)
+    assert _run(heavy, meter, range(1, 100)) == {} and heavy.threads == 1
+    # a cgroup quota caps this process's CPU time: other processes' use of the machine's cores
+    # does not take from it (and /proc/stat shows the whole host's)
+    meter = _ScriptedMeter(workers=0.1, others=1.5)
+    quota, _ = _governor(meter, quota_limited=True)
+    assert list(_run(quota, meter, range(1, 10))) == [5] and quota.threads == 2
+    meter = _ScriptedMeter(workers=0.1, others=1.5)
+    free, _ = _governor(meter)
+    assert _run(free, meter, range(1, 100)) == {} and free.threads == 1
+
+
+@pytest.mark.parametrize(
+    ("source", "environ", "wanted"),
+    [
+        ("policy", {"OMP_WAIT_POLICY": "PASSIVE"}, True),
+        ("policy", {"OMP_WAIT_POLICY": "passive"}, True),
+        ("policy", {}, False),  # spinning threads: one too many costs 10x, no re-fit
+        ("policy", {"OMP_WAIT_POLICY": "ACTIVE"}, False),
+        ("run.threads", {"OMP_WAIT_POLICY": "PASSIVE"}, False),  # the user's figure is kept
+        ("OMP_NUM_THREADS", {"OMP_WAIT_POLICY": "PASSIVE"}, False),
+        ("policy", {"OMP_WAIT_POLICY": "PASSIVE", "LOCAL_WORLD_SIZE": "2"}, False),
+    ],
+)
+def test_the_refit_runs_only_for_the_policy_with_passive_threads(
+    source: str, environ: dict[str, str], wanted: bool
+) -> None:
+    plan = ThreadPlan(1, 2, 1, source)
+    governor = thread_governor(plan, environ, meter=_ScriptedMeter(0.1, 0.0))  # type: ignore[arg-type]
+    assert (governor is not None) == wanted
+
+
+def test_no_refit_where_proc_cannot_tell(tmp_path: Path) -> None:
+    plan = ThreadPlan(1, 2, 1, "policy")
+    meter = CoreMeter(proc=tmp_path, cpus={0})
+    assert thread_governor(plan, {"OMP_WAIT_POLICY": "PASSIVE"}, meter=meter) is None
+
+
+def test_a_run_refits_its_threads_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setattr(T, "_affinity", lambda: 4)
+    monkeypatch.setattr(T, "cgroup_cores", lambda *a: None)
+    meter = _ScriptedMeter(workers=0.1, others=0.0, cores=4, seconds_per_reading=10.0)
+    monkeypatch.setattr(T, "CoreMeter", lambda: meter)
+    out = tmp_path / "run"
+    overrides = [*TINY, f"run.out_dir={out}", "data.num_workers=1", "optim.epochs=4"]
+    try:
+        train(load_config(None, overrides))
+        lines = capsys.readouterr().out.splitlines()
+        assert (
+            "threads: 3 torch threads (4 usable cores - 1 loader worker, 1 thread each; "
+            "re-fitted to the cores left free as it runs)" in lines[0]
+        )
+        assert (
+            "siamae: threads: 3 -> 4 torch threads at step 5 (4 usable cores; loader "
+            "workers kept 0.10 busy, other processes 0.00)" in lines
+        )
+        assert torch.get_num_threads() == 4
+        plan = json.loads((out / THREADS_FILE).read_text())
+        assert (plan["threads"], plan["source"], plan["refit"]) == (3, "policy", True)
+        assert plan["changes"] == [
+            {"step": 5, "threads": 4, "workers_busy": 0.1, "others_busy": 0.0}
+        ]
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_a_run_without_passive_threads_keeps_the_plan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(T, "_affinity", lambda: 4)
+    monkeypatch.setattr(T, "cgroup_cores", lambda *a: None)
+    monkeypatch.setattr(T, "CoreMeter", lambda: _ScriptedMeter(workers=0.1, others=0.0, cores=4))
+    out = tmp_path / "run"
+    train(load_config(None, [*TINY, f"run.out_dir={out}", "data.num_workers=1", "optim.epochs=4"]))
+    assert "re-fitted" not in capsys.readouterr().out
+    assert torch.get_num_threads() == 3
+    assert "changes" not in json.loads((out / THREADS_FILE).read_text())

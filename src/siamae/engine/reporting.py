@@ -2,13 +2,14 @@
 learning rate, throughput, loader wait, the method's own scalars) to the metrics files
 (:class:`siamae.engine.logging.MetricsLogger`) and the progress bar; the k-NN monitor; the
 method's evaluations (a ``best`` checkpoint when its ``best_metric`` improves); the files
-skipped as unreadable.
+skipped as unreadable; the thread count re-fitted to the free cores.
 
 The means are taken over every process (collectives: every process reports at the same steps).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 
 from siamae.engine import distributed as D
 from siamae.engine.checkpointing import save_checkpoint
-from siamae.engine.setup import SKIPPED_FILE
+from siamae.engine.setup import SKIPPED_FILE, THREADS_FILE
 from siamae.engine.state import Run
 
 
@@ -103,6 +104,22 @@ def note_skipped_files(run: Run, lines: list[str]) -> None:
             f"skipped unreadable file {new[0]}"
             + (f" (+{len(new) - 1} more)" if len(new) > 1 else "")
         )
+
+
+def refit_threads(run: Run) -> None:
+    """Re-fit the torch threads to the cores left free when a window closes; name a change on
+    the console and in ``threads.json``."""
+    if run.threads is None:
+        return
+    change = run.threads.after_step(run.state.step)
+    if change is None or not run.info.is_main:
+        return
+    line = change.describe(run.threads.plan.cores)
+    if run.progress is not None:
+        run.progress.write(line)
+    else:
+        print(f"siamae: {line}", flush=True)
+    (run.run_dir / THREADS_FILE).write_text(json.dumps(run.threads.to_dict()) + "\n")
 
 
 def run_monitor(run: Run) -> None:

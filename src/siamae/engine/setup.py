@@ -35,7 +35,7 @@ from siamae.methods import Method
 from siamae.optim import build_optimizer
 from siamae.paths import check_writable
 from siamae.registry import build_method
-from siamae.threads import apply_thread_policy, worker_threads
+from siamae.threads import apply_thread_policy, thread_governor, worker_threads
 
 THREADS_FILE = "threads.json"  # the resolved thread plan (siamae.threads.ThreadPlan)
 VIDEO_INDEX_FILE = "video_index.json"  # siamae.data.video.INDEX_FILE, without importing PyAV
@@ -124,9 +124,13 @@ def set_up(cfg: Config, info: D.DistInfo, resume: str | Path | bool | None) -> R
             _write_start_files(cfg, run_dir, staging, method)
     D.barrier(info)
 
+    governor = thread_governor(threads)
     if info.is_main:
-        print(f"siamae: {cfg.method} on {device.type}, {threads.describe()}", flush=True)
-        (run_dir / THREADS_FILE).write_text(json.dumps(threads.to_dict()) + "\n")
+        start_line = threads.describe(refitted=governor is not None)
+        print(f"siamae: {cfg.method} on {device.type}, {start_line}", flush=True)
+        (run_dir / THREADS_FILE).write_text(
+            json.dumps(governor.to_dict() if governor else threads.to_dict()) + "\n"
+        )
     loader = _build_loader(dataset, sampler, cfg.data.num_workers, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     state = TrainState()
@@ -151,6 +155,7 @@ def set_up(cfg: Config, info: D.DistInfo, resume: str | Path | bool | None) -> R
             else contextlib.nullcontext()
         ),
         state=state,
+        threads=governor,
     )
     if info.is_main:
         _start_reporters(run)

@@ -19,6 +19,7 @@ from siamae.engine import distributed as D
 from siamae.engine.logging import MetricsLogger
 from siamae.eval.probes.monitor import KNNMonitor
 from siamae.methods import Method
+from siamae.threads import ThreadGovernor
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Run:
     monitor: KNNMonitor | None = None
     logger: MetricsLogger | None = None
     progress: Any = None  # a tqdm bar
+    threads: ThreadGovernor | None = None  # re-fits the thread plan as the run goes, or None
     steps_this_call: int = 0
     last_loss: float = math.nan  # the mean loss of the last log window
     eval_results: dict[str, float] = field(default_factory=dict)

@@ -17,6 +17,7 @@ from siamae.engine.reporting import (
     LogWindow,
     log_window,
     note_skipped_files,
+    refit_threads,
     run_evaluation,
     run_monitor,
 )
@@ -129,12 +130,14 @@ def _optimizer_step(run: Run) -> float:
 
 
 def _after_step(run: Run, lr: float, window: LogWindow) -> None:
-    """Logging, progress, monitor, the epoch's evaluation and the periodic checkpoint."""
+    """Logging, progress, the thread count, monitor, the epoch's evaluation and the periodic
+    checkpoint."""
     step, schedule, every = run.state.step, run.schedule, run.cfg.run
     if step % every.log_every == 0 or step == schedule.total_steps:
         log_window(run, window, lr)
     if run.progress is not None:
         run.progress.update(1)
+    refit_threads(run)
     run_monitor(run)
     if step % schedule.steps_per_epoch == 0 or step == schedule.total_steps:  # an epoch's end
         run_evaluation(run)
