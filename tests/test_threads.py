@@ -250,7 +250,7 @@ def test_the_start_plan_is_the_refit_with_every_worker_a_whole_core() -> None:
 def _fake_proc(
     root: Path, cpus: dict[int, list[int]], children: dict[int, tuple[int, int]]
 ) -> None:
-    lines = ["cpu  1 1 1 1 1 1 1 1 0 0"]  # the all-cores line is not read
+    lines = ["cpu  1 1 1 1 1 1 1 1 0 0", ""]  # the all-cores line is not read; a blank line
     lines += [f"cpu{n} " + " ".join(map(str, ticks)) + " 0 0" for n, ticks in cpus.items()]
     (root / "stat").write_text("\n".join(lines) + "\nintr 5 6\n")
     for pid, (utime, stime) in children.items():

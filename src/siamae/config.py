@@ -138,7 +138,8 @@ class RunConfig:
     progress: bool = True
     visualize: bool = True
     tensorboard: bool = True
-    # torch threads of the main process; null: usable cores less loader workers (siamae.threads)
+    # torch threads of the main process; null: usable cores less loader workers, re-fitted to the
+    # cores left free as the run goes (siamae.threads)
     threads: int | None = None
     # Weights & Biases (pip install -e ".[wandb]"): rank 0 logs the CSV's scalars, the resolved
     # config and the run's pictures. name null: the run folder's name; mode null: W&B's own

@@ -1,4 +1,5 @@
-"""How many torch threads a process runs: as many as its cores, less its loader workers.
+"""How many torch threads a process runs: as many as its cores, less its loader workers (and,
+as a training run goes, less what its workers and other processes really keep busy).
 
 torch's default is one OpenMP thread per core of the machine, whoever else uses them. When
 other processes hold those cores (this run's own loader workers, other jobs on a shared server,
@@ -246,7 +247,7 @@ def _proc_stat_cores(text: str, cpus: set[int]) -> tuple[int, int, int]:
     many of them it lists."""
     busy = total = count = 0
     for line in text.splitlines():
-        name, *fields = line.split()
+        name, *fields = line.split() or [""]
         if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
             continue
         # user nice system idle iowait irq softirq steal (guest time is inside user already)
