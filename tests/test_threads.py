@@ -304,8 +304,9 @@ def test_core_meter_is_unavailable_without_proc_stat(tmp_path: Path) -> None:
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux's /proc")
 def test_the_real_meter_counts_a_child_process_cpu_time() -> None:
     # CPU seconds, not a rate: the child burns 0.3 s of CPU however loaded the machine is.
-    ready = multiprocessing.get_context("spawn").Event()
-    child = multiprocessing.get_context("spawn").Process(target=_burn, args=(0.3, ready))
+    fork = multiprocessing.get_context("fork")  # Linux only, as /proc is; starts in milliseconds
+    ready = fork.Event()
+    child = fork.Process(target=_burn, args=(0.3, ready))
     meter = CoreMeter()
     child.start()
     try:
@@ -502,9 +503,11 @@ def test_a_run_without_passive_threads_keeps_the_plan(
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setattr(T, "_affinity", lambda: 4)
     monkeypatch.setattr(T, "cgroup_cores", lambda *a: None)
-    monkeypatch.setattr(T, "CoreMeter", lambda: _ScriptedMeter(workers=0.1, others=0.0, cores=4))
+    # a re-fit would see 2 cores taken by others and go down to 2 threads
+    meter = _ScriptedMeter(workers=0.0, others=2.0, cores=4, seconds_per_reading=10.0)
+    monkeypatch.setattr(T, "CoreMeter", lambda: meter)
     out = tmp_path / "run"
-    train(load_config(None, [*TINY, f"run.out_dir={out}", "data.num_workers=1", "optim.epochs=4"]))
+    train(load_config(None, [*TINY, f"run.out_dir={out}", "data.num_workers=0", "optim.epochs=4"]))
     assert "re-fitted" not in capsys.readouterr().out
-    assert torch.get_num_threads() == 3
+    assert torch.get_num_threads() == 4
     assert "changes" not in json.loads((out / THREADS_FILE).read_text())
