@@ -266,10 +266,12 @@ def test_core_meter_reads_proc_stat_and_the_children(tmp_path: Path) -> None:
     start = {0: [100, 0, 0, 800, 100, 0, 0, 0], 1: [1000] + [0] * 7, 2: [50, 0, 0, 950, 0, 0, 0, 0]}
     _fake_proc(tmp_path, start, {41: (10, 0), 42: (5, 5)})
     wall, own = iter([10.0, 20.0]), iter([5.0, 10.0])
+    live, reaped = [41, 42, 43], [2.0]  # 43 has ended, not yet reaped: no /proc entry
     meter = CoreMeter(
         proc=tmp_path,
         cpus={0, 2},  # cpu1 is outside this process's affinity
-        child_pids=lambda: [41, 42, 43],  # 43 has ended: no /proc entry
+        child_pids=lambda: live,
+        reaped_cpu=lambda: reaped[0],
         own_cpu=lambda: next(own),
         clock=lambda: next(wall),
     )
@@ -279,21 +281,25 @@ def test_core_meter_reads_proc_stat_and_the_children(tmp_path: Path) -> None:
     assert (before.core_count, before.wall, before.own) == (2, 10.0, 5.0)
     assert before.core_busy == pytest.approx(150 / tick)  # idle and iowait are not busy
     assert before.core_total == pytest.approx(2000 / tick)
-    assert before.children == pytest.approx(20 / tick)
+    assert before.children == pytest.approx(20 / tick + 2.0)
     # 10 s later: cpu0 busy all the time (a quarter of it stolen by the hypervisor's other
-    # guests, which is busy too), cpu2 half; this process ran 5 s, worker 41 5 s.
+    # guests, which is busy too), cpu2 half; this process ran 5 s. Worker 41 ran 5 s; worker 42
+    # ended after 1 s more and was reaped (its 1.1 s now in the rusage of children), and a new
+    # worker 44 started and ran 2 s: the children kept 0.8 of a core busy.
     t = 10 * tick
     later = {
         0: [100 + 3 * t // 4, 0, 0, 800, 100, 0, 0, t // 4],
         1: [5000] + [0] * 7,
         2: [50 + t // 2, 0, 0, 950 + t // 2, 0, 0, 0, 0],
     }
-    _fake_proc(tmp_path, later, {41: (10 + t // 4, t // 4), 42: (5, 5)})
+    _fake_proc(tmp_path, later, {41: (10 + t // 4, t // 4), 44: (t // 5, 0)})
+    live[:] = [41, 44]
+    reaped[0] = 2.0 + 10 / tick + 1.0
     after = meter.sample()
     assert after is not None
     use = core_use(before, after)
-    assert use.workers == pytest.approx(0.5)
-    assert use.others == pytest.approx(1.5 - 0.5 - 0.5)
+    assert use.workers == pytest.approx((5.0 + 1.0 + 2.0) / 10)
+    assert use.others == pytest.approx(1.5 - 0.5 - 0.8)
 
 
 def test_core_meter_is_unavailable_without_proc_stat(tmp_path: Path) -> None:
@@ -320,6 +326,9 @@ def test_the_real_meter_counts_a_child_process_cpu_time() -> None:
     finally:
         child.terminate()
         child.join()
+    # ended and reaped, its CPU time still counts (the rusage of children)
+    ended = meter.sample()
+    assert ended is not None and ended.children >= after.children - 0.02
 
 
 def _burn(seconds: float, done: object) -> None:

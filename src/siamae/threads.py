@@ -55,7 +55,6 @@ class ThreadPlan:
     cores: int  # cores this process may use (affinity, cgroup quota, shared by local processes)
     workers: int  # loader worker processes, 1 torch thread each
     source: str  # "run.threads" (or "--threads"), "OMP_NUM_THREADS" or "policy"
-
     quota_limited: bool = False  # a cgroup quota, not the CPU affinity, sets ``cores``
 
     def describe(self, refitted: bool = False) -> str:
@@ -266,22 +265,34 @@ def _process_ticks(text: str) -> int:
 
 def _child_pids() -> list[int]:
     # Loader workers are multiprocessing children of the main process (as is anything else the
-    # run starts this way, whose cores are just as taken).
+    # run starts this way, whose cores are just as taken). active_children() also reaps those
+    # that ended, whose CPU time then counts in _reaped_children_cpu.
     return [p.pid for p in multiprocessing.active_children() if p.pid is not None]
 
 
+def _reaped_children_cpu() -> float:
+    times = os.times()
+    return times.children_user + times.children_system
+
+
 class CoreMeter:
-    """Reads :class:`CpuSample` from Linux's /proc; ``available`` is False elsewhere."""
+    """Reads :class:`CpuSample` from Linux's /proc; ``available`` is False elsewhere.
+
+    The children's CPU time is that of the live ones (``/proc/<pid>/stat``) plus that of those
+    ended and reaped (the kernel's rusage of children), so it keeps growing when the loader's
+    workers end with an epoch and new ones start (``persistent_workers=False``)."""
 
     def __init__(
         self,
         proc: Path = PROC,
         cpus: set[int] | None = None,
         child_pids: Callable[[], list[int]] = _child_pids,
+        reaped_cpu: Callable[[], float] = _reaped_children_cpu,
         own_cpu: Callable[[], float] = time.process_time,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.proc, self.child_pids, self.own_cpu, self.clock = proc, child_pids, own_cpu, clock
+        self.reaped_cpu = reaped_cpu
         if cpus is None:
             cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
         self.cpus = cpus
@@ -295,14 +306,14 @@ class CoreMeter:
             return None
         return cores if cores[1] > 0 else None
 
-    def _children_ticks(self) -> int:
+    def _children_seconds(self) -> float:
         ticks = 0
-        for pid in self.child_pids():
+        for pid in self.child_pids():  # first: it reaps the children that ended
             try:
                 ticks += _process_ticks((self.proc / str(pid) / "stat").read_text())
             except (OSError, ValueError, IndexError):
-                pass  # a worker that just ended
-        return ticks
+                pass  # a worker that ended since; counted once reaped
+        return ticks / self.tick + self.reaped_cpu()
 
     def sample(self) -> CpuSample | None:
         cores = self._read_cores()
@@ -311,7 +322,7 @@ class CoreMeter:
         return CpuSample(
             wall=self.clock(),
             own=self.own_cpu(),
-            children=self._children_ticks() / self.tick,
+            children=self._children_seconds(),
             core_busy=cores[0] / self.tick,
             core_total=cores[1] / self.tick,
             core_count=cores[2],
@@ -319,8 +330,8 @@ class CoreMeter:
 
 
 def core_use(before: CpuSample, after: CpuSample) -> CoreUse:
-    """What kept the cores busy between two samples. Children that ended in between are not
-    counted; others are the cores' busy time less this process's and its children's."""
+    """What kept the cores busy between two samples: this process's children, and others (the
+    cores' busy time less this process's and its children's)."""
     wall = max(after.wall - before.wall, 1e-9)
     workers = max(0.0, after.children - before.children) / wall
     own = max(0.0, after.own - before.own) / wall
