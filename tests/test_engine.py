@@ -151,9 +151,20 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize(
+    ("signum", "to_group"),
+    [
+        (signal.SIGTERM, False),
+        (signal.SIGINT, False),
+        # to every process of the group, loader workers too, as Ctrl-C in a terminal, `timeout`
+        # and Slurm's signals to a job step deliver it
+        (signal.SIGTERM, True),
+        (signal.SIGINT, True),
+    ],
+    ids=["TERM", "INT", "TERM-to-group", "INT-to-group"],
+)
 def test_a_signal_saves_a_checkpoint_and_exits_with_128_plus_signal(
-    signum: int, tmp_path: Path
+    signum: int, to_group: bool, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
     cmd = [
@@ -177,13 +188,24 @@ def test_a_signal_saves_a_checkpoint_and_exits_with_128_plus_signal(
         "run.log_every=1",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=to_group,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "metrics.jsonl").exists():
         time.sleep(0.5)
     assert (run / "metrics.jsonl").exists(), proc.communicate(timeout=30)
-    proc.send_signal(signum)
+    if to_group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err, err
     # Saved, but not finished: 128 + the signal number, never 0 ("done") for scripts.
     assert proc.returncode == 128 + signum, err
     assert f"interrupted ({signal.Signals(signum).name})" in out

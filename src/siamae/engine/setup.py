@@ -29,6 +29,7 @@ from siamae.engine import distributed as D
 from siamae.engine.checkpointing import check_weights_fit, open_resume_checkpoint, restore
 from siamae.engine.logging import MetricsLogger
 from siamae.engine.state import Run, Schedule, TrainState
+from siamae.engine.stop import STOP_SIGNALS
 from siamae.errors import ConfigError
 from siamae.eval.probes.monitor import build_monitor
 from siamae.methods import Method
@@ -208,10 +209,13 @@ def _list_skipped_at_start(run_dir: Path, lines: list[str]) -> None:
 
 
 def _init_worker(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; workers keep serving so the main process can
-    # finish its step and save a checkpoint.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A stop signal sent to the process group (Ctrl-C in a terminal, `timeout`, Slurm's signals
+    # to a job step) reaches the workers too. They keep serving, so the main process finishes
+    # its step, saves and shuts them down; a worker that died of SIGTERM instead made torch raise
+    # in the middle of the step, and the run ended in a traceback without its checkpoint. A
+    # worker whose main process is gone exits by itself (torch's watchdog).
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     worker_threads(worker_id)
 
 
