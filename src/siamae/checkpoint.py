@@ -10,12 +10,14 @@ the partial file: the previous checkpoint, untouched, still loads and resumes.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from siamae.errors import CheckpointError
 
@@ -53,6 +55,22 @@ class _RecordingWriter:
         except OSError as err:
             self.error = err
             raise
+
+
+def write_export(
+    tensors: dict[str, torch.Tensor], out: Path, sidecar: dict[str, Any]
+) -> tuple[Path, Path]:
+    """An export: ``tensors`` to ``out`` (.safetensors, written to a temporary name and renamed,
+    with the sidecar's ``format`` and ``timm_name`` as metadata), then ``sidecar`` as JSON
+    beside it (``out`` with .json). Returns both paths."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    metadata = {"format": sidecar["format"], "timm_name": sidecar["timm_name"]}
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(out)
+    json_path = out.with_suffix(".json")
+    json_path.write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
+    return out, json_path
 
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from siamae.checkpoint import training_method
+from siamae.checkpoint import training_method, write_export
 from siamae.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from siamae.errors import SiamaeError
 from siamae.finetune.checkpoints import export_classifier
@@ -82,7 +82,6 @@ def _export_encoder_alone(
 ) -> tuple[Path, Path]:
     """The encoder alone (of any checkpoint :func:`siamae.load_encoder` reads), with the
     placeholder head its timm name's pretrained config declares."""
-    from safetensors.torch import save_file
 
     encoder = load_encoder(checkpoint)
     report = encoder.load_report  # type: ignore[attr-defined]
@@ -121,13 +120,7 @@ def _export_encoder_alone(
             f"mean={tuple(IMAGENET_MEAN)}, std={tuple(IMAGENET_STD)}))"
         ),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(state, str(tmp), metadata={"format": EXPORT_FORMAT, "timm_name": name})
-    tmp.replace(out)
-    json_path = out.with_suffix(".json")
-    json_path.write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
-    return out, json_path
+    return write_export(state, out, sidecar)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -6,15 +6,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from safetensors.torch import save_file
 
-from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint, training_method
+from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint, training_method, write_export
 from siamae.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from siamae.data.labelled import folder_classes
 from siamae.data.shards import classes_file, is_shard_spec, shard_classes
@@ -85,13 +83,7 @@ def export_classifier(
     name, kwargs = _fitting_timm_model(state, info, timm_name)
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
     sidecar = _sidecar(checkpoint, out, info, name, kwargs, ema)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": sidecar["format"], "timm_name": name})
-    tmp.replace(out)
-    json_path = out.with_suffix(".json")
-    json_path.write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
-    return out, json_path
+    return write_export(tensors, out, sidecar)
 
 
 def _fitting_timm_model(

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from siamae.checkpoint import load_checkpoint, training_method
+from siamae.checkpoint import load_checkpoint, training_method, write_export
 from siamae.config import Config, from_dict
 from siamae.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from siamae.data.segmentation import SegmentationSet, open_segmentation
@@ -125,13 +125,7 @@ def export_segmentation(checkpoint: str | Path, out: str | Path) -> tuple[Path, 
             f"{out.name!r}).items() if k.startswith('backbone.')}})"
         ),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": sidecar["format"], "timm_name": name})
-    tmp.replace(out)
-    json_path = out.with_suffix(".json")
-    json_path.write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
-    return out, json_path
+    return write_export(tensors, out, sidecar)
 
 
 def load_segmentation_export(path: str | Path) -> SegmentationFineTune:
