@@ -187,6 +187,11 @@ def _env_threads(environ: Mapping[str, str]) -> int | None:
     return value if value >= 1 else None
 
 
+def _local_processes(environ: Mapping[str, str]) -> int:
+    """Training processes on this machine (torchrun's local world size)."""
+    return int(environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+
+
 def apply_thread_policy(
     requested: int | None,
     workers: int,
@@ -197,7 +202,7 @@ def apply_thread_policy(
     """Resolve the plan for this process and set torch's thread count to it."""
     environ = os.environ if environ is None else environ
     if processes is None:
-        processes = int(environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        processes = _local_processes(environ)
     affinity, quota = _affinity(), cgroup_cores()
     plan = plan_threads(
         usable_cores(affinity, quota),
@@ -428,7 +433,7 @@ def thread_governor(
     environ = os.environ if environ is None else environ
     if plan.source != "policy" or environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         return None
-    if int(environ.get("LOCAL_WORLD_SIZE", "1") or 1) > 1:
+    if _local_processes(environ) > 1:
         return None  # processes sharing a machine would each count the others' threads
     meter = CoreMeter() if meter is None else meter
     return ThreadGovernor(plan, meter) if meter.available else None

@@ -106,7 +106,7 @@ def note_skipped_files(run: Run, lines: list[str]) -> None:
         )
 
 
-def refit_threads(run: Run) -> None:
+def refit_run_threads(run: Run) -> None:
     """Re-fit the torch threads to the cores left free when a window closes; name a change on
     the console and in ``threads.json``."""
     if run.threads is None:

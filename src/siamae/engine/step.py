@@ -17,7 +17,7 @@ from siamae.engine.reporting import (
     LogWindow,
     log_window,
     note_skipped_files,
-    refit_threads,
+    refit_run_threads,
     run_evaluation,
     run_monitor,
 )
@@ -137,7 +137,7 @@ def _after_step(run: Run, lr: float, window: LogWindow) -> None:
         log_window(run, window, lr)
     if run.progress is not None:
         run.progress.update(1)
-    refit_threads(run)
+    refit_run_threads(run)
     run_monitor(run)
     if step % schedule.steps_per_epoch == 0 or step == schedule.total_steps:  # an epoch's end
         run_evaluation(run)
