@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from unittest import mock
@@ -285,6 +287,27 @@ def test_the_index_is_cached_and_a_changed_shard_is_indexed_again(
         assert [Path(c.args[0]).name for c in indexing.call_args_list] == [target.name]
 
 
+def test_a_shard_rewritten_with_the_same_size_and_mtime_is_indexed_again(
+    shards: Path, tmp_path: Path
+) -> None:
+    """Size and mtime alone keep a stale index for a shard rewritten in place (``cp -p``,
+    ``rsync -t``): its offsets would point into other members and every image be skipped."""
+    shard = tmp_path / "data-000000.tar"
+    members = [(f"img{i}.jpg", _jpeg(i)) for i in range(4)]
+    _tar(shard, members)
+    cache = tmp_path / "cache"
+    before = S.open_shards(shard, cache_dir=cache)
+    assert before.member(0) == "img0.jpg"
+    st = shard.stat()
+    _tar(shard, members[::-1])  # the same members in another order: the same size
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (shard.stat().st_size, shard.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    after = S.open_shards(shard, cache_dir=cache)
+    assert [after.member(i) for i in range(4)] == ["img3.jpg", "img2.jpg", "img1.jpg", "img0.jpg"]
+    for i in range(4):  # every image decodes: read at its new offset
+        assert after.open_image(i, np.random.default_rng(0)).size == (48, 48)
+
+
 def test_build_source_reads_shards_for_image_methods_and_refuses_them_for_videos(
     shards: Path, tmp_path: Path
 ) -> None:
@@ -316,7 +339,9 @@ def test_brace_range_folder_and_list_name_the_same_shards(shards: Path, tmp_path
 
 
 def test_a_missing_shard_or_bad_pattern_is_a_clear_error(shards: Path, tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"shard-000003\.tar' \(and 96 more\) of .* does not exist"):
+    with pytest.raises(
+        DataError, match=r"shard-000003\.tar' \(shard 4 of the 100 .* does not exist"
+    ):
         S.shard_paths(f"{shards}/shard-{{000000..000099}}.tar")
     with pytest.raises(DataError, match="not a range"):
         S.shard_paths(f"{shards}/shard-{{9..1}}.tar")
@@ -326,6 +351,60 @@ def test_a_missing_shard_or_bad_pattern_is_a_clear_error(shards: Path, tmp_path:
     (tmp_path / "classes.json").write_text('["a", "b"]')
     with pytest.raises(DataError, match="no <key>.cls"):
         S.open_shards(single, labelled=True)
+
+
+def test_a_huge_brace_range_is_refused_at_its_first_missing_shard_quickly(
+    shards: Path, tmp_path: Path
+) -> None:
+    """A range of a hundred million names, two of which exist: refused at the third, without
+    listing the range (which took 27 s and 4.9 GB, then MemoryError). A subprocess under a
+    memory cap and a time bound, so that the test fails, not swaps or hangs, if it comes back."""
+    for i, p in enumerate(sorted(shards.glob("*.tar"))[:2]):
+        (tmp_path / f"s-{i:08d}.tar").write_bytes(p.read_bytes())
+    pattern = f"{tmp_path}/s-{{00000000..99999999}}.tar"
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from siamae.data.shards import shard_paths\n"
+        "from siamae.errors import DataError\n"
+        "try:\n"
+        "    shard_paths(sys.argv[1])\n"
+        "except DataError as err:\n"
+        "    print(err)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, pattern], capture_output=True, text=True, timeout=20
+    )
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "s-00000002.tar' (shard 3 of the 100,000,000" in done.stdout
+    assert "does not exist" in done.stdout
+    # a list file's brace entries are checked the same way
+    listing = tmp_path / "train.txt"
+    listing.write_text("s-{00000000..00000005}.tar\n")
+    with pytest.raises(DataError, match=r"s-00000002\.tar' \(shard 3 of the 6"):
+        S.shard_paths(listing)
+
+
+def test_a_cls_member_too_large_for_int64_is_a_bad_label_not_a_crash(tmp_path: Path) -> None:
+    """``100000000000000000000000`` broke the error path itself (``no attribute '_open'``):
+    it is a bad class index, as ``abc`` is."""
+    (tmp_path / "classes.json").write_text('["a", "b"]')
+
+    def shard(name: str, cls: bytes) -> Path:
+        members = [("k0.jpg", _jpeg(0)), ("k0.cls", b"0"), ("k1.jpg", _jpeg(1)), ("k1.cls", cls)]
+        return _tar(tmp_path / name, members)
+
+    huge, word = shard("huge.tar", b"100000000000000000000000"), shard("word.tar", b"abc")
+    source = S.open_shards(huge)  # pre-training reads it: the labels are not used
+    assert len(source) == 2 and source.labels.tolist() == [0, S.BAD_LABEL]
+    with pytest.raises(S.UnreadableSample, match="holds no class index"):
+        source.label(1)
+    messages = []
+    for path in (huge, word):  # the probes (eval knn) refuse both alike, in one line
+        with pytest.raises(DataError, match="has no class index") as refused:
+            ImageFolder(path, EvalTransform(32))
+        messages.append(str(refused.value).replace(path.name, "X"))
+    assert messages[0] == messages[1]
 
 
 def test_cli_reports_a_missing_shard_on_one_line(

@@ -231,10 +231,15 @@ def sample_frame_pair(
 
 
 def file_stat_key(path: Path) -> list[int] | None:
-    """(size, mtime in ns) of a file, what a cached index is keyed by (None: unreadable): a
-    file changed since the index was built is indexed again."""
+    """(size, mtime, inode, ctime; times in ns) of a file, what a cached index is keyed by
+    (None: unreadable): a file changed since the index was built is indexed again.
+
+    Size and mtime alone miss a file rewritten in place with the same size whose mtime was set
+    back (``cp -p``, ``rsync -t``, ``os.utime``); its ctime still moves, as the kernel sets it on
+    every write or ``utime`` and nothing can set it back, and a file replaced by another (a
+    rename over it) has a new inode. Free: one ``stat``, no byte of the file read."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
