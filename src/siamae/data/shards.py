@@ -20,7 +20,8 @@ restart reads it instead of the shards, and a shard that changed is indexed agai
 rewritten with the same size and its old mtime. Sample i is then one positional read
 (``os.pread``) of the shard file: items are addressed by index exactly as files are, so the
 epoch sampler, DDP sharding and exact resume work unchanged, and the bytes go through the image
-folders' own decoder (:func:`siamae.data.sources.open_bytes`: DCT-scaled JPEG draft, every PIL mode).
+folders' own decoder (:func:`siamae.data.sources.open_bytes`: DCT-scaled JPEG draft, every
+PIL mode).
 
 **Corruption.** A member that cannot be decoded raises :class:`UnreadableSample` and is skipped,
 counted and listed in ``skipped_files.txt``, as a corrupt file is. A shard that is not a tar, or

@@ -22,7 +22,8 @@ falls back to decoding from the start, which is correct by definition.
 ``video_index.json`` in the run folder, keyed by each file's path and stat key (size, mtime,
 inode, ctime): a restart re-probes only files that changed. A video that cannot be opened or
 decoded is left out of the source, counted and reported (``source.unreadable``, a warning, the
-index file); one that fails later, while training, raises :class:`UnreadableSample` and the dataset skips and counts it.
+index file); one that fails later, while training, raises :class:`UnreadableSample` and the
+dataset skips and counts it.
 """
 
 from __future__ import annotations
