@@ -460,6 +460,11 @@ def test_data_shard_round_trips_labels_and_is_deterministic(
         (["--images", "{folder}", "--out", "{shards}"], "already holds .tar shards"),
         (["--images", "{folder}", "--shard-size", "lots"], "is not a size"),
         (["--images", "{folder}", "--out", "{folder}/cat/0.jpg"], "is a file"),
+        (["--prefix", "a/b"], "--prefix 'a/b' is not a plain file-name stem"),
+        (["--prefix", "../escaped"], "--prefix '../escaped' is not a plain file-name stem"),
+        (["--prefix", ".."], "is not a plain file-name stem"),
+        (["--prefix", ""], "is not a plain file-name stem"),
+        (["--images", "{folder}", "--out", "{labelled}"], "already holds classes.json"),
     ],
 )
 def test_data_shard_bad_input_is_one_line_and_exit_2(
@@ -471,13 +476,61 @@ def test_data_shard_bad_input_is_one_line_and_exit_2(
     message: str,
 ) -> None:
     (tmp_path / "empty").mkdir()
-    names = dict(folder=folder, shards=shards, missing=tmp_path / "nope", empty=tmp_path / "empty")
+    labelled = tmp_path / "labelled"  # another data set's class names, no shards (yet)
+    labelled.mkdir()
+    (labelled / "classes.json").write_text('["x", "y"]')
+    names = dict(
+        folder=folder,
+        shards=shards,
+        missing=tmp_path / "nope",
+        empty=tmp_path / "empty",
+        labelled=labelled,
+    )
     argv = [a.format(**names) for a in args]
+    if "--images" not in argv:
+        argv += ["--images", str(folder)]
     if "--out" not in argv:
-        argv += ["--out", str(tmp_path / "out")]
+        argv += ["--out", str(tmp_path / "out" / "inner")]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert main(["data", "shard", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+    assert (labelled / "classes.json").read_text() == '["x", "y"]'
+
+
+def test_shard_size_bounds_the_files_on_disk(tmp_path: Path) -> None:
+    """``--shard-size 100KB`` gave 102,400-byte shards: tar's end blocks and its 10 kB record
+    padding were not counted. Every shard is now at most the size (KB = 1000 bytes), headers
+    and padding included, and holds as much as fits; an image larger than it gets its own."""
+    images = tmp_path / "images" / "cls"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(12):  # noise JPEGs of about 12 kB, each size different
+        noise = rng.integers(0, 256, (60 + i, 80, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(images / f"{i}.jpg", quality=95)
+    big = rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    Image.fromarray(big).save(images / "big.png")  # about 270 kB: past the limit on its own
+    limit = parse_size("100KB")
+    assert limit == 100_000 and parse_size("100KiB") == 102_400
+    written = write_shards(tmp_path / "images", tmp_path / "out", limit, progress=False)
+    sizes = [p.stat().st_size for p in written.shards]
+
+    def members(shard: Path) -> list[str]:
+        with tarfile.open(shard) as tar:
+            return tar.getnames()
+
+    alone = [p for p in written.shards if "cls/big.png" in members(p)]
+    assert len(alone) == 1 and members(alone[0]) == ["cls/big.png", "cls/big.cls"]
+    assert all(size <= limit for p, size in zip(written.shards, sizes) if p != alone[0])
+    assert len(written.shards) >= 3
+    source = S.open_shards(tmp_path / "out")  # tar readers take them: every image is there
+    assert len(source) == 13 and not source.unreadable
+    # a shard closes only when the next image would not fit: the first is nearly full
+    first = S.index_shard(written.shards[0])
+    following = sorted(p.name for p in images.iterdir())[len(first["names"])]
+    image_member = 512 + -(-(images / following).stat().st_size // 512) * 512
+    assert sizes[0] + image_member + 1024 > limit  # (its .cls member: a header and a block)
 
 
 def test_parse_size() -> None:
