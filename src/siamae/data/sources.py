@@ -8,6 +8,7 @@ also give frame pairs (``load_frame_pair``). A file that cannot be read raises
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -56,7 +57,26 @@ def scan_files(root: Path, extensions: set[str]) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
 
 
-DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError)
+# What decoding a bad image file raises. PIL refuses, when it opens a file, an image of more
+# than twice ``Image.MAX_IMAGE_PIXELS`` pixels (178,956,970 by default: a "decompression bomb",
+# a small file that would take gigabytes once decoded) with DecompressionBombError, which is
+# no OSError: such an image is skipped like a corrupt one, the reason naming its pixel count
+# and the limit.
+DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    Image.DecompressionBombError,
+)
+
+
+def bomb_pixels(err: Image.DecompressionBombError) -> str:
+    """The pixel count PIL's decompression-bomb refusal names ("Image size (N pixels) ..."),
+    written with thousands separators; "too many" if the message has none."""
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    return f"{int(found.group(1)):,}" if found else "too many"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
