@@ -248,20 +248,48 @@ def test_pretraining_skips_and_lists_an_image_over_the_bomb_limit(tmp_path: Path
     _write_images(tmp_path / "images", 7)
     bomb = write_bomb(tmp_path / "images" / "bomb.png")
     out = tmp_path / "run"
-    args = ["pretrain", "--config", str(CONFIGS / "demo.yaml"), "--data", str(tmp_path / "images")]
-    args += ["--out", str(out)]
-    for value in (
-        "model.img_size=32",
-        "data.batch_size=8",
-        "data.num_workers=0",
-        "optim.max_steps=2",
-        "run.visualize=false",
-        "run.progress=false",
-    ):
-        args += ["--set", value]
-    assert main(args) == 0
+    assert (
+        main(_pretrain_args(tmp_path / "images", out, "data.batch_size=8", "optim.max_steps=2"))
+        == 0
+    )
     listed = (out / "skipped_files.txt").read_text().splitlines()
     assert len(listed) == 1 and listed[0].startswith(f"{bomb}\t{BOMB_REASON}")
+
+
+def _pretrain_args(data: Path, out: Path, *sets: str) -> list[str]:
+    args = ["pretrain", "--config", str(CONFIGS / "demo.yaml"), "--data", str(data)]
+    args += ["--out", str(out)]
+    small = ["model.img_size=32", "data.num_workers=0", "run.visualize=false", "run.progress=false"]
+    for value in (*small, *sets):
+        args += ["--set", value]
+    return args
+
+
+def test_an_unreadable_file_is_listed_once_with_its_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three bad files in a row, all in one batch: the item of the first tried all three, the
+    second's two, the third's one, and the last was listed three times (once per try), the
+    count 6. Each is now listed and counted once; a resumed run does not list them again."""
+    images = tmp_path / "images"
+    _write_images(images, 5)
+    bad = [images / f"a_bad{i}.jpg" for i in range(3)]  # sorted first: consecutive indices
+    for path in bad:
+        path.write_text("not an image")
+    out = tmp_path / "run"
+    assert main(_pretrain_args(images, out, "data.batch_size=8", "optim.max_steps=2")) == 0
+    assert "skipped 3 unreadable files" in capsys.readouterr().out
+    listed = (out / "skipped_files.txt").read_text().splitlines()
+    assert sorted(listed) == [
+        f"{path}\tUnidentifiedImageError: not an image file PIL can identify" for path in bad
+    ]
+    # A crash after the listing, before the checkpoint: the resume meets them again.
+    checkpoint = out / "checkpoints" / "last.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    state["skipped"], state["skipped_names"] = 0, []
+    torch.save(state, checkpoint)
+    assert main(_pretrain_args(images, out, "data.batch_size=8", "optim.max_steps=4")) == 0
+    assert sorted((out / "skipped_files.txt").read_text().splitlines()) == sorted(listed)
 
 
 def test_list_file_and_missing_paths(tmp_path: Path) -> None:

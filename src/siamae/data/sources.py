@@ -153,6 +153,11 @@ def open_bytes(data: bytes, name: str) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         img.filename = name  # named in the report if decoding fails later
         return img
+    except UnidentifiedImageError:
+        # PIL's message names the in-memory buffer (<_io.BytesIO object at 0x...>), not the file
+        raise UnreadableSample(
+            name, "UnidentifiedImageError: not an image file PIL can identify"
+        ) from None
     except DECODE_ERRORS as err:
         raise UnreadableSample(name, f"{type(err).__name__}: {err}") from None
 
