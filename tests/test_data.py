@@ -9,19 +9,31 @@ import pytest
 import torch
 from PIL import Image
 
+from image_bombs import write_bomb
+from siamae.cli import main
 from siamae.data.dataset import EpochSampler, PretrainDataset, build_dataset, collate
+from siamae.data.image_folder import EvalTransform, ImageFolder
+from siamae.data.labelled import LabelledImageSource
+from siamae.data.mixing import heldout_images
+from siamae.data.shard_writer import write_shards
+from siamae.data.shards import open_shards
 from siamae.data.sources import (
     ImageFileSource,
     SyntheticImageSource,
     SyntheticVideoSource,
+    UnreadableSample,
     sample_frame_pair,
 )
 from siamae.data.synthetic import synthetic_image, synthetic_video
 from siamae.data.views import ViewMaker, sample_box
 from siamae.errors import DataError
+from siamae.eval.propagation.davis import read_mask
+from siamae.eval.propagation.results import read_frame
+from siamae.eval.propagation.vip import read_category_ids
 from siamae.recipes import load_config
 
 SIDE = 256
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 class CoordinateSource:
@@ -183,6 +195,101 @@ def test_corrupt_files_are_skipped_counted_and_named(tmp_path: Path) -> None:
         assert sample["images"].shape == (2, 3, 32, 32)
         skipped.update(line.split("\t")[0] for line in sample["skipped_files"].split("\n") if line)
     assert {Path(s).name for s in skipped} == {"truncated.jpg", "notes.jpg", "empty.png"}
+
+
+BOMB_REASON = "DecompressionBombError: Image size (196000000 pixels) exceeds limit of 178956970"
+
+
+def _skipped_by(source) -> dict[str, str]:  # noqa: ANN001 - a Source
+    """name -> reason of the items a pre-training dataset skips, over one pass of ``source``."""
+    ds = PretrainDataset(source, ViewMaker("pair", out=32), num_patches=16)
+    skipped = {}
+    for i in range(len(source)):
+        for line in filter(None, ds[(0, i)]["skipped_files"].split("\n")):
+            name, reason = line.split("\t")
+            skipped[Path(name).name] = reason
+    return skipped
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_skipped_by_every_reader(
+    tmp_path: Path,
+) -> None:
+    """A 196-megapixel image raised PIL's DecompressionBombError (no OSError) out of the loader
+    worker. Every reader that opens images now treats it as an unreadable file, with the reason:
+    its pixel count and the limit."""
+    folder = tmp_path / "images"
+    _write_images(folder / "cls", 5)
+    bomb = write_bomb(folder / "cls" / "bomb.png")
+    # pre-training: image folders and tar shards
+    assert {
+        k: v.startswith(BOMB_REASON) for k, v in _skipped_by(ImageFileSource(folder)).items()
+    } == {"bomb.png": True}
+    write_shards(folder, tmp_path / "shards", progress=False)
+    assert list(_skipped_by(open_shards(tmp_path / "shards"))) == ["bomb.png"]
+    # the probes' and fine-tuning's labelled folders drop it as they drop a corrupt file
+    labelled = ImageFolder(folder, EvalTransform(32))
+    assert labelled.samples[0][0] == bomb  # sorted first
+    with pytest.raises(DataError, match=r"bomb\.png.*196000000 pixels"):
+        labelled[0]
+    dropped = labelled.drop_unreadable()
+    assert len(dropped) == 1 and dropped[0].startswith(f"{bomb}\t{BOMB_REASON}")
+    source = LabelledImageSource(folder)
+    with pytest.raises(UnreadableSample, match="196000000 pixels"):
+        source.open_image(0, np.random.default_rng(0))
+    # MixedAE's held-out images and the propagation benchmarks' frames and masks: one line
+    with pytest.raises(DataError, match="196000000 pixels"):
+        heldout_images(folder, 32, 6, 2)
+    for read in (read_frame, read_mask, read_category_ids):
+        with pytest.raises(DataError, match=r"bomb\.png.*196000000 pixels"):
+            read(bomb)
+
+
+def test_pretraining_skips_and_lists_an_image_over_the_bomb_limit(tmp_path: Path) -> None:
+    _write_images(tmp_path / "images", 7)
+    bomb = write_bomb(tmp_path / "images" / "bomb.png")
+    out = tmp_path / "run"
+    assert (
+        main(_pretrain_args(tmp_path / "images", out, "data.batch_size=8", "optim.max_steps=2"))
+        == 0
+    )
+    listed = (out / "skipped_files.txt").read_text().splitlines()
+    assert len(listed) == 1 and listed[0].startswith(f"{bomb}\t{BOMB_REASON}")
+
+
+def _pretrain_args(data: Path, out: Path, *sets: str) -> list[str]:
+    args = ["pretrain", "--config", str(CONFIGS / "demo.yaml"), "--data", str(data)]
+    args += ["--out", str(out)]
+    small = ["model.img_size=32", "data.num_workers=0", "run.visualize=false", "run.progress=false"]
+    for value in (*small, *sets):
+        args += ["--set", value]
+    return args
+
+
+def test_an_unreadable_file_is_listed_once_with_its_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three bad files in a row, all in one batch: the item of the first tried all three, the
+    second's two, the third's one, and the last was listed three times (once per try), the
+    count 6. Each is now listed and counted once; a resumed run does not list them again."""
+    images = tmp_path / "images"
+    _write_images(images, 5)
+    bad = [images / f"a_bad{i}.jpg" for i in range(3)]  # sorted first: consecutive indices
+    for path in bad:
+        path.write_text("not an image")
+    out = tmp_path / "run"
+    assert main(_pretrain_args(images, out, "data.batch_size=8", "optim.max_steps=2")) == 0
+    assert "skipped 3 unreadable files" in capsys.readouterr().out
+    listed = (out / "skipped_files.txt").read_text().splitlines()
+    assert sorted(listed) == [
+        f"{path}\tUnidentifiedImageError: not an image file PIL can identify" for path in bad
+    ]
+    # A crash after the listing, before the checkpoint: the resume meets them again.
+    checkpoint = out / "checkpoints" / "last.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    state["skipped"], state["skipped_names"] = 0, []
+    torch.save(state, checkpoint)
+    assert main(_pretrain_args(images, out, "data.batch_size=8", "optim.max_steps=4")) == 0
+    assert sorted((out / "skipped_files.txt").read_text().splitlines()) == sorted(listed)
 
 
 def test_list_file_and_missing_paths(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from unittest import mock
@@ -285,6 +287,27 @@ def test_the_index_is_cached_and_a_changed_shard_is_indexed_again(
         assert [Path(c.args[0]).name for c in indexing.call_args_list] == [target.name]
 
 
+def test_a_shard_rewritten_with_the_same_size_and_mtime_is_indexed_again(
+    shards: Path, tmp_path: Path
+) -> None:
+    """Size and mtime alone keep a stale index for a shard rewritten in place (``cp -p``,
+    ``rsync -t``): its offsets would point into other members and every image be skipped."""
+    shard = tmp_path / "data-000000.tar"
+    members = [(f"img{i}.jpg", _jpeg(i)) for i in range(4)]
+    _tar(shard, members)
+    cache = tmp_path / "cache"
+    before = S.open_shards(shard, cache_dir=cache)
+    assert before.member(0) == "img0.jpg"
+    st = shard.stat()
+    _tar(shard, members[::-1])  # the same members in another order: the same size
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (shard.stat().st_size, shard.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    after = S.open_shards(shard, cache_dir=cache)
+    assert [after.member(i) for i in range(4)] == ["img3.jpg", "img2.jpg", "img1.jpg", "img0.jpg"]
+    for i in range(4):  # every image decodes: read at its new offset
+        assert after.open_image(i, np.random.default_rng(0)).size == (48, 48)
+
+
 def test_build_source_reads_shards_for_image_methods_and_refuses_them_for_videos(
     shards: Path, tmp_path: Path
 ) -> None:
@@ -316,7 +339,9 @@ def test_brace_range_folder_and_list_name_the_same_shards(shards: Path, tmp_path
 
 
 def test_a_missing_shard_or_bad_pattern_is_a_clear_error(shards: Path, tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"shard-000003\.tar' \(and 96 more\) of .* does not exist"):
+    with pytest.raises(
+        DataError, match=r"shard-000003\.tar' \(shard 4 of the 100 .* does not exist"
+    ):
         S.shard_paths(f"{shards}/shard-{{000000..000099}}.tar")
     with pytest.raises(DataError, match="not a range"):
         S.shard_paths(f"{shards}/shard-{{9..1}}.tar")
@@ -326,6 +351,60 @@ def test_a_missing_shard_or_bad_pattern_is_a_clear_error(shards: Path, tmp_path:
     (tmp_path / "classes.json").write_text('["a", "b"]')
     with pytest.raises(DataError, match="no <key>.cls"):
         S.open_shards(single, labelled=True)
+
+
+def test_a_huge_brace_range_is_refused_at_its_first_missing_shard_quickly(
+    shards: Path, tmp_path: Path
+) -> None:
+    """A range of a hundred million names, two of which exist: refused at the third, without
+    listing the range (which took 27 s and 4.9 GB, then MemoryError). A subprocess under a
+    memory cap and a time bound, so that the test fails, not swaps or hangs, if it comes back."""
+    for i, p in enumerate(sorted(shards.glob("*.tar"))[:2]):
+        (tmp_path / f"s-{i:08d}.tar").write_bytes(p.read_bytes())
+    pattern = f"{tmp_path}/s-{{00000000..99999999}}.tar"
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from siamae.data.shards import shard_paths\n"
+        "from siamae.errors import DataError\n"
+        "try:\n"
+        "    shard_paths(sys.argv[1])\n"
+        "except DataError as err:\n"
+        "    print(err)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, pattern], capture_output=True, text=True, timeout=20
+    )
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "s-00000002.tar' (shard 3 of the 100,000,000" in done.stdout
+    assert "does not exist" in done.stdout
+    # a list file's brace entries are checked the same way
+    listing = tmp_path / "train.txt"
+    listing.write_text("s-{00000000..00000005}.tar\n")
+    with pytest.raises(DataError, match=r"s-00000002\.tar' \(shard 3 of the 6"):
+        S.shard_paths(listing)
+
+
+def test_a_cls_member_too_large_for_int64_is_a_bad_label_not_a_crash(tmp_path: Path) -> None:
+    """``100000000000000000000000`` broke the error path itself (``no attribute '_open'``):
+    it is a bad class index, as ``abc`` is."""
+    (tmp_path / "classes.json").write_text('["a", "b"]')
+
+    def shard(name: str, cls: bytes) -> Path:
+        members = [("k0.jpg", _jpeg(0)), ("k0.cls", b"0"), ("k1.jpg", _jpeg(1)), ("k1.cls", cls)]
+        return _tar(tmp_path / name, members)
+
+    huge, word = shard("huge.tar", b"100000000000000000000000"), shard("word.tar", b"abc")
+    source = S.open_shards(huge)  # pre-training reads it: the labels are not used
+    assert len(source) == 2 and source.labels.tolist() == [0, S.BAD_LABEL]
+    with pytest.raises(S.UnreadableSample, match="holds no class index"):
+        source.label(1)
+    messages = []
+    for path in (huge, word):  # the probes (eval knn) refuse both alike, in one line
+        with pytest.raises(DataError, match="has no class index") as refused:
+            ImageFolder(path, EvalTransform(32))
+        messages.append(str(refused.value).replace(path.name, "X"))
+    assert messages[0] == messages[1]
 
 
 def test_cli_reports_a_missing_shard_on_one_line(
@@ -381,6 +460,11 @@ def test_data_shard_round_trips_labels_and_is_deterministic(
         (["--images", "{folder}", "--out", "{shards}"], "already holds .tar shards"),
         (["--images", "{folder}", "--shard-size", "lots"], "is not a size"),
         (["--images", "{folder}", "--out", "{folder}/cat/0.jpg"], "is a file"),
+        (["--prefix", "a/b"], "--prefix 'a/b' is not a plain file-name stem"),
+        (["--prefix", "../escaped"], "--prefix '../escaped' is not a plain file-name stem"),
+        (["--prefix", ".."], "is not a plain file-name stem"),
+        (["--prefix", ""], "is not a plain file-name stem"),
+        (["--images", "{folder}", "--out", "{labelled}"], "already holds classes.json"),
     ],
 )
 def test_data_shard_bad_input_is_one_line_and_exit_2(
@@ -392,13 +476,61 @@ def test_data_shard_bad_input_is_one_line_and_exit_2(
     message: str,
 ) -> None:
     (tmp_path / "empty").mkdir()
-    names = dict(folder=folder, shards=shards, missing=tmp_path / "nope", empty=tmp_path / "empty")
+    labelled = tmp_path / "labelled"  # another data set's class names, no shards (yet)
+    labelled.mkdir()
+    (labelled / "classes.json").write_text('["x", "y"]')
+    names = dict(
+        folder=folder,
+        shards=shards,
+        missing=tmp_path / "nope",
+        empty=tmp_path / "empty",
+        labelled=labelled,
+    )
     argv = [a.format(**names) for a in args]
+    if "--images" not in argv:
+        argv += ["--images", str(folder)]
     if "--out" not in argv:
-        argv += ["--out", str(tmp_path / "out")]
+        argv += ["--out", str(tmp_path / "out" / "inner")]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert main(["data", "shard", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+    assert (labelled / "classes.json").read_text() == '["x", "y"]'
+
+
+def test_shard_size_bounds_the_files_on_disk(tmp_path: Path) -> None:
+    """``--shard-size 100KB`` gave 102,400-byte shards: tar's end blocks and its 10 kB record
+    padding were not counted. Every shard is now at most the size (KB = 1000 bytes), headers
+    and padding included, and holds as much as fits; an image larger than it gets its own."""
+    images = tmp_path / "images" / "cls"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(12):  # noise JPEGs of about 12 kB, each size different
+        noise = rng.integers(0, 256, (60 + i, 80, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(images / f"{i}.jpg", quality=95)
+    big = rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    Image.fromarray(big).save(images / "big.png")  # about 270 kB: past the limit on its own
+    limit = parse_size("100KB")
+    assert limit == 100_000 and parse_size("100KiB") == 102_400
+    written = write_shards(tmp_path / "images", tmp_path / "out", limit, progress=False)
+    sizes = [p.stat().st_size for p in written.shards]
+
+    def members(shard: Path) -> list[str]:
+        with tarfile.open(shard) as tar:
+            return tar.getnames()
+
+    alone = [p for p in written.shards if "cls/big.png" in members(p)]
+    assert len(alone) == 1 and members(alone[0]) == ["cls/big.png", "cls/big.cls"]
+    assert all(size <= limit for p, size in zip(written.shards, sizes) if p != alone[0])
+    assert len(written.shards) >= 3
+    source = S.open_shards(tmp_path / "out")  # tar readers take them: every image is there
+    assert len(source) == 13 and not source.unreadable
+    # a shard closes only when the next image would not fit: the first is nearly full
+    first = S.index_shard(written.shards[0])
+    following = sorted(p.name for p in images.iterdir())[len(first["names"])]
+    image_member = 512 + -(-(images / following).stat().st_size // 512) * 512
+    assert sizes[0] + image_member + 1024 > limit  # (its .cls member: a header and a block)
 
 
 def test_parse_size() -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from image_bombs import write_bomb
 from siamae.cli import build_parser, main
 from siamae.eval.attention import (
     AttentionResult,
@@ -138,6 +139,26 @@ def test_a_huge_image_is_refused_before_decoding_naming_resize(
     assert ran == [] and not (tmp_path / "maps").exists()  # nothing decoded, nothing written
     assert patches_after_resize((1104, 1104), 8, 64) == 64
     assert patches_after_resize((12000, 9000), 16, None) == 750 * 562
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_one_line_naming_resize(
+    encoder: Encoder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """196 million pixels: PIL refuses the file as it reads the header (a traceback, exit 1,
+    before); now the one line of a huge image, naming the file, the limit and --resize."""
+    bomb = write_bomb(tmp_path / "huge.png")
+    torch.save(encoder.vit.state_dict(), tmp_path / "encoder.pt")
+    argv = ["visualize", "attention", "--checkpoint", str(tmp_path / "encoder.pt")]
+    argv += ["--images", str(bomb), "--out", str(tmp_path / "maps"), "--device", "cpu"]
+    for resize in ([], ["--resize", "480"]):
+        assert main(argv + resize) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"siamae: error: image {str(bomb)!r} is 196,000,000 pixels, over PIL's "
+            "decompression-bomb limit of 178,956,970 (not decoded, even with --resize); save a "
+            "smaller copy (e.g. a short side of 480 pixels) and pass that"
+        ]
+        assert not (tmp_path / "maps").exists()
 
 
 def test_the_picture_has_clear_titles_one_contour_per_region_and_a_colour_bar(

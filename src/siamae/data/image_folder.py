@@ -216,8 +216,6 @@ class ImageFolder(Dataset):
         return torch.tensor([label for _, label in self.samples], dtype=torch.long)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import UnidentifiedImageError
-
         path, label = self.samples[i]
         try:
             with self.open(i) as image:
@@ -225,7 +223,7 @@ class ImageFolder(Dataset):
                     # Decode-time reduction: never below the size the resize needs.
                     image.draft("RGB", (self.transform.resize, self.transform.resize))
                 pixels = self.transform(image)
-        except (UnidentifiedImageError, UnreadableSample, OSError, ValueError) as err:
+        except (*DECODE_ERRORS, UnreadableSample) as err:  # a decompression bomb too
             raise DataError(
                 f"image {str(path)!r} could not be decoded ({err}); remove or replace it"
             ) from None

@@ -19,7 +19,7 @@ import torch
 
 from siamae.data.image_folder import EvalTransform
 from siamae.data.shards import image_source
-from siamae.data.sources import UnreadableSample
+from siamae.data.sources import DECODE_ERRORS, UnreadableSample
 from siamae.errors import DataError
 from siamae.models.masking import patchify, unpatchify
 
@@ -146,7 +146,7 @@ def heldout_images(path: str | Path, img_size: int, count: int, ratio: int) -> t
     for i in range(take):
         try:
             pixels.append(transform(source.open_image(i, rng)))
-        except (UnreadableSample, OSError, ValueError) as err:
+        except (UnreadableSample, *DECODE_ERRORS) as err:
             raise DataError(
                 f"image {source.name(i)!r} could not be decoded ({err}); remove or replace it"
             ) from None

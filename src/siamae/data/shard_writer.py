@@ -10,22 +10,25 @@ beside class sub-folders has no class and gets no ``.cls``.
 
 Keys are the image's path relative to the folder without its extension, with any dot left in
 the file name turned into ``_`` (WebDataset cuts the key at the first dot); JPEGs are stored as
-``.jpg``, other extensions lower-cased. Each shard is closed before it would pass
-``--shard-size`` (an image larger than that gets a shard of its own); shards are named
-``<prefix>-000000.tar``, ... and written under a temporary name first, so the output folder only
-ever holds complete shards. Member headers carry no time, owner or mode of the input files: the
+``.jpg``, other extensions lower-cased. Each shard is closed before its file would pass
+``--shard-size`` bytes on disk, member headers, padding and the end-of-archive blocks included
+(an image larger than that gets a shard of its own); no tar "record" padding is added, which
+readers do not need. Shards are named ``<prefix>-000000.tar``, ... (the prefix a plain file-name
+stem) and written under a temporary name first, so the output folder only ever holds complete
+shards. Member headers carry no time, owner or mode of the input files: the
 same images give the same bytes.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import os
 import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from tqdm.auto import tqdm
 
@@ -89,9 +92,27 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _padded(size: int) -> int:
-    """Bytes a member of ``size`` takes in a tar: one header block and its data in whole blocks."""
-    return tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+# Two zero blocks end a tar archive. tarfile also pads a closed archive to a whole 10 kB
+# "record", which no reader needs: the members are written here so that the size is exact.
+END_OF_ARCHIVE = b"\0" * (2 * tarfile.BLOCKSIZE)
+
+
+def _member(name: str, data: bytes) -> list[bytes]:
+    """A tar member as written: its header (a PAX header first for a long or non-ASCII name),
+    its data, and the zero padding to a whole block."""
+    header = _tarinfo(name, len(data)).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    return [header, data, b"\0" * (-len(data) % tarfile.BLOCKSIZE)]
+
+
+def check_prefix(prefix: str) -> None:
+    """A shard prefix is a plain file-name stem: a separator would write the shards into
+    another folder (``a/b``: one that may not exist; ``../x``: outside ``--out``)."""
+    separators = {"/", "\\", os.sep, os.altsep or "/"}
+    if prefix in ("", ".", "..") or any(c in prefix for c in separators) or "\0" in prefix:
+        raise DataError(
+            f"--prefix {prefix!r} is not a plain file-name stem; pass a name without '/' "
+            "(shards are written as PREFIX-000000.tar inside --out), e.g. --prefix train"
+        )
 
 
 @dataclass
@@ -125,6 +146,7 @@ def write_shards(
         raise DataError(
             f"no images in {str(images)!r} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
+    check_prefix(prefix)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {str(out)!r} is a file; pass a folder for the shards")
@@ -132,6 +154,11 @@ def write_shards(
         raise DataError(
             f"--out {str(out)!r} already holds .tar shards; pass an empty or new folder (shards of "
             "another run would be read with these)"
+        )
+    if (out / CLASSES_FILE).exists():
+        raise DataError(
+            f"--out {str(out)!r} already holds {CLASSES_FILE} (the class names of other shards); "
+            "pass an empty or new folder"
         )
     if out.resolve().is_relative_to(root.resolve()):
         raise DataError(
@@ -142,14 +169,11 @@ def write_shards(
     class_index = {name: i for i, name in enumerate(classes or [])}
     out.mkdir(parents=True, exist_ok=True)
     shards: list[Path] = []
-    tar: tarfile.TarFile | None = None
-    used = 0
+    shard: BinaryIO | None = None
+    used = 0  # bytes written to the open shard, its end-of-archive blocks not yet
 
-    def close() -> None:
-        if tar is not None:
-            tar.close()
-            tmp = shards[-1].with_name(shards[-1].name + ".tmp")
-            tmp.replace(shards[-1])
+    def temporary(path: Path) -> Path:
+        return path.with_name(path.name + ".tmp")
 
     try:
         bar = tqdm(
@@ -166,24 +190,29 @@ def write_shards(
                 raise DataError(f"{str(path)!r} cannot be read ({err.strerror}); fix it") from None
             rel = path.relative_to(root)
             label = class_index.get(rel.parts[0]) if len(rel.parts) > 1 else None
-            cls = str(label).encode() if label is not None else b""
-            cost = _padded(len(data)) + (_padded(len(cls)) if label is not None else 0)
-            if tar is None or (used and used + cost > shard_size):
-                close()
-                shards.append(out / f"{prefix}-{len(shards):06d}.tar")
-                tmp = shards[-1].with_name(shards[-1].name + ".tmp")
-                tar = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT)
-                used = 0
-            tar.addfile(_tarinfo(f"{key}.{_member_extension(path)}", len(data)), io.BytesIO(data))
+            parts = _member(f"{key}.{_member_extension(path)}", data)
             if label is not None:
-                tar.addfile(_tarinfo(f"{key}.cls", len(cls)), io.BytesIO(cls))
+                parts += _member(f"{key}.cls", str(label).encode())
+            cost = sum(len(part) for part in parts)
+            if shard is None or (used and used + cost + len(END_OF_ARCHIVE) > shard_size):
+                if shard is not None:
+                    shard.write(END_OF_ARCHIVE)
+                    shard.close()
+                    temporary(shards[-1]).replace(shards[-1])
+                shards.append(out / f"{prefix}-{len(shards):06d}.tar")
+                shard = temporary(shards[-1]).open("wb")
+                used = 0
+            shard.writelines(parts)
             used += cost
-        close()
-        tar = None
+        assert shard is not None  # there is at least one image
+        shard.write(END_OF_ARCHIVE)
+        shard.close()
+        temporary(shards[-1]).replace(shards[-1])
+        shard = None
     finally:
-        if tar is not None:  # stopped half-way: leave no partial shard behind
-            tar.close()
-            shards[-1].with_name(shards[-1].name + ".tmp").unlink(missing_ok=True)
+        if shard is not None:  # stopped half-way: leave no partial shard behind
+            shard.close()
+            temporary(shards[-1]).unlink(missing_ok=True)
     if classes is not None:
         (out / CLASSES_FILE).write_text(json.dumps(classes, indent=0) + "\n")
     return ShardsWritten(shards, len(files), classes)
@@ -216,11 +245,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     s.add_argument("--images", required=True, help="image folder (ImageFolder or flat)")
-    s.add_argument("--out", required=True, help="folder for the shards (new or empty)")
+    s.add_argument(
+        "--out",
+        required=True,
+        help="folder for the shards (new, or holding no .tar shards and no classes.json)",
+    )
     s.add_argument(
         "--shard-size",
         default="1GB",
-        help="close a shard before it passes this size (default: 1GB; e.g. 500MB, 2GiB)",
+        help=(
+            "the largest shard file, in bytes on disk (tar headers and padding included); an "
+            "image larger than this gets a shard of its own. KB, MB, GB are powers of 1000, "
+            "KiB, MiB, GiB powers of 1024 (default: 1GB = 10^9 bytes; e.g. 500MB, 2GiB)"
+        ),
     )
-    s.add_argument("--prefix", default="shard", help="shard names: PREFIX-000000.tar, ...")
+    s.add_argument(
+        "--prefix",
+        default="shard",
+        help="shard names: PREFIX-000000.tar, ... in --out (a plain name, no '/')",
+    )
     s.set_defaults(func=_command)

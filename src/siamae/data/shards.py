@@ -15,11 +15,13 @@ the shards (a JSON list: label i is entry i), which ``siamae data shard`` writes
 **Index.** Each shard's headers are read once (``tarfile``; no image data is read, only the tiny
 ``.cls`` members) into the name, byte offset and size of every sample's image member and its
 label. The index is cached in the run folder as ``shard_index.json``, keyed by each shard's
-resolved path, size and modification time: a restart reads it instead of the shards, and a shard
-that changed is indexed again. Sample i is then one positional read (``os.pread``) of the shard
-file: items are addressed by index exactly as files are, so the epoch sampler, DDP sharding and
-exact resume work unchanged, and the bytes go through the image folders' own decoder
-(:func:`siamae.data.sources.open_bytes`: DCT-scaled JPEG draft, every PIL mode).
+resolved path, size, modification time, inode and change time (:func:`file_stat_key`): a
+restart reads it instead of the shards, and a shard that changed is indexed again, even one
+rewritten with the same size and its old mtime. Sample i is then one positional read
+(``os.pread``) of the shard file: items are addressed by index exactly as files are, so the
+epoch sampler, DDP sharding and exact resume work unchanged, and the bytes go through the image
+folders' own decoder (:func:`siamae.data.sources.open_bytes`: DCT-scaled JPEG draft, every
+PIL mode).
 
 **Corruption.** A member that cannot be decoded raises :class:`UnreadableSample` and is skipped,
 counted and listed in ``skipped_files.txt``, as a corrupt file is. A shard that is not a tar, or
@@ -35,7 +37,7 @@ import logging
 import os
 import re
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,7 @@ CLASSES_FILE = "classes.json"  # beside the shards: the class names, label i = e
 SHARD_IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp"} | {e.lstrip(".") for e in IMAGE_EXTENSIONS}
 NO_LABEL = -1  # the sample has no .cls member
 BAD_LABEL = -2  # its .cls member holds no class index
+MAX_LABEL = np.iinfo(np.int64).max
 # Open shard files kept per process (one descriptor each); beyond this they are closed and
 # reopened as needed, so a data set of thousands of shards never runs out of descriptors.
 MAX_OPEN_SHARDS = 128
@@ -72,12 +75,9 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 # -- naming the shards ----------------------------------------------------------------------
 
 
-def expand_braces(pattern: str) -> list[str]:
-    """``a-{000..002}.tar`` -> ``a-000.tar, a-001.tar, a-002.tar``; ``{x,y}`` lists; several
-    groups expand left to right. Zero-padded bounds keep their width (as ``braceexpand``)."""
-    match = _BRACE.search(pattern)
-    if match is None:
-        return [pattern]
+def _brace_choices(pattern: str, match: re.Match[str]) -> range | list[str]:
+    """The choices of one brace group: a range of numbers (kept as a ``range``, never listed:
+    a pattern may name a hundred million shards) or the words of a list."""
     body = match.group(1)
     if ".." in body:
         low, high = body.split("..", 1)
@@ -86,18 +86,48 @@ def expand_braces(pattern: str) -> list[str]:
                 f"shard pattern {pattern!r}: {{{body}}} is not a range of whole numbers "
                 "low..high; write e.g. train-{000000..000146}.tar"
             )
-        padded = (len(low) > 1 and low.startswith("0")) or (len(high) > 1 and high.startswith("0"))
-        width = max(len(low), len(high)) if padded else 0
-        choices = [f"{i:0{width}d}" for i in range(int(low), int(high) + 1)]
-    elif "," in body:
-        choices = body.split(",")
-    else:
-        raise DataError(
-            f"shard pattern {pattern!r}: {{{body}}} is neither a range {{low..high}} nor a "
-            "list {a,b}"
-        )
+        return range(int(low), int(high) + 1)
+    if "," in body:
+        return body.split(",")
+    raise DataError(
+        f"shard pattern {pattern!r}: {{{body}}} is neither a range {{low..high}} nor a list {{a,b}}"
+    )
+
+
+def _brace_width(match: re.Match[str]) -> int:
+    """Zero-padded bounds keep their width (as ``braceexpand``): ``{08..10}`` -> 08, 09, 10."""
+    low, _, high = match.group(1).partition("..")
+    padded = (len(low) > 1 and low.startswith("0")) or (len(high) > 1 and high.startswith("0"))
+    return max(len(low), len(high)) if padded else 0
+
+
+def iter_braces(pattern: str) -> Iterator[str]:
+    """``a-{000..002}.tar`` -> ``a-000.tar, a-001.tar, a-002.tar``, one name at a time (lazily:
+    a huge range costs nothing until its names are asked for); ``{x,y}`` lists; several groups
+    expand left to right."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        yield pattern
+        return
+    choices = _brace_choices(pattern, match)
+    width = _brace_width(match)
     head, tail = pattern[: match.start()], pattern[match.end() :]
-    return [name for choice in choices for name in expand_braces(head + choice + tail)]
+    for choice in choices:
+        text = f"{choice:0{width}d}" if isinstance(choice, int) else choice
+        yield from iter_braces(head + text + tail)
+
+
+def count_braces(pattern: str) -> int:
+    """How many names ``pattern`` expands to, without expanding it."""
+    count = 1
+    for match in _BRACE.finditer(pattern):
+        count *= len(_brace_choices(pattern, match))
+    return count
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Every name of ``pattern`` (:func:`iter_braces`), as a list: for small patterns only."""
+    return list(iter_braces(pattern))
 
 
 def _listed_entries(path: Path) -> list[str]:
@@ -130,6 +160,24 @@ def is_shard_spec(path: str | Path | None) -> bool:
     return False
 
 
+def _existing_shards(pattern: str, base: Path | None, where: str) -> Iterator[Path]:
+    """The shards a (brace) pattern names, relative to ``base`` when given, checked one by one:
+    the first missing one is refused at once, so a range naming far more shards than exist
+    (``{000000..99999999}``) costs one failed look-up, not a list of every name."""
+    for number, name in enumerate(iter_braces(pattern), 1):
+        q = Path(name)
+        if base is not None and not q.is_absolute():
+            q = base / q
+        if not q.is_file():
+            total = count_braces(pattern)
+            which = f" (shard {number:,} of the {total:,} {pattern!r} names)" if total > 1 else ""
+            raise DataError(
+                f"shard {str(q)!r}{which} of {where} does not exist; check the path and the "
+                "brace range"
+            )
+        yield q
+
+
 def shard_paths(spec: str | Path) -> list[Path]:
     """The shards ``spec`` names (see the module's docstring), in order; each must exist."""
     text = str(spec)
@@ -140,24 +188,15 @@ def shard_paths(spec: str | Path) -> list[Path]:
     elif p.suffix == ".txt":
         if not p.is_file():
             raise DataError(f"shard list {text!r} does not exist; pass a .txt list of .tar shards")
-        found = []
-        for entry in _listed_entries(p):
-            for name in expand_braces(entry):
-                q = Path(name)
-                found.append(q if q.is_absolute() else p.parent / q)
         where = f"the list {text!r}"
+        found = [
+            q for entry in _listed_entries(p) for q in _existing_shards(entry, p.parent, where)
+        ]
     else:
-        found = [Path(name) for name in expand_braces(text)]
         where = f"{text!r}"
+        found = list(_existing_shards(text, None, where))
     if not found:
         raise DataError(f"no .tar shards in {where}; pass shards made by 'siamae data shard'")
-    missing = [q for q in found if not q.is_file()]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DataError(
-            f"shard {str(missing[0])!r}{more} of {where} does not exist; check the path and "
-            "the brace range"
-        )
     return found
 
 
@@ -169,7 +208,7 @@ def classes_file(spec: str | Path) -> Path:
         return p / CLASSES_FILE
     if p.suffix == ".txt":
         return p.parent / CLASSES_FILE
-    return Path(expand_braces(str(spec))[0]).parent / CLASSES_FILE
+    return Path(next(iter_braces(str(spec)))).parent / CLASSES_FILE
 
 
 def shard_classes(spec: str | Path) -> list[str]:
@@ -210,7 +249,8 @@ def _read_label(tar: tarfile.TarFile, member: tarfile.TarInfo) -> int:
         value = int(raw.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
         return BAD_LABEL
-    return value if value >= 0 else BAD_LABEL
+    # Labels are int64 arrays: a value past that (1e23) is no class index, as "abc" is not.
+    return value if 0 <= value <= MAX_LABEL else BAD_LABEL
 
 
 def index_shard(path: Path) -> dict[str, Any]:
@@ -302,8 +342,9 @@ def build_shard_index(
     workers: int = 0,
 ) -> list[dict[str, Any]]:
     """One record per shard (:func:`index_shard`). Records in ``cache_file`` (or else the first
-    of ``previous`` that exists) whose path, size and mtime still match are reused; the others
-    are indexed, in ``workers`` processes. The index is written to ``cache_file`` atomically."""
+    of ``previous`` that exists) whose path and stat key (:func:`file_stat_key`) still match are
+    reused; the others are indexed, in ``workers`` processes. The index is written to
+    ``cache_file`` atomically."""
     cached = _load_cached([cache_file, *previous])
     records: list[dict[str, Any] | None] = []
     todo: list[int] = []
@@ -341,6 +382,7 @@ class ShardSource:
     def __init__(
         self, records: list[dict[str, Any]], spec: str, classes: list[str] | None = None
     ) -> None:
+        self._open: dict[int, int] = {}  # first: close() (from __del__) runs even if __init__ fails
         self.spec = spec
         self.shards = [r["path"] for r in records]
         counts = [len(r["names"]) for r in records]
@@ -353,7 +395,6 @@ class ShardSource:
         self._name_ends = np.cumsum([len(n) for n in encoded], dtype=np.int64)
         self.unreadable = [(name, why) for r in records for name, why in r["bad"]]
         self.classes = list(classes) if classes is not None else None
-        self._open: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.offsets)

@@ -8,6 +8,7 @@ also give frame pairs (``load_frame_pair``). A file that cannot be read raises
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -56,7 +57,26 @@ def scan_files(root: Path, extensions: set[str]) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
 
 
-DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError)
+# What decoding a bad image file raises. PIL refuses, when it opens a file, an image of more
+# than twice ``Image.MAX_IMAGE_PIXELS`` pixels (178,956,970 by default: a "decompression bomb",
+# a small file that would take gigabytes once decoded) with DecompressionBombError, which is
+# no OSError: such an image is skipped like a corrupt one, the reason naming its pixel count
+# and the limit.
+DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    Image.DecompressionBombError,
+)
+
+
+def bomb_pixels(err: Image.DecompressionBombError) -> str:
+    """The pixel count PIL's decompression-bomb refusal names ("Image size (N pixels) ..."),
+    written with thousands separators; "too many" if the message has none."""
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    return f"{int(found.group(1)):,}" if found else "too many"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -133,6 +153,11 @@ def open_bytes(data: bytes, name: str) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         img.filename = name  # named in the report if decoding fails later
         return img
+    except UnidentifiedImageError:
+        # PIL's message names the in-memory buffer (<_io.BytesIO object at 0x...>), not the file
+        raise UnreadableSample(
+            name, "UnidentifiedImageError: not an image file PIL can identify"
+        ) from None
     except DECODE_ERRORS as err:
         raise UnreadableSample(name, f"{type(err).__name__}: {err}") from None
 
@@ -231,10 +256,15 @@ def sample_frame_pair(
 
 
 def file_stat_key(path: Path) -> list[int] | None:
-    """(size, mtime in ns) of a file, what a cached index is keyed by (None: unreadable): a
-    file changed since the index was built is indexed again."""
+    """(size, mtime, inode, ctime; times in ns) of a file, what a cached index is keyed by
+    (None: unreadable): a file changed since the index was built is indexed again.
+
+    Size and mtime alone miss a file rewritten in place with the same size whose mtime was set
+    back (``cp -p``, ``rsync -t``, ``os.utime``); its ctime still moves, as the kernel sets it on
+    every write or ``utime`` and nothing can set it back, and a file replaced by another (a
+    rename over it) has a new inode. Free: one ``stat``, no byte of the file read."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]

@@ -19,10 +19,11 @@ missing or repeated). Anything unexpected (the seek lands elsewhere, the keyfram
 falls back to decoding from the start, which is correct by definition.
 
 **Index.** Frame counts, rates and keyframes are found once, with a progress bar, and cached in
-``video_index.json`` in the run folder, keyed by each file's path, size and mtime: a restart
-re-probes only files that changed. A video that cannot be opened or decoded is left out of the
-source, counted and reported (``source.unreadable``, a warning, the index file); one that fails
-later, while training, raises :class:`UnreadableSample` and the dataset skips and counts it.
+``video_index.json`` in the run folder, keyed by each file's path and stat key (size, mtime,
+inode, ctime): a restart re-probes only files that changed. A video that cannot be opened or
+decoded is left out of the source, counted and reported (``source.unreadable``, a warning, the
+index file); one that fails later, while training, raises :class:`UnreadableSample` and the
+dataset skips and counts it.
 """
 
 from __future__ import annotations
@@ -427,8 +428,8 @@ def build_index(
 ) -> list[dict[str, Any]]:
     """One record per item: path, stat key, and the probe (``ok``, ``num_frames``, ...).
 
-    Records in ``cache_file`` whose path and stat key (size, mtime) still match are reused;
-    only new or changed items are probed. The updated index is written back atomically.
+    Records in ``cache_file`` whose path and stat key (size, mtime, inode, ctime) still match
+    are reused; only new or changed items are probed. The updated index is written back atomically.
     """
     cached: dict[str, dict[str, Any]] = {}
     if cache_file is not None and cache_file.is_file():

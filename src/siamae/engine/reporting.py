@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,20 +91,43 @@ def log_window(run: Run, window: LogWindow, lr: float) -> None:
 
 
 def note_skipped_files(run: Run, lines: list[str]) -> None:
-    """Count and list (``skipped_files.txt``) the unreadable files of a batch not met before."""
+    """Count and list (``skipped_files.txt``) the unreadable files of a batch not met before,
+    each once: a batch names a file once per item that tried it (an item goes on to the next
+    index when its own is unreadable, so a run of bad files is met by several items), and a
+    file listed by an earlier try of the run (a crash after the last checkpoint, then the
+    resume) or by another process is not listed again."""
     state = run.state
-    new = [line for line in lines if line.split("\t")[0] not in state.skipped_names]
+    reasons: dict[str, str] = {}
+    for line in lines:
+        name = line.split("\t")[0]
+        if name not in state.skipped_names:
+            reasons.setdefault(name, line)
+    if not reasons:
+        return
+    state.skipped_names.update(reasons)
+    listing = run.run_dir / SKIPPED_FILE
+    if listing.is_file():  # read only when a new file is met: rare
+        for name in _listed_names(listing):
+            reasons.pop(name, None)
+    new = list(reasons.values())
     if not new:
         return
-    state.skipped_names.update(line.split("\t")[0] for line in new)
     state.skipped += len(new)
-    with (run.run_dir / SKIPPED_FILE).open("a") as f:
+    with listing.open("a") as f:
         f.writelines(line + "\n" for line in new)
     if run.progress is not None:
         run.progress.write(
             f"skipped unreadable file {new[0]}"
             + (f" (+{len(new) - 1} more)" if len(new) > 1 else "")
         )
+
+
+def _listed_names(listing: Path) -> set[str]:
+    """The file names ``skipped_files.txt`` lists (the part of each line before its tab)."""
+    try:
+        return {line.split("\t")[0] for line in listing.read_text().splitlines()}
+    except (OSError, UnicodeDecodeError):
+        return set()
 
 
 def refit_run_threads(run: Run) -> None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from siamae.arguments import resolve_device
 from siamae.data.image_folder import normalize
-from siamae.data.sources import to_rgb
+from siamae.data.sources import DECODE_ERRORS, bomb_pixels, to_rgb
 from siamae.errors import DataError, SiamaeError
 from siamae.loading import load_encoder
 from siamae.models.vit import Encoder
@@ -165,7 +165,14 @@ def attention_for_image(
             raise DataError(
                 f"image {str(image)!r} does not exist; pass existing image files"
             ) from None
-        except (UnidentifiedImageError, OSError) as err:
+        except Image.DecompressionBombError as err:
+            # PIL refuses it as it reads the header, before --resize could shrink it.
+            raise DataError(
+                f"image {str(image)!r} is {bomb_pixels(err)} pixels, over PIL's decompression-"
+                f"bomb limit of {2 * Image.MAX_IMAGE_PIXELS:,} (not decoded, even with --resize); "
+                "save a smaller copy (e.g. a short side of 480 pixels) and pass that"
+            ) from None
+        except (UnidentifiedImageError, *DECODE_ERRORS) as err:
             raise DataError(f"image {str(image)!r} could not be read ({err})") from None
     else:
         check_patch_budget(image.size, encoder.patch_size, resize, name, max_patches)  # type: ignore[attr-defined]

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from siamae.data.sources import DECODE_ERRORS
 from siamae.errors import DataError
 from siamae.eval.propagation.engine import (
     PropagationParams,
@@ -60,7 +61,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     try:
         img = Image.open(path)
         img.load()
-    except (OSError, ValueError) as err:
+    except DECODE_ERRORS as err:  # a decompression bomb too
         raise DataError(
             f"cannot read mask {path}: {err}; re-download the annotation or remove it"
         ) from None

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from siamae.data.sources import UnreadableSample, to_rgb
+from siamae.data.sources import DECODE_ERRORS, UnreadableSample, to_rgb
 from siamae.errors import DataError
 from siamae.eval.propagation.engine import PropagationParams, Timer
 from siamae.loading import describe_encoder
@@ -34,7 +34,7 @@ def read_frame(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return np.asarray(to_rgb(img))
-    except (OSError, UnreadableSample) as err:
+    except (*DECODE_ERRORS, UnreadableSample) as err:  # a decompression bomb too
         raise DataError(f"cannot read frame {path}: {err}") from None
 
 

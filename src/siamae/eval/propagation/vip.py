@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from siamae.data.sources import DECODE_ERRORS
 from siamae.errors import DataError
 from siamae.eval.propagation.engine import (
     PropagationParams,
@@ -50,7 +51,7 @@ def read_category_ids(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             arr = np.asarray(img)
-    except OSError as err:
+    except DECODE_ERRORS as err:  # a decompression bomb too
         raise DataError(f"cannot read annotation {path}: {err}") from None
     if arr.ndim == 3:
         arr = arr[..., 0]
@@ -148,8 +149,11 @@ def _propagate_parts(
     first = np.where(first == 255, 0, first)
     classes = np.unique(first)  # CRW's label set: the classes present in frame 0
     index = np.searchsorted(classes, first).astype(np.uint8)
-    with Image.open(frames[0]) as im:
-        native = (im.height, im.width)
+    try:
+        with Image.open(frames[0]) as im:
+            native = (im.height, im.width)
+    except DECODE_ERRORS as err:
+        raise DataError(f"cannot read frame {frames[0]}: {err}") from None
     size = frame_size(params.resize, native, run.patch)
     (out / name).mkdir(parents=True, exist_ok=True)
     soft_iter = propagate_video(
