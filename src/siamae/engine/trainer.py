@@ -52,12 +52,14 @@ def _train(
     cfg: Config, info: D.DistInfo, resume: str | Path | bool | None, stop_after_steps: int | None
 ) -> dict[str, Any]:
     run = set_up(cfg, info, resume)
-    run.method.train()
-    with StopRequest() as stop:
-        interrupted = run_steps(run, stop, stop_after_steps)
-        save_last_checkpoint(run, interrupted)
-    close_progress(run)
     try:
+        run.method.train()
+        with StopRequest() as stop:
+            interrupted = run_steps(run, stop, stop_after_steps)
+            save_last_checkpoint(run, interrupted)
+        close_progress(run)
         return summarize(run, interrupted)
     finally:
+        # Also on an error: the bar ends its line before the error's, the metrics are flushed.
+        close_progress(run)
         close_logger(run)
