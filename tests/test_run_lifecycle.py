@@ -163,7 +163,7 @@ def test_out_of_memory_in_an_eval_command_names_its_own_options(
         "eval",
         "knn",
         "--random-init",
-        "vit_tiny",
+        "vit_tiny_patch8_224",
         "--train",
         str(tmp_path),
         "--val",
