@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
+
+import torch
 
 from siamae import __version__, export, submit
 from siamae.arguments import add_device_option
@@ -310,6 +313,55 @@ def one_line(err: SiamaeError) -> str:
     return message
 
 
+# What the allocators say when memory runs out: torch's CPU allocator (Linux, Windows), CUDA's.
+_OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "not enough memory", "out of memory")
+# The size asked for, as torch ("tried to allocate 1099511627776 bytes", "Tried to allocate
+# 20.00 GiB") and numpy ("Unable to allocate 7.45 GiB for an array") write it.
+_ASKED_FOR = re.compile(r"(?i)(?:tried to|unable to) allocate ([\d.]+) ?(bytes|[KMGTP]i?B)")
+_UNITS = {"bytes": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "PIB": 2**50}
+_UNITS |= {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15}
+# The options that set a command's memory, by the argparse attribute that holds them.
+_MEMORY_OPTIONS = {
+    "batch_size": "--batch-size",
+    "img_size": "--img-size",
+    "resize": "--resize",
+    "crop": "--crop",
+}
+# The commands that train: their options are config fields, and their checkpoint stays.
+_TRAINING_COMMANDS = ("pretrain", "finetune", "demo")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed: MemoryError, torch's OutOfMemoryError (CUDA, MPS, XPU) or the
+    RuntimeError torch's CPU allocator raises."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(m in text for m in _OUT_OF_MEMORY_MESSAGES)
+
+
+def _asked_for(err: BaseException) -> str:
+    found = _ASKED_FOR.search(str(err))
+    if found is None:
+        return "more memory than there is"
+    size = float(found.group(1)) * _UNITS.get(found.group(2).upper().replace("BYTES", "bytes"), 1)
+    return f"{size / 2**30:.2f} GiB" if size >= 2**20 else f"{size:.0f} bytes"
+
+
+def out_of_memory_line(err: BaseException, args: argparse.Namespace) -> str:
+    """One line for an allocation that failed anywhere in a command: the memory asked for and
+    the options that set it."""
+    if args.command in _TRAINING_COMMANDS:
+        options = "data.batch_size or model.img_size (--set; a higher optim.accum_steps keeps "
+        options += "the effective batch); the run's last checkpoint is kept"
+    else:
+        named = [flag for attr, flag in _MEMORY_OPTIONS.items() if hasattr(args, attr)]
+        options = " or ".join(named) if named else "the size of the input"
+    device = "GPU" if isinstance(err, torch.OutOfMemoryError) and "cuda" in str(err).lower() else ""
+    where = f"{device} memory" if device else "memory"
+    return f"out of {where}: the command asked for {_asked_for(err)}; lower {options}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -331,6 +383,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("siamae: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as err:
+        # Out of memory anywhere in a command, caught once here: one line, not an allocator's
+        # traceback. A training run's checkpoint is written atomically and only after a whole
+        # step, so its last good one stays.
+        if not is_out_of_memory(err):
+            raise
+        print(f"siamae: error: {out_of_memory_line(err, args)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ processes is the same batch as in one process.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -254,6 +255,51 @@ def build_loader(
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
     )
+
+
+@contextlib.contextmanager
+def worker_batches(loader: DataLoader) -> Iterator[Iterator[Any]]:
+    """``iter(loader)``, whose worker processes end with the block, however it ends.
+
+    Left to the garbage collector, an iterator held by an error's traceback outlives the
+    command; at interpreter exit multiprocessing then stops the workers with SIGTERM and joins
+    them, and the training loader's workers ignore SIGTERM (a group signal must not kill them
+    mid-step), so the command hung after printing its error. On an error the workers are killed
+    at once: what they were loading is lost anyway, and one may be stuck in a huge decode.
+    """
+    iterator = iter(loader)
+    try:
+        yield iterator
+    except BaseException:
+        _kill_workers(iterator)
+        raise
+    finally:
+        shut_down_workers(iterator)
+
+
+def shut_down_workers(iterator: Iterator[Any]) -> None:
+    """Stop a loader iterator's worker processes now (nothing for a loader without workers)."""
+    # torch's own shutdown (private, hence the getattr): it asks idle workers to exit, joins them
+    # and closes the queues and the pin-memory thread; a worker still busy is then killed.
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    _kill_workers(iterator)
+
+
+def _kill_workers(iterator: Iterator[Any]) -> None:
+    workers = [w for w in getattr(iterator, "_workers", []) if w.is_alive()]
+    if not workers:
+        return
+    # torch watches its workers (a SIGCHLD handler) and raises when one dies of a signal: it
+    # stops watching these first, as its own shutdown does.
+    if getattr(iterator, "_worker_pids_set", False):
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False  # type: ignore[attr-defined]
+    for worker in workers:
+        worker.kill()  # SIGKILL: the training loader's workers ignore SIGTERM
+    for worker in workers:
+        worker.join(timeout=5)
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:

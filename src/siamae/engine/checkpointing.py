@@ -5,6 +5,7 @@ follow)."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,11 @@ def restore(
     scaler: torch.amp.GradScaler,
     info: D.DistInfo,
     device: torch.device,
+    current: TrainState,
 ) -> TrainState:
     """Load a checkpoint's weights, optimizer and scaler state into this run and return its
-    counters; this process takes back its own RNG state when the world size is the same."""
+    counters (``current``: a fresh state, which gives the data this run reads now); this process
+    takes back its own RNG state when the world size is the same."""
     try:
         method.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -105,7 +108,7 @@ def restore(
         ) from None
     if checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
-    state = TrainState()
+    state = TrainState(data_items=current.data_items, data_fingerprint=current.data_fingerprint)
     state.step = int(checkpoint["step"])
     state.skipped = int(checkpoint.get("skipped", 0))
     state.skipped_names = set(checkpoint.get("skipped_names", []))
@@ -118,6 +121,18 @@ def restore(
     if device.type == "cuda" and len(rng.get("cuda", [])) == info.world_size:
         torch.cuda.set_rng_state(rng["cuda"][info.rank], device)
     return state
+
+
+def item_fingerprint(dataset: Any) -> str:
+    """A hash of the names of the items the run reads, in order (cheap beside one epoch)."""
+    source = getattr(dataset, "source", dataset)
+    name = getattr(source, "name", None)
+    if name is None:
+        return ""
+    digest = hashlib.sha1(usedforsecurity=False)
+    for index in range(len(source)):
+        digest.update(name(index).encode("utf-8", "surrogateescape") + b"\n")
+    return digest.hexdigest()
 
 
 def save_checkpoint(run: Run, tag: str = "last") -> None:
@@ -146,6 +161,8 @@ def save_checkpoint(run: Run, tag: str = "last") -> None:
             "skipped_names": sorted(state.skipped_names),
             "rng": {"cpu": cpu_rng, "cuda": cuda_rng},
             "best": state.best,
+            "data_items": state.data_items,
+            "data_fingerprint": state.data_fingerprint,
         }
         save_atomic(payload, run.ckpt_dir / f"{tag}.pt")
     if tag == "last":

@@ -5,12 +5,9 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from siamae.engine.tracking import open_tracking
-
-if TYPE_CHECKING:
-    from siamae.config import Config
+from siamae.engine.tracking import WandbRun
 
 CSV_COLUMNS = [
     "step",
@@ -63,7 +60,7 @@ class MetricsLogger:
         run_dir: Path,
         resume_step: int = 0,
         tensorboard: bool = True,
-        config: Config | None = None,
+        tracker: WandbRun | None = None,
     ) -> None:
         self.jsonl = run_dir / "metrics.jsonl"
         self.csv = run_dir / "metrics.csv"
@@ -92,7 +89,8 @@ class MetricsLogger:
             except ImportError:  # tensorboard is an optional extra
                 self.tb = None
         # W&B when the config asks for it (run.wandb): the same records, the config, pictures.
-        self.tracker = open_tracking(config, run_dir, resume_step)
+        # Started by the caller, before the run's first file is written: it can fail.
+        self.tracker = tracker
 
     def log(self, record: dict[str, Any]) -> None:
         with self.jsonl.open("a") as f:

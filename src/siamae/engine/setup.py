@@ -12,8 +12,8 @@ import contextlib
 import json
 import shutil
 import signal
+import sys
 import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,15 +26,21 @@ from torch.utils.data import DataLoader
 from siamae.config import Config, save_config
 from siamae.data.dataset import EpochSampler, build_dataset, build_loader, loader_batch_size
 from siamae.engine import distributed as D
-from siamae.engine.checkpointing import check_weights_fit, open_resume_checkpoint, restore
+from siamae.engine.checkpointing import (
+    check_weights_fit,
+    item_fingerprint,
+    open_resume_checkpoint,
+    restore,
+)
 from siamae.engine.logging import MetricsLogger
+from siamae.engine.run_lock import RunFolder
 from siamae.engine.state import Run, Schedule, TrainState
 from siamae.engine.stop import STOP_SIGNALS
+from siamae.engine.tracking import WandbRun, open_tracking
 from siamae.errors import ConfigError
-from siamae.eval.probes.monitor import build_monitor
+from siamae.eval.probes.monitor import KNNMonitor, build_monitor
 from siamae.methods import Method
 from siamae.optim import build_optimizer
-from siamae.paths import check_writable
 from siamae.registry import build_method
 from siamae.threads import apply_thread_policy, thread_governor, worker_threads
 
@@ -55,15 +61,18 @@ def pick_device(cfg: Config, info: D.DistInfo) -> torch.device:
     return torch.device(cfg.run.device)
 
 
-def pick_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32."""
+def pick_precision(cfg: Config, device: torch.device, say: bool = True) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32; ``say``: print the note a CPU run's fp16/bf16 gets."""
     p = cfg.run.precision
     if device.type != "cuda":
-        if p in ("fp16", "bf16"):
+        if p in ("fp16", "bf16") and say:
             # The recipes ask for fp16 on GPUs; on a CPU mixed precision is slower, not faster.
-            warnings.warn(
-                f"run.precision={p} applies to CUDA devices; training in fp32 on {device}",
-                stacklevel=2,
+            # A note, not a Python warning: no source line for the user to puzzle over.
+            print(
+                f"siamae: note: run.precision={p} applies to CUDA devices; training in fp32 "
+                f"on {device}",
+                file=sys.stderr,
+                flush=True,
             )
         return None
     if p == "auto":
@@ -89,15 +98,16 @@ def make_schedule(cfg: Config, batches_per_epoch: int, world_size: int) -> Sched
     )
 
 
-def set_up(cfg: Config, info: D.DistInfo, resume: str | Path | bool | None) -> Run:
-    """Everything a training call needs, resumed from ``resume`` when it names a checkpoint."""
+def set_up(
+    cfg: Config, info: D.DistInfo, resume: str | Path | bool | None, folder: RunFolder | None
+) -> Run:
+    """Everything a training call needs, resumed from ``resume`` when it names a checkpoint.
+    ``folder``: the main process's lock on the run folder (None on the other processes)."""
     # Before any parallel work (building the model is some), so the whole run uses the plan.
     threads = apply_thread_policy(cfg.run.threads, cfg.data.num_workers)
     device = pick_device(cfg, info)
-    amp_dtype = pick_precision(cfg, device)
+    amp_dtype = pick_precision(cfg, device, info.is_main)
     run_dir = Path(cfg.run.out_dir)
-    if info.is_main:  # before any work (the CLI checks --out; this covers run.out_dir too)
-        check_writable(run_dir, "run.out_dir")
     resume_path, checkpoint = open_resume_checkpoint(cfg, run_dir, resume)
     method = _build_same_method(cfg, info, device)
     with _staging_folder(run_dir) as staging:
@@ -119,9 +129,15 @@ def set_up(cfg: Config, info: D.DistInfo, resume: str | Path | bool | None) -> R
             cfg.optim.betas,
             fused=device.type == "cuda",
         )
+        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        state = TrainState(data_items=len(dataset), data_fingerprint=item_fingerprint(dataset))
         if checkpoint is not None:
             check_weights_fit(method, checkpoint["model"], resume_path)
-        if info.is_main:
+            state = restore(checkpoint, resume_path, method, optimizer, scaler, info, device, state)
+        # What can still fail (the monitor's data, a W&B login) runs before the first write.
+        reporters = _open_reporters(cfg, run_dir, device, state.step) if info.is_main else None
+        if folder is not None:
+            folder.started = True
             _write_start_files(cfg, run_dir, staging, method)
     D.barrier(info)
 
@@ -129,14 +145,12 @@ def set_up(cfg: Config, info: D.DistInfo, resume: str | Path | bool | None) -> R
     if info.is_main:
         start_line = threads.describe(refitted=governor is not None)
         print(f"siamae: {cfg.method} on {device.type}, {start_line}", flush=True)
+        if checkpoint is not None:
+            _say_resumed(state, schedule, resume_path, dataset, checkpoint)
         (run_dir / THREADS_FILE).write_text(
             json.dumps(governor.to_dict() if governor else threads.to_dict()) + "\n"
         )
     loader = _build_loader(dataset, sampler, cfg.data.num_workers, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    state = TrainState()
-    if checkpoint is not None:
-        state = restore(checkpoint, resume_path, method, optimizer, scaler, info, device)
     run = Run(
         cfg=cfg,
         info=info,
@@ -158,8 +172,8 @@ def set_up(cfg: Config, info: D.DistInfo, resume: str | Path | bool | None) -> R
         state=state,
         threads=governor,
     )
-    if info.is_main:
-        _start_reporters(run)
+    if reporters is not None:
+        _start_reporters(run, *reporters)
     return run
 
 
@@ -247,20 +261,67 @@ def _wrap(method: Method, cfg: Config, info: D.DistInfo, device: torch.device) -
     return model
 
 
-def _start_reporters(run: Run) -> None:
+def _open_reporters(
+    cfg: Config, run_dir: Path, device: torch.device, step: int
+) -> tuple[KNNMonitor | None, WandbRun | None]:
+    """The k-NN monitor and the W&B run, which can fail (the monitor's data, a W&B login), and
+    so start before the run's first file is written. A W&B run that did not start leaves no
+    ``wandb/`` folder behind."""
+    monitor = build_monitor(cfg, device) if cfg.monitor.knn_train else None
+    wandb_dir = run_dir / "wandb"
+    had_wandb_dir = wandb_dir.exists()
+    try:
+        return monitor, open_tracking(cfg, run_dir, step)
+    except Exception:
+        if not had_wandb_dir:
+            shutil.rmtree(wandb_dir, ignore_errors=True)
+        raise
+
+
+def _say_resumed(
+    state: TrainState,
+    schedule: Schedule,
+    resume_path: Path | None,
+    dataset: Any,
+    checkpoint: dict[str, Any],
+) -> None:
+    """The resume line, and a second one when the data changed since the checkpoint."""
+    print(
+        f"siamae: resumed from step {state.step}/{schedule.total_steps} ({resume_path})",
+        flush=True,
+    )
+    saved_items, saved_fingerprint = (
+        checkpoint.get("data_items"),
+        checkpoint.get("data_fingerprint"),
+    )
+    if saved_items is None or saved_fingerprint == state.data_fingerprint:
+        return  # a checkpoint from before the data was recorded, or the same data
+    change = len(dataset) - int(saved_items)
+    if change:
+        what = f"{abs(change)} item(s) {'appeared' if change > 0 else 'vanished'}"
+    else:
+        what = "the same number of items, but not the same ones"
+    print(
+        f"siamae: note: the data changed since the checkpoint: {saved_items} items then, "
+        f"{len(dataset)} now ({what}); the rest of the run reads the data as it is now",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _start_reporters(run: Run, monitor: KNNMonitor | None, tracker: WandbRun | None) -> None:
     """The main process's k-NN monitor, metrics files and progress bar; files the source found
     unreadable before training are listed."""
     cfg = run.cfg
-    if cfg.monitor.knn_train:
-        run.monitor = build_monitor(cfg, run.device)
-    run.logger = MetricsLogger(run.run_dir, run.state.step, cfg.run.tensorboard, config=cfg)
+    run.monitor = monitor
+    run.logger = MetricsLogger(run.run_dir, run.state.step, cfg.run.tensorboard, tracker=tracker)
     if cfg.run.progress:
         from tqdm.auto import tqdm
 
         run.progress = tqdm(
             total=run.schedule.total_steps,
             initial=run.state.step,
-            desc=f"{cfg.method} pre-training",
+            desc=run.method.progress_label(),
             unit="step",
             dynamic_ncols=True,
         )

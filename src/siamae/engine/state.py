@@ -39,6 +39,9 @@ class TrainState:
     last_checkpoint_step: int | None = None
     best: float | None = None  # the best value of the method's best_metric so far
     history: list[dict[str, Any]] = field(default_factory=list)
+    # The data this run reads, as the checkpoint records it: a resume says when it changed.
+    data_items: int = 0
+    data_fingerprint: str = ""
 
 
 @dataclass

@@ -7,11 +7,12 @@ evaluations and the periodic checkpoint."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from siamae.data.dataset import batch_to_device
+from siamae.data.dataset import batch_to_device, worker_batches
 from siamae.engine.checkpointing import save_checkpoint
 from siamae.engine.reporting import (
     LogWindow,
@@ -44,8 +45,21 @@ def _run_epoch(
     state, schedule, accum = run.state, run.schedule, run.cfg.optim.accum_steps
     epoch = state.step // schedule.steps_per_epoch
     run.sampler.set_epoch(epoch, (state.step % schedule.steps_per_epoch) * accum)
+    with worker_batches(run.loader) as iterator:
+        return _run_batches(run, stop, stop_after_steps, window, iterator, epoch)
+
+
+def _run_batches(
+    run: Run,
+    stop: StopRequest,
+    stop_after_steps: int | None,
+    window: LogWindow,
+    iterator: Iterator[dict[str, Any]],
+    epoch: int,
+) -> str | None:
+    """The epoch's batches from ``iterator``: what :func:`_run_epoch` returns."""
+    state, schedule, accum = run.state, run.schedule, run.cfg.optim.accum_steps
     micro = 0
-    iterator = iter(run.loader)
     while state.step < schedule.total_steps:
         if stop.agreed(run.info, run.device):
             return stop.name

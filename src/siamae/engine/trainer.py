@@ -22,11 +22,13 @@ import torch
 from siamae.config import Config
 from siamae.data.dataset import normalize_images
 from siamae.engine import distributed as D
+from siamae.engine.run_lock import lock_run_folder
 from siamae.engine.setup import set_up
 from siamae.engine.shutdown import close_logger, close_progress, save_last_checkpoint, summarize
 from siamae.engine.step import run_steps
 from siamae.engine.stop import StopRequest
 from siamae.engine.tracking import check_tracking
+from siamae.paths import check_writable
 
 __all__ = ["normalize_images", "train"]
 
@@ -51,13 +53,20 @@ def train(
 def _train(
     cfg: Config, info: D.DistInfo, resume: str | Path | bool | None, stop_after_steps: int | None
 ) -> dict[str, Any]:
-    run = set_up(cfg, info, resume)
-    run.method.train()
-    with StopRequest() as stop:
-        interrupted = run_steps(run, stop, stop_after_steps)
-        save_last_checkpoint(run, interrupted)
-    close_progress(run)
-    try:
-        return summarize(run, interrupted)
-    finally:
-        close_logger(run)
+    run_dir = Path(cfg.run.out_dir)
+    if info.is_main:  # before any work (the CLI checks --out; this covers run.out_dir too)
+        check_writable(run_dir, "run.out_dir")
+    # One run per folder, from before the first check to the very end (released on every path).
+    with lock_run_folder(run_dir, enabled=info.is_main) as folder:
+        run = set_up(cfg, info, resume, folder)
+        try:
+            run.method.train()
+            with StopRequest() as stop:
+                interrupted = run_steps(run, stop, stop_after_steps)
+                save_last_checkpoint(run, interrupted)
+            close_progress(run)
+            return summarize(run, interrupted)
+        finally:
+            # Also on an error: the bar ends its line before the error's, the metrics are flushed.
+            close_progress(run)
+            close_logger(run)

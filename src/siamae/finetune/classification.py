@@ -169,6 +169,10 @@ class FineTune(Method):
     view_kind = "labelled"
     best_metric = "top1"
 
+    @classmethod
+    def progress_label(cls) -> str:
+        return "classification fine-tuning"
+
     def __init__(
         self,
         encoder: Encoder,

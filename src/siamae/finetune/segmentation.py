@@ -91,6 +91,10 @@ class SegmentationFineTune(Method):
     view_kind = "segmentation"
     best_metric = "mIoU"
 
+    @classmethod
+    def progress_label(cls) -> str:
+        return "segmentation fine-tuning"
+
     def __init__(self, encoder: Encoder, train_set: SegmentationSet, cfg: Config) -> None:
         super().__init__()
         s = cfg.segmentation

@@ -92,6 +92,11 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """Recipe values for fields left ``null``: mask_ratio, decoder.*, global_scale."""
 
     @classmethod
+    def progress_label(cls) -> str:
+        """What the progress bar says the run does."""
+        return f"{cls.name} pre-training"
+
+    @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Method-specific checks beyond the generic ones; raise ConfigError.
 
