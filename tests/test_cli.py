@@ -151,3 +151,19 @@ def test_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert stop.value.code == 0
     assert capsys.readouterr().out.strip() == f"siamae {siamae.__version__}"
+
+
+def test_help_names_every_pretraining_method(capsys: pytest.CaptureFixture[str]) -> None:
+    from siamae.registry import METHODS
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    # the pre-training methods: every registered Method that is not a downstream task
+    pretraining = [
+        m.__name__ for m in METHODS.values() if m.__module__.startswith("siamae.methods.")
+    ]
+    assert set(pretraining) == {"CropMAE", "SiamMAE", "SiameseIM", "MixedAE", "MAE"}
+    for name in pretraining:
+        assert f" {name}," in text or f" {name} " in text, name

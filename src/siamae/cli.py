@@ -16,7 +16,12 @@ import sys
 from collections.abc import Sequence
 
 from siamae import __version__, export, submit
-from siamae.arguments import add_device_option
+from siamae.arguments import (
+    OneLineErrorParser,
+    add_device_option,
+    non_negative_int,
+    positive_int,
+)
 from siamae.config import Config
 from siamae.data import shard_writer
 from siamae.demo import run_demo
@@ -159,9 +164,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="siamae",
-        description="Pre-train ViTs with CropMAE, SiamMAE or MAE, and evaluate frozen encoders.",
+        description="Pre-train ViTs with CropMAE, SiamMAE, SiameseIM, MixedAE or MAE, fine-tune "
+        "them, and evaluate frozen encoders.",
     )
     parser.add_argument("--version", action="version", version=f"siamae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -275,7 +281,9 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--keep", type=float, default=0.6, help="attention: share of the mass the mask keeps"
     )
-    p.add_argument("--resize", type=int, help="attention: resize the short side first (pixels)")
+    p.add_argument(
+        "--resize", type=positive_int, help="attention: resize the short side first (pixels)"
+    )
     add_device_option(p, note="attention: ")
     p.add_argument("--data", help="data path (default: the checkpoint's own data config)")
     p.add_argument(
@@ -283,8 +291,8 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
         help="PNG file (default: <run folder>/reconstruction_step<N>.png); attention: the "
         "folder for one PNG per image (default: attention_maps)",
     )
-    p.add_argument("--count", type=int, default=4, help="how many samples (rows)")
-    p.add_argument("--seed", type=int, default=0, help="which crops and masks to draw")
+    p.add_argument("--count", type=positive_int, default=4, help="how many samples (rows)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="which crops and masks to draw")
     p.set_defaults(func=_visualize)
 
 

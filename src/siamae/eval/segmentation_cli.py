@@ -18,6 +18,10 @@ from siamae.arguments import (
     add_threads_option,
     apply_threads_option,
     encoder_from_args,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
     resolve_device,
 )
 from siamae.data.segmentation import LAYOUTS, SegmentationSet, open_segmentation
@@ -58,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--layout", choices=LAYOUTS, default="auto", help="data layout (default: detected)"
     )
-    p.add_argument("--num-classes", type=int, help="class count of an images/+masks/ set")
+    p.add_argument("--num-classes", type=positive_int, help="class count of an images/+masks/ set")
     p.add_argument("--train-split", default="train", help="training split (default train)")
     p.add_argument("--val-split", default="val", help="validation split (default val)")
     p.add_argument(
@@ -73,18 +77,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help=f"test at ratios {MULTI_SCALE_RATIOS} with flips, softmax averaged",
     )
-    p.add_argument("--iters", type=int, default=40000, help="probe iterations (default 40000)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--warmup-iters", type=int, default=1500)
     p.add_argument(
-        "--crop", type=int, default=512, help="training crop and sliding window (pixels)"
+        "--iters", type=positive_int, default=40000, help="probe iterations (default 40000)"
     )
-    p.add_argument("--stride", type=int, default=341, help="sliding-window stride (pixels)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument(
+        "--lr", type=positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)"
+    )
+    p.add_argument("--weight-decay", type=non_negative_float, default=1e-4)
+    p.add_argument("--warmup-iters", type=non_negative_int, default=1500)
+    p.add_argument(
+        "--crop", type=positive_int, default=512, help="training crop and sliding window (pixels)"
+    )
+    p.add_argument(
+        "--stride", type=positive_int, default=341, help="sliding-window stride (pixels)"
+    )
     p.add_argument(
         "--scale",
-        type=int,
+        type=positive_int,
         nargs=2,
         default=(2048, 512),
         metavar=("LONG", "SHORT"),
@@ -94,10 +104,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-photometric", action="store_true", help="no photometric distortion of training crops"
     )
-    p.add_argument("--pictures", type=int, default=4, help="images in pictures.png")
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument(
+        "--pictures", type=non_negative_int, default=4, help="images in pictures.png (0: none)"
+    )
+    p.add_argument("--num-workers", type=non_negative_int, default=2)
     add_device_option(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-init and of the probe")
+    p.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of --random-init and of the probe"
+    )
     p.add_argument("--no-resume", action="store_true", help="ignore OUT/probe.pt")
     p.add_argument("--no-progress", action="store_true")
     add_threads_option(p)
