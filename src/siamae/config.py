@@ -20,6 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from siamae.errors import ConfigError
+from siamae.sizes import size_problem
 
 Arch = Literal["vit_tiny", "vit_small", "vit_base", "vit_large"]
 ViewStrategy = Literal["global_to_local", "local_to_global", "random", "same"]
@@ -461,6 +462,13 @@ def _check(ok: bool, field_name: str, message: str) -> None:
         raise ConfigError(f"config field '{field_name}': {message}")
 
 
+def _check_size(size: int, patch_size: int, field_name: str) -> None:
+    """A square image size a ViT of ``patch_size`` takes: whole patches, at most MAX_PATCHES
+    (checked here, before a position table of a million rows is built)."""
+    problem = size_problem(size, size, patch_size)
+    _check(problem is None, field_name, f"{problem} (model.patch_size {patch_size})")
+
+
 def _check_range(pair: tuple[float, float], name: str, low: float, high: float) -> None:
     _check(
         low <= pair[0] <= pair[1] <= high,
@@ -493,11 +501,7 @@ def _check_model(cfg: Config) -> None:
         "model.patch_size",
         f"expected 8, 14, 16 or 32, got {m.patch_size}",
     )
-    _check(
-        m.img_size > 0 and m.img_size % m.patch_size == 0,
-        "model.img_size",
-        f"expected a positive multiple of the patch size {m.patch_size}, got {m.img_size}",
-    )
+    _check_size(m.img_size, m.patch_size, "model.img_size")
     _check(0.0 <= m.drop_path < 1.0, "model.drop_path", f"expected 0 <= p < 1, got {m.drop_path}")
 
 
@@ -637,11 +641,7 @@ def _check_monitor(cfg: Config) -> None:
             f"expected a positive integer or null, got {mo.every_steps}",
         )
     if mo.img_size is not None:
-        _check(
-            mo.img_size > 0 and mo.img_size % patch == 0,
-            "monitor.img_size",
-            f"expected a positive multiple of the patch size {patch}, got {mo.img_size}",
-        )
+        _check_size(mo.img_size, patch, "monitor.img_size")
     _check(
         0.0 < mo.crop_pct <= 1.0,
         "monitor.crop_pct",

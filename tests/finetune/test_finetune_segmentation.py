@@ -623,6 +623,19 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path: Path, capsys) -> None: 
     assert code == 2 and "nowhere" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_crop_out_of_whole_patches_is_one_line_before_any_work(
+    voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "probe"
+    line = ["eval", "segment", "--random-init", "vit_tiny_patch8_32", "--data", str(voc)]
+    line += ["--out", str(out), "--crop", "30", "--iters", "2", "--num-workers", "0"]
+    assert main(line) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("siamae: error: "), err
+    assert "--crop 30" in err[0] and "patch size 8" in err[0] and "--crop 24" in err[0], err
+    assert not (out / "probe.pt").exists() and not (out / "summary.json").exists()
+
+
 def test_recipes_resolve_to_the_published_protocol(voc: Path) -> None:
     root = Path(__file__).resolve().parents[2] / "configs"
     for name in (

@@ -35,6 +35,7 @@ from siamae.finetune.segmentation_checkpoints import (
 )
 from siamae.finetune.segmentation_eval import InferenceConfig, evaluate_segmentation
 from siamae.models.vit import Encoder
+from siamae.sizes import size_problem
 
 MULTI_SCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -129,6 +130,21 @@ def _check(args: argparse.Namespace) -> None:
         raise SiamaeError(f"--scale must be two positive sizes, got {list(args.scale)}")
 
 
+def check_crop(crop: int, patch_size: int) -> None:
+    """``--crop`` (the training crop and the sliding window) in whole patches of the encoder,
+    checked before any work: the position grid and the window are cut into patches."""
+    problem = size_problem(crop, crop, patch_size)
+    if problem is None:
+        return
+    if crop % patch_size:
+        whole = max(patch_size, crop // patch_size * patch_size)
+        problem = (
+            f"the crop must be a multiple of the encoder's patch size {patch_size}, e.g. "
+            f"--crop {whole}"
+        )
+    raise SiamaeError(f"--crop {crop}: {problem}")
+
+
 def _run(args: argparse.Namespace) -> int:
     apply_threads_option(args)
     _check(args)
@@ -182,6 +198,7 @@ def _score_fine_tuned(
             f"--checkpoint {args.checkpoint!r} predicts {fine_tuned.num_classes} classes, "
             f"--data has {val_set.num_classes}"
         )
+    check_crop(args.crop, fine_tuned.encoder.patch_size)
     model = fine_tuned.to(device)
     print(f"scoring the fine-tuned segmentation model {args.checkpoint}")
     return evaluate_segmentation(
@@ -207,6 +224,7 @@ def _train_probe(
     def check_layers(encoder: Encoder) -> None:
         if args.layers > encoder.depth:
             raise SiamaeError(f"--layers {args.layers}: the encoder has {encoder.depth} blocks")
+        check_crop(args.crop, encoder.patch_size)
 
     encoder, source = encoder_from_args(args, check=check_layers)
     train_set = open_segmentation(args.data, args.train_split, args.layout, args.num_classes)

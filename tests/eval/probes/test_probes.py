@@ -308,6 +308,21 @@ def test_knn_command_bad_folder_exits_2(tmp_path: Path, capsys) -> None:
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("size", "words"), [("36", "multiple of the patch size 16"), ("4096", "16,384")]
+)
+def test_knn_img_size_out_of_whole_patches_or_the_limit_is_one_line(
+    size: str, words: str, folders: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["eval", "knn", "--random-init", "vit_tiny_patch16_32", "--train", str(folders[0]),
+         "--val", str(folders[1]), "--img-size", "36", "--num-workers", "0", "--no-progress"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "--img-size 36" in err[0] and "multiple of the patch size 16" in err[0]
+
+
 def test_linear_command_checkpoints_and_resumes(folders: tuple[Path, Path], tmp_path: Path) -> None:
     args = ["eval", "linear", "--random-init", "vit_tiny_patch16_32", "--train", str(folders[0]),
             "--val", str(folders[1]), "--crop-pct", "1.0", "--num-workers", "0", "--no-progress",

@@ -34,6 +34,7 @@ from siamae.eval.probes.protocols import (
     fewshot_protocol,
 )
 from siamae.models.vit import Encoder
+from siamae.sizes import size_problem
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
@@ -79,10 +80,9 @@ def _encoder(args: argparse.Namespace) -> tuple[Encoder, str]:
     apply_threads_option(args)
     encoder, source = encoder_from_args(args)
     img_size = args.img_size or encoder.img_size
-    if img_size % encoder.patch_size:
-        raise SiamaeError(
-            f"--img-size {img_size} is not a multiple of the patch size {encoder.patch_size}"
-        )
+    problem = size_problem(img_size, img_size, encoder.patch_size)
+    if problem is not None:
+        raise SiamaeError(f"--img-size {img_size}: {problem} of the encoder")
     return encoder, source
 
 

@@ -19,7 +19,7 @@ from siamae.arguments import (
     resolve_device,
 )
 from siamae.eval.propagation import davis, jhmdb, vip
-from siamae.eval.propagation.engine import PropagationParams, protocol
+from siamae.eval.propagation.engine import PropagationParams, check_resize_rule, protocol
 from siamae.models.vit import Encoder
 
 
@@ -45,6 +45,7 @@ def _propagate(
     result, and the output folder."""
     encoder = _encoder(args)
     params = _params(args, benchmark)
+    check_resize_rule(params.resize, encoder.patch_size)
     out = _out(args, benchmark)
     result = evaluate(
         encoder,
