@@ -308,14 +308,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def one_line(err: SiamaeError) -> str:
-    """The error's own message. Raised in a DataLoader worker, it comes back wrapped in the
+    """The error's own message, on one line. Raised in a DataLoader worker, it comes back wrapped in the
     worker's traceback ("Caught DataError in DataLoader worker process 0. Original Traceback
     ..."); its last line is the message."""
     message = str(err)
     if "Original Traceback" in message:
         last = message.strip().splitlines()[-1]
         message = last.split(": ", 1)[1] if last.startswith("siamae.errors.") else last
-    return message
+    return " ".join(message.split())  # one line, whatever a message quoted (a file's text, ...)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -402,6 +402,18 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     return cls(**kwargs)
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's own message quotes the
+    source over several lines, with a caret under the spot)."""
+    problem = str(getattr(err, "problem", None) or str(err).splitlines()[0])
+    mark = getattr(err, "problem_mark", None)
+    if mark is not None:
+        problem += f" at line {mark.line + 1}, column {mark.column + 1}"
+    if "python/" in problem:  # a !!python tag: code, refused by safe_load
+        problem += "; tags that build Python objects are not allowed"
+    return " ".join(problem.split())
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``optim.base_lr=1e-3`` -> (['optim', 'base_lr'], 0.001); the value is read as YAML."""
     if "=" not in text:
@@ -413,7 +425,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({err})") from None
+        raise ConfigError(
+            f"--set {text!r}: the value is not valid YAML ({yaml_problem(err)})"
+        ) from None
     # YAML reads 1e-3 as a string (it wants 1.0e-3); take what a user meant.
     if isinstance(value, str):
         try:
@@ -446,7 +460,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML: {yaml_problem(err)}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not a text file (UTF-8)") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file {str(path)!r} must hold a mapping of fields at the top level"

@@ -636,6 +636,42 @@ def test_a_crop_out_of_whole_patches_is_one_line_before_any_work(
     assert not (out / "probe.pt").exists() and not (out / "summary.json").exists()
 
 
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["crafted", "garbage", "foreign"])
+def test_a_probe_pt_that_is_not_a_probe_is_one_line_and_left_as_it_is(
+    kind: str, voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, marker = tmp_path / "probe", tmp_path / "ran"
+    out.mkdir()
+    probe = out / "probe.pt"
+    if kind == "crafted":
+        torch.save({"head": _RunsCode(marker)}, probe)
+    elif kind == "garbage":
+        probe.write_bytes(b"\x00garbage" * 10)
+    else:
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, probe)
+    before = probe.read_bytes()
+    line = ["eval", "segment", "--random-init", "vit_tiny_patch8_32", "--data", str(voc)]
+    line += ["--out", str(out), "--crop", "32", "--iters", "2", "--num-workers", "0"]
+    assert main([*line, "--batch-size", "2", "--scale", "48", "32", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("siamae: error: "), err
+    assert str(probe) in err[0]
+    words = "not a segmentation probe" if kind == "foreign" else "could not be loaded safely"
+    assert words in err[0] and "weights_only" not in err[0]
+    assert probe.read_bytes() == before and not marker.exists()
+    assert not (out / "summary.json").exists()
+
+
 def test_recipes_resolve_to_the_published_protocol(voc: Path) -> None:
     root = Path(__file__).resolve().parents[2] / "configs"
     for name in (
