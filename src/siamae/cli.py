@@ -135,7 +135,13 @@ def _finetune(args: argparse.Namespace) -> int:
         return exit_code(summary)
     for key, value in summary.get("eval", {}).items():
         print(f"  {key + ':':15s} {value:.4f}")
-    if summary.get("skipped_at_start"):
+    if summary.get("skipped_at_start") and cfg.method == segmentation.METHOD_NAME:
+        print(
+            f"  training split: {summary['skipped_at_start']} unpaired files skipped (an image "
+            f"without its mask, or a listed name that is missing; listed in "
+            f"{summary['run_dir']}/skipped_files.txt)"
+        )
+    elif summary.get("skipped_at_start"):
         print(
             f"  validation:     {summary['skipped_at_start']} unreadable images skipped (listed "
             f"in {summary['run_dir']}/skipped_files.txt); top-1 is over the others"

@@ -672,6 +672,42 @@ def test_a_probe_pt_that_is_not_a_probe_is_one_line_and_left_as_it_is(
     assert not (out / "summary.json").exists()
 
 
+def _voc_with_unpaired_training_files(root: Path) -> tuple[Path, set[str]]:
+    """A VOC set whose train.txt lists a name with no files and an image whose mask is gone."""
+    base = write_voc(root, {"train": 8, "val": 3})
+    listing = base / "ImageSets" / "Segmentation" / "train.txt"
+    listing.write_text(listing.read_text() + "2007_gone\n")
+    (base / "SegmentationClass" / "2007_train000.png").unlink()
+    return base, {"2007_gone.jpg", "2007_train000.png"}
+
+
+def test_unpaired_training_files_are_counted_and_listed_by_eval_segment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, missing = _voc_with_unpaired_training_files(tmp_path / "voc")
+    out = tmp_path / "probe"
+    line = ["eval", "segment", "--random-init", "vit_tiny_patch8_32", "--data", str(data)]
+    line += ["--out", str(out), "--crop", "32", "--iters", "2", "--batch-size", "2"]
+    line += ["--scale", "48", "32", "--num-workers", "0", "--pictures", "0", "--no-progress"]
+    assert main(line) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {Path(u.split("\t")[0]).name for u in summary["train_unpaired"]} == missing
+    assert "training split: skipped 0 unreadable and 2 unpaired" in capsys.readouterr().out
+
+
+def test_unpaired_training_files_are_listed_in_skipped_files_by_finetune(
+    tmp_path: Path,
+) -> None:
+    data, missing = _voc_with_unpaired_training_files(tmp_path / "voc")
+    out = tmp_path / "run"
+    cfg = load_config(None, tiny(data, out, "optim.max_steps=2", "segmentation.pictures=0"))
+    summary = train(cfg, resume=False)
+    listed = (out / "skipped_files.txt").read_text().splitlines()
+    assert {Path(row.split("\t")[0]).name for row in listed} == missing
+    assert all("listed in train.txt but missing" in row for row in listed)
+    assert summary["skipped_at_start"] == 2
+
+
 def test_recipes_resolve_to_the_published_protocol(voc: Path) -> None:
     root = Path(__file__).resolve().parents[2] / "configs"
     for name in (

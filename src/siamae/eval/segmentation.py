@@ -129,6 +129,7 @@ def train_linear_probe(
             "final_train_loss": float(np.mean(losses[-20:])) if losses else None,
             "train_seconds": round(train_seconds, 1),
             "train_skipped": sorted(skipped),
+            "train_unpaired": list(train_set.unpaired),  # as the val split's "unpaired"
         },
     )
 

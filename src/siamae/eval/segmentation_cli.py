@@ -168,11 +168,14 @@ def _run(args: argparse.Namespace) -> int:
         f"aAcc {summary['aAcc']:.2f} on {summary['num_images']} images, "
         f"{summary['num_classes']} classes"
     )
-    if summary["skipped"] or summary["unpaired"]:
-        print(
-            f"skipped {len(summary['skipped'])} unreadable and {len(summary['unpaired'])} "
-            "unpaired files (listed in summary.json)"
-        )
+    for split, prefix in (("validation", ""), ("training", "train_")):
+        unreadable = summary.get(f"{prefix}skipped", [])
+        unpaired = summary.get(f"{prefix}unpaired", [])
+        if unreadable or unpaired:
+            print(
+                f"{split} split: skipped {len(unreadable)} unreadable and {len(unpaired)} "
+                f"unpaired files (listed in summary.json, {prefix}skipped and {prefix}unpaired)"
+            )
     print(f"results in {Path(args.out) / 'summary.json'}")
     return 0
 
