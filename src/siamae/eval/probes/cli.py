@@ -229,7 +229,11 @@ def _run_linear(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         source=source,
     )
-    changed = cfg.deviations()
+    # "epochs 2, base_lr 0.1", not a Python dict
+    changed = ", ".join(
+        f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+        for name, value in cfg.deviations().items()
+    )
     print(
         f"linear probe, protocol {cfg.protocol}"
         + (f" with {changed}" if changed else "")
