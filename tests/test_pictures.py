@@ -54,6 +54,17 @@ def test_labelled_grid_draws_title_row_and_column_labels(tmp_path: Path) -> None
         save_labelled_grid(tmp_path / "x.png", [[bare[:8, :8, :3]]], ["a", "b"])
 
 
+def test_labelled_grid_draws_a_legend_of_colours_below_the_images(tmp_path: Path) -> None:
+    bare = _grid(tmp_path, "bare.png")
+    colour = (12, 200, 90)  # in no image of the grid
+    with_legend = _grid(tmp_path, "legend.png", legend=[("grass", colour), ("sky", (0, 0, 250))])
+    assert with_legend.shape[0] > bare.shape[0]  # a band below the images
+    swatch = (with_legend[..., :3] == colour).all(axis=-1)
+    assert swatch.sum() > 20 and not (bare[..., :3] == colour).all(axis=-1).any()
+    below = int(np.argwhere(swatch)[:, 0].min())
+    assert below > bare.shape[0] * 0.6  # the legend lies under the rows
+
+
 def test_overlay_png_has_frame_numbers_and_gif_frames_are_captioned(tmp_path: Path) -> None:
     frame = np.full((40, 60, 3), 200, np.uint8)
     ids = np.zeros((40, 60), np.uint8)

@@ -708,6 +708,35 @@ def test_unpaired_training_files_are_listed_in_skipped_files_by_finetune(
     assert summary["skipped_at_start"] == 2
 
 
+def test_segmentation_pictures_have_a_legend_of_the_classes_shown(
+    voc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import siamae.finetune.segmentation_eval as seg_eval
+
+    drawn: dict = {}
+    real = seg_eval.save_labelled_grid
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        drawn.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(seg_eval, "save_labelled_grid", spy)
+    dataset = open_segmentation(voc, "val")
+
+    def all_red(images: torch.Tensor) -> torch.Tensor:  # predicts class 1 everywhere
+        logits = torch.zeros(images.shape[0], 3, *images.shape[-2:])
+        logits[:, 1] = 1.0
+        return logits
+
+    inference = InferenceConfig(scale=(48, 32), mode="whole", crop=32, stride=21)
+    evaluate_segmentation(all_red, dataset, torch.device("cpu"), inference, 8, tmp_path, 2)
+    names = [name for name, _ in drawn["legend"]]
+    assert names == ["background", "red", "green", "ignored"]  # the scenes hold all three
+    colours = dict(drawn["legend"])
+    assert colours["red"] == tuple(PALETTE[1]) and colours["ignored"] == (255, 255, 255)
+    assert (tmp_path / "pictures.png").is_file()
+
+
 def test_recipes_resolve_to_the_published_protocol(voc: Path) -> None:
     root = Path(__file__).resolve().parents[2] / "configs"
     for name in (
