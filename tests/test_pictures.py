@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from siamae.overlays import OverlayRecorder, save_labelled_grid
@@ -201,3 +202,18 @@ def test_reconstruction_draws_the_methods_picture_with_name_and_step(
     blue = (curve[..., 2] > 150) & (curve[..., 0] < 80)
     orange = (curve[..., 0] > 200) & (curve[..., 1] > 100) & (curve[..., 2] < 80)
     assert blue.sum() > 20 and orange.sum() > 20
+
+
+def test_the_reconstruction_picture_titles_its_last_column_for_what_it_is() -> None:
+    """The batch holds the views only: the last column is the target view before masking (a
+    crop or a frame), not the original image, and is titled so."""
+    from types import SimpleNamespace
+
+    from siamae.methods.base import Method, Reconstruction
+
+    views = [torch.full((2, 3, 8, 8), float(k)) for k in range(4)]
+    stub = SimpleNamespace(reconstruct=lambda batch: Reconstruction(*views))
+    columns = Method.picture(stub, {})  # type: ignore[arg-type]
+    titles = [title for title, _ in columns]
+    assert titles == ["reference view", "masked view", "prediction", "target view (unmasked)"]
+    assert "original" not in " ".join(titles)
