@@ -164,7 +164,7 @@ def add_threads_option(p: argparse.ArgumentParser) -> None:
     """``--threads``, shared by every evaluation command (probes and propagation)."""
     p.add_argument(
         "--threads",
-        type=positive_int,
+        type=int,  # 1 or more: apply_threads_option says so in its own words
         default=None,
         help="torch threads of this process (default: the usable cores, less --num-workers "
         "where the command has it, at least 1; OMP_NUM_THREADS if set)",

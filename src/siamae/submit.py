@@ -27,7 +27,6 @@ from typing import Any
 
 import submitit
 
-from siamae.arguments import non_negative_int, positive_int
 from siamae.config import Config
 from siamae.engine.slurm import port_for_job
 from siamae.entry import main as siamae_main
@@ -313,16 +312,13 @@ def register(
         "go to <run folder>/slurm/. SIGUSR2 before the time limit (or at a preemption) saves "
         "last.pt and requeues the job, which resumes in the same run folder.",
     )
-    p.add_argument("--nodes", type=positive_int, default=1, help="nodes (default 1)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument(
-        "--gpus-per-node",
-        type=non_negative_int,
-        required=True,
-        help="GPUs per node: one task per GPU",
+        "--gpus-per-node", type=int, required=True, help="GPUs per node: one task per GPU"
     )
     p.add_argument(
         "--tasks-per-node",
-        type=positive_int,
+        type=int,
         help="processes per node (default: --gpus-per-node, or 1 without GPUs)",
     )
     p.add_argument("--partition", help="Slurm partition (needed with --executor slurm)")
@@ -332,21 +328,21 @@ def register(
     p.add_argument("--account", help="Slurm account to charge")
     p.add_argument(
         "--cpus-per-task",
-        type=positive_int,
+        type=int,
         help="CPUs per task (default: the config's data.num_workers + 1)",
     )
     p.add_argument("--mem", help="memory per node, e.g. 256G (default: the partition's)")
     p.add_argument("--name", help="job name (default: siamae-<command>-<run folder name>)")
     p.add_argument(
         "--signal-delay",
-        type=non_negative_int,
+        type=int,
         default=120,
         help="seconds before the time limit that SIGUSR2 comes (default 120): time for one "
         "step and a checkpoint",
     )
     p.add_argument(
         "--max-timeouts",
-        type=non_negative_int,
+        type=int,
         default=30,
         help="requeues after a time limit before the job gives up (default 30; preemptions "
         "do not count)",

@@ -160,7 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overlay-format", choices=("png", "gif"), default="png")
     p.add_argument(
         "--max-frames",
-        type=positive_int,
+        type=int,  # 3 or more, checked by davis with its own message
         help="only the first N frames of each sequence, counting the annotated first frame "
         "(N >= 3: frame 0 is given, frames 1..N-1 are propagated, all but the last scored, as "
         "in the official evaluation); a quick check, not the protocol (default: every frame)",
