@@ -15,10 +15,14 @@ from siamae.arguments import (
     DEVICE_CHOICES,
     RANDOM_INIT_HELP,
     encoder_from_args,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
     resolve_device,
     write_result_file,
 )
-from siamae.cli import build_parser
+from siamae.cli import build_parser, main
 from siamae.errors import SiamaeError
 
 ENCODER_COMMANDS = ("knn", "linear", "fewshot", "davis", "jhmdb", "vip", "segment")
@@ -114,3 +118,79 @@ def test_device_and_result_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         resolve_device("cuda:1")
     path = write_result_file(tmp_path / "new" / "r.json", {"top1": 1.5})
     assert path.read_text() == '{\n  "top1": 1.5\n}\n' and json.loads(path.read_text())
+
+
+def _all_commands() -> dict[str, argparse.ArgumentParser]:
+    """Every command and subcommand of ``siamae``, by its full name ('eval segment', ...)."""
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(prefix: str, parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    found[f"{prefix} {name}".strip()] = child
+                    walk(f"{prefix} {name}", child)
+
+    walk("", build_parser())
+    return found
+
+
+# Numeric options whose bounds the command checks itself, with a message of its own: one
+# command's option, an option of every command ("*", flag), or all of a command's (name, "*").
+CHECKED_IN_THE_COMMAND = {
+    ("visualize", "--keep"),
+    ("eval davis", "--max-frames"),
+    ("*", "--threads"),
+    ("submit", "*"),
+}
+
+
+def _checked_in_the_command(name: str, flag: str) -> bool:
+    return bool({(name, flag), ("*", flag), (name, "*")} & CHECKED_IN_THE_COMMAND)
+
+
+def test_every_numeric_option_of_every_command_refuses_values_below_its_bound() -> None:
+    """An ``int`` or ``float`` option is parsed by a bounded type (positive or non-negative):
+    a count, a size, a rate or a seed below 0 makes no sense anywhere."""
+    bounded = {positive_int, non_negative_int, positive_float, non_negative_float}
+    unbounded = [
+        (name, action.option_strings[0])
+        for name, command in _all_commands().items()
+        for action in command._actions
+        if action.type in (int, float)
+        and action.choices is None
+        and not _checked_in_the_command(name, action.option_strings[0])
+    ]
+    assert unbounded == []
+    commands = _all_commands()
+    segment = {a.dest: a.type for a in commands["eval segment"]._actions}
+    assert segment["pictures"] in bounded and segment["crop"] is positive_int
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"), [("-1", None), ("0", 0), ("3", 3), ("x", None), ("1.5", None)]
+)
+def test_pictures_minus_one_is_refused_in_one_line(
+    value: str, accepted: int | None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    line = ["eval", "segment", "--random-init", "vit_tiny_patch8_32", "--data", "d"]
+    line += ["--out", str(tmp_path / "out"), "--pictures", value]
+    if accepted is not None:
+        assert build_parser().parse_args(line).pictures == accepted
+        return
+    with pytest.raises(SystemExit) as exit_:
+        main(line)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("siamae: error: "), err
+    assert "--pictures" in err[0] and "0 or more" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_required_option_is_one_line_too(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "segment", "--random-init", "vit_tiny_patch8_32"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("siamae: error: siamae eval segment: "), err
+    assert "--data" in err[0] and "--help" in err[0]

@@ -151,3 +151,88 @@ def test_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert stop.value.code == 0
     assert capsys.readouterr().out.strip() == f"siamae {siamae.__version__}"
+
+
+def test_help_names_every_pretraining_method(capsys: pytest.CaptureFixture[str]) -> None:
+    from siamae.registry import METHODS
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    # the pre-training methods: every registered Method that is not a downstream task
+    pretraining = [
+        m.__name__ for m in METHODS.values() if m.__module__.startswith("siamae.methods.")
+    ]
+    assert set(pretraining) == {"CropMAE", "SiamMAE", "SiameseIM", "MixedAE", "MAE"}
+    for name in pretraining:
+        assert f" {name}," in text or f" {name} " in text, name
+
+
+class _RunsCode:
+    """Pickled as a call to os.system: what a crafted checkpoint holds."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["crafted", "truncated", "text"])
+def test_a_refused_or_unreadable_checkpoint_is_one_line_without_unsafe_advice(
+    kind: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    marker, path = tmp_path / "ran", tmp_path / f"{kind}.pt"
+    torch.save({"model": _RunsCode(marker)}, path)
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[:60])
+    elif kind == "text":
+        path.write_text("not a checkpoint\n")
+    before = path.read_bytes()
+    line = [
+        "eval",
+        "knn",
+        "--checkpoint",
+        str(path),
+        "--train",
+        str(tmp_path),
+        "--val",
+        str(tmp_path),
+    ]
+    code = main(line)
+    message = _error_line(capsys)
+    assert code == 2 and str(path) in message and "could not be loaded safely" in message
+    assert "weights_only" not in message and "state_dict" in message
+    if kind == "crafted":
+        assert "holds code or objects (posix.system)" in message or "(nt.system)" in message
+    assert not marker.exists() and path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("model: [unclosed\n", "expected ',' or ']'"),
+        ("model:\n  img_size: 32\n bad: 1\n", "line 3"),
+        ("model: !!python/object/apply:os.system ['true']\n", "Python objects are not allowed"),
+    ],
+)
+def test_a_yaml_error_is_one_line_naming_the_spot(
+    text: str, words: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    line = _error_line(capsys)
+    assert "not valid YAML" in line and words in line and "c.yaml" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_set_value_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    line = ["pretrain", "--config", str(CONFIGS / "demo.yaml"), "--out", str(tmp_path / "run")]
+    assert main([*line, "--set", "model.img_size=[32"]) == 2
+    message = _error_line(capsys)
+    assert "--set 'model.img_size=[32'" in message and "not valid YAML" in message
+    assert "line 1, column" in message

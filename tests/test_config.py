@@ -10,7 +10,9 @@ import yaml
 from siamae.config import Config, from_dict
 from siamae.demo import demo_config
 from siamae.errors import ConfigError
+from siamae.eval import attention
 from siamae.recipes import load_config
+from siamae.sizes import MAX_PATCHES, size_problem
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -82,6 +84,25 @@ def test_bad_fields_are_rejected_by_name(overrides: list[str], field: str) -> No
     assert f"'{field}'" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["model.patch_size=8", "model.img_size=8192"], "model.img_size"),  # a million patches
+        (["monitor.img_size=8192"], "monitor.img_size"),
+    ],
+)
+def test_a_size_beyond_the_patch_count_limit_is_refused_before_any_table_is_built(
+    overrides: list[str], field: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.source=synthetic", *overrides])
+    message = str(err.value)
+    assert f"'{field}'" in message and f"{MAX_PATCHES:,}" in message and "8192" in message
+    # the limit itself is the one the attention command applies
+    assert attention.MAX_PATCHES == MAX_PATCHES
+    load_config(None, ["data.source=synthetic", "model.patch_size=16", "model.img_size=2048"])
+
+
 def test_unknown_field_suggests_the_right_one(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"optim": {"lr": 1.0}}))
@@ -114,3 +135,22 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
                 (key, "null" if v is None else (str(v).lower() if isinstance(v, bool) else v))
             )
     return out
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "patch", "words"),
+    [
+        (30, 30, 8, "30 is not a multiple of the patch size 8"),
+        (0, 0, 8, "positive"),
+        (2048, 2056, 16, "not a multiple"),
+        (8192, 8192, 8, "1,048,576 patches"),
+        (1032, 1024, 8, "16,512 patches"),  # just above the limit
+        (1024, 1024, 8, None),  # at the limit
+        (480, 880, 8, None),
+    ],
+)
+def test_size_problem_names_whole_patches_and_the_limit(
+    height: int, width: int, patch: int, words: str | None
+) -> None:
+    problem = size_problem(height, width, patch)
+    assert problem is None if words is None else words in problem

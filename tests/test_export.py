@@ -130,7 +130,10 @@ def test_export_command_and_wrong_name(train_ckpt: Path, tmp_path: Path, capsys)
     code = main(["export", "--checkpoint", str(train_ckpt), "--out", str(out),
                  "--timm-name", "vit_tiny_patch16_224"])  # fmt: skip
     assert code == 0 and out.is_file() and out.with_suffix(".json").is_file()
-    assert "load with: timm.create_model('vit_tiny_patch16_224'" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "load with: timm.create_model('vit_tiny_patch16_224'" in printed
+    # timm's keyword arguments as it takes them, not a Python dict
+    assert f"wrote {out} (vit_tiny_patch16_224, img_size=32)" in printed and "{" not in printed
     code = main(["export", "--checkpoint", str(train_ckpt), "--out", str(tmp_path / "x.safetensors"),
                  "--timm-name", "vit_small_patch16_224"])  # fmt: skip
     assert code == 2

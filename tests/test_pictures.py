@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from siamae.overlays import OverlayRecorder, save_labelled_grid
@@ -52,6 +53,17 @@ def test_labelled_grid_draws_title_row_and_column_labels(tmp_path: Path) -> None
     assert _ink(_top_margin(labelled)) > 50  # title and frame numbers
     with pytest.raises(ValueError, match="row labels"):
         save_labelled_grid(tmp_path / "x.png", [[bare[:8, :8, :3]]], ["a", "b"])
+
+
+def test_labelled_grid_draws_a_legend_of_colours_below_the_images(tmp_path: Path) -> None:
+    bare = _grid(tmp_path, "bare.png")
+    colour = (12, 200, 90)  # in no image of the grid
+    with_legend = _grid(tmp_path, "legend.png", legend=[("grass", colour), ("sky", (0, 0, 250))])
+    assert with_legend.shape[0] > bare.shape[0]  # a band below the images
+    swatch = (with_legend[..., :3] == colour).all(axis=-1)
+    assert swatch.sum() > 20 and not (bare[..., :3] == colour).all(axis=-1).any()
+    below = int(np.argwhere(swatch)[:, 0].min())
+    assert below > bare.shape[0] * 0.6  # the legend lies under the rows
 
 
 def test_overlay_png_has_frame_numbers_and_gif_frames_are_captioned(tmp_path: Path) -> None:
@@ -190,3 +202,18 @@ def test_reconstruction_draws_the_methods_picture_with_name_and_step(
     blue = (curve[..., 2] > 150) & (curve[..., 0] < 80)
     orange = (curve[..., 0] > 200) & (curve[..., 1] > 100) & (curve[..., 2] < 80)
     assert blue.sum() > 20 and orange.sum() > 20
+
+
+def test_the_reconstruction_picture_titles_its_last_column_for_what_it_is() -> None:
+    """The batch holds the views only: the last column is the target view before masking (a
+    crop or a frame), not the original image, and is titled so."""
+    from types import SimpleNamespace
+
+    from siamae.methods.base import Method, Reconstruction
+
+    views = [torch.full((2, 3, 8, 8), float(k)) for k in range(4)]
+    stub = SimpleNamespace(reconstruct=lambda batch: Reconstruction(*views))
+    columns = Method.picture(stub, {})  # type: ignore[arg-type]
+    titles = [title for title, _ in columns]
+    assert titles == ["reference view", "masked view", "prediction", "target view (unmasked)"]
+    assert "original" not in " ".join(titles)

@@ -5,7 +5,11 @@
 - ``--device`` (:func:`add_device_option`, read by :func:`resolve_device`);
 - ``--out``: a JSON file of the result (:func:`add_result_file_option`,
   :func:`write_result_file`) or a folder of outputs (:func:`add_output_folder_option`);
-- ``--threads`` (:func:`add_threads_option`, :func:`apply_threads_option`).
+- ``--threads`` (:func:`add_threads_option`, :func:`apply_threads_option`);
+- the ``type=`` of every numeric option that has a lower bound: :func:`positive_int`,
+  :func:`non_negative_int`, :func:`positive_float`, :func:`non_negative_float`.
+
+Every ``siamae`` parser is a :class:`OneLineErrorParser`: a bad option is one line, exit 2.
 
 Every evaluation command (probes, propagation, segmentation, homology) takes them from here; a
 new command does too. ``tests/test_arguments.py`` checks that each command shows them alike.
@@ -17,7 +21,7 @@ import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -35,6 +39,40 @@ RANDOM_INIT_HELP = (
     "vit_tiny_patch8_32 (seeded by --seed)"
 )
 DEVICE_CHOICES = "auto (cuda if there is one, else cpu), cpu, cuda or cuda:N"
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, ``siamae: error: ...``, exit 2, as every
+    other bad input is (argparse prints the whole usage first). Its subcommands' parsers are of
+    this class too: ``add_subparsers`` makes them of the parent's class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"siamae: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _bounded(kind: type[int] | type[float], low: float, inclusive: bool) -> Callable[[str], Any]:
+    """An argparse ``type=``: ``kind`` of the text, refused below ``low`` (or at it, unless
+    ``inclusive``)."""
+    noun = "an integer" if kind is int else "a number"
+    expected = f"{noun}, {low:g} or more" if inclusive else f"{noun} above {low:g}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (value == low and not inclusive) or value != value:  # NaN too
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    parse.__name__ = f"{'non_negative' if inclusive else 'positive'}_{kind.__name__}"
+    return parse
+
+
+positive_int = _bounded(int, 0, inclusive=False)
+non_negative_int = _bounded(int, 0, inclusive=True)
+positive_float = _bounded(float, 0.0, inclusive=False)
+non_negative_float = _bounded(float, 0.0, inclusive=True)
 
 
 def add_encoder_source(p: argparse.ArgumentParser, checkpoint_help: str = CHECKPOINT_HELP) -> None:
@@ -126,7 +164,7 @@ def add_threads_option(p: argparse.ArgumentParser) -> None:
     """``--threads``, shared by every evaluation command (probes and propagation)."""
     p.add_argument(
         "--threads",
-        type=int,
+        type=int,  # 1 or more: apply_threads_option says so in its own words
         default=None,
         help="torch threads of this process (default: the usable cores, less --num-workers "
         "where the command has it, at least 1; OMP_NUM_THREADS if set)",

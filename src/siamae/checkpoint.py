@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -130,6 +132,34 @@ def _current_umask() -> int:
     return mask
 
 
+SAFE_FILES_HINT = (
+    "pass a siamae checkpoint or export (.pt, .safetensors), or a plain state_dict saved with "
+    "tensors only (torch.save(model.state_dict(), path))"
+)
+
+
+def unsafe_load_error(path: str | Path, err: Exception) -> CheckpointError:
+    """The one-line error for a file ``torch.load(weights_only=True)`` refused or could not read.
+
+    torch's own message runs over several lines and ends in advice to turn the safety off; this
+    one names the pickled object it stopped at, if any, and what to pass instead.
+    """
+    if isinstance(err, pickle.UnpicklingError):
+        # torch names the refused object as "GLOBAL module.name" (os.system, a class, ...)
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        return CheckpointError(
+            f"checkpoint {str(path)!r} could not be loaded safely: it holds code or objects"
+            f"{what} that siamae will not load; {SAFE_FILES_HINT}"
+        )
+    first = " ".join(str(err).split()).split(". ")[0][:160]  # torch's first sentence
+    return CheckpointError(
+        f"checkpoint {str(path)!r} could not be loaded safely: it is not a readable PyTorch file "
+        f"({type(err).__name__}: {first}); it may be truncated or of another format; "
+        f"{SAFE_FILES_HINT}"
+    )
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``) or raise a CheckpointError that says why."""
     path = Path(path)
@@ -157,10 +187,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} could not be loaded safely ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-            "it may be truncated, or pickle objects other than tensors"
-        ) from None
+        raise unsafe_load_error(path, err) from None
     if not isinstance(obj, dict):
         raise CheckpointError(
             f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a dict of weights"

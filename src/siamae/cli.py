@@ -19,7 +19,12 @@ from collections.abc import Sequence
 import torch
 
 from siamae import __version__, export, submit
-from siamae.arguments import add_device_option
+from siamae.arguments import (
+    OneLineErrorParser,
+    add_device_option,
+    non_negative_int,
+    positive_int,
+)
 from siamae.config import Config
 from siamae.data import shard_writer
 from siamae.demo import run_demo
@@ -133,7 +138,13 @@ def _finetune(args: argparse.Namespace) -> int:
         return exit_code(summary)
     for key, value in summary.get("eval", {}).items():
         print(f"  {key + ':':15s} {value:.4f}")
-    if summary.get("skipped_at_start"):
+    if summary.get("skipped_at_start") and cfg.method == segmentation.METHOD_NAME:
+        print(
+            f"  training split: {summary['skipped_at_start']} unpaired files skipped (an image "
+            f"without its mask, or a listed name that is missing; listed in "
+            f"{summary['run_dir']}/skipped_files.txt)"
+        )
+    elif summary.get("skipped_at_start"):
         print(
             f"  validation:     {summary['skipped_at_start']} unreadable images skipped (listed "
             f"in {summary['run_dir']}/skipped_files.txt); top-1 is over the others"
@@ -162,9 +173,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="siamae",
-        description="Pre-train ViTs with CropMAE, SiamMAE or MAE, and evaluate frozen encoders.",
+        description="Pre-train ViTs with CropMAE, SiamMAE, SiameseIM, MixedAE or MAE, fine-tune "
+        "them, and evaluate frozen encoders.",
     )
     parser.add_argument("--version", action="version", version=f"siamae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -278,7 +290,9 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--keep", type=float, default=0.6, help="attention: share of the mass the mask keeps"
     )
-    p.add_argument("--resize", type=int, help="attention: resize the short side first (pixels)")
+    p.add_argument(
+        "--resize", type=positive_int, help="attention: resize the short side first (pixels)"
+    )
     add_device_option(p, note="attention: ")
     p.add_argument("--data", help="data path (default: the checkpoint's own data config)")
     p.add_argument(
@@ -286,8 +300,8 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
         help="PNG file (default: <run folder>/reconstruction_step<N>.png); attention: the "
         "folder for one PNG per image (default: attention_maps)",
     )
-    p.add_argument("--count", type=int, default=4, help="how many samples (rows)")
-    p.add_argument("--seed", type=int, default=0, help="which crops and masks to draw")
+    p.add_argument("--count", type=positive_int, default=4, help="how many samples (rows)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="which crops and masks to draw")
     p.set_defaults(func=_visualize)
 
 
@@ -303,14 +317,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def one_line(err: SiamaeError) -> str:
-    """The error's own message. Raised in a DataLoader worker, it comes back wrapped in the
+    """The error's own message, on one line. Raised in a DataLoader worker, it comes back wrapped in the
     worker's traceback ("Caught DataError in DataLoader worker process 0. Original Traceback
     ..."); its last line is the message."""
     message = str(err)
     if "Original Traceback" in message:
         last = message.strip().splitlines()[-1]
         message = last.split(": ", 1)[1] if last.startswith("siamae.errors.") else last
-    return message
+    return " ".join(message.split())  # one line, whatever a message quoted (a file's text, ...)
 
 
 # What the allocators say when memory runs out: torch's CPU allocator (Linux, Windows), CUDA's.

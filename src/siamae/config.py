@@ -20,6 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from siamae.errors import ConfigError
+from siamae.sizes import size_problem
 
 Arch = Literal["vit_tiny", "vit_small", "vit_base", "vit_large"]
 ViewStrategy = Literal["global_to_local", "local_to_global", "random", "same"]
@@ -401,6 +402,18 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     return cls(**kwargs)
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's own message quotes the
+    source over several lines, with a caret under the spot)."""
+    problem = str(getattr(err, "problem", None) or str(err).splitlines()[0])
+    mark = getattr(err, "problem_mark", None)
+    if mark is not None:
+        problem += f" at line {mark.line + 1}, column {mark.column + 1}"
+    if "python/" in problem:  # a !!python tag: code, refused by safe_load
+        problem += "; tags that build Python objects are not allowed"
+    return " ".join(problem.split())
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``optim.base_lr=1e-3`` -> (['optim', 'base_lr'], 0.001); the value is read as YAML."""
     if "=" not in text:
@@ -412,7 +425,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({err})") from None
+        raise ConfigError(
+            f"--set {text!r}: the value is not valid YAML ({yaml_problem(err)})"
+        ) from None
     # YAML reads 1e-3 as a string (it wants 1.0e-3); take what a user meant.
     if isinstance(value, str):
         try:
@@ -445,7 +460,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML: {yaml_problem(err)}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not a text file (UTF-8)") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file {str(path)!r} must hold a mapping of fields at the top level"
@@ -459,6 +478,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def _check(ok: bool, field_name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config field '{field_name}': {message}")
+
+
+def _check_size(size: int, patch_size: int, field_name: str) -> None:
+    """A square image size a ViT of ``patch_size`` takes: whole patches, at most MAX_PATCHES
+    (checked here, before a position table of a million rows is built)."""
+    problem = size_problem(size, size, patch_size)
+    _check(problem is None, field_name, f"{problem} (model.patch_size {patch_size})")
 
 
 def _check_range(pair: tuple[float, float], name: str, low: float, high: float) -> None:
@@ -493,11 +519,7 @@ def _check_model(cfg: Config) -> None:
         "model.patch_size",
         f"expected 8, 14, 16 or 32, got {m.patch_size}",
     )
-    _check(
-        m.img_size > 0 and m.img_size % m.patch_size == 0,
-        "model.img_size",
-        f"expected a positive multiple of the patch size {m.patch_size}, got {m.img_size}",
-    )
+    _check_size(m.img_size, m.patch_size, "model.img_size")
     _check(0.0 <= m.drop_path < 1.0, "model.drop_path", f"expected 0 <= p < 1, got {m.drop_path}")
 
 
@@ -637,11 +659,7 @@ def _check_monitor(cfg: Config) -> None:
             f"expected a positive integer or null, got {mo.every_steps}",
         )
     if mo.img_size is not None:
-        _check(
-            mo.img_size > 0 and mo.img_size % patch == 0,
-            "monitor.img_size",
-            f"expected a positive multiple of the patch size {patch}, got {mo.img_size}",
-        )
+        _check_size(mo.img_size, patch, "monitor.img_size")
     _check(
         0.0 < mo.crop_pct <= 1.0,
         "monitor.crop_pct",

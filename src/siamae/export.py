@@ -160,9 +160,9 @@ def _run_export(args: argparse.Namespace) -> int:
         args.checkpoint, args.out, args.timm_name, args.ema, args.encoder_only
     )
     info = json.loads(sidecar.read_text())
-    print(
-        f"wrote {weights} ({info['timm_name']}{', ' + str(info['timm_kwargs']) if info['timm_kwargs'] else ''})"
-    )
+    # the keyword arguments as timm takes them (img_size=32), not a Python dict
+    kwargs = "".join(f", {key}={value!r}" for key, value in (info["timm_kwargs"] or {}).items())
+    print(f"wrote {weights} ({info['timm_name']}{kwargs})")
     print(f"wrote {sidecar}")
     print(f"load with: {info['timm_usage']}")
     return 0

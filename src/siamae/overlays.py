@@ -83,14 +83,17 @@ def save_labelled_grid(
     title: str | None = None,
     height: int = 160,
     label_rows: set[int] | None = None,
+    legend: list[tuple[str, tuple[int, ...]]] | None = None,
 ) -> Path:
-    """Save a grid of images with a title, a label left of each row and one above each column.
+    """Save a grid of images with a title, a label left of each row and one above each column,
+    and a legend of colours below it, if given.
 
     Args:
         rows: rows of (H, W, 3) uint8 images, each scaled to ``height`` pixels.
         row_labels: one label per row (e.g. "trained\nJ&F 0.634").
         column_labels: one label per column (e.g. "frame 5"), drawn above the rows in
             ``label_rows`` (default: the first row only), so stacked blocks each get them.
+        legend: (name, RGB colour) pairs, e.g. the classes of label maps in the grid.
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
@@ -120,6 +123,16 @@ def save_labelled_grid(
                 ax.set_title(column_labels[c], fontsize=8, pad=2)
     if title:
         fig.suptitle(title, fontsize=10)
+    if legend:
+        from matplotlib.patches import Patch
+
+        handles = [
+            Patch(facecolor=np.asarray(rgb[:3]) / 255.0, edgecolor="0.5", label=name)
+            for name, rgb in legend
+        ]
+        fig.legend(
+            handles=handles, loc="outside lower center", ncols=min(6, len(handles)), fontsize=8
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")

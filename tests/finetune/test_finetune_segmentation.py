@@ -623,6 +623,120 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path: Path, capsys) -> None: 
     assert code == 2 and "nowhere" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_crop_out_of_whole_patches_is_one_line_before_any_work(
+    voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "probe"
+    line = ["eval", "segment", "--random-init", "vit_tiny_patch8_32", "--data", str(voc)]
+    line += ["--out", str(out), "--crop", "30", "--iters", "2", "--num-workers", "0"]
+    assert main(line) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("siamae: error: "), err
+    assert "--crop 30" in err[0] and "patch size 8" in err[0] and "--crop 24" in err[0], err
+    assert not (out / "probe.pt").exists() and not (out / "summary.json").exists()
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["crafted", "garbage", "foreign"])
+def test_a_probe_pt_that_is_not_a_probe_is_one_line_and_left_as_it_is(
+    kind: str, voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, marker = tmp_path / "probe", tmp_path / "ran"
+    out.mkdir()
+    probe = out / "probe.pt"
+    if kind == "crafted":
+        torch.save({"head": _RunsCode(marker)}, probe)
+    elif kind == "garbage":
+        probe.write_bytes(b"\x00garbage" * 10)
+    else:
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, probe)
+    before = probe.read_bytes()
+    line = ["eval", "segment", "--random-init", "vit_tiny_patch8_32", "--data", str(voc)]
+    line += ["--out", str(out), "--crop", "32", "--iters", "2", "--num-workers", "0"]
+    assert main([*line, "--batch-size", "2", "--scale", "48", "32", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("siamae: error: "), err
+    assert str(probe) in err[0]
+    words = "not a segmentation probe" if kind == "foreign" else "could not be loaded safely"
+    assert words in err[0] and "weights_only" not in err[0]
+    assert probe.read_bytes() == before and not marker.exists()
+    assert not (out / "summary.json").exists()
+
+
+def _voc_with_unpaired_training_files(root: Path) -> tuple[Path, set[str]]:
+    """A VOC set whose train.txt lists a name with no files and an image whose mask is gone."""
+    base = write_voc(root, {"train": 8, "val": 3})
+    listing = base / "ImageSets" / "Segmentation" / "train.txt"
+    listing.write_text(listing.read_text() + "2007_gone\n")
+    (base / "SegmentationClass" / "2007_train000.png").unlink()
+    return base, {"2007_gone.jpg", "2007_train000.png"}
+
+
+def test_unpaired_training_files_are_counted_and_listed_by_eval_segment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, missing = _voc_with_unpaired_training_files(tmp_path / "voc")
+    out = tmp_path / "probe"
+    line = ["eval", "segment", "--random-init", "vit_tiny_patch8_32", "--data", str(data)]
+    line += ["--out", str(out), "--crop", "32", "--iters", "2", "--batch-size", "2"]
+    line += ["--scale", "48", "32", "--num-workers", "0", "--pictures", "0", "--no-progress"]
+    assert main(line) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {Path(u.split("\t")[0]).name for u in summary["train_unpaired"]} == missing
+    assert "training split: skipped 0 unreadable and 2 unpaired" in capsys.readouterr().out
+
+
+def test_unpaired_training_files_are_listed_in_skipped_files_by_finetune(
+    tmp_path: Path,
+) -> None:
+    data, missing = _voc_with_unpaired_training_files(tmp_path / "voc")
+    out = tmp_path / "run"
+    cfg = load_config(None, tiny(data, out, "optim.max_steps=2", "segmentation.pictures=0"))
+    summary = train(cfg, resume=False)
+    listed = (out / "skipped_files.txt").read_text().splitlines()
+    assert {Path(row.split("\t")[0]).name for row in listed} == missing
+    assert all("listed in train.txt but missing" in row for row in listed)
+    assert summary["skipped_at_start"] == 2
+
+
+def test_segmentation_pictures_have_a_legend_of_the_classes_shown(
+    voc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import siamae.finetune.segmentation_eval as seg_eval
+
+    drawn: dict = {}
+    real = seg_eval.save_labelled_grid
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        drawn.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(seg_eval, "save_labelled_grid", spy)
+    dataset = open_segmentation(voc, "val")
+
+    def all_red(images: torch.Tensor) -> torch.Tensor:  # predicts class 1 everywhere
+        logits = torch.zeros(images.shape[0], 3, *images.shape[-2:])
+        logits[:, 1] = 1.0
+        return logits
+
+    inference = InferenceConfig(scale=(48, 32), mode="whole", crop=32, stride=21)
+    evaluate_segmentation(all_red, dataset, torch.device("cpu"), inference, 8, tmp_path, 2)
+    names = [name for name, _ in drawn["legend"]]
+    assert names == ["background", "red", "green", "ignored"]  # the scenes hold all three
+    colours = dict(drawn["legend"])
+    assert colours["red"] == tuple(PALETTE[1]) and colours["ignored"] == (255, 255, 255)
+    assert (tmp_path / "pictures.png").is_file()
+
+
 def test_recipes_resolve_to_the_published_protocol(voc: Path) -> None:
     root = Path(__file__).resolve().parents[2] / "configs"
     for name in (

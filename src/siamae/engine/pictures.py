@@ -90,7 +90,7 @@ def save_reconstruction(
     """Draw ``method.picture`` of the first ``count`` samples of epoch 0, one sample a row.
 
     The columns are whatever the method's ``picture(batch)`` returns (by default the
-    reconstruction: reference view, masked view, prediction, original); a method that returns
+    reconstruction: reference view, masked view, prediction, target view unmasked); a method that returns
     None gets no picture (and None is returned). The title names the method and the step
     (``step``; when not given, the last step logged in the picture's folder, if any). The
     samples carry their own mask noise, so the picture is the same however often it is made,

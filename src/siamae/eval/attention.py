@@ -34,6 +34,7 @@ from siamae.data.sources import DECODE_ERRORS, bomb_pixels, to_rgb
 from siamae.errors import DataError, SiamaeError
 from siamae.loading import load_encoder
 from siamae.models.vit import Encoder
+from siamae.sizes import MAX_PATCHES  # shared with the config checks
 
 
 @dataclass
@@ -109,11 +110,6 @@ def prepare_image(image: object, patch_size: int, resize: int | None = None) -> 
         )
     left, top = (w - cw) // 2, (h - ch) // 2
     return np.asarray(image.crop((left, top, left + cw, top + ch)), dtype=np.uint8).copy()
-
-
-# Attention costs grow with the square of the patch count: 16384 patches (a 128 x 128 grid, e.g.
-# 2048 x 2048 pixels at patch 16) take tens of seconds for a ViT-S on a CPU; 1.7 M would take hours.
-MAX_PATCHES = 16384
 
 
 def patches_after_resize(size: tuple[int, int], patch_size: int, resize: int | None) -> int:

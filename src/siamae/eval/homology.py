@@ -28,6 +28,8 @@ from siamae.arguments import (
     add_result_file_option,
     add_threads_option,
     apply_threads_option,
+    non_negative_int,
+    positive_int,
     resolve_device,
     write_result_file,
 )
@@ -106,8 +108,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=CHECKPOINT_HELP + "; a MixedAE training checkpoint or run folder runs as trained",
     )
     p.add_argument("--data", required=True, help="folder (or .txt list) of held-out images")
-    p.add_argument("--count", type=int, default=64, help="images used, in sorted order (64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the partitions (0)")
+    p.add_argument(
+        "--count", type=positive_int, default=64, help="images used, in sorted order (64)"
+    )
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the partitions (0)")
     p.add_argument(
         "--blocks",
         default=None,
@@ -115,10 +119,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "blocks, else all)",
     )
     p.add_argument(
-        "--ratio", type=int, default=4, help="images per mixture, for non-MixedAE encoders (4)"
+        "--ratio",
+        type=positive_int,
+        default=4,
+        help="images per mixture, for non-MixedAE encoders (4)",
     )
-    p.add_argument("--topk", type=int, default=None, help="k, for non-MixedAE encoders")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (64)")
+    p.add_argument("--topk", type=positive_int, default=None, help="k, for non-MixedAE encoders")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=64, help="images per forward pass (64)"
+    )
     add_device_option(p)
     add_result_file_option(p)
     add_threads_option(p)

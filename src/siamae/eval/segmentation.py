@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from siamae.checkpoint import load_checkpoint
 from siamae.data.dataset import EpochSampler, PretrainDataset, build_loader
 from siamae.data.image_folder import normalize
 from siamae.data.segmentation import IGNORE_INDEX, SegmentationSet, SegmentationViews
@@ -128,6 +129,7 @@ def train_linear_probe(
             "final_train_loss": float(np.mean(losses[-20:])) if losses else None,
             "train_seconds": round(train_seconds, 1),
             "train_skipped": sorted(skipped),
+            "train_unpaired": list(train_set.unpaired),  # as the val split's "unpaired"
         },
     )
 
@@ -172,8 +174,13 @@ class _ProbeRun:
         return cls(encoder, cfg, head, optimizer, sampler, loader, ckpt, source)
 
     def resume(self) -> None:
-        state = torch.load(self.ckpt, map_location="cpu", weights_only=True)
-        if state.get("format") != PROBE_FORMAT or state.get("config") != _plain(asdict(self.cfg)):
+        state = load_checkpoint(self.ckpt)  # a file in --out: anything may be there
+        if state.get("format") != PROBE_FORMAT:
+            raise CheckpointError(
+                f"{str(self.ckpt)!r} is not a segmentation probe checkpoint; pass another --out, "
+                "or --no-resume to train the probe again over it"
+            )
+        if state.get("config") != _plain(asdict(self.cfg)):
             raise CheckpointError(
                 f"{self.ckpt} was made with other probe settings; pass another --out or --no-resume"
             )

@@ -18,6 +18,10 @@ from siamae.arguments import (
     add_threads_option,
     apply_threads_option,
     encoder_from_args,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
     resolve_device,
 )
 from siamae.data.segmentation import LAYOUTS, SegmentationSet, open_segmentation
@@ -31,6 +35,7 @@ from siamae.finetune.segmentation_checkpoints import (
 )
 from siamae.finetune.segmentation_eval import InferenceConfig, evaluate_segmentation
 from siamae.models.vit import Encoder
+from siamae.sizes import size_problem
 
 MULTI_SCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -58,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--layout", choices=LAYOUTS, default="auto", help="data layout (default: detected)"
     )
-    p.add_argument("--num-classes", type=int, help="class count of an images/+masks/ set")
+    p.add_argument("--num-classes", type=positive_int, help="class count of an images/+masks/ set")
     p.add_argument("--train-split", default="train", help="training split (default train)")
     p.add_argument("--val-split", default="val", help="validation split (default val)")
     p.add_argument(
@@ -73,18 +78,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help=f"test at ratios {MULTI_SCALE_RATIOS} with flips, softmax averaged",
     )
-    p.add_argument("--iters", type=int, default=40000, help="probe iterations (default 40000)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--warmup-iters", type=int, default=1500)
     p.add_argument(
-        "--crop", type=int, default=512, help="training crop and sliding window (pixels)"
+        "--iters", type=positive_int, default=40000, help="probe iterations (default 40000)"
     )
-    p.add_argument("--stride", type=int, default=341, help="sliding-window stride (pixels)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument(
+        "--lr", type=positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)"
+    )
+    p.add_argument("--weight-decay", type=non_negative_float, default=1e-4)
+    p.add_argument("--warmup-iters", type=non_negative_int, default=1500)
+    p.add_argument(
+        "--crop", type=positive_int, default=512, help="training crop and sliding window (pixels)"
+    )
+    p.add_argument(
+        "--stride", type=positive_int, default=341, help="sliding-window stride (pixels)"
+    )
     p.add_argument(
         "--scale",
-        type=int,
+        type=positive_int,
         nargs=2,
         default=(2048, 512),
         metavar=("LONG", "SHORT"),
@@ -94,10 +105,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-photometric", action="store_true", help="no photometric distortion of training crops"
     )
-    p.add_argument("--pictures", type=int, default=4, help="images in pictures.png")
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument(
+        "--pictures", type=non_negative_int, default=4, help="images in pictures.png (0: none)"
+    )
+    p.add_argument("--num-workers", type=non_negative_int, default=2)
     add_device_option(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-init and of the probe")
+    p.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of --random-init and of the probe"
+    )
     p.add_argument("--no-resume", action="store_true", help="ignore OUT/probe.pt")
     p.add_argument("--no-progress", action="store_true")
     add_threads_option(p)
@@ -113,6 +128,21 @@ def _check(args: argparse.Namespace) -> None:
         raise SiamaeError(f"--lr must be positive, got {args.lr}")
     if min(args.scale) <= 0:
         raise SiamaeError(f"--scale must be two positive sizes, got {list(args.scale)}")
+
+
+def check_crop(crop: int, patch_size: int) -> None:
+    """``--crop`` (the training crop and the sliding window) in whole patches of the encoder,
+    checked before any work: the position grid and the window are cut into patches."""
+    problem = size_problem(crop, crop, patch_size)
+    if problem is None:
+        return
+    if crop % patch_size:
+        whole = max(patch_size, crop // patch_size * patch_size)
+        problem = (
+            f"the crop must be a multiple of the encoder's patch size {patch_size}, e.g. "
+            f"--crop {whole}"
+        )
+    raise SiamaeError(f"--crop {crop}: {problem}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -138,11 +168,14 @@ def _run(args: argparse.Namespace) -> int:
         f"aAcc {summary['aAcc']:.2f} on {summary['num_images']} images, "
         f"{summary['num_classes']} classes"
     )
-    if summary["skipped"] or summary["unpaired"]:
-        print(
-            f"skipped {len(summary['skipped'])} unreadable and {len(summary['unpaired'])} "
-            "unpaired files (listed in summary.json)"
-        )
+    for split, prefix in (("validation", ""), ("training", "train_")):
+        unreadable = summary.get(f"{prefix}skipped", [])
+        unpaired = summary.get(f"{prefix}unpaired", [])
+        if unreadable or unpaired:
+            print(
+                f"{split} split: skipped {len(unreadable)} unreadable and {len(unpaired)} "
+                f"unpaired files (listed in summary.json, {prefix}skipped and {prefix}unpaired)"
+            )
     print(f"results in {Path(args.out) / 'summary.json'}")
     return 0
 
@@ -168,6 +201,7 @@ def _score_fine_tuned(
             f"--checkpoint {args.checkpoint!r} predicts {fine_tuned.num_classes} classes, "
             f"--data has {val_set.num_classes}"
         )
+    check_crop(args.crop, fine_tuned.encoder.patch_size)
     model = fine_tuned.to(device)
     print(f"scoring the fine-tuned segmentation model {args.checkpoint}")
     return evaluate_segmentation(
@@ -193,6 +227,7 @@ def _train_probe(
     def check_layers(encoder: Encoder) -> None:
         if args.layers > encoder.depth:
             raise SiamaeError(f"--layers {args.layers}: the encoder has {encoder.depth} blocks")
+        check_crop(args.crop, encoder.patch_size)
 
     encoder, source = encoder_from_args(args, check=check_layers)
     train_set = open_segmentation(args.data, args.train_split, args.layout, args.num_classes)

@@ -101,6 +101,10 @@ class SegmentationFineTune(Method):
         self.encoder = encoder
         self.class_names = list(train_set.class_names)
         self.num_classes = train_set.num_classes
+        # The training split's images without a mask and listed names that are missing: the
+        # engine lists them in skipped_files.txt and counts them, as the val split's are in
+        # summary.json (a model read back from a file has no training split: nothing).
+        self.skipped_at_start: list[str] = list(getattr(train_set, "unpaired", []))
         self.out_indices = tuple(s.out_indices or default_out_indices(encoder.depth))
         self.head = UperNet(
             encoder.embed_dim,

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from siamae.checkpoint import load_checkpoint, training_method, write_export
 from siamae.config import Config, from_dict
@@ -136,15 +135,21 @@ def load_segmentation_export(path: str | Path) -> SegmentationFineTune:
     sidecar = p.with_suffix(".json")
     if not p.is_file() or not sidecar.is_file():
         raise CheckpointError(f"{str(path)!r}: expected FILE.safetensors with FILE.json beside it")
-    info = json.loads(sidecar.read_text())
-    if info.get("format") != "siamae-export-segmentation-v1":
+    try:
+        info = json.loads(sidecar.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(
+            f"{str(sidecar)!r}, the sidecar of {str(path)!r}, is not readable JSON ({err}); "
+            "export the model again with siamae export"
+        ) from None
+    if not isinstance(info, dict) or info.get("format") != "siamae-export-segmentation-v1":
         raise CheckpointError(f"{str(path)!r} is not a segmentation export")
 
     data = dict(info["recipe"])
     data["finetune"] = {**data["finetune"], "checkpoint": None}
     data["segmentation"] = {**data["segmentation"], "val": None}
     cfg = SegmentationFineTune.resolve_config(from_dict(Config, data))
-    tensors = load_file(str(p))
+    tensors = load_checkpoint(p)["state_dict"]  # a bad file: one line, not a traceback
     m = cfg.model
     backbone = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
     depth = 1 + max(int(k.split(".")[1]) for k in backbone if k.startswith("blocks."))

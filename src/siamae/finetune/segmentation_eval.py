@@ -203,6 +203,7 @@ def evaluate_segmentation(
     skipped: list[str] = []
     rows: list[list[np.ndarray]] = []
     stems: list[str] = []
+    shown: set[int] = set()  # the classes the pictured rows hold: the picture's legend
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         (out / "pred").mkdir(parents=True, exist_ok=True)
@@ -224,7 +225,7 @@ def evaluate_segmentation(
         matrix += confusion_matrix(pred, torch.from_numpy(label).to(device), c)
         if out is not None:
             keep = pictures if rank == 0 else 0
-            _save_prediction(out, dataset, i, image, label, pred, rows, stems, keep)
+            _save_prediction(out, dataset, i, image, label, pred, rows, stems, keep, shown)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -253,7 +254,8 @@ def evaluate_segmentation(
         "per_class": result["per_class"],
     }
     if out is not None and rank == 0:
-        _save_summary(out, summary, rows, stems, title)
+        legend = [(dataset.class_names[k], tuple(PALETTE[k % 255])) for k in sorted(shown)]
+        _save_summary(out, summary, rows, stems, title, legend)
     return summary
 
 
@@ -267,20 +269,29 @@ def _save_prediction(
     rows: list[list[np.ndarray]],
     stems: list[str],
     keep: int,
+    shown: set[int],
 ) -> None:
     """``pred/<stem>.png`` in the dataset's label space; the picture's row while fewer than
-    ``keep`` are kept."""
+    ``keep`` are kept, its classes added to ``shown``."""
     pred_np = pred.to(torch.uint8).cpu().numpy()
     Image.fromarray(dataset.to_dataset_labels(pred_np, label)).save(
         out / "pred" / f"{dataset.pairs[i].stem}.png"
     )
     if len(rows) < keep:
-        rows.append([image, _colour(label), _colour(np.where(label == IGNORE_INDEX, 255, pred_np))])
+        pictured = np.where(label == IGNORE_INDEX, IGNORE_INDEX, pred_np)
+        rows.append([image, _colour(label), _colour(pictured)])
         stems.append(dataset.pairs[i].stem)
+        for ids in (label, pictured):
+            shown.update(int(k) for k in np.unique(ids) if k != IGNORE_INDEX)
 
 
 def _save_summary(
-    out: Path, summary: dict[str, Any], rows: list[list[np.ndarray]], stems: list[str], title: str
+    out: Path,
+    summary: dict[str, Any],
+    rows: list[list[np.ndarray]],
+    stems: list[str],
+    title: str,
+    legend: list[tuple[str, tuple[int, ...]]],
 ) -> None:
     if rows:
         save_labelled_grid(
@@ -289,6 +300,7 @@ def _save_summary(
             stems,
             ["image", "ground truth", "prediction"],
             title=f"{title} mIoU {summary['mIoU']:.1f}".strip(),
+            legend=legend + [("ignored", (255, 255, 255))],
         )
         summary["pictures"] = str(out / "pictures.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -34,7 +34,8 @@ class Reconstruction:
 
     ``reference`` is the view the model saw whole (None for MAE), ``masked`` the input with
     hidden patches greyed, ``prediction`` the decoder output pasted into the masked patches
-    (visible patches kept), ``original`` the masked view before masking.
+    (visible patches kept), ``original`` the masked view before masking: the target view the
+    prediction is scored against (a crop, or a frame), the picture's "target view (unmasked)".
     """
 
     reference: torch.Tensor | None
@@ -159,13 +160,16 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
 
     def picture(self, batch: dict[str, torch.Tensor]) -> Picture | None:
         """Columns of the run's picture: (title, (B, 3, H, W) RGB in [0, 1]); None for none.
+        By default: reference view, masked view, prediction and the target view unmasked.
         A column coloured from values names its scale in ``self.picture_scales``."""
         rec = self.reconstruct(batch)
         columns = [
             ("reference view", rec.reference),
             ("masked view", rec.masked),
             ("prediction", rec.prediction),
-            ("original", rec.original),
+            # the crop (or frame) the prediction is scored against, not the whole image: the
+            # batch holds only the views, so the title says which it is
+            ("target view (unmasked)", rec.original),
         ]
         return [(title, denormalize(images)) for title, images in columns if images is not None]
 

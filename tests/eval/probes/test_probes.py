@@ -308,11 +308,29 @@ def test_knn_command_bad_folder_exits_2(tmp_path: Path, capsys) -> None:
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_linear_command_checkpoints_and_resumes(folders: tuple[Path, Path], tmp_path: Path) -> None:
+def test_knn_img_size_out_of_whole_patches_is_one_line(
+    folders: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["eval", "knn", "--random-init", "vit_tiny_patch16_32", "--train", str(folders[0]),
+         "--val", str(folders[1]), "--img-size", "36", "--num-workers", "0", "--no-progress"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "--img-size 36" in err[0] and "multiple of the patch size 16" in err[0]
+
+
+def test_linear_command_checkpoints_and_resumes(
+    folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = ["eval", "linear", "--random-init", "vit_tiny_patch16_32", "--train", str(folders[0]),
             "--val", str(folders[1]), "--crop-pct", "1.0", "--num-workers", "0", "--no-progress",
             "--batch-size", "8", "--epochs", "3", "--warmup-epochs", "1"]  # fmt: skip
     assert main([*args, "--out-dir", str(tmp_path / "a")]) == 0
+    # the settings that differ from the protocol's, as words, not a Python dict
+    summary_line = capsys.readouterr().out.splitlines()[-2]
+    assert "with batch_size 8, epochs 3, warmup_epochs 1 (" in summary_line, summary_line
+    assert "{" not in summary_line
     ckpt = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["format"] == "siamae-linear-v1" and ckpt["epoch"] == 3
     assert (tmp_path / "a" / "features" / "train.pt").is_file()

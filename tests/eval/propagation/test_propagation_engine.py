@@ -14,6 +14,7 @@ from siamae.errors import SiamaeError
 from siamae.eval.propagation.engine import (
     LabelPropagator,
     PropagationParams,
+    check_resize_rule,
     extract_features,
     frame_size,
     labels_to_grid,
@@ -268,3 +269,30 @@ def test_davis_max_frames_below_three_is_refused(shared_data, tmp_path, count, c
     assert code == 2 and len(err) == 1
     assert err[0].startswith(f"siamae: error: --max-frames {count}: ") and "3 or more" in err[0]
     assert not (tmp_path / "out" / "dog").exists()  # nothing evaluated
+
+
+@pytest.mark.parametrize(
+    ("rule", "refused"),
+    [("30x30", True), ("32x48", False), ("short:30", True), ("long:880", False), ("native", False)],
+)
+def test_a_fixed_resize_out_of_whole_patches_is_refused_before_any_frame(
+    rule: str, refused: bool
+) -> None:
+    if refused:
+        with pytest.raises(SiamaeError, match="multiple of the patch size 8"):
+            check_resize_rule(rule, 8)
+    else:
+        check_resize_rule(rule, 8)
+
+
+def test_davis_with_a_resize_out_of_whole_patches_is_one_line(tmp_path, capsys) -> None:  # noqa: ANN001
+    from siamae.cli import main
+
+    out = tmp_path / "out"
+    code = main(
+        ["eval", "davis", "--random-init", "vit_tiny_patch8_32", "--data-root", str(tmp_path),
+         "--set", "resize=30x30", "--out", str(out), "--no-progress"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "'30x30'" in err[0], err
+    assert not out.exists()

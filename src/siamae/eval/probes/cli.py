@@ -14,6 +14,10 @@ from siamae.arguments import (
     add_threads_option,
     apply_threads_option,
     encoder_from_args,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
     resolve_device,
     write_result_file,
 )
@@ -30,6 +34,7 @@ from siamae.eval.probes.protocols import (
     fewshot_protocol,
 )
 from siamae.models.vit import Encoder
+from siamae.sizes import size_problem
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
@@ -48,21 +53,25 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--img-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="evaluation size, a multiple of the patch size (default: the encoder's training size)",
     )
     p.add_argument(
         "--crop-pct",
-        type=float,
+        type=positive_float,
         default=0.875,
         help="resize the short side to img-size/crop-pct, then centre-crop (default 0.875: "
         "256->224; use 1.0 for tiny images such as CIFAR)",
     )
-    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
-    p.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per forward pass")
+    p.add_argument(
+        "--num-workers", type=non_negative_int, default=2, help="image-decoding worker processes"
+    )
     add_device_option(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-init and of the probe")
+    p.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of --random-init and of the probe"
+    )
     add_threads_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -71,10 +80,9 @@ def _encoder(args: argparse.Namespace) -> tuple[Encoder, str]:
     apply_threads_option(args)
     encoder, source = encoder_from_args(args)
     img_size = args.img_size or encoder.img_size
-    if img_size % encoder.patch_size:
-        raise SiamaeError(
-            f"--img-size {img_size} is not a multiple of the patch size {encoder.patch_size}"
-        )
+    problem = size_problem(img_size, img_size, encoder.patch_size)
+    if problem is not None:
+        raise SiamaeError(f"--img-size {img_size}: {problem} of the encoder")
     return encoder, source
 
 
@@ -90,9 +98,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_encoder_args(p)
     p.add_argument(
-        "--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbours (several at once)"
+        "--k",
+        type=positive_int,
+        nargs="+",
+        default=[10, 20, 100, 200],
+        help="neighbours (several at once)",
     )
-    p.add_argument("--temperature", type=float, default=0.07, help="vote temperature T")
+    p.add_argument("--temperature", type=positive_float, default=0.07, help="vote temperature T")
     add_result_file_option(p)
     p.set_defaults(func=_run_knn)
 
@@ -118,14 +130,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         + "; ".join(f"{name}: {proto.summary}" for name, proto in LINEAR_PROTOCOLS.items())
         + f" (default {DEFAULT_LINEAR_PROTOCOL}). Options given below override it",
     )
-    p.add_argument("--epochs", type=int, default=None, help="default: the protocol's")
+    p.add_argument("--epochs", type=positive_int, default=None, help="default: the protocol's")
     p.add_argument("--optimizer", choices=("sgd", "lars"), default=None)
     p.add_argument(
-        "--lr", type=float, default=None, help="base learning rate; lr = base x batch / 256"
+        "--lr",
+        type=positive_float,
+        default=None,
+        help="base learning rate; lr = base x batch / 256",
     )
-    p.add_argument("--momentum", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--warmup-epochs", type=float, default=None)
+    p.add_argument("--momentum", type=non_negative_float, default=None)
+    p.add_argument("--weight-decay", type=non_negative_float, default=None)
+    p.add_argument("--warmup-epochs", type=non_negative_float, default=None)
     p.add_argument(
         "--cache-features",
         action=argparse.BooleanOptionalAction,
@@ -133,7 +148,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="compute centre-crop features once (default), or run the encoder on random crops "
         "every epoch (--no-cache-features)",
     )
-    p.add_argument("--eval-every", type=int, default=1, help="validate every N epochs")
+    p.add_argument("--eval-every", type=positive_int, default=1, help="validate every N epochs")
     p.add_argument(
         "--no-resume", action="store_true", help="start again even if OUT_DIR has a checkpoint"
     )
@@ -214,7 +229,11 @@ def _run_linear(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         source=source,
     )
-    changed = cfg.deviations()
+    # "epochs 2, base_lr 0.1", not a Python dict
+    changed = ", ".join(
+        f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+        for name, value in cfg.deviations().items()
+    )
     print(
         f"linear probe, protocol {cfg.protocol}"
         + (f" with {changed}" if changed else "")
@@ -252,12 +271,15 @@ def _register_fewshot(subparsers: argparse._SubParsersAction) -> None:
     )
     subset.add_argument(
         "--per-class",
-        type=int,
+        type=positive_int,
         default=13,
         help="draw this many images a class (default 13: ImageNet's 1 %%)",
     )
     p.add_argument(
-        "--lambd", type=float, default=None, help="L2 regularisation (default: the protocol's)"
+        "--lambd",
+        type=non_negative_float,
+        default=None,
+        help="L2 regularisation (default: the protocol's)",
     )
     add_output_folder_option(
         p, "feature cache and fewshot.json (shared with eval linear)", flag="--out-dir"

@@ -14,10 +14,12 @@ from siamae.arguments import (
     add_threads_option,
     apply_threads_option,
     encoder_from_args,
+    non_negative_int,
+    positive_int,
     resolve_device,
 )
 from siamae.eval.propagation import davis, jhmdb, vip
-from siamae.eval.propagation.engine import PropagationParams, protocol
+from siamae.eval.propagation.engine import PropagationParams, check_resize_rule, protocol
 from siamae.models.vit import Encoder
 
 
@@ -43,6 +45,7 @@ def _propagate(
     result, and the output folder."""
     encoder = _encoder(args)
     params = _params(args, benchmark)
+    check_resize_rule(params.resize, encoder.patch_size)
     out = _out(args, benchmark)
     result = evaluate(
         encoder,
@@ -99,7 +102,9 @@ def _vip(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     add_encoder_source(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default 0)")
+    p.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of --random-init (default 0)"
+    )
     add_threads_option(p)
     p.add_argument("--data-root", required=True, help="the benchmark's folder (official layout)")
     p.add_argument(
@@ -155,7 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overlay-format", choices=("png", "gif"), default="png")
     p.add_argument(
         "--max-frames",
-        type=int,
+        type=int,  # 3 or more, checked by davis with its own message
         help="only the first N frames of each sequence, counting the annotated first frame "
         "(N >= 3: frame 0 is given, frames 1..N-1 are propagated, all but the last scored, as "
         "in the official evaluation); a quick check, not the protocol (default: every frame)",
@@ -165,12 +170,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("jhmdb", help="JHMDB keypoint propagation, PCK@0.1 and @0.2")
     _common(p)
     p.add_argument("--split", help="file of clips (action/clip, or CRW's vallist format)")
-    p.add_argument("--max-clips", type=int, help="only the first N clips (a quick check)")
+    p.add_argument("--max-clips", type=positive_int, help="only the first N clips (a quick check)")
     p.set_defaults(func=_jhmdb)
 
     p = subparsers.add_parser("vip", help="VIP part propagation, mIoU over 20 classes")
     _common(p)
     p.add_argument("--split", help="file of video names")
-    p.add_argument("--max-videos", type=int, help="only the first N videos (a quick check)")
-    p.add_argument("--max-frames", type=int, help="only the first N frames of each video")
+    p.add_argument(
+        "--max-videos", type=positive_int, help="only the first N videos (a quick check)"
+    )
+    p.add_argument("--max-frames", type=positive_int, help="only the first N frames of each video")
     p.set_defaults(func=_vip)

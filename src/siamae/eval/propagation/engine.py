@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from siamae.errors import SiamaeError
+from siamae.sizes import size_problem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -173,6 +174,24 @@ def frame_size(resize: str, size: tuple[int, int], patch: int) -> tuple[int, int
     if min(out) < patch:
         raise SiamaeError(f"resize {resize!r} gives {out[0]}x{out[1]}, smaller than a patch")
     return out
+
+
+def check_resize_rule(resize: str, patch: int) -> None:
+    """Refuse, before any frame is read, a fixed resize (``HxW``, or the N of ``long:N`` /
+    ``short:N``) that does not cut into whole patches of the encoder."""
+    if resize == "native":
+        return  # cut down to whole patches per video
+    if resize.startswith(("long:", "short:")):
+        n = int(resize.split(":")[1])
+        problem = None if n % patch == 0 else f"{n} is not a multiple of the patch size {patch}"
+    else:
+        hh, ww = resize.lower().split("x")
+        problem = size_problem(int(hh), int(ww), patch)
+    if problem is not None:
+        raise SiamaeError(
+            f"resize {resize!r} of the protocol: {problem} of the encoder; pass --set "
+            "resize=HxW with sides in whole patches"
+        )
 
 
 def grid_size(image_size: tuple[int, int], patch: int) -> tuple[int, int]:
