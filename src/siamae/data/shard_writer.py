@@ -130,6 +130,27 @@ class ShardsWritten:
         return str(first.parent / f"{prefix}{{{first.stem[-6:]}..{last.stem[-6:]}}}.tar")
 
 
+def _check_out(out: Path, root: Path) -> None:
+    """Refuse an ``--out`` the shards cannot go in: a file, a folder holding other shards or
+    class names, or one inside ``--images``."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {str(out)!r} is a file; pass a folder for the shards")
+    if out.is_dir() and (any(out.glob("*.tar")) or any(out.glob("*.tar.tmp"))):
+        raise DataError(
+            f"--out {str(out)!r} already holds .tar shards; pass an empty or new folder (shards of "
+            "another run would be read with these)"
+        )
+    if (out / CLASSES_FILE).exists():
+        raise DataError(
+            f"--out {str(out)!r} already holds {CLASSES_FILE} (the class names of other shards); "
+            "pass an empty or new folder"
+        )
+    if out.resolve().is_relative_to(root.resolve()):
+        raise DataError(
+            f"--out {str(out)!r} lies inside --images {str(root)!r}; put the shards elsewhere"
+        )
+
+
 def write_shards(
     images: str | Path,
     out: str | Path,
@@ -148,22 +169,7 @@ def write_shards(
         )
     check_prefix(prefix)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {str(out)!r} is a file; pass a folder for the shards")
-    if out.is_dir() and (any(out.glob("*.tar")) or any(out.glob("*.tar.tmp"))):
-        raise DataError(
-            f"--out {str(out)!r} already holds .tar shards; pass an empty or new folder (shards of "
-            "another run would be read with these)"
-        )
-    if (out / CLASSES_FILE).exists():
-        raise DataError(
-            f"--out {str(out)!r} already holds {CLASSES_FILE} (the class names of other shards); "
-            "pass an empty or new folder"
-        )
-    if out.resolve().is_relative_to(root.resolve()):
-        raise DataError(
-            f"--out {str(out)!r} lies inside --images {str(images)!r}; put the shards elsewhere"
-        )
+    _check_out(out, root)
     in_folders = any(len(f.relative_to(root).parts) > 1 for f in files)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if in_folders else None
     class_index = {name: i for i, name in enumerate(classes or [])}

@@ -61,23 +61,27 @@ def pick_device(cfg: Config, info: D.DistInfo) -> torch.device:
     return torch.device(cfg.run.device)
 
 
-def pick_precision(cfg: Config, device: torch.device, say: bool = True) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32; ``say``: print the note a CPU run's fp16/bf16 gets."""
+def pick_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32 (mixed precision only on CUDA devices)."""
     p = cfg.run.precision
     if device.type != "cuda":
-        if p in ("fp16", "bf16") and say:
-            # The recipes ask for fp16 on GPUs; on a CPU mixed precision is slower, not faster.
-            # A note, not a Python warning: no source line for the user to puzzle over.
-            print(
-                f"siamae: note: run.precision={p} applies to CUDA devices; training in fp32 "
-                f"on {device}",
-                file=sys.stderr,
-                flush=True,
-            )
         return None
     if p == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[p]
+
+
+def _say_cpu_precision(cfg: Config, device: torch.device) -> None:
+    """The note a run asking for fp16/bf16 off CUDA gets, once its checks have passed."""
+    # The recipes ask for fp16 on GPUs; on a CPU mixed precision is slower, not faster.
+    # A note, not a Python warning: no source line for the user to puzzle over.
+    if device.type != "cuda" and cfg.run.precision in ("fp16", "bf16"):
+        print(
+            f"siamae: note: run.precision={cfg.run.precision} applies to CUDA devices; "
+            f"training in fp32 on {device}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def make_schedule(cfg: Config, batches_per_epoch: int, world_size: int) -> Schedule:
@@ -106,7 +110,7 @@ def set_up(
     # Before any parallel work (building the model is some), so the whole run uses the plan.
     threads = apply_thread_policy(cfg.run.threads, cfg.data.num_workers)
     device = pick_device(cfg, info)
-    amp_dtype = pick_precision(cfg, device, info.is_main)
+    amp_dtype = pick_precision(cfg, device)
     run_dir = Path(cfg.run.out_dir)
     resume_path, checkpoint = open_resume_checkpoint(cfg, run_dir, resume)
     method = _build_same_method(cfg, info, device)
@@ -145,6 +149,7 @@ def set_up(
     if info.is_main:
         start_line = threads.describe(refitted=governor is not None)
         print(f"siamae: {cfg.method} on {device.type}, {start_line}", flush=True)
+        _say_cpu_precision(cfg, device)
         if checkpoint is not None:
             _say_resumed(state, schedule, resume_path, dataset, checkpoint)
         (run_dir / THREADS_FILE).write_text(
