@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -37,23 +38,24 @@ from siamae.eval.propagation import cli as propagation_cli
 from siamae.finetune import segmentation
 from siamae.finetune.command import command_overrides
 from siamae.paths import OUTPUT_ERRNOS, check_writable
-from siamae.recipes import load_config
+from siamae.recipes import load_config, recipe_value
 from siamae.registry import METHODS
 from siamae.viz import visualize_checkpoint
 
 
 def _pretrain_config(args: argparse.Namespace) -> Config:
-    overrides = list(args.set or [])
-    if args.data is not None:
-        overrides.append(f"data.path={args.data}")
-    if args.out is not None:
-        overrides.append(f"run.out_dir={args.out}")
-    cfg = load_config(args.config, overrides)
-    if args.data is not None and cfg.data.source == "synthetic":
-        # --data names real data: read it as images (or videos for frame-pair methods).
-        kind = "videos" if METHODS[cfg.method].view_kind == "frames" else "images"
-        cfg = load_config(args.config, overrides + [f"data.source={kind}"])
-    return cfg
+    def flags(recipe: dict[str, Any]) -> list[str]:
+        layer = [] if args.out is None else [f"run.out_dir={args.out}"]
+        if args.data is None:
+            return layer
+        layer.append(f"data.path={args.data}")
+        method = METHODS.get(str(recipe_value(recipe, "method")))
+        if recipe_value(recipe, "data.source") == "synthetic" and method is not None:
+            # --data names real data: read it as images (or videos for frame-pair methods).
+            layer.append(f"data.source={'videos' if method.view_kind == 'frames' else 'images'}")
+        return layer
+
+    return load_config(args.config, args.set, flags=flags)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -112,11 +114,14 @@ def _print_summary(summary: dict) -> None:
 
 
 def _finetune_config(args: argparse.Namespace) -> Config:
-    if segmentation.wants_segmentation(args.config, args.set):
-        flags = segmentation.command_overrides(args.data, args.val, args.checkpoint, args.out)
-    else:
-        flags = command_overrides(args.data, args.val, args.checkpoint, args.out)
-    return load_config(args.config, flags[:2] + list(args.set or []) + flags[2:])
+    def flags(recipe: dict[str, Any]) -> list[str]:
+        # The task is the method the recipe names once --set is applied: its flags name its
+        # own fields (segmentation.val, not finetune.val).
+        if recipe_value(recipe, "method") == segmentation.METHOD_NAME:
+            return segmentation.command_overrides(args.data, args.val, args.checkpoint, args.out)
+        return command_overrides(args.data, args.val, args.checkpoint, args.out)
+
+    return load_config(args.config, args.set, flags=flags)
 
 
 def _finetune(args: argparse.Namespace) -> int:

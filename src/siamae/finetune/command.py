@@ -45,7 +45,8 @@ def split_folders(data: str | Path) -> tuple[Path, Path | None]:
 def command_overrides(
     data: str | None, val: str | None, checkpoint: str | None, out: str | None
 ) -> list[str]:
-    """The ``--set`` overrides that ``siamae finetune``'s own flags stand for."""
+    """What ``siamae finetune``'s own flags set, for classification: a layer of overrides below
+    ``--set`` (:func:`siamae.recipes.load_config`)."""
     overrides = ["method=finetune"]
     if data is not None:
         train_dir, found_val = split_folders(data)

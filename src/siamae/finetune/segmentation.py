@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from siamae.config import load_yaml
 from siamae.data.segmentation import (
     IGNORE_INDEX,
     SegmentationSet,
@@ -331,21 +330,11 @@ class SegmentationFineTune(Method):
 # -- the command line -----------------------------------------------------------------------------
 
 
-def wants_segmentation(config: str | None, sets: list[str] | None) -> bool:
-    """Whether ``siamae finetune --config CONFIG --set ...`` asks for segmentation (the YAML's
-    or a --set's ``method: segmentation``)."""
-    method = load_yaml(config).get("method") if config else None
-    for text in sets or []:
-        key, _, value = text.partition("=")
-        if key.strip() == "method":
-            method = value.strip()
-    return method == METHOD_NAME
-
-
 def command_overrides(
     data: str | None, val: str | None, checkpoint: str | None, out: str | None
 ) -> list[str]:
-    """The ``--set`` overrides that ``siamae finetune``'s flags stand for, for segmentation."""
+    """What ``siamae finetune``'s own flags set, for segmentation: a layer of overrides below
+    ``--set`` (:func:`siamae.recipes.load_config`)."""
     overrides = [f"method={METHOD_NAME}"]
     if data is not None:
         overrides += ["data.source=images", f"data.path={data}"]
