@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from siamae.cli import main as siamae
+from siamae.commands.cli import main as siamae
 
 
 def run(args: argparse.Namespace) -> dict[str, dict]:

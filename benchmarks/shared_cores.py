@@ -48,8 +48,8 @@ from pathlib import Path
 
 import torch
 
+from siamae.commands.demo import DEMO_OVERRIDES
 from siamae.data.synthetic import synthetic_video
-from siamae.demo import DEMO_OVERRIDES
 from siamae.engine.setup import THREADS_FILE
 from siamae.engine.trainer import train
 from siamae.eval.propagation.engine import protocol

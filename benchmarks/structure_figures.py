@@ -42,8 +42,12 @@ def imported_modules(node: ast.AST, module: str, is_package: bool, known: set[st
         names = [alias.name for alias in node.names]
     elif isinstance(node, ast.ImportFrom):
         base = resolve(node, module, is_package)
-        names = [f"{base}.{alias.name}" for alias in node.names] + [base]
-        names = [name for name in names if name in known][:1] or [base]
+        # Every module the import names (``from siamae import export, submit``: both), and the
+        # base itself for names that are not modules (``from siamae.config import Config``).
+        named = [f"{base}.{alias.name}" for alias in node.names]
+        names = [name for name in named if name in known]
+        if len(names) < len(named):
+            names.append(base)
     else:
         return found
     for name in names:

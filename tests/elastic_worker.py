@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
+from siamae.commands.entry import main
 from siamae.engine.logging import MetricsLogger
-from siamae.entry import main
 
 ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 CRASH_AT_STEP = int(os.environ["CRASH_AT_STEP"])

@@ -22,7 +22,7 @@ from siamae.arguments import (
     resolve_device,
     write_result_file,
 )
-from siamae.cli import build_parser, main
+from siamae.commands.cli import build_parser, main
 from siamae.errors import SiamaeError
 
 ENCODER_COMMANDS = ("knn", "linear", "fewshot", "davis", "jhmdb", "vip", "segment")

@@ -13,7 +13,7 @@ import torch
 from scipy.stats import ks_2samp
 from torchvision.transforms import RandomResizedCrop
 
-from siamae.cli import main
+from siamae.commands.cli import main
 from siamae.data.dataset import build_view_maker
 from siamae.data.views import sample_box
 from siamae.recipes import load_config

@@ -19,7 +19,7 @@ from PIL import Image
 
 import siamae.checkpoint as checkpoint_module
 import siamae.paths as paths_module
-from siamae.cli import main
+from siamae.commands.cli import main
 from siamae.data.siameseim_views import SiameseIMViews
 from test_cli import CONFIGS, _error_line, _small_pretrain
 
@@ -91,12 +91,12 @@ def test_every_out_option_is_checked_before_any_work(
     def no_work(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("the command started working")
 
-    import siamae.cli
-    import siamae.demo
+    import siamae.commands.cli
+    import siamae.commands.demo
 
     # The commands call train by the name they imported: the test replaces it there.
-    monkeypatch.setattr(siamae.cli, "train", no_work)
-    monkeypatch.setattr(siamae.demo, "train", no_work)
+    monkeypatch.setattr(siamae.commands.cli, "train", no_work)
+    monkeypatch.setattr(siamae.commands.demo, "train", no_work)
     image = read_only.parent / "a.png"
     Image.new("RGB", (8, 8)).save(image)
     encoder = ["--random-init", "vit_tiny_patch8_32", "--train", "t", "--val", "v"]

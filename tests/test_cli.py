@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from siamae.cli import main
+from siamae.commands.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -17,7 +17,7 @@ import submitit
 import torch
 
 from ddp_helpers import stop_votes
-from siamae import cli, submit
+from siamae.commands import cli, submit
 from siamae.engine import slurm
 from siamae.engine.trainer import train
 from siamae.errors import ConfigError
@@ -323,6 +323,7 @@ def test_submit_writes_the_batch_script_slurm_gets(
     delayed = submitit.helpers.DelayedSubmission.load(out / "slurm" / "4321_submitted.pkl")
     job = delayed.function
     assert isinstance(job, submit.SiamaeJob) and job.command == command and job.attempt == 1
+    assert job.run_command is cli.main  # the command line's main, handed in, pickled by name
     requeued = job.checkpoint().function
     assert requeued.attempt == 2 and "--no-resume" not in requeued.command
     assert requeued.command == [c for c in command if c != "--no-resume"]
@@ -349,7 +350,7 @@ def test_a_preempted_job_saves_requeues_and_ends_like_an_uninterrupted_run(
         args, parser, {"pretrain": cli._pretrain_config, "finetune": cli._finetune_config}
     )
     assert plan.run_dir == out and plan.tasks_per_node == 1 and plan.cpus_per_task == 1
-    job = submit.launch(plan)
+    job = submit.launch(plan, cli.main)
     deadline = time.time() + 240
     while not (out / "metrics.jsonl").exists() and time.time() < deadline:
         assert job.state == "RUNNING", job.stderr()

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from siamae.commands.demo import demo_config
 from siamae.config import Config, from_dict
-from siamae.demo import demo_config
 from siamae.errors import ConfigError
 from siamae.eval import attention
 from siamae.recipes import load_config

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from image_bombs import write_bomb
-from siamae.cli import main
+from siamae.commands.cli import main
 from siamae.data.dataset import EpochSampler, PretrainDataset, build_dataset, collate
 from siamae.data.image_folder import EvalTransform, ImageFolder
 from siamae.data.labelled import LabelledImageSource

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from siamae.cli import main
+from siamae.commands.cli import main
 from siamae.errors import CheckpointError
 from siamae.loading import describe_encoder, random_encoder
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from siamae import load_encoder
 from siamae.checkpoint import TRAIN_FORMAT, save_atomic
-from siamae.cli import main
+from siamae.commands.cli import main
 from siamae.errors import CheckpointError, SiamaeError
 from siamae.export import export_encoder
 from siamae.models.vit import Encoder

@@ -14,7 +14,7 @@ from PIL import Image
 from timm.models.vision_transformer import Block
 
 from ddp_helpers import train_in_processes
-from siamae.cli import main as cli_main
+from siamae.commands.cli import main as cli_main
 from siamae.data.image_folder import EvalTransform, normalize
 from siamae.data.mixing import group_partition, mix_images, unmix_index, unmix_latent
 from siamae.data.sources import SyntheticImageSource

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from siamae import cli, recipes, submit
+from siamae import recipes
+from siamae.commands import cli, submit
 from siamae.config import Config
 from siamae.eval.propagation.engine import protocol
 

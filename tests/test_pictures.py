@@ -160,11 +160,11 @@ def test_reconstruction_draws_the_methods_picture_with_name_and_step(
     import torch
 
     from siamae.checkpoint import load_checkpoint
+    from siamae.commands.viz import visualize_checkpoint
     from siamae.data.dataset import build_dataset
     from siamae.engine.pictures import save_loss_curve, save_reconstruction
     from siamae.recipes import config_from_dict
     from siamae.registry import build_method
-    from siamae.viz import visualize_checkpoint
 
     run = tmp_path / "run"
     summary = _small_run(run)

@@ -19,7 +19,7 @@ from PIL import Image
 
 import siamae.engine.step as step_module
 import siamae.eval.probes.cli as probe_cli
-from siamae.cli import main
+from siamae.commands.cli import main
 from siamae.engine.run_lock import LOCK_FILE, LockHolder
 from siamae.finetune.classification import FineTune
 from siamae.finetune.segmentation import SegmentationFineTune
@@ -57,7 +57,7 @@ def test_out_of_memory_in_the_step_exits_at_once_with_loader_workers(tmp_path: P
         "def fail(*args, **kwargs):\n"
         "    raise MemoryError()\n"
         "step._forward_backward = fail\n"
-        "from siamae.cli import main\n"
+        "from siamae.commands.cli import main\n"
         f"sys.exit(main({args!r}))\n"
     )
     proc = subprocess.run(

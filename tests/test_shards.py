@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ddp_helpers import train_in_processes
-from siamae.cli import main
+from siamae.commands.cli import main
 from siamae.data import shards as S
 from siamae.data.dataset import PretrainDataset, build_source
 from siamae.data.image_folder import EvalTransform, ImageFolder, validation_folder

@@ -43,6 +43,8 @@ def test_the_script_finds_room_loops_circles_and_inner_imports(figures_of, tmp_p
             "high/b.py": "from siamae.low.c import other\nthing = 1\n",
             "low/c.py": "other = 2\n\ndef f():\n    from siamae.high import b\n",
             "alone.py": "from siamae.low.c import other\n",
+            # two modules in one import: both are arrows (the second was once missed)
+            "pair.py": "from siamae.low import a, c\n",
         },
     )
     figures = figures_of(src)
@@ -53,6 +55,7 @@ def test_the_script_finds_room_loops_circles_and_inner_imports(figures_of, tmp_p
     }
     assert figures.circles == [["siamae.high.b", "siamae.low.c"]]  # via c's inner import
     assert figures.inner_imports == ["siamae/low/c.py:4 -> siamae.high.b"]
+    assert figures.graph["siamae.pair"] == {"siamae.low.a", "siamae.low.c"}
     assert figures.longest == (2, "siamae.low.c.f")
 
 
@@ -63,7 +66,11 @@ def test_the_package_keeps_its_plan(figures_of) -> None:
     }
     assert figures.circles == []
     # The one exception: the console script imports the CLI once OMP_WAIT_POLICY is set.
-    assert [line.split(":")[0] for line in figures.inner_imports] == ["siamae/entry.py"]
+    assert [line.split(":")[0] for line in figures.inner_imports] == ["siamae/commands/entry.py"]
+    # The engine is handed the k-NN monitor: it imports no evaluation.
+    assert "eval" not in figures.room_arrows["engine"], figures.room_arrows["engine"]
+    # The command line, its entry point and the commands above the library are one room.
+    assert not {"cli", "submit", "demo", "viz"} & set(figures.rooms), sorted(figures.rooms)
     engine = [(n, name) for n, name in figures.functions if name.startswith("siamae.engine.")]
     assert len(engine) > 20  # the parts are measured
     assert max(engine)[0] <= 80, max(engine)

@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from siamae import threads as T
 from siamae.arguments import apply_threads_option
-from siamae.cli import build_parser, main
+from siamae.commands.cli import build_parser, main
+from siamae.commands.entry import main as entry_main
 from siamae.engine.setup import THREADS_FILE, _init_worker
 from siamae.engine.trainer import train
-from siamae.entry import main as entry_main
 from siamae.errors import ConfigError
 from siamae.recipes import load_config
 from siamae.threads import (
@@ -193,7 +193,7 @@ def test_threads_below_one_is_refused(capsys: pytest.CaptureFixture[str], tmp_pa
 def test_the_command_imports_no_torch_before_it_sets_the_openmp_environment() -> None:
     # OMP_WAIT_POLICY is read once, when torch's OpenMP runtime loads: the entry module must not
     # import torch before main() has set it.
-    code = "import sys, siamae.entry; print('torch' in sys.modules)"
+    code = "import sys, siamae.commands.entry; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

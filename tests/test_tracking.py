@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from siamae import cli
+from siamae.commands import cli
 from siamae.engine.trainer import train
 from siamae.recipes import load_config
 from wandb_records import read_run

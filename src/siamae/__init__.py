@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 __all__ = ["Encoder", "__version__", "load_encoder", "random_encoder"]
 
 # Imported on first use, not with the package: the ``siamae`` command must set the OpenMP
-# environment (siamae.entry) before anything imports torch, and every siamae module imports this
+# environment (siamae.commands.entry) before anything imports torch, and every siamae module imports this
 # package first.
 _LAZY = {
     "Encoder": "siamae.models.vit",

@@ -2,6 +2,6 @@
 
 import sys
 
-from siamae.entry import main
+from siamae.commands.entry import main
 
 sys.exit(main())

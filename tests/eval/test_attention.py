@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from image_bombs import write_bomb
-from siamae.cli import build_parser, main
+from siamae.commands.cli import build_parser, main
 from siamae.eval.attention import (
     AttentionResult,
     attention_figure,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ddp_helpers import train_in_processes
-from siamae.cli import main
+from siamae.commands.cli import main
 from siamae.engine.trainer import train
 from siamae.errors import ConfigError
 from siamae.finetune.checkpoints import export_classifier
@@ -249,7 +249,7 @@ def test_export_loads_strictly_into_timm_with_its_head(overfit_run, tmp_path: Pa
     import timm
     from safetensors.torch import load_file
 
-    from siamae.cli import main
+    from siamae.commands.cli import main
 
     out, _ = overfit_run
     assert (
@@ -287,7 +287,7 @@ def test_export_loads_strictly_into_timm_with_its_head(overfit_run, tmp_path: Pa
 
 
 def test_command_reads_train_and_val_from_one_folder(folders, tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    from siamae.cli import main
+    from siamae.commands.cli import main
 
     torch.set_num_threads(1)
     config = tmp_path / "ft.yaml"

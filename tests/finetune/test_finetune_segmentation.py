@@ -16,7 +16,7 @@ import torch.nn as nn
 from PIL import Image
 
 from ddp_helpers import train_in_processes
-from siamae.cli import main
+from siamae.commands.cli import main
 from siamae.data.segmentation import (
     IGNORE_INDEX,
     SegmentationViews,

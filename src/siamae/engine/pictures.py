@@ -1,5 +1,5 @@
 """Pictures of a training run, drawn at its end: the method's own picture (reconstructions) and
-the loss curve (``siamae visualize`` draws the first again from a checkpoint: :mod:`siamae.viz`).
+the loss curve (``siamae visualize`` draws the first again from a checkpoint: :mod:`siamae.commands.viz`).
 
 Every picture says what it shows without the console: a title with the method and the step,
 titled columns, axis labels and a legend. Matplotlib draws them through its object API

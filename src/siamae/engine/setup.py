@@ -34,15 +34,20 @@ from siamae.engine.checkpointing import (
 )
 from siamae.engine.logging import MetricsLogger
 from siamae.engine.run_lock import RunFolder
-from siamae.engine.state import Run, Schedule, TrainState
+from siamae.engine.state import Monitor, MonitorFactory, Run, Schedule, TrainState
 from siamae.engine.stop import STOP_SIGNALS
 from siamae.engine.tracking import WandbRun, open_tracking
 from siamae.errors import ConfigError
-from siamae.eval.probes.monitor import KNNMonitor, build_monitor
 from siamae.methods import Method
 from siamae.optim import build_optimizer
 from siamae.registry import build_method
-from siamae.threads import apply_thread_policy, thread_governor, worker_threads
+from siamae.threads import (
+    ThreadGovernor,
+    ThreadPlan,
+    apply_thread_policy,
+    thread_governor,
+    worker_threads,
+)
 
 THREADS_FILE = "threads.json"  # the resolved thread plan (siamae.threads.ThreadPlan)
 VIDEO_INDEX_FILE = "video_index.json"  # siamae.data.video.INDEX_FILE, without importing PyAV
@@ -103,10 +108,15 @@ def make_schedule(cfg: Config, batches_per_epoch: int, world_size: int) -> Sched
 
 
 def set_up(
-    cfg: Config, info: D.DistInfo, resume: str | Path | bool | None, folder: RunFolder | None
+    cfg: Config,
+    info: D.DistInfo,
+    resume: str | Path | bool | None,
+    folder: RunFolder | None,
+    monitor: MonitorFactory | None = None,
 ) -> Run:
     """Everything a training call needs, resumed from ``resume`` when it names a checkpoint.
-    ``folder``: the main process's lock on the run folder (None on the other processes)."""
+    ``folder``: the main process's lock on the run folder (None on the other processes);
+    ``monitor``: builds the monitor the config asks for (``monitor.knn_train``)."""
     # Before any parallel work (building the model is some), so the whole run uses the plan.
     threads = apply_thread_policy(cfg.run.threads, cfg.data.num_workers)
     device = pick_device(cfg, info)
@@ -139,7 +149,9 @@ def set_up(
             check_weights_fit(method, checkpoint["model"], resume_path)
             state = restore(checkpoint, resume_path, method, optimizer, scaler, info, device, state)
         # What can still fail (the monitor's data, a W&B login) runs before the first write.
-        reporters = _open_reporters(cfg, run_dir, device, state.step) if info.is_main else None
+        reporters = (
+            _open_reporters(cfg, run_dir, device, state.step, monitor) if info.is_main else None
+        )
         if folder is not None:
             folder.started = True
             _write_start_files(cfg, run_dir, staging, method)
@@ -147,14 +159,9 @@ def set_up(
 
     governor = thread_governor(threads)
     if info.is_main:
-        start_line = threads.describe(refitted=governor is not None)
-        print(f"siamae: {cfg.method} on {device.type}, {start_line}", flush=True)
-        _say_cpu_precision(cfg, device)
+        _say_start(cfg, device, threads, governor)
         if checkpoint is not None:
             _say_resumed(state, schedule, resume_path, dataset, checkpoint)
-        (run_dir / THREADS_FILE).write_text(
-            json.dumps(governor.to_dict() if governor else threads.to_dict()) + "\n"
-        )
     loader = _build_loader(dataset, sampler, cfg.data.num_workers, device)
     run = Run(
         cfg=cfg,
@@ -180,6 +187,19 @@ def set_up(
     if reporters is not None:
         _start_reporters(run, *reporters)
     return run
+
+
+def _say_start(
+    cfg: Config, device: torch.device, threads: ThreadPlan, governor: ThreadGovernor | None
+) -> None:
+    """The run's first line (method, device, threads), the CPU precision note, and the thread
+    plan in the run folder."""
+    start_line = threads.describe(refitted=governor is not None)
+    print(f"siamae: {cfg.method} on {device.type}, {start_line}", flush=True)
+    _say_cpu_precision(cfg, device)
+    (Path(cfg.run.out_dir) / THREADS_FILE).write_text(
+        json.dumps(governor.to_dict() if governor else threads.to_dict()) + "\n"
+    )
 
 
 def _build_same_method(cfg: Config, info: D.DistInfo, device: torch.device) -> Method:
@@ -267,12 +287,19 @@ def _wrap(method: Method, cfg: Config, info: D.DistInfo, device: torch.device) -
 
 
 def _open_reporters(
-    cfg: Config, run_dir: Path, device: torch.device, step: int
-) -> tuple[KNNMonitor | None, WandbRun | None]:
+    cfg: Config, run_dir: Path, device: torch.device, step: int, build: MonitorFactory | None
+) -> tuple[Monitor | None, WandbRun | None]:
     """The k-NN monitor and the W&B run, which can fail (the monitor's data, a W&B login), and
     so start before the run's first file is written. A W&B run that did not start leaves no
     ``wandb/`` folder behind."""
-    monitor = build_monitor(cfg, device) if cfg.monitor.knn_train else None
+    monitor = None
+    if cfg.monitor.knn_train:
+        if build is None:  # never silently without the figures the config asks for
+            raise ConfigError(
+                "config field 'monitor.knn_train': this train() call has no monitor to build; "
+                "pass train(..., monitor=siamae.eval.probes.monitor.build_monitor)"
+            )
+        monitor = build(cfg, device)
     wandb_dir = run_dir / "wandb"
     had_wandb_dir = wandb_dir.exists()
     try:
@@ -314,7 +341,7 @@ def _say_resumed(
     )
 
 
-def _start_reporters(run: Run, monitor: KNNMonitor | None, tracker: WandbRun | None) -> None:
+def _start_reporters(run: Run, monitor: Monitor | None, tracker: WandbRun | None) -> None:
     """The main process's k-NN monitor, metrics files and progress bar; files the source found
     unreadable before training are listed."""
     cfg = run.cfg

@@ -5,9 +5,10 @@ step, the logging, the checkpoints and the shutdown share."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -17,9 +18,23 @@ from siamae.config import Config
 from siamae.data.dataset import EpochSampler
 from siamae.engine import distributed as D
 from siamae.engine.logging import MetricsLogger
-from siamae.eval.probes.monitor import KNNMonitor
 from siamae.methods import Method
+from siamae.models.vit import Encoder
 from siamae.threads import ThreadGovernor
+
+
+class Monitor(Protocol):
+    """A figure of the encoder taken while it trains (the k-NN monitor of ``siamae.eval``):
+    whether it is due after a step, and its numbers, logged with the step's."""
+
+    def due(self, epochs_done: int, step: int) -> bool: ...
+
+    def run(self, encoder: Encoder) -> dict[str, float]: ...
+
+
+#: Builds the monitor a config asks for on the run's device (None where it asks for none). Handed
+#: to :func:`siamae.engine.trainer.train` by its caller, so the engine imports no evaluation.
+MonitorFactory = Callable[[Config, torch.device], Monitor | None]
 
 
 @dataclass
@@ -65,7 +80,7 @@ class Run:
     scaler: torch.amp.GradScaler
     autocast: Any  # torch.autocast, or a null context for fp32
     state: TrainState
-    monitor: KNNMonitor | None = None
+    monitor: Monitor | None = None
     logger: MetricsLogger | None = None
     progress: Any = None  # a tqdm bar
     threads: ThreadGovernor | None = None  # re-fits the thread plan as the run goes, or None

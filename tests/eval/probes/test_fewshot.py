@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from siamae.cli import main
+from siamae.commands.cli import main
 from siamae.data.image_folder import EvalTransform, ImageFolder
 from siamae.errors import DataError
 from siamae.eval.probes.fewshot import (

@@ -133,7 +133,7 @@ def test_pretraining_weights_are_the_same_with_and_without_the_monitor(
          f"monitor.knn_val={folders[1]}", "monitor.every_steps=1", "monitor.crop_pct=1.0",
          "monitor.k=5"],
     )  # fmt: skip
-    watched = train(watched_cfg, resume=False)
+    watched = train(watched_cfg, resume=False, monitor=build_monitor)
     a = torch.load(plain["checkpoint"], weights_only=True)
     b = torch.load(watched["checkpoint"], weights_only=True)
     assert a["step"] == b["step"] == 2
@@ -144,3 +144,24 @@ def test_pretraining_weights_are_the_same_with_and_without_the_monitor(
     logged = [json.loads(line) for line in lines if "knn_top1" in line]
     assert [r["step"] for r in logged] == [1, 2]
     assert all(0.0 <= r["knn_top1"] <= 100.0 for r in logged)
+
+
+def test_train_without_a_monitor_refuses_a_config_that_asks_for_one(
+    folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The engine imports no evaluation: its caller hands the monitor in, and a config that asks
+    for one is never trained silently without it."""
+    from siamae.engine.trainer import train
+    from siamae.errors import ConfigError
+
+    cfg = load_config(
+        None,
+        ["model.arch=vit_tiny", "model.img_size=32", "model.patch_size=16",
+         "data.source=synthetic", "data.synthetic_count=8", "data.batch_size=4",
+         "data.num_workers=0", "optim.max_steps=1", "run.device=cpu", "run.progress=false",
+         f"run.out_dir={tmp_path / 'run'}", f"monitor.knn_train={folders[0]}",
+         f"monitor.knn_val={folders[1]}"],
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="monitor.knn_train"):
+        train(cfg, resume=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

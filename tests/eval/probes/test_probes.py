@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from siamae.checkpoint import load_checkpoint
-from siamae.cli import main
+from siamae.commands.cli import main
 from siamae.data.image_folder import EvalTransform, ImageFolder
 from siamae.errors import DataError
 from siamae.eval.probes import features as features_module

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from test_probes import write_folder
 
 import siamae.eval.probes.linear as linear_module
-from siamae.cli import main
+from siamae.commands.cli import main
 from siamae.data.image_folder import EvalTransform, ImageFolder, normalize
 from siamae.eval.probes.features import extract_features
 from siamae.eval.probes.linear import AugmentedFolder, LinearConfig, _AugmentedFeatures

@@ -258,7 +258,7 @@ def test_davis_ground_truth_folder_scores_one(shared_data, tmp_path, size):
 
 @pytest.mark.parametrize("count", ["0", "1", "2"])
 def test_davis_max_frames_below_three_is_refused(shared_data, tmp_path, count, capsys):
-    from siamae.cli import main
+    from siamae.commands.cli import main
 
     code = main(
         ["eval", "davis", "--random-init", "vit_tiny_patch16", "--data-root",
@@ -286,7 +286,7 @@ def test_a_fixed_resize_out_of_whole_patches_is_refused_before_any_frame(
 
 
 def test_davis_with_a_resize_out_of_whole_patches_is_one_line(tmp_path, capsys) -> None:  # noqa: ANN001
-    from siamae.cli import main
+    from siamae.commands.cli import main
 
     out = tmp_path / "out"
     code = main(

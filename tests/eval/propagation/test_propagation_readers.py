@@ -213,7 +213,7 @@ def test_vip_fixture_end_to_end(tmp_path, tiny_encoder):
 
 
 def test_cli_davis_and_errors(tmp_path, capsys):
-    from siamae.cli import main
+    from siamae.commands.cli import main
 
     root = make_davis(tmp_path / "DAVIS", n_seq=1, t=4)
     out = tmp_path / "o"
@@ -233,7 +233,7 @@ def test_cli_davis_and_errors(tmp_path, capsys):
 
 
 def test_cli_accepts_wrapped_state_dict(tmp_path, capsys):
-    from siamae.cli import main
+    from siamae.commands.cli import main
 
     root = make_davis(tmp_path / "DAVIS", n_seq=1, t=3)
     enc = Encoder("vit_tiny", 16, 64, depth=2)

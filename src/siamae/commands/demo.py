@@ -11,6 +11,7 @@ from typing import Any
 
 from siamae.config import Config
 from siamae.engine.trainer import train
+from siamae.eval.probes.monitor import build_monitor
 from siamae.eval.propagation.synthetic_videos import evaluate_synthetic
 from siamae.loading import load_encoder, random_encoder
 from siamae.recipes import load_config
@@ -59,7 +60,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str
         f"siamae demo: CropMAE ({cfg.model.arch}, patch {cfg.model.patch_size}, {cfg.model.img_size}px views, "
         f"mask ratio {cfg.mask_ratio}) on {cfg.data.synthetic_count} built-in synthetic scenes"
     )
-    summary = train(cfg, resume=False)
+    summary = train(cfg, resume=False, monitor=build_monitor)
     run_dir = Path(summary["run_dir"])
     print()
     print(f"pre-trained {summary['step']} steps; loss {summary['final_loss']:.4f}")

@@ -29,7 +29,6 @@ import submitit
 
 from siamae.config import Config
 from siamae.engine.slurm import port_for_job
-from siamae.entry import main as siamae_main
 from siamae.errors import ConfigError
 from siamae.paths import check_writable
 
@@ -88,15 +87,24 @@ class JobFailed(RuntimeError):
     """The command of a job exited with an error; its message is in the task's log."""
 
 
+#: The command line's ``main``: what a task runs with the job's command (handed in by the command
+#: line, so that this module does not import it back).
+RunCommand = Callable[[Sequence[str]], int]
+
+
 class SiamaeJob:
     """What each task of the job runs: ``siamae <command>``, as one process of the DDP group.
 
-    submitit pickles it; on SIGUSR2 it calls :meth:`checkpoint` and requeues what that returns.
+    submitit pickles it (``run_command`` by its importable name); on SIGUSR2 it calls
+    :meth:`checkpoint` and requeues what that returns.
     """
 
-    def __init__(self, command: Sequence[str], cwd: str, attempt: int = 1) -> None:
+    def __init__(
+        self, command: Sequence[str], cwd: str, run_command: RunCommand, attempt: int = 1
+    ) -> None:
         self.command = list(command)
         self.cwd = cwd  # relative paths in the command mean what they meant at submission
+        self.run_command = run_command
         self.attempt = attempt
 
     def __call__(self) -> int:
@@ -116,7 +124,7 @@ class SiamaeJob:
                 f"tasks on {job.num_nodes} node(s): siamae {' '.join(self.command)}",
                 flush=True,
             )
-        code = siamae_main(self.command)
+        code = self.run_command(self.command)
         if code == REQUEUE_EXIT_CODE:
             # The engine saved last.pt and restored submitit's SIGUSR2 handler: handing the
             # signal back lets submitit call checkpoint() and requeue the job (on the main task;
@@ -134,7 +142,7 @@ class SiamaeJob:
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """submitit's requeue hook: the same command again, resuming from last.pt."""
         return submitit.helpers.DelayedSubmission(
-            SiamaeJob(resumed_command(self.command), self.cwd, self.attempt + 1)
+            SiamaeJob(resumed_command(self.command), self.cwd, self.run_command, self.attempt + 1)
         )
 
 
@@ -275,18 +283,19 @@ def build_executor(plan: JobPlan) -> submitit.AutoExecutor:
     return executor
 
 
-def launch(plan: JobPlan) -> submitit.Job:
-    """Submit the plan: every task runs its command (:class:`SiamaeJob`)."""
-    return build_executor(plan).submit(SiamaeJob(plan.command, os.getcwd()))
+def launch(plan: JobPlan, run_command: RunCommand) -> submitit.Job:
+    """Submit the plan: every task runs its command with ``run_command`` (:class:`SiamaeJob`)."""
+    return build_executor(plan).submit(SiamaeJob(plan.command, os.getcwd(), run_command))
 
 
 def run_submit(
     args: argparse.Namespace,
     parser: argparse.ArgumentParser,
     configs: dict[str, Callable[[argparse.Namespace], Config]],
+    run_command: RunCommand,
 ) -> int:
     plan = plan_from_args(args, parser, configs)
-    job = launch(plan)
+    job = launch(plan, run_command)
     where = plan.log_dir / f"{job.job_id}_<task>_log.out"
     print(
         f"submitted job {job.job_id} ({plan.executor}): {plan.nodes} node(s) x "
@@ -302,8 +311,10 @@ def register(
     sub: Any,
     parser: argparse.ArgumentParser,
     configs: dict[str, Callable[[argparse.Namespace], Config]],
+    run_command: RunCommand,
 ) -> None:
-    """Add ``siamae submit`` to the CLI; ``configs`` resolves a command's config as it would."""
+    """Add ``siamae submit`` to the CLI; ``configs`` resolves a command's config as it would,
+    ``run_command`` (the command line's ``main``) is what each task of the job runs."""
     p = sub.add_parser(
         "submit",
         help="run pretrain or finetune as a Slurm job (submitit): one task per GPU, "
@@ -364,4 +375,4 @@ def register(
         nargs=argparse.REMAINDER,
         help="-- then the job's command: pretrain ... or finetune ...",
     )
-    p.set_defaults(func=lambda args: run_submit(args, parser, configs))
+    p.set_defaults(func=lambda args: run_submit(args, parser, configs, run_command))

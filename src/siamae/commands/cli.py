@@ -1,6 +1,6 @@
 """The ``siamae`` command. Thin: it parses arguments and calls the library.
 
-Its entry point is :mod:`siamae.entry`, which sets the OpenMP environment before this module (and
+Its entry point is :mod:`siamae.commands.entry`, which sets the OpenMP environment before this module (and
 with it torch) is imported.
 
 Bad input (a missing path, a bad config field, a checkpoint that does not fit) prints one line
@@ -19,28 +19,30 @@ from typing import Any
 
 import torch
 
-from siamae import __version__, export, submit
+from siamae import __version__, export
 from siamae.arguments import (
     OneLineErrorParser,
     add_device_option,
     non_negative_int,
     positive_int,
 )
+from siamae.commands import submit
+from siamae.commands.demo import run_demo
+from siamae.commands.viz import visualize_checkpoint
 from siamae.config import Config
 from siamae.data import shard_writer
-from siamae.demo import run_demo
 from siamae.engine.trainer import train
 from siamae.errors import SiamaeError
 from siamae.eval import homology, segmentation_cli
 from siamae.eval.attention import run_command
 from siamae.eval.probes import cli as probe_cli
+from siamae.eval.probes.monitor import build_monitor
 from siamae.eval.propagation import cli as propagation_cli
 from siamae.finetune import segmentation
 from siamae.finetune.command import command_overrides
 from siamae.paths import OUTPUT_ERRNOS, check_writable
 from siamae.recipes import load_config, recipe_value
 from siamae.registry import METHODS
-from siamae.viz import visualize_checkpoint
 
 
 def _pretrain_config(args: argparse.Namespace) -> Config:
@@ -61,7 +63,7 @@ def _pretrain_config(args: argparse.Namespace) -> Config:
 def _pretrain(args: argparse.Namespace) -> int:
     cfg = _pretrain_config(args)
     resume: str | bool = args.resume if args.resume else ("auto" if not args.no_resume else False)
-    summary = train(cfg, resume=resume)
+    summary = train(cfg, resume=resume, monitor=build_monitor)
     if summary.get("world_size", 1) == 1 or _is_rank0():
         _print_summary(summary)
     return exit_code(summary)
@@ -135,7 +137,7 @@ def _finetune(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     resume: str | bool = args.resume if args.resume else ("auto" if not args.no_resume else False)
-    summary = train(cfg, resume=resume)
+    summary = train(cfg, resume=resume, monitor=build_monitor)
     if summary.get("world_size", 1) > 1 and not rank0:
         return exit_code(summary)
     _print_summary(summary)
@@ -193,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     # top-level commands register here
     export.register(sub)
     shard_writer.register(sub)
-    submit.register(sub, parser, {"pretrain": _pretrain_config, "finetune": _finetune_config})
+    # The job's tasks run this module's main: handed in, so submit does not import it back.
+    configs = {"pretrain": _pretrain_config, "finetune": _finetune_config}
+    submit.register(sub, parser, configs, run_command=main)
     return parser
 
 
