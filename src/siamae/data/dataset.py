@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from siamae.config import Config
 from siamae.data import video
+from siamae.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from siamae.data.shards import image_source, is_shard_spec
 from siamae.data.sources import (
     SyntheticImageSource,
@@ -28,8 +29,6 @@ from siamae.data.views import Augment, ViewMaker, ViewSample
 from siamae.errors import DataError
 
 MAX_CONSECUTIVE_BAD = 50
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Fields of a loader batch that are bookkeeping, not model inputs.
 BOOKKEEPING = ("index", "skipped", "skipped_files")
 

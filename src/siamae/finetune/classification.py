@@ -50,6 +50,7 @@ from siamae.finetune.layer_decay import layer_decay_groups
 from siamae.loading import load_encoder
 from siamae.methods.base import Method, MethodOutput, Picture, Reconstruction
 from siamae.models.vit import VIT_SIZES, Encoder
+from siamae.world import rank_and_world_size
 
 if TYPE_CHECKING:
     from siamae.config import Config, FinetuneConfig
@@ -376,8 +377,7 @@ def evaluate_classifier(
     processes. Keys: ``top1{suffix}``, ``top5{suffix}``, ``val_loss{suffix}``, and ``n``."""
     import torch.distributed as dist
 
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
+    rank, world = rank_and_world_size()
     share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     modes = {k: m.training for k, m in models.items()}
     for m in models.values():

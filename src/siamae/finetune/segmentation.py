@@ -46,6 +46,7 @@ from siamae.methods.siameseim import TokenBatchNorm
 from siamae.models.upernet import UperNet, block_features, default_out_indices
 from siamae.models.vit import Encoder
 from siamae.optim import param_groups
+from siamae.world import world_size
 
 if TYPE_CHECKING:
     from siamae.config import Config
@@ -71,7 +72,7 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     processes' pixels unequally)."""
     total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     count = (labels != IGNORE_INDEX).sum().to(total.dtype)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = world_size()
     if world > 1:
         count = count.clone()
         dist.all_reduce(count)

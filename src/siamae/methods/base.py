@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from siamae.config import check_fields
-from siamae.data.dataset import IMAGENET_MEAN, IMAGENET_STD, build_source, build_view_maker
+from siamae.data.dataset import build_source, build_view_maker
+from siamae.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from siamae.errors import ConfigError
 from siamae.models.masking import num_visible, patchify, unpatchify
 from siamae.models.vit import Encoder

@@ -41,6 +41,7 @@ from siamae.methods.base import (
 from siamae.models.masking import gather_tokens
 from siamae.models.pos_embed import sincos_2d
 from siamae.models.vit import VIT_SIZES, Encoder
+from siamae.world import world_size
 
 if TYPE_CHECKING:
     from siamae.config import Config
@@ -121,13 +122,9 @@ def relative_embedding(
 # -- BatchNorm over tokens ------------------------------------------------------------------
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
     """Sum across processes, differentiable (the gradient is summed back): SyncBN's reduction."""
-    if _world_size() == 1:
+    if world_size() == 1:
         return value
     from torch.distributed.nn.functional import all_reduce
 
@@ -213,9 +210,9 @@ def unigrad_loss(
     pull = ((p - z) ** 2).sum(-1).mean()
     with torch.no_grad():
         correlation = z.T @ z / z.shape[0]
-        if _world_size() > 1:
+        if world_size() > 1:
             dist.all_reduce(correlation)
-            correlation /= _world_size()
+            correlation /= world_size()
     push = ((p @ correlation) * p).sum(-1).mean()  # mean of diag(p F p^T)
     return (pull + neg_weight * push) / dim, pull / dim, push / dim
 
@@ -383,7 +380,7 @@ class SiameseIM(Method):
             neg_weight=cfg.siameseim.neg_weight,
             base_momentum=cfg.siameseim.momentum,
         )
-        if _world_size() > 1:
+        if world_size() > 1:
             # Each process builds its own random init; DDP then copies rank 0's online weights
             # to all, but leaves the target alone (it is ignored): copy rank 0's target too, so
             # every process starts from the same target (the copy of rank 0's online weights).

@@ -30,11 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from siamae.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from siamae.errors import SiamaeError
 from siamae.sizes import size_problem
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
