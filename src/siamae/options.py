@@ -80,7 +80,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``optim.base_lr=1e-3`` -> (['optim', 'base_lr'], 0.001); dashes in the key are
     underscores (``pad-queue`` is ``pad_queue``)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set optim.base_lr=1e-3")
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set section.field=value")
     key, raw = text.split("=", 1)
     key = key.strip().replace("-", "_")
     if not key:

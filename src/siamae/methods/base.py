@@ -12,10 +12,10 @@ import torch.nn as nn
 from siamae.config import check_fields
 from siamae.data.dataset import build_source, build_view_maker
 from siamae.data.normalization import IMAGENET_MEAN, IMAGENET_STD
-from siamae.errors import ConfigError
 from siamae.models.masking import num_visible, patchify, unpatchify
 from siamae.models.vit import Encoder
 from siamae.optim import param_groups
+from siamae.options import option_error
 
 if TYPE_CHECKING:
     from siamae.config import Config
@@ -201,10 +201,11 @@ def check_mask_ratio(cfg: Config) -> None:
         return
     n = (cfg.model.img_size // cfg.model.patch_size) ** 2
     if num_visible(n, cfg.mask_ratio) >= n:
-        raise ConfigError(
-            f"config field 'mask_ratio': {cfg.mask_ratio} masks no patch of the {n} patches "
+        raise option_error(
+            "mask_ratio",
+            f"{cfg.mask_ratio} masks no patch of the {n} patches "
             f"({cfg.model.img_size}px images, patch {cfg.model.patch_size}), so {cfg.method} has "
-            f"nothing to reconstruct; choose a ratio above 0"
+            f"nothing to reconstruct; choose a ratio above 0",
         )
 
 
