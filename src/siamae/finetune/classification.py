@@ -36,7 +36,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from siamae.data.image_folder import EvalTransform, loader, normalize, validation_folder
+from siamae.data.image_folder import (
+    EvalTransform,
+    ImageFolder,
+    loader,
+    normalize,
+    validation_folder,
+)
 from siamae.data.labelled import (
     LabelledViews,
     folder_classes,
@@ -44,6 +50,8 @@ from siamae.data.labelled import (
     seeded_global_rngs,
 )
 from siamae.data.shards import is_shard_spec
+from siamae.data.sources import Source
+from siamae.data.views import MakesViews
 from siamae.finetune.heads import classify, make_classifier
 from siamae.finetune.layer_decay import layer_decay_groups
 from siamae.loading import load_encoder
@@ -53,6 +61,8 @@ from siamae.options import check, option_error
 from siamae.world import rank_and_world_size
 
 if TYPE_CHECKING:
+    from timm.data.random_erasing import RandomErasing
+
     from siamae.config import Config, FinetuneConfig
 
 METHOD_NAME = "finetune"
@@ -256,7 +266,7 @@ class FineTune(Method):
                 ) from None
 
     @classmethod
-    def build_views(cls, cfg: Config):  # noqa: ANN206 - a view maker
+    def build_views(cls, cfg: Config) -> MakesViews:
         d = cfg.data
         return LabelledViews(
             cfg.model.img_size,
@@ -269,7 +279,7 @@ class FineTune(Method):
         )
 
     @classmethod
-    def build_source(cls, cfg: Config, cache_dir: str | None = None):  # noqa: ANN206
+    def build_source(cls, cfg: Config, cache_dir: str | None = None) -> Source:
         d = cfg.data
         return labelled_source(d.path, cache_dir, cfg.run.out_dir, cfg.run.progress, d.num_workers)
 
@@ -312,7 +322,7 @@ class FineTune(Method):
             logs["train_top1"] = (logits.argmax(-1) == labels).float().mean().detach()
         return MethodOutput(loss, logs)
 
-    def _eraser(self, device: torch.device):  # noqa: ANN202 - timm RandomErasing
+    def _eraser(self, device: torch.device) -> RandomErasing:
         from timm.data.random_erasing import RandomErasing
 
         if self.eraser is None or self._eraser_device != device:
@@ -339,7 +349,7 @@ class FineTune(Method):
         return names + [f"ema.{n}" for n, _ in self.ema.named_buffers()]
 
     # -- evaluation -----------------------------------------------------------------------------
-    def _val_set(self):  # noqa: ANN202 - an ImageFolder
+    def _val_set(self) -> ImageFolder:
         if self._val is None:
             transform = EvalTransform(self.encoder.img_size, self.eval_crop_pct)
             self._val = validation_folder(self.val_path, transform, self.classes)

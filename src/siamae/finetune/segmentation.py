@@ -241,7 +241,9 @@ class SegmentationFineTune(Method):
         return cls(encoder, train_set, cfg)
 
     # -- training -------------------------------------------------------------------------------
-    def logits(self, images: torch.Tensor, with_aux: bool = True):  # noqa: ANN201 - (decode, aux)
+    def logits(
+        self, images: torch.Tensor, with_aux: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (decode, aux)
         return self.head(block_features(self.encoder, images, self.out_indices), with_aux)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:

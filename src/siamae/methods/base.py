@@ -12,6 +12,8 @@ import torch.nn as nn
 from siamae.config import check_fields
 from siamae.data.dataset import build_source, build_view_maker
 from siamae.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+from siamae.data.sources import Source
+from siamae.data.views import MakesViews
 from siamae.models.masking import num_visible, patchify, unpatchify
 from siamae.models.vit import Encoder
 from siamae.optim import param_groups
@@ -128,13 +130,13 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
 
     # -- data ---------------------------------------------------------------------------------
     @classmethod
-    def build_views(cls, cfg: Config):  # noqa: ANN206 - a view maker
+    def build_views(cls, cfg: Config) -> MakesViews:
         """The view maker run in the loader workers: ``(source, index, rng) -> views``."""
 
         return build_view_maker(cfg, cls.view_kind)
 
     @classmethod
-    def build_source(cls, cfg: Config, cache_dir: str | None = None):  # noqa: ANN206 - a source
+    def build_source(cls, cfg: Config, cache_dir: str | None = None) -> Source:
         """Where the items come from (image files, videos, synthetic scenes)."""
 
         return build_source(cfg, cls.view_kind, cache_dir)

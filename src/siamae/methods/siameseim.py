@@ -386,7 +386,7 @@ class SiameseIM(Method):
         return method
 
     @classmethod
-    def build_views(cls, cfg: Config):  # noqa: ANN206 - a view maker
+    def build_views(cls, cfg: Config) -> SiameseIMViews:
         grid = cfg.model.img_size // cfg.model.patch_size
         return SiameseIMViews(
             out=cfg.model.img_size,
