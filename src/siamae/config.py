@@ -10,16 +10,20 @@ knows no method: data and methods read it, never the other way round.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 
 from siamae.errors import ConfigError
+
+# Parsing and checking are the package's one way (siamae.options); the names stay importable
+# from here, where the config's readers have always found them.
+from siamae.options import apply_overrides as apply_overrides
+from siamae.options import check as _check
+from siamae.options import from_dict as from_dict
+from siamae.options import yaml_problem
 from siamae.sizes import size_problem
 
 Arch = Literal["vit_tiny", "vit_small", "vit_base", "vit_large"]
@@ -294,163 +298,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# -- parsing ---------------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin is tuple:
-        return "a list of " + ", ".join(_type_name(a) for a in get_args(tp))
-    if tp is type(None):
-        return "null"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        tp, str(tp)
-    )
-
-
-@dataclass(frozen=True)
-class OverrideText:
-    """A ``--set`` value as read (YAML) and as typed: a string field (a path) keeps the text, so
-    ``--out 1e5`` names the folder ``1e5``, not ``100000.0``."""
-
-    value: Any
-    raw: str
-
-
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    origin = get_origin(tp)
-    if isinstance(value, OverrideText):
-        if tp is str:
-            return value.raw
-        if origin in (Union, types.UnionType) and str in get_args(tp):
-            # Another member type (int, float) takes the value first; a string keeps the text.
-            for arg in get_args(tp):
-                if arg not in (str, type(None)):
-                    try:
-                        return _convert(value.value, arg, where)
-                    except ConfigError:
-                        pass
-            return value.raw
-        value = value.value
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, where)
-            except ConfigError as err:
-                errors.append(err)
-        raise ConfigError(f"config field '{where}': expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in get_args(tp):
-            raise ConfigError(f"config field '{where}': expected {_type_name(tp)}, got {value!r}")
-        return value
-    if origin is tuple:
-        args = get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"config field '{where}': expected {_type_name(tp)}, got {value!r}")
-        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(
-                f"config section '{where}': expected a mapping of fields, got {value!r}"
-            )
-        return from_dict(tp, value, where)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config field '{where}': expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"config field '{where}': expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config field '{where}': expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config field '{where}': expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"config field '{where}': unsupported type {tp}")  # pragma: no cover
-
-
-def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown fields and wrong types."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = (
-                f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(names)}"
-            )
-            raise ConfigError(f"unknown config field '{path}'{hint}")
-        kwargs[key] = _convert(value, hints[key], path)
-    return cls(**kwargs)
-
-
-def yaml_problem(err: yaml.YAMLError) -> str:
-    """A YAML error on one line: what is wrong and where (PyYAML's own message quotes the
-    source over several lines, with a caret under the spot)."""
-    problem = str(getattr(err, "problem", None) or str(err).splitlines()[0])
-    mark = getattr(err, "problem_mark", None)
-    if mark is not None:
-        problem += f" at line {mark.line + 1}, column {mark.column + 1}"
-    if "python/" in problem:  # a !!python tag: code, refused by safe_load
-        problem += "; tags that build Python objects are not allowed"
-    return " ".join(problem.split())
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``optim.base_lr=1e-3`` -> (['optim', 'base_lr'], 0.001); the value is read as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set optim.base_lr=1e-3")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"--set {text!r}: the key is empty")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(
-            f"--set {text!r}: the value is not valid YAML ({yaml_problem(err)})"
-        ) from None
-    # YAML reads 1e-3 as a string (it wants 1.0e-3); take what a user meant.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
-    return key.split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {text!r}: '{k}' is a value, not a section")
-        raw = text.split("=", 1)[1].strip()
-        scalar = value is not None and not isinstance(value, (str, list, dict))
-        node[keys[-1]] = OverrideText(value, raw) if scalar else value
-    return data
-
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -473,11 +320,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 # -- checks -----------------------------------------------------------------------------------
-
-
-def _check(ok: bool, field_name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"config field '{field_name}': {message}")
 
 
 def _check_size(size: int, patch_size: int, field_name: str) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from siamae.checkpoint import training_method, write_export
-from siamae.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
+from siamae.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from siamae.errors import SiamaeError
 from siamae.finetune.checkpoints import export_classifier
 from siamae.finetune.classification import METHOD_NAME as CLASSIFICATION

@@ -18,18 +18,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from siamae.config import Config
 from siamae.data import video
+from siamae.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from siamae.data.shards import image_source, is_shard_spec
 from siamae.data.sources import (
+    Source,
     SyntheticImageSource,
     SyntheticVideoSource,
     UnreadableSample,
 )
-from siamae.data.views import Augment, ViewMaker, ViewSample
+from siamae.data.views import Augment, MakesViews, ViewMaker, ViewSample
 from siamae.errors import DataError
 
 MAX_CONSECUTIVE_BAD = 50
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Fields of a loader batch that are bookkeeping, not model inputs.
 BOOKKEEPING = ("index", "skipped", "skipped_files")
 
@@ -57,8 +57,8 @@ class PretrainDataset(Dataset):
 
     def __init__(
         self,
-        source,  # noqa: ANN001
-        views: ViewMaker,
+        source: Source,
+        views: MakesViews,
         num_patches: int,
         seed: int = 0,
         repeats: int = 1,
@@ -84,7 +84,10 @@ class PretrainDataset(Dataset):
                     views, extras = _split(self.views(self.source, i, rng))
                 else:
                     made = [
-                        _split(v) for v in self.views.repeated(self.source, i, rng, self.repeats)
+                        _split(v)
+                        # repeats > 1 only with the crop ViewMaker: the other view makers
+                        # refuse data.repeated_sampling
+                        for v in self.views.repeated(self.source, i, rng, self.repeats)  # type: ignore[attr-defined]
                     ]
                     views = np.stack([v for v, _ in made])
                     extras = {k: np.stack([e[k] for _, e in made]) for k in made[0][1]}
@@ -155,7 +158,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
                 yield (self.epoch, i)
 
 
-def build_source(cfg: Config, kind: str, cache_dir: str | None = None):  # noqa: ANN201 - a Source
+def build_source(cfg: Config, kind: str, cache_dir: str | None = None) -> Source:
     """The source the config names; video kinds come from :mod:`siamae.data.video`, tar shards
     from :mod:`siamae.data.shards` (their index is cached in ``cache_dir``, by default the run
     folder when it exists)."""
@@ -213,8 +216,8 @@ def build_dataset(
     kind: str,
     num_patches: int,
     cache_dir: str | None = None,
-    views=None,  # noqa: ANN001 - a view maker; default: build_view_maker(cfg, kind)
-    source=None,  # noqa: ANN001 - a source; default: build_source(cfg, kind, cache_dir)
+    views: MakesViews | None = None,  # default: build_view_maker(cfg, kind)
+    source: Source | None = None,  # default: build_source(cfg, kind, cache_dir)
 ) -> PretrainDataset:
     """The dataset of a run. Methods with their own views or data pass ``views``/``source``."""
     views = views if views is not None else build_view_maker(cfg, kind)

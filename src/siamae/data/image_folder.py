@@ -23,15 +23,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from siamae.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from siamae.data.shards import ShardSource, is_shard_spec, open_shards
 from siamae.data.sources import DECODE_ERRORS, UnreadableSample, open_bytes, to_rgb
 from siamae.errors import DataError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-
-
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from siamae.data.image_folder import EvalTransform, ImageFolder
 from siamae.data.shards import ShardSource, is_shard_spec, open_shards, shard_classes
-from siamae.data.sources import DECODE_ERRORS, UnreadableSample, open_lazy, to_rgb
+from siamae.data.sources import DECODE_ERRORS, Source, UnreadableSample, open_lazy, to_rgb
 from siamae.data.views import ViewSample
 from siamae.errors import DataError
 
@@ -153,7 +153,7 @@ class LabelledViews:
 
         _posterize_zero_bits_compat(self.transform)
 
-    def __call__(self, source, index: int, rng: np.random.Generator) -> ViewSample:  # noqa: ANN001
+    def __call__(self, source: Source, index: int, rng: np.random.Generator) -> ViewSample:
         image = source.open_image(index, rng)
         name = getattr(image, "filename", "") or source.name(index)
         seed = int(rng.integers(0, 2**63 - 1))

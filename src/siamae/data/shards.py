@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from siamae.data.sources import (
     IMAGE_EXTENSIONS,
     ImageFileSource,
+    Source,
     UnreadableSample,
     file_stat_key,
     open_bytes,
@@ -527,7 +528,7 @@ def image_source(
     run_dir: str | Path | None = None,
     progress: bool = False,
     workers: int = 0,
-):  # noqa: ANN201 - an ImageFileSource or a ShardSource
+) -> Source:  # an ImageFileSource or a ShardSource
     """The images at ``path``: tar shards when it names them, else an image folder or list."""
     if is_shard_spec(path):
         return open_shards(path, cache_dir, run_dir, progress, workers=workers)

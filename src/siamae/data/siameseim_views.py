@@ -19,6 +19,7 @@ import numpy as np
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
+from siamae.data.sources import Source
 from siamae.data.views import Box, Interpolation, ViewSample, crop_resize, decode, sample_box
 
 
@@ -155,7 +156,7 @@ class SiameseIMViews:
         full: Box = (0.0, 0.0, float(y1 - y0), float(x1 - x0))
         return crop_resize(region, full, self.out, self.interpolation)
 
-    def __call__(self, source, index: int, rng: np.random.Generator) -> ViewSample:  # noqa: ANN001
+    def __call__(self, source: Source, index: int, rng: np.random.Generator) -> ViewSample:
         img = source.open_image(index, rng)
         width, height = img.size
         flips = [bool(rng.random() < self.hflip) for _ in range(2)]

@@ -40,6 +40,14 @@ class Source(Protocol):
         ...
 
 
+class FrameSource(Source, Protocol):
+    """A source of videos: two frames of item ``index`` a gap apart (SiamMAE's pairs)."""
+
+    def load_frame_pair(
+        self, index: int, rng: np.random.Generator, gap: tuple[int, int]
+    ) -> tuple[Image.Image, Image.Image]: ...
+
+
 def read_list_file(path: Path) -> list[Path]:
     """One path per line (relative to the list file's folder); blank lines and '#' comments skipped."""
     entries = []

@@ -52,6 +52,8 @@ from siamae.data.sources import (
 from siamae.errors import DataError
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from siamae.config import Config
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ SKIPPED_FILE = "skipped_files.txt"  # in the run folder: every item training wen
 INDEX_VERSION = 1
 
 
-def _av():  # noqa: ANN202 - the module
+def _av() -> ModuleType:  # PyAV, imported when a video is first read
     try:
         import av
     except ImportError:  # pragma: no cover - av is a dependency; this names the fix if missing

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter
 
-from siamae.data.sources import DECODE_ERRORS, UnreadableSample, to_rgb
+from siamae.data.sources import DECODE_ERRORS, FrameSource, Source, UnreadableSample, to_rgb
 
 Box = tuple[float, float, float, float]  # top, left, height, width
 
@@ -179,6 +179,15 @@ def _finish(pixels: np.ndarray, flip: bool) -> np.ndarray:
     return pixels[:, ::-1] if flip else pixels
 
 
+class MakesViews(Protocol):
+    """What the loader calls for each item: its views, all randomness from ``rng`` (the
+    crop views below, SiameseIM's, fine-tuning's labelled views)."""
+
+    def __call__(
+        self, source: Source, index: int, rng: np.random.Generator
+    ) -> list[np.ndarray] | ViewSample: ...
+
+
 @dataclass
 class ViewMaker:
     """Makes a sample's views from a source item, all randomness from ``rng``.
@@ -200,9 +209,9 @@ class ViewMaker:
     sampler: CropSampler = "torchvision"
     interpolation: Interpolation = "bilinear"
 
-    def __call__(self, source, index: int, rng: np.random.Generator) -> list[np.ndarray]:  # noqa: ANN001
+    def __call__(self, source: Source, index: int, rng: np.random.Generator) -> list[np.ndarray]:
         if self.kind == "frames":
-            return self.frame_pair(source, index, rng)
+            return self.frame_pair(source, index, rng)  # type: ignore[arg-type] # kind frames: a video source
         img = source.open_image(index, rng)
         if self.kind == "single":
             return [self._global(img, rng)[1]]
@@ -244,7 +253,9 @@ class ViewMaker:
             return [global_view, local_view]
         return [local_view, global_view]
 
-    def frame_pair(self, source, index: int, rng: np.random.Generator) -> list[np.ndarray]:  # noqa: ANN001
+    def frame_pair(
+        self, source: FrameSource, index: int, rng: np.random.Generator
+    ) -> list[np.ndarray]:
         """Two frames ``gap`` apart with the SAME random resized crop and the SAME flip."""
         first, second = source.load_frame_pair(index, rng, self.frame_gap)
         return self._same_crop(first, second, rng)
@@ -262,8 +273,8 @@ class ViewMaker:
         ]
 
     def repeated(
-        self, source, index: int, rng: np.random.Generator, count: int
-    ) -> list[list[np.ndarray]]:  # noqa: ANN001
+        self, source: Source, index: int, rng: np.random.Generator, count: int
+    ) -> list[list[np.ndarray]]:
         """``count`` samples of one item (repeated sampling). Frame pairs come from one decode
         of the video where the source can (``load_frame_pairs``), each with its own crop+flip."""
         if self.kind == "frames" and hasattr(source, "load_frame_pairs"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +36,9 @@ from siamae.errors import DataError, SiamaeError
 from siamae.loading import load_encoder
 from siamae.models.vit import Encoder
 from siamae.sizes import MAX_PATCHES  # shared with the config checks
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -223,7 +227,9 @@ def save_attention_figure(
     return path
 
 
-def attention_figure(result: AttentionResult, keep: float = 0.6, title: str | None = None):  # noqa: ANN201 - a matplotlib Figure
+def attention_figure(
+    result: AttentionResult, keep: float = 0.6, title: str | None = None
+) -> Figure:
     """The labelled picture: the image, the mean attention over heads with its ``keep`` mask, the
     mask itself over the image, then each head's map with its own mask outlined (one smooth
     contour per region). Every map shares one colour scale, drawn as a colour bar in percent of

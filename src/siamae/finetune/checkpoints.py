@@ -13,8 +13,8 @@ import timm
 import torch
 
 from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint, training_method, write_export
-from siamae.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from siamae.data.labelled import folder_classes
+from siamae.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from siamae.data.shards import classes_file, is_shard_spec, shard_classes
 from siamae.errors import CheckpointError, SiamaeError
 from siamae.finetune.classification import METHOD_NAME

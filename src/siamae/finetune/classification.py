@@ -36,7 +36,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from siamae.data.image_folder import EvalTransform, loader, normalize, validation_folder
+from siamae.data.image_folder import (
+    EvalTransform,
+    ImageFolder,
+    loader,
+    normalize,
+    validation_folder,
+)
 from siamae.data.labelled import (
     LabelledViews,
     folder_classes,
@@ -44,14 +50,19 @@ from siamae.data.labelled import (
     seeded_global_rngs,
 )
 from siamae.data.shards import is_shard_spec
-from siamae.errors import ConfigError
+from siamae.data.sources import Source
+from siamae.data.views import MakesViews
 from siamae.finetune.heads import classify, make_classifier
 from siamae.finetune.layer_decay import layer_decay_groups
 from siamae.loading import load_encoder
 from siamae.methods.base import Method, MethodOutput, Picture, Reconstruction
 from siamae.models.vit import VIT_SIZES, Encoder
+from siamae.options import check, option_error
+from siamae.world import rank_and_world_size
 
 if TYPE_CHECKING:
+    from timm.data.random_erasing import RandomErasing
+
     from siamae.config import Config, FinetuneConfig
 
 METHOD_NAME = "finetune"
@@ -86,10 +97,11 @@ def build_encoder(cfg: Config) -> Encoder:
     if os.environ.get("RANK", "0") == "0":  # what matched, as every command reports it
         print(pre.load_report.summary())  # type: ignore[attr-defined]
     if pre.arch != m.arch or pre.patch_size != m.patch_size:
-        raise ConfigError(
-            f"config field 'model.arch': finetune.checkpoint {path!r} holds a {pre.arch} patch "
+        raise option_error(
+            "model.arch",
+            f"finetune.checkpoint {path!r} holds a {pre.arch} patch "
             f"{pre.patch_size} encoder, the config says {m.arch} patch {m.patch_size}; set "
-            f"model.arch={pre.arch} model.patch_size={pre.patch_size}"
+            f"model.arch={pre.arch} model.patch_size={pre.patch_size}",
         )
     size = VIT_SIZES[m.arch]
     dims = {
@@ -247,13 +259,14 @@ class FineTune(Method):
             try:
                 cls.build_views(cfg)
             except Exception as err:  # timm raises assertion/key errors on a bad policy string
-                raise ConfigError(
-                    f"config field 'finetune.aa': {f.aa!r} is not a timm augmentation policy "
-                    f"({type(err).__name__}: {err}); e.g. rand-m9-mstd0.5-inc1, or null for none"
+                raise option_error(
+                    "finetune.aa",
+                    f"{f.aa!r} is not a timm augmentation policy "
+                    f"({type(err).__name__}: {err}); e.g. rand-m9-mstd0.5-inc1, or null for none",
                 ) from None
 
     @classmethod
-    def build_views(cls, cfg: Config):  # noqa: ANN206 - a view maker
+    def build_views(cls, cfg: Config) -> MakesViews:
         d = cfg.data
         return LabelledViews(
             cfg.model.img_size,
@@ -266,7 +279,7 @@ class FineTune(Method):
         )
 
     @classmethod
-    def build_source(cls, cfg: Config, cache_dir: str | None = None):  # noqa: ANN206
+    def build_source(cls, cfg: Config, cache_dir: str | None = None) -> Source:
         d = cfg.data
         return labelled_source(d.path, cache_dir, cfg.run.out_dir, cfg.run.progress, d.num_workers)
 
@@ -274,16 +287,18 @@ class FineTune(Method):
     def from_config(cls, cfg: Config) -> FineTune:
         classes = folder_classes(cfg.data.path)
         if len(classes) < 2:
-            raise ConfigError(
-                f"config field 'data.path': {str(cfg.data.path)!r} has one class folder "
+            raise option_error(
+                "data.path",
+                f"{str(cfg.data.path)!r} has one class folder "
                 f"({classes[0]!r}); a classifier needs at least 2 classes: pass a folder with "
-                "one sub-folder per class (DIR/<class>/<image>)"
+                "one sub-folder per class (DIR/<class>/<image>)",
             )
         num_classes = cfg.finetune.num_classes or len(classes)
         if num_classes < len(classes):
-            raise ConfigError(
-                f"config field 'finetune.num_classes': {num_classes} classes, but {cfg.data.path!r} "
-                f"has {len(classes)} class folders; raise it or leave it null"
+            raise option_error(
+                "finetune.num_classes",
+                f"{num_classes} classes, but {cfg.data.path!r} "
+                f"has {len(classes)} class folders; raise it or leave it null",
             )
         encoder = build_encoder(cfg)
         make_classifier(encoder, num_classes, cfg.finetune.global_pool, cfg.finetune.head_init)
@@ -307,7 +322,7 @@ class FineTune(Method):
             logs["train_top1"] = (logits.argmax(-1) == labels).float().mean().detach()
         return MethodOutput(loss, logs)
 
-    def _eraser(self, device: torch.device):  # noqa: ANN202 - timm RandomErasing
+    def _eraser(self, device: torch.device) -> RandomErasing:
         from timm.data.random_erasing import RandomErasing
 
         if self.eraser is None or self._eraser_device != device:
@@ -334,7 +349,7 @@ class FineTune(Method):
         return names + [f"ema.{n}" for n, _ in self.ema.named_buffers()]
 
     # -- evaluation -----------------------------------------------------------------------------
-    def _val_set(self):  # noqa: ANN202 - an ImageFolder
+    def _val_set(self) -> ImageFolder:
         if self._val is None:
             transform = EvalTransform(self.encoder.img_size, self.eval_crop_pct)
             self._val = validation_folder(self.val_path, transform, self.classes)
@@ -376,8 +391,7 @@ def evaluate_classifier(
     processes. Keys: ``top1{suffix}``, ``top5{suffix}``, ``val_loss{suffix}``, and ``n``."""
     import torch.distributed as dist
 
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
+    rank, world = rank_and_world_size()
     share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     modes = {k: m.training for k, m in models.items()}
     for m in models.values():
@@ -409,36 +423,31 @@ def evaluate_classifier(
     return out
 
 
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"config field '{name}': {message}")
-
-
 def _check_inputs(cfg: Config) -> None:
     """The labelled folders and the encoder to start from."""
     f = cfg.finetune
-    _check(
+    check(
         cfg.data.source == "images",
         "data.source",
         f"fine-tuning reads a labelled ImageFolder (DIR/<class>/<image>), got "
         f"{cfg.data.source!r}; pass --data DIR (or set data.source=images, data.path=DIR)",
     )
     if f.checkpoint is not None:
-        _check(
+        check(
             Path(f.checkpoint).exists(),
             "finetune.checkpoint",
             f"{f.checkpoint!r} does not exist; pass the pre-trained encoder's checkpoint, "
             "run folder or export (null: random initialisation)",
         )
     if f.val is not None:
-        _check(
+        check(
             Path(f.val).is_dir() or is_shard_spec(f.val),
             "finetune.val",
             f"{f.val!r} is not a folder; pass the validation ImageFolder or its tar shards "
             "(or null: none)",
         )
     if f.num_classes is not None:
-        _check(
+        check(
             f.num_classes >= 2,
             "finetune.num_classes",
             f"expected 2 or more, got {f.num_classes}",
@@ -447,29 +456,29 @@ def _check_inputs(cfg: Config) -> None:
 
 def _check_values(f: FinetuneConfig) -> None:
     """The recipe's numbers: layer decay, mixing, smoothing, EMA, evaluation."""
-    _check(
+    check(
         0 < f.layer_decay <= 1,
         "finetune.layer_decay",
         f"expected 0 < d <= 1, got {f.layer_decay}",
     )
-    _check(f.mixup >= 0, "finetune.mixup", f"expected 0 (off) or a positive alpha, got {f.mixup}")
-    _check(
+    check(f.mixup >= 0, "finetune.mixup", f"expected 0 (off) or a positive alpha, got {f.mixup}")
+    check(
         f.cutmix >= 0,
         "finetune.cutmix",
         f"expected 0 (off) or a positive alpha, got {f.cutmix}",
     )
     for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
         value = getattr(f, name)
-        _check(0 <= value <= 1, f"finetune.{name}", f"expected a probability, got {value}")
-    _check(0 <= f.smoothing < 1, "finetune.smoothing", f"expected 0 <= s < 1, got {f.smoothing}")
-    _check(f.head_init >= 0, "finetune.head_init", f"expected 0 or more, got {f.head_init}")
-    _check(0 < f.ema_decay < 1, "finetune.ema_decay", f"expected 0 < d < 1, got {f.ema_decay}")
-    _check(
+        check(0 <= value <= 1, f"finetune.{name}", f"expected a probability, got {value}")
+    check(0 <= f.smoothing < 1, "finetune.smoothing", f"expected 0 <= s < 1, got {f.smoothing}")
+    check(f.head_init >= 0, "finetune.head_init", f"expected 0 or more, got {f.head_init}")
+    check(0 < f.ema_decay < 1, "finetune.ema_decay", f"expected 0 < d < 1, got {f.ema_decay}")
+    check(
         0 < f.eval_crop_pct <= 1,
         "finetune.eval_crop_pct",
         f"expected 0 < crop_pct <= 1, got {f.eval_crop_pct}",
     )
-    _check(
+    check(
         f.eval_batch_size >= 1,
         "finetune.eval_batch_size",
         f"expected 1 or more, got {f.eval_batch_size}",
@@ -478,13 +487,13 @@ def _check_values(f: FinetuneConfig) -> None:
 
 def _check_batches(cfg: Config) -> None:
     f = cfg.finetune
-    _check(
+    check(
         cfg.data.repeated_sampling == 1,
         "data.repeated_sampling",
         "fine-tuning samples each image once per epoch; set it to 1",
     )
     if f.mixup > 0 or f.cutmix > 0:
-        _check(
+        check(
             cfg.data.batch_size % 2 == 0,
             "data.batch_size",
             f"mixup/cutmix mixes pairs of images; use an even batch size, got "

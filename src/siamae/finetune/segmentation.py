@@ -35,7 +35,6 @@ from siamae.data.segmentation import (
     SegmentationViews,
     open_segmentation,
 )
-from siamae.errors import ConfigError
 from siamae.finetune.classification import build_encoder
 from siamae.finetune.command import encoder_and_out_overrides
 from siamae.finetune.layer_decay import layer_decay_groups
@@ -45,6 +44,8 @@ from siamae.methods.siameseim import TokenBatchNorm
 from siamae.models.upernet import UperNet, block_features, default_out_indices
 from siamae.models.vit import Encoder
 from siamae.optim import param_groups
+from siamae.options import check, option_error
+from siamae.world import world_size
 
 if TYPE_CHECKING:
     from siamae.config import Config
@@ -70,7 +71,7 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     processes' pixels unequally)."""
     total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     count = (labels != IGNORE_INDEX).sum().to(total.dtype)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = world_size()
     if world > 1:
         count = count.clone()
         dist.all_reduce(count)
@@ -136,10 +137,6 @@ class SegmentationFineTune(Method):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         s, f = cfg.segmentation, cfg.finetune
-
-        def check(ok: bool, name: str, message: str) -> None:
-            if not ok:
-                raise ConfigError(f"config field '{name}': {message}")
 
         check(
             cfg.data.source == "images" and cfg.data.path is not None,
@@ -233,16 +230,19 @@ class SegmentationFineTune(Method):
         encoder = build_encoder(cfg)
         indices = cfg.segmentation.out_indices
         if indices is not None and max(indices) >= encoder.depth:
-            raise ConfigError(
-                f"config field 'segmentation.out_indices': {list(indices)} but the encoder has "
-                f"{encoder.depth} blocks (0..{encoder.depth - 1})"
+            raise option_error(
+                "segmentation.out_indices",
+                f"{list(indices)} but the encoder has "
+                f"{encoder.depth} blocks (0..{encoder.depth - 1})",
             )
         encoder.vit.pos_embed.requires_grad_(True)  # trained, as in MAE's segmentation code
         encoder.vit.norm.requires_grad_(False)  # unused: the neck takes the blocks' outputs
         return cls(encoder, train_set, cfg)
 
     # -- training -------------------------------------------------------------------------------
-    def logits(self, images: torch.Tensor, with_aux: bool = True):  # noqa: ANN201 - (decode, aux)
+    def logits(
+        self, images: torch.Tensor, with_aux: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (decode, aux)
         return self.head(block_features(self.encoder, images, self.out_indices), with_aux)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
@@ -284,9 +284,10 @@ class SegmentationFineTune(Method):
             split, layout, num_classes = self.val_args
             self._val = open_segmentation(self.val_root, split, layout, num_classes)
             if self._val.num_classes != self.num_classes:
-                raise ConfigError(
-                    f"config field 'segmentation.val': {self._val.num_classes} classes there, "
-                    f"{self.num_classes} in the training set"
+                raise option_error(
+                    "segmentation.val",
+                    f"{self._val.num_classes} classes there, "
+                    f"{self.num_classes} in the training set",
                 )
         return self._val
 

@@ -16,7 +16,7 @@ import torch
 
 from siamae.checkpoint import load_checkpoint, training_method, write_export
 from siamae.config import Config, from_dict
-from siamae.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
+from siamae.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from siamae.data.segmentation import SegmentationSet, open_segmentation
 from siamae.errors import CheckpointError, SiamaeError
 from siamae.finetune.segmentation import METHOD_NAME, SegmentationFineTune

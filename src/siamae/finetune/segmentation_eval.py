@@ -32,6 +32,7 @@ from siamae.data.image_folder import normalize
 from siamae.data.segmentation import IGNORE_INDEX, SegmentationSet, rescale_size, resize_pair
 from siamae.data.sources import UnreadableSample
 from siamae.overlays import PALETTE, save_labelled_grid
+from siamae.world import rank_and_world_size
 
 SUMMARY_FORMAT = "siamae-segmentation-v1"
 
@@ -174,12 +175,6 @@ def _colour(ids: np.ndarray) -> np.ndarray:
     return out
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 @torch.no_grad()
 def evaluate_segmentation(
     model_fn: LogitsFn,
@@ -197,7 +192,7 @@ def evaluate_segmentation(
     image, the confusion matrices summed). With ``out_dir``: ``pred/<stem>.png`` for every
     image (the dataset's label space), ``pictures.png`` (image, ground truth, prediction of the
     first ``pictures`` images) and ``summary.json`` (rank 0)."""
-    rank, world = _world()
+    rank, world = rank_and_world_size()
     c = dataset.num_classes
     matrix = torch.zeros((c, c), dtype=torch.int64, device=device)
     skipped: list[str] = []

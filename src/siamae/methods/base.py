@@ -10,11 +10,14 @@ import torch
 import torch.nn as nn
 
 from siamae.config import check_fields
-from siamae.data.dataset import IMAGENET_MEAN, IMAGENET_STD, build_source, build_view_maker
-from siamae.errors import ConfigError
+from siamae.data.dataset import build_source, build_view_maker
+from siamae.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+from siamae.data.sources import Source
+from siamae.data.views import MakesViews
 from siamae.models.masking import num_visible, patchify, unpatchify
 from siamae.models.vit import Encoder
 from siamae.optim import param_groups
+from siamae.options import option_error
 
 if TYPE_CHECKING:
     from siamae.config import Config
@@ -127,13 +130,13 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
 
     # -- data ---------------------------------------------------------------------------------
     @classmethod
-    def build_views(cls, cfg: Config):  # noqa: ANN206 - a view maker
+    def build_views(cls, cfg: Config) -> MakesViews:
         """The view maker run in the loader workers: ``(source, index, rng) -> views``."""
 
         return build_view_maker(cfg, cls.view_kind)
 
     @classmethod
-    def build_source(cls, cfg: Config, cache_dir: str | None = None):  # noqa: ANN206 - a source
+    def build_source(cls, cfg: Config, cache_dir: str | None = None) -> Source:
         """Where the items come from (image files, videos, synthetic scenes)."""
 
         return build_source(cfg, cls.view_kind, cache_dir)
@@ -200,10 +203,11 @@ def check_mask_ratio(cfg: Config) -> None:
         return
     n = (cfg.model.img_size // cfg.model.patch_size) ** 2
     if num_visible(n, cfg.mask_ratio) >= n:
-        raise ConfigError(
-            f"config field 'mask_ratio': {cfg.mask_ratio} masks no patch of the {n} patches "
+        raise option_error(
+            "mask_ratio",
+            f"{cfg.mask_ratio} masks no patch of the {n} patches "
             f"({cfg.model.img_size}px images, patch {cfg.model.patch_size}), so {cfg.method} has "
-            f"nothing to reconstruct; choose a ratio above 0"
+            f"nothing to reconstruct; choose a ratio above 0",
         )
 
 

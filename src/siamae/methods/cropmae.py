@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from siamae.errors import ConfigError
 from siamae.methods.base import (
     Method,
     MethodOutput,
@@ -24,6 +23,7 @@ from siamae.methods.base import (
 from siamae.models.decoder import CrossSelfDecoder
 from siamae.models.masking import masked_mse, pixel_targets, random_masking
 from siamae.models.vit import Encoder
+from siamae.options import option_error
 
 if TYPE_CHECKING:
     from siamae.config import Config
@@ -134,6 +134,7 @@ class SiamMAE(CropMAE):
     def check_config(cls, cfg: Config) -> None:
         super().check_config(cfg)
         if cfg.data.source == "images":
-            raise ConfigError(
-                "config field 'data.source': siammae learns from video frames; use 'videos', 'frames' or 'synthetic'"
+            raise option_error(
+                "data.source",
+                "siammae learns from video frames; use 'videos', 'frames' or 'synthetic'",
             )

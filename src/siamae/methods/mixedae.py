@@ -55,7 +55,7 @@ from siamae.data.mixing import (
     unmix_index,
     unmix_latent,
 )
-from siamae.errors import ConfigError, SiamaeError
+from siamae.errors import SiamaeError
 from siamae.methods.base import (
     Method,
     MethodOutput,
@@ -74,6 +74,7 @@ from siamae.models.homologous import (
 from siamae.models.masking import masked_mse, pixel_targets
 from siamae.models.vit import VIT_SIZES, Encoder
 from siamae.optim import param_groups
+from siamae.options import option_error
 
 if TYPE_CHECKING:
     from siamae.config import Config
@@ -316,40 +317,37 @@ class MixedAE(Method):
         m = cfg.mixing
         r = m.ratio
 
-        def fail(field_name: str, message: str) -> None:
-            raise ConfigError(f"config field '{field_name}': {message}")
-
         n = (cfg.model.img_size // cfg.model.patch_size) ** 2
         depth = _depth(cfg)
         if r < 2:
-            fail("mixing.ratio", f"expected 2 or more images mixed into one, got {r}")
+            raise option_error("mixing.ratio", f"expected 2 or more images mixed into one, got {r}")
         if n % r or n // r < 2:
-            fail(
+            raise option_error(
                 "mixing.ratio",
                 f"the {n} patches of a {cfg.model.img_size}px image (patch "
                 f"{cfg.model.patch_size}) must split into {r} equal sets of 2 or more",
             )
         if cfg.data.batch_size % r:
-            fail(
+            raise option_error(
                 "data.batch_size",
                 f"{cfg.data.batch_size} is not a multiple of mixing.ratio={r}: MixedAE mixes "
                 f"groups of {r} images of each device's batch; use e.g. "
                 f"{max(r, cfg.data.batch_size // r * r)}",
             )
         if cfg.data.repeated_sampling != 1:
-            fail(
+            raise option_error(
                 "data.repeated_sampling",
                 "MixedAE mixes different images; repeated samples of one image cannot be mixed",
             )
         if abs(cfg.mask_ratio - (1 - 1 / r)) > 1e-9:
-            fail(
+            raise option_error(
                 "mask_ratio",
                 f"MixedAE's masking is set by mixing.ratio (each image supplies 1/{r} of the "
                 f"grid: {1 - 1 / r}); leave mask_ratio null, got {cfg.mask_ratio}",
             )
         keys = n + 1 if m.cls_key else n
         if m.topk is not None and not 1 <= m.topk <= keys:
-            fail(
+            raise option_error(
                 "mixing.topk",
                 f"expected 1 <= k <= {keys} (the keys a patch query may attend), got {m.topk}",
             )
@@ -357,31 +355,33 @@ class MixedAE(Method):
             try:
                 parse_topk_blocks(getattr(m, name), depth)
             except ValueError as err:
-                fail(f"mixing.{name}", str(err))
+                raise option_error(f"mixing.{name}", str(err)) from None
         try:
             parse_contrastive_features(m.contrastive_features, depth)
         except ValueError as err:
-            fail("mixing.contrastive_features", str(err))
+            raise option_error("mixing.contrastive_features", str(err)) from None
         if m.temperature <= 0:
-            fail("mixing.temperature", f"expected a positive number, got {m.temperature}")
+            raise option_error(
+                "mixing.temperature", f"expected a positive number, got {m.temperature}"
+            )
         for name in ("contrastive_weight", "attention_loss_weight"):
             if getattr(m, name) < 0:
-                fail(f"mixing.{name}", f"expected 0 or more, got {getattr(m, name)}")
+                raise option_error(f"mixing.{name}", f"expected 0 or more, got {getattr(m, name)}")
         if m.segment_init_std is not None and m.segment_init_std <= 0:
-            fail(
+            raise option_error(
                 "mixing.segment_init_std",
                 f"expected a positive std (or null: the position embedding's), got "
                 f"{m.segment_init_std}",
             )
         if m.homology_data is not None:
             if not Path(m.homology_data).exists():
-                fail(
+                raise option_error(
                     "mixing.homology_data",
                     f"{m.homology_data!r} does not exist; give a folder (or list file) of "
                     "held-out images, or null",
                 )
             if m.homology_images < r:
-                fail(
+                raise option_error(
                     "mixing.homology_images",
                     f"expected at least {r} images (one group of mixing.ratio), got "
                     f"{m.homology_images}",

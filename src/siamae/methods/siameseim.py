@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 from siamae.data.siameseim_views import SiameseIMViews
-from siamae.errors import ConfigError
 from siamae.methods.base import (
     ColourScale,
     Method,
@@ -41,6 +40,8 @@ from siamae.methods.base import (
 from siamae.models.masking import gather_tokens
 from siamae.models.pos_embed import sincos_2d
 from siamae.models.vit import VIT_SIZES, Encoder
+from siamae.options import option_error
+from siamae.world import world_size
 
 if TYPE_CHECKING:
     from siamae.config import Config
@@ -121,13 +122,9 @@ def relative_embedding(
 # -- BatchNorm over tokens ------------------------------------------------------------------
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
     """Sum across processes, differentiable (the gradient is summed back): SyncBN's reduction."""
-    if _world_size() == 1:
+    if world_size() == 1:
         return value
     from torch.distributed.nn.functional import all_reduce
 
@@ -213,9 +210,9 @@ def unigrad_loss(
     pull = ((p - z) ** 2).sum(-1).mean()
     with torch.no_grad():
         correlation = z.T @ z / z.shape[0]
-        if _world_size() > 1:
+        if world_size() > 1:
             dist.all_reduce(correlation)
-            correlation /= _world_size()
+            correlation /= world_size()
     push = ((p @ correlation) * p).sum(-1).mean()  # mean of diag(p F p^T)
     return (pull + neg_weight * push) / dim, pull / dim, push / dim
 
@@ -320,48 +317,43 @@ class SiameseIM(Method):
     def check_config(cls, cfg: Config) -> None:
         s = cfg.siameseim
         if cfg.data.crop_sampler != "torchvision":
-            raise ConfigError(
-                "config field 'data.crop_sampler': siameseim samples crops as torchvision does; "
-                "set 'torchvision'"
+            raise option_error(
+                "data.crop_sampler",
+                "siameseim samples crops as torchvision does; set 'torchvision'",
             )
         if cfg.data.source in ("videos", "frames"):
-            raise ConfigError(
-                "config field 'data.source': siameseim learns from images; use 'images' or 'synthetic'"
+            raise option_error(
+                "data.source", "siameseim learns from images; use 'images' or 'synthetic'"
             )
         if cfg.data.repeated_sampling != 1:
-            raise ConfigError(
-                "config field 'data.repeated_sampling': siameseim makes one pair per image; set 1"
+            raise option_error(
+                "data.repeated_sampling", "siameseim makes one pair per image; set 1"
             )
         if cfg.decoder.dropout:
-            raise ConfigError(
-                "config field 'decoder.dropout': siameseim's projector/predictor have no dropout; set 0"
+            raise option_error(
+                "decoder.dropout", "siameseim's projector/predictor have no dropout; set 0"
             )
         if cfg.decoder.norm_style != "pre":
-            raise ConfigError(
-                "config field 'decoder.norm_style': siameseim's blocks are pre-norm; set 'pre'"
-            )
+            raise option_error("decoder.norm_style", "siameseim's blocks are pre-norm; set 'pre'")
         grid = cfg.model.img_size // cfg.model.patch_size
         masked = num_masked(grid * grid, cfg.mask_ratio)
         if not 0 < masked < grid * grid:
-            raise ConfigError(
-                f"config field 'mask_ratio': {cfg.mask_ratio} of {grid * grid} patches masks "
-                f"{masked}; it must leave at least one patch hidden and one visible"
+            raise option_error(
+                "mask_ratio",
+                f"{cfg.mask_ratio} of {grid * grid} patches masks "
+                f"{masked}; it must leave at least one patch hidden and one visible",
             )
         if s.projector_depth < 0:
-            raise ConfigError(
-                f"config field 'siameseim.projector_depth': expected 0 or more, got {s.projector_depth}"
+            raise option_error(
+                "siameseim.projector_depth", f"expected 0 or more, got {s.projector_depth}"
             )
         if not 0.0 <= s.momentum < 1.0:
-            raise ConfigError(
-                f"config field 'siameseim.momentum': expected 0 <= m < 1, got {s.momentum}"
-            )
+            raise option_error("siameseim.momentum", f"expected 0 <= m < 1, got {s.momentum}")
         if s.neg_weight < 0:
-            raise ConfigError(
-                f"config field 'siameseim.neg_weight': expected 0 or more, got {s.neg_weight}"
-            )
+            raise option_error("siameseim.neg_weight", f"expected 0 or more, got {s.neg_weight}")
         if s.mask_min_block is not None and s.mask_min_block < 1:
-            raise ConfigError(
-                f"config field 'siameseim.mask_min_block': expected 1 or more, got {s.mask_min_block}"
+            raise option_error(
+                "siameseim.mask_min_block", f"expected 1 or more, got {s.mask_min_block}"
             )
 
     @classmethod
@@ -383,7 +375,7 @@ class SiameseIM(Method):
             neg_weight=cfg.siameseim.neg_weight,
             base_momentum=cfg.siameseim.momentum,
         )
-        if _world_size() > 1:
+        if world_size() > 1:
             # Each process builds its own random init; DDP then copies rank 0's online weights
             # to all, but leaves the target alone (it is ignored): copy rank 0's target too, so
             # every process starts from the same target (the copy of rank 0's online weights).
@@ -394,7 +386,7 @@ class SiameseIM(Method):
         return method
 
     @classmethod
-    def build_views(cls, cfg: Config):  # noqa: ANN206 - a view maker
+    def build_views(cls, cfg: Config) -> SiameseIMViews:
         grid = cfg.model.img_size // cfg.model.patch_size
         return SiameseIMViews(
             out=cfg.model.img_size,

@@ -37,7 +37,7 @@ from timm.optim import Lars
 from siamae.checkpoint import load_checkpoint, save_atomic
 from siamae.data.image_folder import ImageFolder, loader, normalize
 from siamae.data.sources import to_rgb
-from siamae.errors import CheckpointError, SiamaeError
+from siamae.errors import CheckpointError
 from siamae.eval.probes.features import (
     FEATURES,
     POOLS,
@@ -47,9 +47,13 @@ from siamae.eval.probes.features import (
 from siamae.eval.probes.protocols import DEFAULT_LINEAR_PROTOCOL, LINEAR_PROTOCOLS, linear_protocol
 from siamae.models.vit import Encoder
 from siamae.optim import lr_at
+from siamae.options import check
 
 LINEAR_FORMAT = "siamae-linear-v1"
 ENCODE_CHUNK = 256  # images encoded at once when the probe runs the encoder every epoch
+
+
+OPTION = "linear probe option"  # how its errors name a field
 
 
 @dataclass
@@ -75,31 +79,57 @@ class LinearConfig:
     eval_every: int = 1
 
     def check(self) -> None:
-        def bad(name: str, msg: str) -> SiamaeError:
-            return SiamaeError(f"linear probe option '{name}': {msg}")
-
-        if self.protocol not in LINEAR_PROTOCOLS:
-            raise bad("protocol", f"expected one of {', '.join(LINEAR_PROTOCOLS)}")
-        if self.epochs < 1:
-            raise bad("epochs", f"expected 1 or more, got {self.epochs}")
-        if self.batch_size < 1:
-            raise bad("batch_size", f"expected 1 or more, got {self.batch_size}")
-        if self.optimizer not in ("sgd", "lars"):
-            raise bad("optimizer", f"expected 'sgd' or 'lars', got {self.optimizer!r}")
-        if self.base_lr <= 0:
-            raise bad("lr", f"expected a positive number, got {self.base_lr}")
-        if not 0 <= self.momentum < 1:
-            raise bad("momentum", f"expected 0 <= momentum < 1, got {self.momentum}")
-        if self.weight_decay < 0:
-            raise bad("weight_decay", f"expected 0 or more, got {self.weight_decay}")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            raise bad("warmup_epochs", f"expected 0 <= warmup <= epochs ({self.epochs})")
-        if self.pool not in POOLS:
-            raise bad("pool", f"expected one of {', '.join(POOLS)}, got {self.pool!r}")
-        if not 0 < self.crop_pct <= 1:
-            raise bad("crop_pct", f"expected a number in (0, 1], got {self.crop_pct}")
-        if self.eval_every < 1:
-            raise bad("eval_every", f"expected 1 or more, got {self.eval_every}")
+        """Raise a ConfigError naming the bad option (``linear probe option 'epochs': ...``)."""
+        check(
+            self.protocol in LINEAR_PROTOCOLS,
+            "protocol",
+            f"expected one of {', '.join(LINEAR_PROTOCOLS)}",
+            OPTION,
+        )
+        check(self.epochs >= 1, "epochs", f"expected 1 or more, got {self.epochs}", OPTION)
+        check(
+            self.batch_size >= 1, "batch_size", f"expected 1 or more, got {self.batch_size}", OPTION
+        )
+        check(
+            self.optimizer in ("sgd", "lars"),
+            "optimizer",
+            f"expected 'sgd' or 'lars', got {self.optimizer!r}",
+            OPTION,
+        )
+        check(self.base_lr > 0, "lr", f"expected a positive number, got {self.base_lr}", OPTION)
+        check(
+            0 <= self.momentum < 1,
+            "momentum",
+            f"expected 0 <= momentum < 1, got {self.momentum}",
+            OPTION,
+        )
+        check(
+            self.weight_decay >= 0,
+            "weight_decay",
+            f"expected 0 or more, got {self.weight_decay}",
+            OPTION,
+        )
+        check(
+            0 <= self.warmup_epochs <= self.epochs,
+            "warmup_epochs",
+            f"expected 0 <= warmup <= epochs ({self.epochs})",
+            OPTION,
+        )
+        check(
+            self.pool in POOLS,
+            "pool",
+            f"expected one of {', '.join(POOLS)}, got {self.pool!r}",
+            OPTION,
+        )
+        check(
+            0 < self.crop_pct <= 1,
+            "crop_pct",
+            f"expected a number in (0, 1], got {self.crop_pct}",
+            OPTION,
+        )
+        check(
+            self.eval_every >= 1, "eval_every", f"expected 1 or more, got {self.eval_every}", OPTION
+        )
 
     @property
     def lr(self) -> float:

@@ -22,19 +22,22 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import typing
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from siamae.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from siamae.errors import SiamaeError
+from siamae.options import check, convert, replace_from_overrides
 from siamae.sizes import size_problem
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+OPTION = "propagation option"  # how its errors name a field
 
 
 @dataclass
@@ -50,28 +53,32 @@ class PropagationParams:
     topk: int = 7
     radius: float = 20.0
     queue: int = 20
-    neighbourhood: str = "euclidean"  # "euclidean" (distance < radius) or "square" (<= radius)
+    # "euclidean" (distance < radius) or "square" (<= radius)
+    neighbourhood: Literal["euclidean", "square"] = "euclidean"
     restrict_first: bool = False
     pad_queue: bool = True
-    label_downsample: str = "bilinear"  # "bilinear" (one-hot, CRW) or "nearest" (DINO)
+    label_downsample: Literal["bilinear", "nearest"] = "bilinear"  # one-hot (CRW) or DINO's
     norm_mask: bool = False
     batch_size: int = 8  # frames per encoder forward
     chunk: int = 1024  # target patches per affinity block (memory only, not the numbers)
 
     def validate(self) -> None:
-        """Raise a SiamaeError naming the bad field."""
-        if self.neighbourhood not in ("euclidean", "square"):
-            raise SiamaeError(
-                f"neighbourhood must be 'euclidean' or 'square', got {self.neighbourhood!r}"
-            )
-        if self.label_downsample not in ("bilinear", "nearest"):
-            raise SiamaeError(
-                f"label_downsample must be 'bilinear' or 'nearest', got {self.label_downsample!r}"
-            )
-        if self.topk < 1 or self.queue < 0 or self.temperature <= 0 or self.batch_size < 1:
-            raise SiamaeError("topk and batch_size must be >= 1, queue >= 0, temperature > 0")
-        if self.chunk < 1:
-            raise SiamaeError("chunk must be >= 1")
+        """Raise a ConfigError naming the bad field (``propagation option 'topk': ...``)."""
+        check(self.topk >= 1, "topk", f"expected 1 or more, got {self.topk}", OPTION)
+        check(self.queue >= 0, "queue", f"expected 0 or more, got {self.queue}", OPTION)
+        check(
+            self.temperature > 0,
+            "temperature",
+            f"expected a positive number, got {self.temperature}",
+            OPTION,
+        )
+        check(
+            self.batch_size >= 1, "batch_size", f"expected 1 or more, got {self.batch_size}", OPTION
+        )
+        check(self.chunk >= 1, "chunk", f"expected 1 or more, got {self.chunk}", OPTION)
+        for name in ("neighbourhood", "label_downsample"):
+            # Typed as Literal, so --set refuses other words; this catches a Python caller.
+            convert(getattr(self, name), _FIELD_TYPES[name], name, OPTION)
         frame_size(self.resize, (480, 854), 16)  # raises on a malformed resize string
 
     def describe(self) -> str:
@@ -85,6 +92,10 @@ class PropagationParams:
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
+
+# The name is the preset's; every other field may be set with --set.
+_SETTABLE = tuple(f.name for f in dataclasses.fields(PropagationParams) if f.name != "name")
+_FIELD_TYPES = typing.get_type_hints(PropagationParams)
 
 _CROPMAE = PropagationParams()
 _DINO = PropagationParams(
@@ -121,32 +132,10 @@ def protocol(name: str, benchmark: str = "any", overrides: Iterable[str] = ()) -
     return apply_overrides(dataclasses.replace(params), overrides)
 
 
-def _parse_bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
-
-
 def apply_overrides(params: PropagationParams, overrides: Iterable[str]) -> PropagationParams:
-    """Apply ``key=value`` strings (``--set topk=5``) to a copy of ``params``, typed and checked."""
-    fields = {f.name: f for f in dataclasses.fields(PropagationParams) if f.name != "name"}
-    changes: dict[str, object] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in fields:
-            raise SiamaeError(
-                f"--set {item!r}: expected key=value with key one of {sorted(fields)}"
-            )
-        kind = type(getattr(params, key))
-        try:
-            changes[key] = _parse_bool(value) if kind is bool else kind(value.strip())
-        except ValueError:
-            raise SiamaeError(f"--set {item!r}: {key} needs a {kind.__name__} value") from None
-    out = dataclasses.replace(params, **changes)
+    """Apply ``key=value`` strings (``--set topk=5``) to a copy of ``params``, parsed and typed
+    as the config's ``--set`` is (:mod:`siamae.options`), then checked."""
+    out = replace_from_overrides(params, overrides, OPTION, settable=_SETTABLE)
     out.validate()
     return out
 
