@@ -20,8 +20,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from siamae.config import Config, OverrideText, apply_overrides, from_dict, load_yaml
+from siamae.config import Config, apply_overrides, from_dict, load_yaml
 from siamae.errors import ConfigError
+from siamae.options import OverrideText
 from siamae.registry import METHODS
 
 
