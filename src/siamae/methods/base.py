@@ -89,7 +89,8 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     (the run's picture), :class:`ScalesPictures` (colour bars), :class:`Evaluates` (evaluation
     at epoch ends or every ``eval_every_steps``), :class:`UpdatesAfterStep` (an EMA),
     :class:`KeepsRankLocalTensors` (tensors DDP must leave alone; the engine copies rank 0's
-    at the start), :class:`SkipsAtStart` (files dropped while building). A method without one
+    at the start), :class:`SkipsAtStart` (files dropped while building), :class:`MasksPatches`
+    (the mask ratio a picture names). A method without one
     simply lacks it: no stub raises, and the engine reads no undeclared attribute.
     """
 
