@@ -21,6 +21,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from siamae.methods.base import UpdatesAfterStep
 from siamae.optim import build_optimizer
 from siamae.recipes import load_config
 from siamae.registry import build_method
@@ -121,7 +122,8 @@ def bench(
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        method.after_step(1, 100)  # EMA targets update after every step
+        if isinstance(method, UpdatesAfterStep):
+            method.after_step(1, 100)  # EMA targets update after every step
 
     with FlopCounterMode(display=False) as counter:
         with torch.autocast(device.type, enabled=False):

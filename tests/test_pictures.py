@@ -209,11 +209,11 @@ def test_the_reconstruction_picture_titles_its_last_column_for_what_it_is() -> N
     crop or a frame), not the original image, and is titled so."""
     from types import SimpleNamespace
 
-    from siamae.methods.base import Method, Reconstruction
+    from siamae.methods.base import Reconstruction, reconstruction_picture
 
     views = [torch.full((2, 3, 8, 8), float(k)) for k in range(4)]
     stub = SimpleNamespace(reconstruct=lambda batch: Reconstruction(*views))
-    columns = Method.picture(stub, {})  # type: ignore[arg-type]
+    columns = reconstruction_picture(stub, {})  # type: ignore[arg-type]
     titles = [title for title, _ in columns]
     assert titles == ["reference view", "masked view", "prediction", "target view (unmasked)"]
     assert "original" not in " ".join(titles)

@@ -25,6 +25,7 @@ from siamae.data.segmentation import (
     photometric_distortion,
 )
 from siamae.data.sources import UnreadableSample
+from siamae.engine.logging import read_metrics
 from siamae.engine.trainer import train
 from siamae.errors import DataError
 from siamae.eval.segmentation import ProbeConfig, train_linear_probe
@@ -426,6 +427,37 @@ def test_resume_is_bit_identical(voc: Path, tmp_path: Path) -> None:
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "split")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def _evaluated_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(run_dir) if "mIoU" in r]
+
+
+def test_evaluation_steps_and_a_checkpoint_from_before_the_engine_kept_the_clock(
+    voc: Path, tmp_path: Path
+) -> None:
+    """8 images of batch 4: 2 steps an epoch. Every 3 steps -> at the epoch ends closing an
+    interval (4, 6) and at the end (7), as when segmentation kept its own clock in buffers;
+    a checkpoint written then (with those buffers) still loads and resumes, to the same steps."""
+    torch.set_num_threads(1)
+    extra = ["optim.max_steps=7", "segmentation.eval_every_steps=3"]
+    train(load_config(None, tiny(voc, tmp_path / "whole", *extra)), resume=False)
+    assert _evaluated_steps(tmp_path / "whole") == [4, 6, 7]
+    split = load_config(None, tiny(voc, tmp_path / "split", *extra))
+    train(split, resume=False, stop_after_steps=3)
+    last = tmp_path / "split" / "checkpoints" / "last.pt"
+    old = torch.load(last, weights_only=True)
+    # what the model saved before: its step counters and the evaluation flag raised at step 3
+    old["model"].update(
+        steps_done=torch.tensor(3),
+        total_steps=torch.tensor(7),
+        eval_due=torch.tensor(True),
+    )
+    torch.save(old, last)
+    model, _ = load_segmentation_model(tmp_path / "split")
+    assert "eval_due" not in model.state_dict()
+    assert train(split, resume="auto")["step"] == 7
+    assert _evaluated_steps(tmp_path / "split") == [4, 6, 7]
 
 
 def test_ddp_two_gloo_processes_match_one_process(voc: Path, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from siamae.config import Config
 from siamae.engine import distributed as D
 from siamae.engine.state import Run, TrainState
 from siamae.errors import CheckpointError
+from siamae.methods.base import Method, without_retired
 from siamae.recipes import config_from_dict
 
 
@@ -61,8 +62,11 @@ def open_resume_checkpoint(
 def check_weights_fit(
     method: nn.Module, saved: dict[str, torch.Tensor], path: Path | str | None
 ) -> None:
-    """Refuse a resume whose weights do not fit, naming the first tensor that differs."""
+    """Refuse a resume whose weights do not fit, naming the first tensor that differs (tensors
+    the method retired, which an older siamae saved, are not counted)."""
     own = method.state_dict()
+    if isinstance(method, Method):
+        saved = without_retired(type(method), saved)
     for name, tensor in own.items():
         if name not in saved:
             problem = f"tensor {name!r} {tuple(tensor.shape)} is missing from the checkpoint"

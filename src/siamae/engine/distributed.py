@@ -76,6 +76,15 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def broadcast_from_main(tensors: list[torch.Tensor], info: DistInfo) -> None:
+    """Overwrite ``tensors`` in place with rank 0's (every process passes the same list)."""
+    if not info.enabled:
+        return
+    with torch.no_grad():
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
+
+
 def gather_rng_states(
     state: torch.Tensor, info: DistInfo, device: torch.device
 ) -> list[torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 
 from siamae.data.dataset import batch_to_device, collate
 from siamae.engine.logging import read_metrics
+from siamae.methods.base import DrawsPictures, MasksPatches, Method, ScalesPictures
 
 
 def to_image(image: torch.Tensor) -> np.ndarray:
@@ -80,7 +81,7 @@ def _last_logged_step(run_dir: Path) -> int | None:
 
 @torch.no_grad()
 def save_reconstruction(
-    method: Any,
+    method: Method,
     dataset: Any,
     path: str | Path,
     device: torch.device | str = "cpu",
@@ -90,13 +91,16 @@ def save_reconstruction(
     """Draw ``method.picture`` of the first ``count`` samples of epoch 0, one sample a row.
 
     The columns are whatever the method's ``picture(batch)`` returns (by default the
-    reconstruction: reference view, masked view, prediction, target view unmasked); a method that returns
-    None gets no picture (and None is returned). The title names the method and the step
+    reconstruction: reference view, masked view, prediction, target view unmasked); a method
+    that draws none (no :class:`~siamae.methods.base.DrawsPictures`, or None for this batch)
+    gets no picture (and None is returned). The title names the method and the step
     (``step``; when not given, the last step logged in the picture's folder, if any). The
     samples carry their own mask noise, so the picture is the same however often it is made,
     and making it does not touch the global RNG.
     """
 
+    if not isinstance(method, DrawsPictures):
+        return None
     samples = [dataset[(0, i)] for i in range(min(count, len(dataset)))]
     inputs = batch_to_device(collate(samples), device)
     was_training = method.training
@@ -110,12 +114,11 @@ def save_reconstruction(
     path = Path(path)
     if step is None:
         step = _last_logged_step(path.parent)
-    name = getattr(method, "name", type(method).__name__)
+    name = method.name
     details = [f"step {step}" if step is not None else "step unknown"]
-    mask_ratio = getattr(method, "mask_ratio", None)
-    if isinstance(mask_ratio, float):
-        details.append(f"mask ratio {mask_ratio:g}")
-    scales = getattr(method, "picture_scales", None)
+    if isinstance(method, MasksPatches):
+        details.append(f"mask ratio {method.mask_ratio:g}")
+    scales = method.picture_scales if isinstance(method, ScalesPictures) else None
     return save_picture_grid(columns, path, f"{name}: {', '.join(details)}", scales=scales)
 
 

@@ -21,6 +21,7 @@ from siamae.engine import distributed as D
 from siamae.engine.checkpointing import save_checkpoint
 from siamae.engine.setup import SKIPPED_FILE, THREADS_FILE
 from siamae.engine.state import Run
+from siamae.methods.base import EvalRequest, Evaluates
 
 
 class LogWindow:
@@ -158,16 +159,38 @@ def run_monitor(run: Run) -> None:
     _report(run, monitor.run(run.method.encoder))
 
 
+def evaluation_due(method: Evaluates, step: int, steps_per_epoch: int, total_steps: int) -> bool:
+    """Whether ``method`` evaluates after ``step``: at the end of training, and at an epoch's
+    end; with ``eval_every_steps`` only at the epoch ends that close an interval (a multiple of
+    it fell in the epoch that ends: segmentation's schedule). A function of the step alone, so
+    a resumed run evaluates at the same steps as an uninterrupted one."""
+    if step >= total_steps:
+        return True
+    if step % steps_per_epoch:
+        return False
+    interval = method.eval_every_steps
+    return interval is None or step // interval > (step - steps_per_epoch) // interval
+
+
 def run_evaluation(run: Run) -> None:
-    """The method's own evaluation (at an epoch's end); a ``best`` checkpoint when its
-    ``best_metric`` improves."""
-    result = run.method.evaluate(run.device)
+    """The method's own evaluation, when it has one and it is due; a ``best`` checkpoint when
+    its ``best_metric`` improves."""
+    method, state, schedule = run.method, run.state, run.schedule
+    if not isinstance(method, Evaluates):
+        return
+    if not evaluation_due(method, state.step, schedule.steps_per_epoch, schedule.total_steps):
+        return
+    final = state.step >= schedule.total_steps
+    request = EvalRequest(
+        run.device, state.step, final, run.run_dir / method.name if final else None
+    )
+    result = method.evaluate(request)
     if not result:
         return
     result = {k: float(v) for k, v in result.items()}
     _report(run, result)
     run.eval_results.update(result)
-    metric, state = run.method.best_metric, run.state
+    metric = method.best_metric
     if metric is not None and metric in result:
         if state.best is None or result[metric] > state.best:
             state.best = result[metric]

@@ -39,6 +39,7 @@ from siamae.engine.stop import STOP_SIGNALS
 from siamae.engine.tracking import WandbRun, open_tracking
 from siamae.errors import ConfigError
 from siamae.methods import Method
+from siamae.methods.base import KeepsRankLocalTensors, SkipsAtStart
 from siamae.optim import build_optimizer
 from siamae.registry import build_method
 from siamae.threads import (
@@ -230,7 +231,8 @@ def _write_start_files(cfg: Config, run_dir: Path, staging: Path, method: Method
     save_config(cfg, run_dir / "config.yaml")
     for staged in staging.iterdir():
         shutil.copy2(staged, run_dir / staged.name)
-    _list_skipped_at_start(run_dir, getattr(method, "skipped_at_start", []))
+    if isinstance(method, SkipsAtStart):
+        _list_skipped_at_start(run_dir, method.skipped_at_start)
     # A kill during a checkpoint write leaves a temporary file; the rename never came.
     for stale in (run_dir / "checkpoints").glob(".*.tmp"):
         stale.unlink(missing_ok=True)
@@ -273,10 +275,11 @@ def _wrap(method: Method, cfg: Config, info: D.DistInfo, device: torch.device) -
     """What runs the step: ``method`` in DDP with several processes, compiled on request."""
     model: nn.Module = method
     if info.enabled:
-        ignored = method.ddp_ignored_names()
-        if ignored:
+        if isinstance(method, KeepsRankLocalTensors) and method.ddp_ignored_names():
+            ignored = method.ddp_ignored_names()
             # An EMA target is updated identically on every process; DDP must neither reduce
-            # nor broadcast it.
+            # nor broadcast it, so it starts from rank 0's copy here (DDP copies the rest).
+            D.broadcast_from_main(_named_tensors(method, ignored), info)
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(method, ignored)
         model = DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None
@@ -284,6 +287,17 @@ def _wrap(method: Method, cfg: Config, info: D.DistInfo, device: torch.device) -
     if cfg.run.compile:
         model = torch.compile(model)
     return model
+
+
+def _named_tensors(method: Method, names: list[str]) -> list[torch.Tensor]:
+    """The parameters and buffers of ``method`` called ``names``, in the method's order (the
+    same on every process)."""
+    wanted = set(names)
+    return [
+        tensor
+        for name, tensor in (*method.named_parameters(), *method.named_buffers())
+        if name in wanted
+    ]
 
 
 def _open_reporters(

@@ -9,6 +9,7 @@ from typing import Any
 from siamae.engine.checkpointing import save_checkpoint
 from siamae.engine.pictures import save_loss_curve, save_reconstruction
 from siamae.engine.state import Run
+from siamae.methods.base import SkipsAtStart
 
 
 def save_last_checkpoint(run: Run, interrupted: str | None) -> None:
@@ -44,7 +45,9 @@ def summarize(run: Run, interrupted: str | None) -> dict[str, Any]:
         "final_loss": run.last_loss,
         "skipped": state.skipped,
         "interrupted": interrupted,
-        "skipped_at_start": len(getattr(method, "skipped_at_start", [])),
+        "skipped_at_start": (
+            len(method.skipped_at_start) if isinstance(method, SkipsAtStart) else 0
+        ),
         "effective_batch": schedule.effective_batch,
         "peak_lr": schedule.peak_lr,
         "device": str(run.device),

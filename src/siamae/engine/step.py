@@ -25,6 +25,7 @@ from siamae.engine.reporting import (
 from siamae.engine.state import Run
 from siamae.engine.stop import StopRequest
 from siamae.errors import TrainingDiverged
+from siamae.methods.base import UpdatesAfterStep
 from siamae.optim import lr_at, set_lr
 
 
@@ -139,12 +140,13 @@ def _optimizer_step(run: Run) -> float:
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     run.steps_this_call += 1
-    run.method.after_step(state.step, schedule.total_steps)
+    if isinstance(run.method, UpdatesAfterStep):
+        run.method.after_step(state.step, schedule.total_steps)
     return lr
 
 
 def _after_step(run: Run, lr: float, window: LogWindow) -> None:
-    """Logging, progress, the thread count, monitor, the epoch's evaluation and the periodic
+    """Logging, progress, the thread count, monitor, the method's evaluation and the periodic
     checkpoint."""
     step, schedule, every = run.state.step, run.schedule, run.cfg.run
     if step % every.log_every == 0 or step == schedule.total_steps:
@@ -153,7 +155,6 @@ def _after_step(run: Run, lr: float, window: LogWindow) -> None:
         run.progress.update(1)
     refit_run_threads(run)
     run_monitor(run)
-    if step % schedule.steps_per_epoch == 0 or step == schedule.total_steps:  # an epoch's end
-        run_evaluation(run)
+    run_evaluation(run)  # when due: at an epoch's end or the end, the method's interval
     if step % every.checkpoint_every == 0 and step < schedule.total_steps:
         save_checkpoint(run)

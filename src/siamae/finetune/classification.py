@@ -55,7 +55,7 @@ from siamae.data.views import MakesViews
 from siamae.finetune.heads import classify, make_classifier
 from siamae.finetune.layer_decay import layer_decay_groups
 from siamae.loading import load_encoder
-from siamae.methods.base import Method, MethodOutput, Picture, Reconstruction
+from siamae.methods.base import Batch, EvalRequest, Method, MethodOutput
 from siamae.models.vit import VIT_SIZES, Encoder
 from siamae.options import check, option_error
 from siamae.world import rank_and_world_size
@@ -179,7 +179,9 @@ class FineTune(Method):
     name = METHOD_NAME
     num_views = 1
     view_kind = "labelled"
-    best_metric = "top1"
+    # Evaluates: top-1/top-5 on the validation folder at every epoch's end; best.pt by top-1.
+    best_metric: str | None = "top1"
+    eval_every_steps: int | None = None
 
     @classmethod
     def progress_label(cls) -> str:
@@ -305,7 +307,7 @@ class FineTune(Method):
         return cls(encoder, classes, cfg)
 
     # -- training -------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
+    def forward(self, batch: Batch) -> MethodOutput:
         images = batch["images"][:, 0]
         labels = batch["label"].long()
         if self.training and self.reprob > 0:
@@ -356,7 +358,7 @@ class FineTune(Method):
         return self._val
 
     @torch.no_grad()
-    def evaluate(self, device: torch.device) -> dict[str, float] | None:
+    def evaluate(self, request: EvalRequest) -> dict[str, float] | None:
         """Top-1/top-5 (percent) and the loss on the validation folder, centre crops (resize to
         img_size / eval_crop_pct, bicubic); of the EMA weights too when kept. Each process takes
         every world-size-th image; the counts are summed over processes."""
@@ -366,17 +368,10 @@ class FineTune(Method):
         if self.ema is not None:
             models["_ema"] = self.ema.module
         counts = evaluate_classifier(
-            models, self._val_set(), device, self.eval_batch_size, self.eval_workers
+            models, self._val_set(), request.device, self.eval_batch_size, self.eval_workers
         )
         n = max(1.0, counts.pop("n"))
         return {k: (100.0 if "top" in k else 1.0) * v / n for k, v in counts.items()}
-
-    # -- pictures: a classifier reconstructs nothing --------------------------------------------
-    def picture(self, batch: dict[str, torch.Tensor]) -> Picture | None:
-        return None
-
-    def reconstruct(self, batch: dict[str, torch.Tensor]) -> Reconstruction:
-        raise TypeError("a fine-tuned classifier has no reconstruction to show")
 
 
 def evaluate_classifier(

@@ -39,7 +39,7 @@ from siamae.finetune.classification import build_encoder
 from siamae.finetune.command import encoder_and_out_overrides
 from siamae.finetune.layer_decay import layer_decay_groups
 from siamae.finetune.segmentation_eval import InferenceConfig, evaluate_segmentation
-from siamae.methods.base import Method, MethodOutput, Picture, Reconstruction
+from siamae.methods.base import Batch, EvalRequest, Method, MethodOutput
 from siamae.methods.siameseim import TokenBatchNorm
 from siamae.models.upernet import UperNet, block_features, default_out_indices
 from siamae.models.vit import Encoder
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from siamae.config import Config
 
 METHOD_NAME = "segmentation"
-RESULTS_DIR = "segmentation"
+RESULTS_DIR = METHOD_NAME  # the engine hands the last evaluation <run>/<method name>/
 
 
 class SyncBatchNorm2d(TokenBatchNorm):
@@ -89,7 +89,10 @@ class SegmentationFineTune(Method):
     name = METHOD_NAME
     num_views = 1
     view_kind = "segmentation"
-    best_metric = "mIoU"
+    # Evaluates: mIoU on the validation split every eval_every_steps; best.pt by mIoU.
+    best_metric: str | None = "mIoU"
+    # The evaluation clock before the engine kept it (a resume of such a run drops them).
+    retired_tensors = frozenset({"steps_done", "total_steps", "eval_due"})
 
     @classmethod
     def progress_label(cls) -> str:
@@ -116,17 +119,13 @@ class SegmentationFineTune(Method):
         )
         self.aux_weight = s.aux_weight
         self.layer_decay = cfg.finetune.layer_decay
-        self.eval_every = s.eval_every_steps
+        self.eval_every_steps: int | None = s.eval_every_steps
         self.inference = InferenceConfig(
             scale=tuple(s.scale), mode=s.eval_mode, crop=cfg.model.img_size, stride=s.eval_stride
         )
         self.val_root = s.val or cfg.data.path
         self.val_args = (s.val_split, s.layout, s.num_classes)
-        self.results_dir = Path(cfg.run.out_dir) / RESULTS_DIR
         self.pictures = s.pictures
-        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
-        self.register_buffer("total_steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("eval_due", torch.zeros((), dtype=torch.bool))
         self._val: SegmentationSet | None = None
 
     # -- config ---------------------------------------------------------------------------------
@@ -245,7 +244,7 @@ class SegmentationFineTune(Method):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (decode, aux)
         return self.head(block_features(self.encoder, images, self.out_indices), with_aux)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
+    def forward(self, batch: Batch) -> MethodOutput:
         images = batch["images"][:, 0]
         labels = batch["label"].long()
         decode, aux = self.logits(images)
@@ -272,12 +271,6 @@ class SegmentationFineTune(Method):
         )
         return encoder + heads
 
-    def after_step(self, step: int, total_steps: int) -> None:
-        self.steps_done.fill_(step)
-        self.total_steps.fill_(total_steps)
-        if step % self.eval_every == 0:
-            self.eval_due.fill_(True)
-
     # -- evaluation -----------------------------------------------------------------------------
     def val_set(self) -> SegmentationSet:
         if self._val is None:
@@ -297,35 +290,26 @@ class SegmentationFineTune(Method):
         return _upsample(decode, images.shape[-2:])
 
     @torch.no_grad()
-    def evaluate(self, device: torch.device) -> dict[str, float] | None:
-        final = int(self.steps_done) >= int(self.total_steps) > 0
-        if not (final or bool(self.eval_due)):
-            return None
-        self.eval_due.fill_(False)
+    def evaluate(self, request: EvalRequest) -> dict[str, float] | None:
+        """mIoU, mAcc and aAcc on the validation split; the last evaluation also writes its
+        predictions, ``summary.json`` and pictures into ``request.results_dir``."""
         was_training = self.training
         self.eval()
         try:
             summary = evaluate_segmentation(
                 self.segment,
                 self.val_set(),
-                device,
+                request.device,
                 self.inference,
                 self.encoder.patch_size,
-                out_dir=self.results_dir if final else None,
+                out_dir=request.results_dir if request.final else None,
                 pictures=self.pictures,
-                title=f"UperNet, step {int(self.steps_done)}",
-                extra={"protocol": "UperNet fine-tuning", "step": int(self.steps_done)},
+                title=f"UperNet, step {request.step}",
+                extra={"protocol": "UperNet fine-tuning", "step": request.step},
             )
         finally:
             self.train(was_training)
         return {"mIoU": summary["mIoU"], "mAcc": summary["mAcc"], "aAcc": summary["aAcc"]}
-
-    # -- pictures: nothing to reconstruct --------------------------------------------------------
-    def picture(self, batch: dict[str, torch.Tensor]) -> Picture | None:
-        return None
-
-    def reconstruct(self, batch: dict[str, torch.Tensor]) -> Reconstruction:
-        raise TypeError("a segmentation model has no reconstruction to show")
 
 
 # -- the command line -----------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -21,6 +23,11 @@ from siamae.options import option_error
 
 if TYPE_CHECKING:
     from siamae.config import Config
+
+
+#: What ``forward`` takes: ``"images"`` (B, V, 3, H, W) normalised floats, ``"mask_noise"`` (B, N)
+#: and every extra array the method's view maker returned (boxes, masks, labels) by its name.
+Batch = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -70,24 +77,30 @@ class ColourScale:
 
 
 class Method(nn.Module, metaclass=abc.ABCMeta):
-    """A pre-training method: an encoder plus its own heads and loss.
+    """A pre-training objective or downstream task: an encoder plus its own heads and loss.
 
-    ``forward(batch)`` takes ``batch["images"]``: (B, V, 3, H, W) normalised floats, V the
-    method's ``num_views``, ``batch["mask_noise"]``: (B, N) per-sample noise made by the data
-    loader, and every extra array the method's view maker returned (boxes, masks, labels) under
-    its own name. It returns a :class:`MethodOutput`.
+    What every method gives: ``forward(batch)`` (a :data:`Batch` in, a :class:`MethodOutput`
+    out), its views and source (``build_views``/``build_source``; the defaults fit the masked
+    autoencoders), its published defaults and checks, ``from_config``, and its optimizer groups
+    (``param_groups``; the default is timm's weight-decay rule).
 
-    The engine calls the hooks below; each has a default that fits the masked autoencoders, so
-    a new method overrides only what it needs (an EMA target: ``after_step`` and
-    ``ddp_ignored_names``; its own views: ``build_views``; an evaluation: ``evaluate``).
+    What only some give is declared by implementing one of the small protocols below, which
+    the engine tests for (``isinstance``): :class:`Reconstructs` and :class:`DrawsPictures`
+    (the run's picture), :class:`ScalesPictures` (colour bars), :class:`Evaluates` (evaluation
+    at epoch ends or every ``eval_every_steps``), :class:`UpdatesAfterStep` (an EMA),
+    :class:`KeepsRankLocalTensors` (tensors DDP must leave alone; the engine copies rank 0's
+    at the start), :class:`SkipsAtStart` (files dropped while building), :class:`MasksPatches`
+    (the mask ratio a picture names). A method without one
+    simply lacks it: no stub raises, and the engine reads no undeclared attribute.
     """
 
     name: ClassVar[str]
     num_views: ClassVar[int]
     # Which data the method learns from: "single" view, "pair" of crops, or "frames" of a video.
     view_kind: ClassVar[str]
-    # A metric of ``evaluate`` (higher is better) for which the engine keeps checkpoints/best.pt.
-    best_metric: ClassVar[str | None] = None
+    # Tensors an older siamae saved in this method's checkpoints and this one no longer keeps:
+    # dropped when a state dict is loaded, so old run folders resume and load.
+    retired_tensors: ClassVar[frozenset[str]] = frozenset()
     encoder: Encoder
 
     @classmethod
@@ -141,53 +154,133 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
 
         return build_source(cfg, cls.view_kind, cache_dir)
 
-    # -- engine hooks -------------------------------------------------------------------------
-    def param_groups(self, weight_decay: float, no_decay_tokens: bool = False) -> list[dict]:
-        """AdamW groups; a group may carry ``lr_scale`` (multiplied into the scheduled lr)."""
-
-        return param_groups(self, weight_decay, no_decay_tokens)
-
-    def after_step(self, step: int, total_steps: int) -> None:
-        """Called after every optimizer step (``step`` already counts it): EMA updates."""
-
-    def ddp_ignored_names(self) -> list[str]:
-        """Parameter/buffer names DDP must neither reduce nor broadcast (an EMA target)."""
-        return []
-
-    def evaluate(self, device: torch.device) -> dict[str, float] | None:
-        """Called at the end of every epoch on every process; the result is logged."""
-        return None
-
-    # Columns of the last picture drawn from values (title -> ColourScale): a colour bar each.
-    picture_scales: dict[str, ColourScale]
-
-    def picture(self, batch: dict[str, torch.Tensor]) -> Picture | None:
-        """Columns of the run's picture: (title, (B, 3, H, W) RGB in [0, 1]); None for none.
-        By default: reference view, masked view, prediction and the target view unmasked.
-        A column coloured from values names its scale in ``self.picture_scales``."""
-        rec = self.reconstruct(batch)
-        columns = [
-            ("reference view", rec.reference),
-            ("masked view", rec.masked),
-            ("prediction", rec.prediction),
-            # the crop (or frame) the prediction is scored against, not the whole image: the
-            # batch holds only the views, so the title says which it is
-            ("target view (unmasked)", rec.original),
-        ]
-        return [(title, denormalize(images)) for title, images in columns if images is not None]
-
     @classmethod
     @abc.abstractmethod
     def from_config(cls, cfg: Config) -> Method:
         """Build the method from a resolved config."""
 
+    # -- training -----------------------------------------------------------------------------
     @abc.abstractmethod
-    def reconstruct(self, batch: dict[str, torch.Tensor]) -> Reconstruction:
-        """What a picture of the reconstruction needs (no gradient)."""
+    def forward(self, batch: Batch) -> MethodOutput:
+        """The loss of one batch and the scalars to log."""
+
+    def param_groups(self, weight_decay: float, no_decay_tokens: bool = False) -> list[dict]:
+        """AdamW groups; a group may carry ``lr_scale`` (multiplied into the scheduled lr)."""
+
+        return param_groups(self, weight_decay, no_decay_tokens)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights with timm key names (what export writes)."""
         return {k: v.detach().clone() for k, v in self.encoder.vit.state_dict().items()}
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """``nn.Module.load_state_dict`` without the tensors this method has retired."""
+        return super().load_state_dict(
+            without_retired(type(self), state_dict), strict=strict, assign=assign
+        )
+
+
+def without_retired(method: type[Method], state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` less the tensors an older siamae saved for ``method`` and it no longer keeps."""
+    return {k: v for k, v in state.items() if k not in method.retired_tensors}
+
+
+# -- optional capabilities: a method has one by implementing it; the engine tests for it ------
+
+
+@runtime_checkable
+class Reconstructs(Protocol):
+    """A method that predicts pixels: what a picture of its reconstruction needs (no gradient)."""
+
+    def reconstruct(self, batch: Batch) -> Reconstruction: ...
+
+
+@runtime_checkable
+class DrawsPictures(Protocol):
+    """A method with a picture of what it learns, drawn at the end of a run and by
+    ``siamae visualize``: titled columns of (B, 3, H, W) RGB in [0, 1], or None when this
+    batch cannot make one."""
+
+    def picture(self, batch: Batch) -> Picture | None: ...
+
+
+@runtime_checkable
+class MasksPatches(Protocol):
+    """A method that hides this fraction of the patches (its pictures' titles say it)."""
+
+    mask_ratio: float
+
+
+@runtime_checkable
+class ScalesPictures(Protocol):
+    """A picture with columns coloured from values: title -> the scale, a colour bar each
+    (set by the last ``picture`` call)."""
+
+    picture_scales: dict[str, ColourScale]
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """What the engine hands an evaluation: the device, the step it is made at, whether it is
+    the run's last, and (on the last) the folder for its files, ``<run>/<method name>``."""
+
+    device: torch.device
+    step: int
+    final: bool = False
+    results_dir: Path | None = None
+
+
+@runtime_checkable
+class Evaluates(Protocol):
+    """A method with its own evaluation, run on every process at an epoch's end and at the end
+    of training; with ``eval_every_steps``, only at the epoch ends that close an interval of
+    that many steps (and at the end). ``best_metric`` (higher is better) keeps
+    ``checkpoints/best.pt``."""
+
+    best_metric: str | None
+    eval_every_steps: int | None
+
+    def evaluate(self, request: EvalRequest) -> dict[str, float] | None: ...
+
+
+@runtime_checkable
+class UpdatesAfterStep(Protocol):
+    """Called after every optimizer step (``step`` already counts it): EMA updates, counters."""
+
+    def after_step(self, step: int, total_steps: int) -> None: ...
+
+
+@runtime_checkable
+class KeepsRankLocalTensors(Protocol):
+    """Parameters/buffers DDP must neither reduce nor broadcast (an EMA target, updated the same
+    way on every process). The engine copies rank 0's once, when it wraps the method in DDP."""
+
+    def ddp_ignored_names(self) -> list[str]: ...
+
+
+@runtime_checkable
+class SkipsAtStart(Protocol):
+    """Files the method dropped while it was built (unreadable validation images, unpaired
+    training images): the engine lists them in ``skipped_files.txt`` and the summary counts them."""
+
+    skipped_at_start: list[str]
+
+
+def reconstruction_picture(method: Reconstructs, batch: Batch) -> Picture:
+    """The masked autoencoders' picture, from their reconstruction: reference view (when there
+    is one), masked view, prediction and the target view unmasked."""
+    rec = method.reconstruct(batch)
+    columns = [
+        ("reference view", rec.reference),
+        ("masked view", rec.masked),
+        ("prediction", rec.prediction),
+        # the crop (or frame) the prediction is scored against, not the whole image: the
+        # batch holds only the views, so the title says which it is
+        ("target view (unmasked)", rec.original),
+    ]
+    return [(title, denormalize(images)) for title, images in columns if images is not None]
 
 
 def encoder_from_config(cfg: Config) -> Encoder:

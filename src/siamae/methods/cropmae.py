@@ -14,11 +14,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from siamae.methods.base import (
+    Batch,
     Method,
     MethodOutput,
+    Picture,
     Reconstruction,
     encoder_from_config,
     paste_prediction,
+    reconstruction_picture,
 )
 from siamae.models.decoder import CrossSelfDecoder
 from siamae.models.masking import masked_mse, pixel_targets, random_masking
@@ -87,9 +90,7 @@ class CropMAE(Method):
         )
         return cls(encoder, decoder, cfg.mask_ratio, cfg.norm_pix_loss)
 
-    def _run(
-        self, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _run(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         images = batch["images"]
         reference, target_view = images[:, 0], images[:, 1]
         b = images.shape[0]
@@ -102,19 +103,22 @@ class CropMAE(Method):
         pred = self.decoder(latent, ids_restore, memory)
         return reference, target_view, pred, mask
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
+    def forward(self, batch: Batch) -> MethodOutput:
         _, target_view, pred, mask = self._run(batch)
         target = pixel_targets(target_view, self.encoder.patch_size, self.norm_pix_loss)
         loss = masked_mse(pred, target, mask)
         return MethodOutput(loss, {})
 
     @torch.no_grad()
-    def reconstruct(self, batch: dict[str, torch.Tensor]) -> Reconstruction:
+    def reconstruct(self, batch: Batch) -> Reconstruction:
         reference, target_view, pred, mask = self._run(batch)
         masked, pasted = paste_prediction(
             pred.float(), target_view.float(), mask, self.encoder.patch_size, self.norm_pix_loss
         )
         return Reconstruction(reference, masked, pasted, target_view)
+
+    def picture(self, batch: Batch) -> Picture | None:
+        return reconstruction_picture(self, batch)
 
 
 class SiamMAE(CropMAE):

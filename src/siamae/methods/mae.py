@@ -7,11 +7,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from siamae.methods.base import (
+    Batch,
     Method,
     MethodOutput,
+    Picture,
     Reconstruction,
     encoder_from_config,
     paste_prediction,
+    reconstruction_picture,
 )
 from siamae.models.decoder import MAEDecoder
 from siamae.models.masking import masked_mse, pixel_targets, random_masking
@@ -78,9 +81,7 @@ class MAE(Method):
         encoder = encoder_from_config(cfg)
         return cls(encoder, mae_decoder(cfg, encoder), cfg.mask_ratio, cfg.norm_pix_loss)
 
-    def _run(
-        self, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _run(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = batch["images"][:, 0]
         b = images.shape[0]
         ids_keep, mask, ids_restore = random_masking(
@@ -90,16 +91,19 @@ class MAE(Method):
         pred = self.decoder(latent, ids_restore)
         return images, pred, mask
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
+    def forward(self, batch: Batch) -> MethodOutput:
         images, pred, mask = self._run(batch)
         target = pixel_targets(images, self.encoder.patch_size, self.norm_pix_loss)
         loss = masked_mse(pred, target, mask)
         return MethodOutput(loss, {"mask_ratio_real": mask.mean().detach()})
 
     @torch.no_grad()
-    def reconstruct(self, batch: dict[str, torch.Tensor]) -> Reconstruction:
+    def reconstruct(self, batch: Batch) -> Reconstruction:
         images, pred, mask = self._run(batch)
         masked, pasted = paste_prediction(
             pred.float(), images.float(), mask, self.encoder.patch_size, self.norm_pix_loss
         )
         return Reconstruction(None, masked, pasted, images)
+
+    def picture(self, batch: Batch) -> Picture | None:
+        return reconstruction_picture(self, batch)

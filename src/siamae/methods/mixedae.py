@@ -57,6 +57,8 @@ from siamae.data.mixing import (
 )
 from siamae.errors import SiamaeError
 from siamae.methods.base import (
+    Batch,
+    EvalRequest,
     Method,
     MethodOutput,
     Reconstruction,
@@ -228,6 +230,9 @@ class MixedAE(Method):
     name = "mixedae"
     num_views = 1
     view_kind = "single"
+    # Evaluates: the held-out homologous figures at every epoch's end, no best checkpoint.
+    best_metric: str | None = None
+    eval_every_steps: int | None = None
 
     def __init__(
         self,
@@ -437,7 +442,7 @@ class MixedAE(Method):
         return param_groups(self, weight_decay, no_decay_tokens, exempt=("segment_embed",))
 
     # -- the model -----------------------------------------------------------------------------
-    def partition(self, batch: dict[str, torch.Tensor]) -> GroupPartition:
+    def partition(self, batch: Batch) -> GroupPartition:
         images = batch["images"]
         noise = batch.get("mask_noise")
         if noise is None:
@@ -501,7 +506,7 @@ class MixedAE(Method):
             x = block(x)
         return self.decoder.predict(x)
 
-    def _run(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def _run(self, batch: Batch) -> dict[str, Any]:
         images = batch["images"][:, 0]
         part = self.partition(batch)
         latent, rec = self.encode_mixed(images, part)
@@ -527,7 +532,7 @@ class MixedAE(Method):
         assert rec.features is not None
         return rec.features
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
+    def forward(self, batch: Batch) -> MethodOutput:
         run = self._run(batch)
         rec: Recognition = run["recognition"]
         target = pixel_targets(run["images"], self.encoder.patch_size, self.norm_pix_loss)
@@ -591,7 +596,7 @@ class MixedAE(Method):
             self.train(was_training)
         return {key: value / groups for key, value in sums.items()}
 
-    def evaluate(self, device: torch.device) -> dict[str, float] | None:
+    def evaluate(self, request: EvalRequest) -> dict[str, float] | None:
         """The held-out homologous figures (``mixing.homology_data``), prefixed ``heldout_``."""
         if self.heldout is None:
             return None
@@ -603,18 +608,18 @@ class MixedAE(Method):
         noise = heldout_partitions(
             pixels.shape[0], self.encoder.num_patches, self.ratio, self.heldout.seed
         )
-        figures = self.homology(pixels, noise, device)
+        figures = self.homology(pixels, noise, request.device)
         return {f"heldout_{key}": value for key, value in figures.items()}
 
     # -- pictures ------------------------------------------------------------------------------
-    def _whole_groups(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    def _whole_groups(self, batch: Batch) -> dict[str, torch.Tensor] | None:
         b = batch["images"].shape[0] // self.ratio * self.ratio
         if b == 0:
             return None
         return {k: v[:b] for k, v in batch.items() if torch.is_tensor(v)}
 
     @torch.no_grad()
-    def reconstruct(self, batch: dict[str, torch.Tensor]) -> Reconstruction:
+    def reconstruct(self, batch: Batch) -> Reconstruction:
         """Per source image: the mixed image (reference), its own patches, the reconstruction.
 
         Only whole groups of R samples can be mixed: a batch is cut to a multiple of R.
@@ -638,7 +643,7 @@ class MixedAE(Method):
         return Reconstruction(mixed, masked, pasted, run["images"])
 
     @torch.no_grad()
-    def picture(self, batch: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]] | None:
+    def picture(self, batch: Batch) -> list[tuple[str, torch.Tensor]] | None:
         """One row per source image, its group's rows together: the mixed input with every
         source's patches outlined in its own colour, the patches this image supplied (outlined
         in its colour), its reconstruction, the original. RGB in [0, 1]."""

@@ -31,10 +31,10 @@ from timm.models.vision_transformer import Block
 
 from siamae.data.siameseim_views import SiameseIMViews
 from siamae.methods.base import (
+    Batch,
     ColourScale,
     Method,
     MethodOutput,
-    Reconstruction,
     denormalize,
 )
 from siamae.models.masking import gather_tokens
@@ -284,6 +284,8 @@ class SiameseIM(Method):
         self.target_projector = copy.deepcopy(self.projector)
         for param in self.target_parameters():
             param.requires_grad_(False)
+        # The picture's prediction-error column is coloured on the scale of its last picture.
+        self.picture_scales: dict[str, ColourScale] = {}
 
     def _initialize_weights(self) -> None:
         nn.init.normal_(self.mask_token, std=0.02)
@@ -375,14 +377,6 @@ class SiameseIM(Method):
             neg_weight=cfg.siameseim.neg_weight,
             base_momentum=cfg.siameseim.momentum,
         )
-        if world_size() > 1:
-            # Each process builds its own random init; DDP then copies rank 0's online weights
-            # to all, but leaves the target alone (it is ignored): copy rank 0's target too, so
-            # every process starts from the same target (the copy of rank 0's online weights).
-            with torch.no_grad():
-                for name, tensor in (*method.named_parameters(), *method.named_buffers()):
-                    if name.startswith("target_"):
-                        dist.broadcast(tensor, src=0)
         return method
 
     @classmethod
@@ -434,7 +428,7 @@ class SiameseIM(Method):
         order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
         return order[:, : int(visible[0])]
 
-    def predict(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The online prediction of view 2's features: (B, N, dim), and view 1's visible ids."""
         view1 = batch["images"][:, 0]
         b = view1.shape[0]
@@ -480,7 +474,7 @@ class SiameseIM(Method):
         x = x[:, 1:].float()
         return F.layer_norm(x, x.shape[-1:], eps=TARGET_LN_EPS)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> MethodOutput:
+    def forward(self, batch: Batch) -> MethodOutput:
         pred, _ = self.predict(batch)
         target = self.target_features(batch["images"][:, 1])
         with torch.autocast(pred.device.type, enabled=False):
@@ -489,14 +483,7 @@ class SiameseIM(Method):
 
     # -- pictures ------------------------------------------------------------------------------
     @torch.no_grad()
-    def reconstruct(self, batch: dict[str, torch.Tensor]) -> Reconstruction:
-        """SiameseIM predicts features, not pixels: the two views and the visible patches."""
-        view1, view2 = batch["images"][:, 0], batch["images"][:, 1]
-        hidden = _patch_map(batch["mask"].float(), self.encoder.grid_size, view1.shape[-1])
-        return Reconstruction(view2, view1 * (1 - hidden), view2, view1)
-
-    @torch.no_grad()
-    def picture(self, batch: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    def picture(self, batch: Batch) -> list[tuple[str, torch.Tensor]]:
         """View 1 with view 2's box drawn, view 1's visible patches, view 2, prediction error."""
         images = batch["images"].float()
         view1, view2 = denormalize(images[:, 0]), denormalize(images[:, 1])
@@ -540,7 +527,7 @@ def _patch_map(values: torch.Tensor, grid: int, size: int) -> torch.Tensor:
     return F.interpolate(square, size=(size, size), mode="nearest")
 
 
-def _box_in_view1(batch: dict[str, torch.Tensor], size: int) -> torch.Tensor:
+def _box_in_view1(batch: Batch, size: int) -> torch.Tensor:
     """(B, 4) view 2's extent (y0, x0, y1, x1) in view-1 pixels (mirrored when one is flipped)."""
     box = batch["box"].double()
     t1, l1, h1, w1 = box[:, 0].unbind(-1)
