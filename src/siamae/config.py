@@ -421,13 +421,20 @@ def upgrade_layout(data: dict[str, Any], method: Any) -> list[str]:
 
 
 def upgrade_overrides(overrides: Sequence[str], method: Any) -> tuple[list[str], list[str]]:
-    """``--set`` values that name an old field, renamed to the new one (dropped where the
+    """``--set`` values that name an old field, renamed to the new one (refused where the
     method has no such field); returns the overrides and ``old -> new`` for each renamed."""
     moves = _moves(method)
     kept, moved = [], []
     for text in overrides:
         key, sep, value = text.partition("=")
         new = moves.get(key.strip(), key) if sep else key
+        if new is None:
+            # an old field this method no longer has: refused, as any unknown field, when asked
+            # for by name (a saved config's copy of it is dropped quietly)
+            raise ConfigError(
+                f"config field {key.strip()!r}: method {method} has no such field any more "
+                f"(each method's fields are in its own section; see configs/)"
+            )
         if new != key:
             moved.append(f"{key.strip()} -> {new or '(dropped)'}")
         if new:
