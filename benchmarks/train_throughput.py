@@ -142,7 +142,10 @@ def bench(
     seconds = statistics.median(times)
     return {
         "model": name,
-        "mask_ratio": cfg.mask_ratio,
+        # the objective's own section holds it (cropmae.mask_ratio, mae.mask_ratio, ...)
+        "mask_ratio": next(
+            (s.mask_ratio for s in cfg.sections.values() if hasattr(s, "mask_ratio")), 0.0
+        ),
         "batch": batch,
         "img": img,
         "step_s": seconds,

@@ -102,11 +102,11 @@ def test_a_mask_ratio_that_cannot_learn_is_refused(
     method: str, ratio: float, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     # 0.0 masks no patch (nothing to reconstruct); 1.0 leaves none visible.
-    args = _small_pretrain(tmp_path / "run", "model.patch_size=8", f"mask_ratio={ratio}")
+    args = _small_pretrain(tmp_path / "run", "model.patch_size=8", f"{method}.mask_ratio={ratio}")
     args += ["--set", f"method={method}"]
     assert main(args) == 2
     line = _error_line(capsys)
-    assert "'mask_ratio'" in line and str(ratio) in line
+    assert f"'{method}.mask_ratio'" in line and str(ratio) in line
     assert not (tmp_path / "run").exists()
 
 
@@ -159,5 +159,6 @@ def test_path_like_values_stay_strings(tmp_path: Path, monkeypatch: pytest.Monke
     # Numbers still read as numbers where a number is expected.
     assert load_config(None, ["data.source=synthetic", "optim.base_lr=1e-3"]).optim.base_lr == 1e-3
     assert math.isclose(
-        load_config(None, ["data.source=synthetic", "mask_ratio=0.9"]).mask_ratio, 0.9
+        load_config(None, ["data.source=synthetic", "cropmae.mask_ratio=0.9"]).cropmae.mask_ratio,
+        0.9,
     )

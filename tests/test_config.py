@@ -19,7 +19,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_recipes_hold_the_published_values() -> None:
     crop = load_config(CONFIGS / "cropmae_vits16_in1k.yaml", ["data.path=/data"])
-    assert (crop.method, crop.mask_ratio, crop.model.arch, crop.model.patch_size) == (
+    assert (crop.method, crop.cropmae.mask_ratio, crop.model.arch, crop.model.patch_size) == (
         "cropmae",
         0.985,
         "vit_small",
@@ -36,19 +36,20 @@ def test_recipes_hold_the_published_values() -> None:
     assert (crop.optim.base_lr, crop.optim.epochs, crop.optim.warmup_epochs) == (1e-4, 400, 20)
     assert crop.optim.clip_grad is None and crop.run.precision == "fp16"
     mae = load_config(CONFIGS / "mae_vitb16_in1k.yaml", ["data.path=/data"])
-    assert (mae.method, mae.mask_ratio, mae.model.arch) == ("mae", 0.75, "vit_base")
+    assert (mae.method, mae.mae.mask_ratio, mae.model.arch) == ("mae", 0.75, "vit_base")
     assert (mae.decoder.dim, mae.decoder.depth, mae.decoder.num_heads) == (512, 8, 16)
     assert mae.optim.base_lr == 1.5e-4 and mae.data.global_scale == (0.2, 1.0)
 
 
 def test_method_defaults_follow_the_method() -> None:
-    assert load_config(None, ["data.source=synthetic"]).mask_ratio == 0.985
+    assert load_config(None, ["data.source=synthetic"]).cropmae.mask_ratio == 0.985
     siam = load_config(None, ["data.source=synthetic", "method=siammae"])
-    assert siam.mask_ratio == 0.95 and siam.data.global_scale == (0.5, 1.0)
-    assert load_config(None, ["data.source=synthetic", "method=mae"]).mask_ratio == 0.75
+    assert siam.siammae.mask_ratio == 0.95 and siam.data.global_scale == (0.5, 1.0)
+    assert load_config(None, ["data.source=synthetic", "method=mae"]).mae.mask_ratio == 0.75
     video_crop = load_config(None, ["data.source=videos", "data.path=/v"])
     assert video_crop.data.global_scale == (0.5, 1.0)  # one frame per video: global area 0.5-1
-    assert load_config(None, ["data.source=synthetic", "mask_ratio=0.9"]).mask_ratio == 0.9
+    cfg = load_config(None, ["data.source=synthetic", "cropmae.mask_ratio=0.9"])
+    assert cfg.cropmae.mask_ratio == 0.9
 
 
 def test_demo_yaml_matches_the_built_in_demo() -> None:
@@ -64,7 +65,7 @@ def test_demo_yaml_matches_the_built_in_demo() -> None:
         (["optim.bse_lr=1"], "optim.bse_lr"),
         (["model.arch=vit_huge"], "model.arch"),
         (["model.img_size=100"], "model.img_size"),
-        (["mask_ratio=1.5"], "mask_ratio"),
+        (["cropmae.mask_ratio=1.5"], "cropmae.mask_ratio"),
         (["method=cropmea"], "method"),
         (["data.batch_size=0"], "data.batch_size"),
         (["data.source=images"], "data.path"),

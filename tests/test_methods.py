@@ -52,7 +52,7 @@ def test_prediction_gradient_is_zero_on_visible_patches(method: str, views: int,
 
 @pytest.mark.parametrize("method", ["cropmae", "mae", "siammae"])
 def test_tiny_model_overfits_one_batch(method: str) -> None:
-    model = _tiny(method, ["mask_ratio=0.75"] if method != "mae" else None)
+    model = _tiny(method, [f"{method}.mask_ratio=0.75"] if method != "mae" else None)
     views = model.num_views
     torch.manual_seed(1)
     batch = {"images": torch.randn(4, views, 3, 32, 32), "mask_noise": torch.rand(4, 16)}

@@ -345,8 +345,9 @@ def test_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match="siameseim.momentum"):
         _cfg(None, "siameseim.momentum=1.5")
     cfg = load_config(None, ["method=siameseim", "model.arch=vit_base", "data.source=synthetic"])
-    assert cfg.decoder.dim == 768 and cfg.decoder.num_heads == 16 and cfg.decoder.depth == 4
-    assert round(196 * cfg.mask_ratio) == 118 and cfg.data.global_scale == (0.08, 1.0)
+    s = cfg.siameseim
+    assert s.dim == 768 and s.num_heads == 16 and s.predictor_depth == 4
+    assert round(196 * s.mask_ratio) == 118 and cfg.data.global_scale == (0.08, 1.0)
     assert cfg.data.interpolation == "bicubic"
 
 

@@ -363,5 +363,9 @@ def test_k400_recipes() -> None:
         assert cfg.optim.base_lr == 1e-4 and cfg.optim.epochs == 400
         assert cfg.optim.warmup_epochs == 20 and cfg.run.precision == "fp16"
         assert cfg.data.repeated_sampling == 1
-    assert siam.method == "siammae" and siam.mask_ratio == 0.95 and siam.data.frame_gap == (4, 48)
-    assert crop.method == "cropmae" and crop.mask_ratio == 0.985
+    assert (
+        siam.method == "siammae"
+        and siam.siammae.mask_ratio == 0.95
+        and siam.data.frame_gap == (4, 48)
+    )
+    assert crop.method == "cropmae" and crop.cropmae.mask_ratio == 0.985

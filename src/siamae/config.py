@@ -9,10 +9,13 @@ knows no method: data and methods read it, never the other way round.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import sys
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -33,6 +36,7 @@ Precision = Literal["auto", "fp32", "fp16", "bf16"]
 CropSampler = Literal["torchvision", "clamp"]
 Interpolation = Literal["bilinear", "bicubic"]
 WandbMode = Literal["online", "offline", "disabled"]
+SectionT = TypeVar("SectionT")
 
 
 @dataclass
@@ -43,6 +47,15 @@ class ModelConfig:
     patch_size: int = 16
     img_size: int = 224
     drop_path: float = 0.0
+
+
+@dataclass
+class MaskedObjectiveConfig:
+    """A masked-reconstruction objective's own fields (the ``cropmae``, ``siammae`` and ``mae``
+    sections): ``mask_ratio`` null takes the method's published value."""
+
+    mask_ratio: float | None = None
+    norm_pix_loss: bool = True
 
 
 @dataclass
@@ -158,9 +171,15 @@ class RunConfig:
 
 @dataclass
 class SiameseIMConfig:
-    """SiameseIM (method=siameseim). Its projector/predictor width, heads and predictor depth
-    are the ``decoder`` section's ``dim``, ``num_heads`` and ``depth``."""
+    """SiameseIM (method=siameseim). ``mask_ratio`` is view 1's share of masked patches; ``dim``,
+    ``num_heads``, ``mlp_dim`` are the projector/predictor's width, heads and feed-forward width,
+    ``predictor_depth`` its predictor blocks (null: the published values)."""
 
+    mask_ratio: float | None = None
+    dim: int | None = None
+    num_heads: int | None = None
+    mlp_dim: int | None = None
+    predictor_depth: int | None = None
     projector_depth: int = 2
     # Normalisation inside projector/predictor blocks: BatchNorm over tokens (synced across
     # processes; the recipe) or LayerNorm.
@@ -204,8 +223,9 @@ class FinetuneConfig:
 @dataclass
 class SegmentationConfig:
     """Semantic-segmentation fine-tuning (method=segmentation): UperNet on 4 ViT blocks, the
-    BEiT/MAE protocol (docs/segmentation.md). The encoder comes from ``finetune.checkpoint``
-    and its layer decay is ``finetune.layer_decay``; the crop is ``model.img_size``.
+    BEiT/MAE protocol (docs/segmentation.md). ``checkpoint``: the pre-trained encoder (anything
+    load_encoder reads; null: random init), ``layer_decay`` its layer-wise lr decay; the crop is
+    ``model.img_size``.
 
     ``data.path`` is the data set (``layout`` auto: ADE20K, VOC or images/+masks/, detected);
     ``val`` another root for validation (null: the same set's val split). ``out_indices`` null:
@@ -213,6 +233,8 @@ class SegmentationConfig:
     resize, for training (times a ratio from ``ratio_range``) and testing.
     """
 
+    checkpoint: str | None = None
+    layer_decay: float = 0.65
     layout: Literal["auto", "ade20k", "voc", "plain"] = "auto"
     num_classes: int | None = None  # images/+masks/ without class_names.txt; VOC of other classes
     train_split: str = "train"
@@ -251,6 +273,7 @@ class MixingConfig:
     """
 
     ratio: int = 4
+    norm_pix_loss: bool = True
     naive: bool = False
     topk: int | None = None
     topk_blocks: str | int = "all"
@@ -267,26 +290,174 @@ class MixingConfig:
     homology_seed: int = 0
 
 
+#: The sections every config has, whatever its method (``method`` aside).
+COMMON_SECTIONS = ("model", "data", "optim", "monitor", "run")
+
+
 @dataclass
 class Config:
-    """A whole pre-training run."""
+    """A run of any method or downstream task: the common sections, plus the sections its
+    method declares (``Method.config_sections``: name -> dataclass) in ``sections``, read as
+    ``cfg.section(MixingConfig)`` (typed) or ``cfg.mixing``. A saved config holds the common
+    sections and the method's own, nothing else (:func:`siamae.recipes.build_config` reads it)."""
 
     method: str = "cropmae"
-    mask_ratio: float | None = None
-    norm_pix_loss: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    mixing: MixingConfig = field(default_factory=MixingConfig)
-    siameseim: SiameseIMConfig = field(default_factory=SiameseIMConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, kind: type[SectionT]) -> SectionT:
+        """The method's section of dataclass ``kind`` (a method declares each kind once)."""
+        for value in self.sections.values():
+            if isinstance(value, kind):
+                return value
+        raise AttributeError(f"method {self.method!r} has no {kind.__name__} section")
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names that are not fields: the method's sections, by name. Read
+        # through __dict__, which copy and pickle fill before any field exists.
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"config of method {self.__dict__.get('method')!r} has no {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        plain: dict[str, Any] = {"method": self.method}
+        for name in COMMON_SECTIONS:
+            plain[name] = _plain(dataclasses.asdict(getattr(self, name)))
+        for name, value in self.sections.items():
+            plain[name] = _plain(dataclasses.asdict(value))
+        return plain
+
+
+def sectioned_config(
+    data: dict[str, Any], own: dict[str, type], ignored: Collection[str] | None = None
+) -> Config:
+    """A config (not yet resolved) from a raw mapping of the current layout whose method owns
+    the sections ``own`` (name -> dataclass). Other top-level names in ``ignored`` (another
+    method's sections) are dropped, any other is refused; ``ignored`` None drops every other."""
+    data = dict(data)
+    sections = {
+        name: from_dict(kind, data.pop(name, None) or {}, where=name) for name, kind in own.items()
+    }
+    known = {f.name for f in dataclasses.fields(Config)} - {"sections"}
+    for name in list(data):
+        if name not in known and (ignored is None or name in ignored):
+            data.pop(name)
+    cfg: Config = from_dict(Config, data)
+    cfg.sections = sections
+    return cfg
+
+
+# -- the one-way upgrade of configs written before each method owned its section ------------
+
+_MASKED = {"mask_ratio": "{method}.mask_ratio", "norm_pix_loss": "{method}.norm_pix_loss"}
+_TASK = {"mask_ratio": None, "norm_pix_loss": None}
+#: Old field -> new field (None: no longer a field of that method; dropped), per method.
+MOVED_FIELDS: dict[str, dict[str, str | None]] = {
+    "cropmae": _MASKED,
+    "siammae": _MASKED,
+    "mae": _MASKED,
+    "mixedae": {"mask_ratio": None, "norm_pix_loss": "mixing.norm_pix_loss"},
+    "siameseim": {
+        "mask_ratio": "siameseim.mask_ratio",
+        "norm_pix_loss": None,
+        "decoder.dim": "siameseim.dim",
+        "decoder.num_heads": "siameseim.num_heads",
+        "decoder.mlp_dim": "siameseim.mlp_dim",
+        "decoder.depth": "siameseim.predictor_depth",
+        "decoder.dropout": None,
+        "decoder.norm_style": None,
+    },
+    "finetune": _TASK,
+    "segmentation": {
+        **_TASK,
+        "finetune.checkpoint": "segmentation.checkpoint",
+        "finetune.layer_decay": "segmentation.layer_decay",
+    },
+}
+
+
+def _moves(method: Any) -> dict[str, str | None]:
+    table = MOVED_FIELDS.get(method, {}) if isinstance(method, str) else {}
+    return {old: new and new.format(method=method) for old, new in table.items()}
+
+
+def _pop(data: dict[str, Any], key: str) -> tuple[bool, Any]:
+    *sections, name = key.split(".")
+    node: Any = data
+    for section in sections:
+        node = node.get(section) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or name not in node:
+        return False, None
+    return True, node.pop(name)
+
+
+def _put(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``key`` unless the new layout already has it (a new field wins over an old one)."""
+    *sections, name = key.split(".")
+    node = data
+    for section in sections:
+        node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            return
+    node.setdefault(name, value)
+
+
+def upgrade_layout(data: dict[str, Any], method: Any) -> list[str]:
+    """Move the fields of a config written before each method owned its section (siamae <=
+    issue 26) to where they live now, in place; returns ``old -> new`` for each one moved."""
+    moved = []
+    for old, new in _moves(method).items():
+        found, value = _pop(data, old)
+        if found:
+            if new is not None:
+                _put(data, new, value)
+            moved.append(f"{old} -> {new or '(dropped)'}")
+    return moved
+
+
+def upgrade_overrides(overrides: Sequence[str], method: Any) -> tuple[list[str], list[str]]:
+    """``--set`` values that name an old field, renamed to the new one (refused where the
+    method has no such field); returns the overrides and ``old -> new`` for each renamed."""
+    moves = _moves(method)
+    kept, moved = [], []
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        new = moves.get(key.strip(), key) if sep else key
+        if new is None:
+            # an old field this method no longer has: refused, as any unknown field, when asked
+            # for by name (a saved config's copy of it is dropped quietly)
+            raise ConfigError(
+                f"config field {key.strip()!r}: method {method} has no such field any more "
+                f"(each method's fields are in its own section; see configs/)"
+            )
+        if new != key:
+            moved.append(f"{key.strip()} -> {new or '(dropped)'}")
+        if new:
+            kept.append(f"{new}={value}" if sep else text)
+    return kept, moved
+
+
+def note_upgrade(where: str, moved: list[str]) -> None:
+    """The one line saying a config of the old layout was read and how it was upgraded."""
+    if moved:
+        print(
+            f"siamae: note: {where} uses the layout before each method owned its section; "
+            f"read as upgraded ({', '.join(moved)})",
+            file=sys.stderr,
+        )
+
+
+def upgraded(data: dict[str, Any], where: str = "saved config") -> dict[str, Any]:
+    """A copy of a plain config dict in the current layout (a checkpoint's of any age), with a
+    note where it was upgraded."""
+    data = copy.deepcopy(data)
+    note_upgrade(where, upgrade_layout(data, data.get("method", Config.method)))
+    return data
 
 
 def _plain(value: Any) -> Any:
@@ -341,32 +512,27 @@ def check_fields(cfg: Config) -> None:
     """Check every generic field of a config whose method defaults are filled in
     (:func:`siamae.recipes.resolve`); a bad value raises a ConfigError naming the field."""
     _check_model(cfg)
-    _check_decoder(cfg)
+    for section in cfg.sections.values():
+        if isinstance(section, DecoderConfig):
+            check_decoder(section)
     _check_data(cfg)
     _check_optim(cfg)
     _check_run(cfg)
     _check_monitor(cfg)
 
 
-def _check_model(cfg: Config) -> None:
+def check_mask_ratio_range(ratio: float, field_name: str) -> None:
+    """A mask ratio in [0, 1): a ratio of 1 or more leaves no patch visible."""
     _check(
-        0.0 <= cfg.mask_ratio < 1.0,
-        "mask_ratio",
-        f"expected 0 <= ratio < 1, got {cfg.mask_ratio}"
-        + ("; it leaves no patch visible" if cfg.mask_ratio >= 1.0 else ""),
+        0.0 <= ratio < 1.0,
+        field_name,
+        f"expected 0 <= ratio < 1, got {ratio}"
+        + ("; it leaves no patch visible" if ratio >= 1.0 else ""),
     )
-    m = cfg.model
-    _check(
-        m.patch_size in (8, 14, 16, 32),
-        "model.patch_size",
-        f"expected 8, 14, 16 or 32, got {m.patch_size}",
-    )
-    _check_size(m.img_size, m.patch_size, "model.img_size")
-    _check(0.0 <= m.drop_path < 1.0, "model.drop_path", f"expected 0 <= p < 1, got {m.drop_path}")
 
 
-def _check_decoder(cfg: Config) -> None:
-    d = cfg.decoder
+def check_decoder(d: DecoderConfig) -> None:
+    """The ``decoder`` section of the methods that have one (its ``null`` fields filled)."""
     for name in ("dim", "depth", "num_heads", "mlp_dim"):
         value = getattr(d, name)
         if value is not None:
@@ -384,6 +550,17 @@ def _check_decoder(cfg: Config) -> None:
         )
     if d.dropout is not None:
         _check(0.0 <= d.dropout < 1.0, "decoder.dropout", f"expected 0 <= p < 1, got {d.dropout}")
+
+
+def _check_model(cfg: Config) -> None:
+    m = cfg.model
+    _check(
+        m.patch_size in (8, 14, 16, 32),
+        "model.patch_size",
+        f"expected 8, 14, 16 or 32, got {m.patch_size}",
+    )
+    _check_size(m.img_size, m.patch_size, "model.img_size")
+    _check(0.0 <= m.drop_path < 1.0, "model.drop_path", f"expected 0 <= p < 1, got {m.drop_path}")
 
 
 def _check_data(cfg: Config) -> None:

@@ -20,21 +20,44 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from siamae.config import Config, apply_overrides, from_dict, load_yaml
+from siamae.config import (
+    Config,
+    apply_overrides,
+    load_yaml,
+    note_upgrade,
+    sectioned_config,
+    upgrade_layout,
+    upgrade_overrides,
+    upgraded,
+)
 from siamae.errors import ConfigError
 from siamae.options import OverrideText
 from siamae.registry import METHODS
 
 
-def resolve(cfg: Config) -> Config:
-    """Fill ``null`` fields with the method's published values and check every value."""
-    if cfg.method not in METHODS:
-        close = difflib.get_close_matches(cfg.method, list(METHODS), n=1)
+def _check_method(method: Any) -> None:
+    if method not in METHODS:
+        close = difflib.get_close_matches(str(method), list(METHODS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(
-            f"config field 'method': unknown method {cfg.method!r}{hint}; "
+            f"config field 'method': unknown method {method!r}{hint}; "
             f"choose one of {', '.join(METHODS)}"
         )
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    """A config (not yet resolved) from a raw mapping of the current layout: the common
+    sections, plus the sections its method declares. Sections of another method are dropped
+    (a recipe may keep them for ``--set method=...``); any other name is refused."""
+    method = data.get("method", Config.method)
+    _check_method(method)
+    others = {name for kind in METHODS.values() for name in kind.config_sections}
+    return sectioned_config(data, METHODS[method].config_sections, ignored=others)
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill ``null`` fields with the method's published values and check every value."""
+    _check_method(cfg.method)
     return METHODS[cfg.method].resolve_config(cfg)
 
 
@@ -57,10 +80,14 @@ def load_config(
     ``pretrain --data`` reading a synthetic recipe's data as images or videos)."""
     recipe = load_yaml(path) if path is not None else {}
     sets = list(overrides or [])
+    method = recipe_value(apply_overrides(copy.deepcopy(recipe), sets), "method")
+    note_upgrade(f"config file {str(path)!r}", upgrade_layout(recipe, method))
+    sets, renamed = upgrade_overrides(sets, method)
+    note_upgrade("--set", renamed)
     if callable(flags):
         flags = flags(apply_overrides(copy.deepcopy(recipe), sets))
     data = apply_overrides(recipe, list(flags))
-    return resolve(from_dict(Config, apply_overrides(data, sets)))
+    return resolve(build_config(apply_overrides(data, sets)))
 
 
 def recipe_value(recipe: dict[str, Any], key: str) -> Any:
@@ -81,6 +108,6 @@ def recipe_value(recipe: dict[str, Any], key: str) -> Any:
     return value.value if isinstance(value, OverrideText) else value
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """A resolved config from a plain dict (e.g. one saved in a checkpoint)."""
-    return resolve(from_dict(Config, data))
+def config_from_dict(data: dict[str, Any], where: str = "saved config") -> Config:
+    """A resolved config from a plain dict (e.g. one saved in a checkpoint, of any age)."""
+    return resolve(build_config(upgraded(data, where)))

@@ -782,5 +782,5 @@ def test_recipes_resolve_to_the_published_protocol(voc: Path) -> None:
         assert cfg.optim.schedule == "poly" and cfg.optim.weight_decay == 0.05
         assert cfg.data.batch_size * 8 == 16 and cfg.model.drop_path == 0.1
         assert cfg.optim.base_lr * 16 / 256 == pytest.approx(1e-4)  # lr 1e-4 at batch 16
-        assert cfg.finetune.layer_decay == 0.65 and cfg.segmentation.aux_weight == 0.4
+        assert cfg.segmentation.layer_decay == 0.65 and cfg.segmentation.aux_weight == 0.4
         assert (cfg.segmentation.eval_mode, cfg.segmentation.eval_stride) == ("slide", 341)

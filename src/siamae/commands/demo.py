@@ -58,7 +58,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str
     cfg = demo_config(out_dir, quick)
     print(
         f"siamae demo: CropMAE ({cfg.model.arch}, patch {cfg.model.patch_size}, {cfg.model.img_size}px views, "
-        f"mask ratio {cfg.mask_ratio}) on {cfg.data.synthetic_count} built-in synthetic scenes"
+        f"mask ratio {cfg.cropmae.mask_ratio}) on {cfg.data.synthetic_count} built-in synthetic scenes"
     )
     summary = train(cfg, resume=False, monitor=build_monitor)
     run_dir = Path(summary["run_dir"])

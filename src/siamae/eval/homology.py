@@ -34,6 +34,7 @@ from siamae.arguments import (
     write_result_file,
 )
 from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint
+from siamae.config import upgraded
 from siamae.data.mixing import heldout_images, heldout_partitions
 from siamae.errors import CheckpointError, SiamaeError
 from siamae.loading import describe_encoder, load_encoder
@@ -59,7 +60,7 @@ def load_for_homology(
     except CheckpointError:
         ckpt = None  # not a training checkpoint: load_encoder says what it is, or why not
     if ckpt is not None and ckpt.get("format") == TRAIN_FORMAT and ckpt.get("method") == "mixedae":
-        config = dict(ckpt["config"])
+        config = upgraded(ckpt["config"], str(path))
         # The figures are measured on --data, not on the run's own held-out folder.
         config["mixing"] = {**config.get("mixing", {}), "homology_data": None}
         method = MixedAE.from_config(config_from_dict(config))

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from siamae.config import FinetuneConfig
 from siamae.data.image_folder import (
     EvalTransform,
     ImageFolder,
@@ -63,7 +64,7 @@ from siamae.world import rank_and_world_size
 if TYPE_CHECKING:
     from timm.data.random_erasing import RandomErasing
 
-    from siamae.config import Config, FinetuneConfig
+    from siamae.config import Config
 
 METHOD_NAME = "finetune"
 
@@ -85,11 +86,11 @@ def _resample_positions(state: dict[str, torch.Tensor], encoder: Encoder, old_gr
         )
 
 
-def build_encoder(cfg: Config) -> Encoder:
-    """The encoder to fine-tune: ``finetune.checkpoint`` loaded (anything ``load_encoder``
-    reads), or a random initialisation when it is null. ``model.*`` must describe it."""
+def build_encoder(cfg: Config, path: str | None, field_name: str) -> Encoder:
+    """The encoder to fine-tune: checkpoint ``path`` (the task's field ``field_name``) loaded
+    (anything ``load_encoder`` reads), or a random initialisation when it is null.
+    ``model.*`` must describe it."""
     m = cfg.model
-    path = cfg.finetune.checkpoint
     if path is None:
         return Encoder(m.arch, m.patch_size, m.img_size, m.drop_path)
 
@@ -99,7 +100,7 @@ def build_encoder(cfg: Config) -> Encoder:
     if pre.arch != m.arch or pre.patch_size != m.patch_size:
         raise option_error(
             "model.arch",
-            f"finetune.checkpoint {path!r} holds a {pre.arch} patch "
+            f"{field_name} {path!r} holds a {pre.arch} patch "
             f"{pre.patch_size} encoder, the config says {m.arch} patch {m.patch_size}; set "
             f"model.arch={pre.arch} model.patch_size={pre.patch_size}",
         )
@@ -179,6 +180,7 @@ class FineTune(Method):
     name = METHOD_NAME
     num_views = 1
     view_kind = "labelled"
+    config_sections = {"finetune": FinetuneConfig}
     # Evaluates: top-1/top-5 on the validation folder at every epoch's end; best.pt by top-1.
     best_metric: str | None = "top1"
     eval_every_steps: int | None = None
@@ -249,7 +251,7 @@ class FineTune(Method):
     @classmethod
     def published_defaults(cls, cfg: Config) -> dict[str, Any]:
         # MAE/BEiT fine-tuning: RandomResizedCrop area (0.08, 1), bicubic; no masking.
-        return {"mask_ratio": 0.0, "global_scale": (0.08, 1.0), "interpolation": "bicubic"}
+        return {"global_scale": (0.08, 1.0), "interpolation": "bicubic"}
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -302,7 +304,7 @@ class FineTune(Method):
                 f"{num_classes} classes, but {cfg.data.path!r} "
                 f"has {len(classes)} class folders; raise it or leave it null",
             )
-        encoder = build_encoder(cfg)
+        encoder = build_encoder(cfg, cfg.finetune.checkpoint, "finetune.checkpoint")
         make_classifier(encoder, num_classes, cfg.finetune.global_pool, cfg.finetune.head_init)
         return cls(encoder, classes, cfg)
 

@@ -55,18 +55,18 @@ def command_overrides(
             val = str(found_val)
     if val is not None:
         overrides.append(f"finetune.val={val}")
-    return overrides + encoder_and_out_overrides(checkpoint, out)
+    return overrides + encoder_and_out_overrides(checkpoint, out, "finetune")
 
 
-def encoder_and_out_overrides(checkpoint: str | None, out: str | None) -> list[str]:
+def encoder_and_out_overrides(checkpoint: str | None, out: str | None, section: str) -> list[str]:
     """The overrides of ``--checkpoint`` (``none``: random init) and ``--out``, the same for every
-    downstream task."""
+    downstream task; ``section`` is the task's own, which holds its ``checkpoint`` field."""
     overrides = []
     if checkpoint is not None:
         overrides.append(
-            "finetune.checkpoint=null"
+            f"{section}.checkpoint=null"
             if checkpoint == "none"
-            else f"finetune.checkpoint={checkpoint}"
+            else f"{section}.checkpoint={checkpoint}"
         )
     if out is not None:
         overrides.append(f"run.out_dir={out}")

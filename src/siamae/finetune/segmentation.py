@@ -1,6 +1,6 @@
 """Semantic-segmentation fine-tuning (UperNet, the BEiT/MAE protocol) as a method of the one engine.
 
-The encoder is built as for classification fine-tuning (``finetune.checkpoint``: anything
+The encoder is built as for classification fine-tuning (``segmentation.checkpoint``: anything
 ``load_encoder`` reads, its position grid resampled to ``model.img_size``, the crop size; null:
 random init), its position embedding made trainable. Blocks ``segmentation.out_indices``
 (3, 5, 7, 11 at depth 12) feed the multi-scale neck, the UperNet head and the auxiliary FCN
@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from siamae.config import SegmentationConfig
 from siamae.data.segmentation import (
     IGNORE_INDEX,
     SegmentationSet,
@@ -89,6 +90,7 @@ class SegmentationFineTune(Method):
     name = METHOD_NAME
     num_views = 1
     view_kind = "segmentation"
+    config_sections = {"segmentation": SegmentationConfig}
     # Evaluates: mIoU on the validation split every eval_every_steps; best.pt by mIoU.
     best_metric: str | None = "mIoU"
     # The evaluation clock before the engine kept it (a resume of such a run drops them).
@@ -118,7 +120,7 @@ class SegmentationFineTune(Method):
             norm_layer=SyncBatchNorm2d,
         )
         self.aux_weight = s.aux_weight
-        self.layer_decay = cfg.finetune.layer_decay
+        self.layer_decay = cfg.segmentation.layer_decay
         self.eval_every_steps: int | None = s.eval_every_steps
         self.inference = InferenceConfig(
             scale=tuple(s.scale), mode=s.eval_mode, crop=cfg.model.img_size, stride=s.eval_stride
@@ -131,30 +133,30 @@ class SegmentationFineTune(Method):
     # -- config ---------------------------------------------------------------------------------
     @classmethod
     def published_defaults(cls, cfg: Config) -> dict[str, Any]:
-        return {"mask_ratio": 0.0, "global_scale": (0.08, 1.0), "interpolation": "bilinear"}
+        return {"global_scale": (0.08, 1.0), "interpolation": "bilinear"}
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        s, f = cfg.segmentation, cfg.finetune
+        s = cfg.section(SegmentationConfig)
 
         check(
             cfg.data.source == "images" and cfg.data.path is not None,
             "data.source",
             "segmentation reads a data set folder (ADE20K, VOC, images/+masks/); pass --data DIR",
         )
-        if f.checkpoint is not None:
+        if s.checkpoint is not None:
             check(
-                Path(f.checkpoint).exists(),
-                "finetune.checkpoint",
-                f"{f.checkpoint!r} does not exist; pass the pre-trained encoder's checkpoint, "
+                Path(s.checkpoint).exists(),
+                "segmentation.checkpoint",
+                f"{s.checkpoint!r} does not exist; pass the pre-trained encoder's checkpoint, "
                 "run folder or export (null: random initialisation)",
             )
         if s.val is not None:
             check(Path(s.val).is_dir(), "segmentation.val", f"{s.val!r} is not a folder")
         check(
-            0 < f.layer_decay <= 1,
-            "finetune.layer_decay",
-            f"expected 0 < d <= 1, got {f.layer_decay}",
+            0 < s.layer_decay <= 1,
+            "segmentation.layer_decay",
+            f"expected 0 < d <= 1, got {s.layer_decay}",
         )
         check(
             min(s.scale) > 0,
@@ -226,7 +228,7 @@ class SegmentationFineTune(Method):
     @classmethod
     def from_config(cls, cfg: Config) -> SegmentationFineTune:
         train_set = cls.build_source(cfg)
-        encoder = build_encoder(cfg)
+        encoder = build_encoder(cfg, cfg.segmentation.checkpoint, "segmentation.checkpoint")
         indices = cfg.segmentation.out_indices
         if indices is not None and max(indices) >= encoder.depth:
             raise option_error(
@@ -325,4 +327,4 @@ def command_overrides(
         overrides += ["data.source=images", f"data.path={data}"]
     if val is not None:
         overrides.append(f"segmentation.val={val}")
-    return overrides + encoder_and_out_overrides(checkpoint, out)
+    return overrides + encoder_and_out_overrides(checkpoint, out, METHOD_NAME)

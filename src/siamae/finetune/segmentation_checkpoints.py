@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from siamae.checkpoint import load_checkpoint, training_method, write_export
-from siamae.config import Config, from_dict
+from siamae.config import Config, sectioned_config, upgraded
 from siamae.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from siamae.data.segmentation import SegmentationSet, open_segmentation
 from siamae.errors import CheckpointError, SiamaeError
@@ -39,10 +39,7 @@ def load_segmentation_model(path: str | Path) -> tuple[SegmentationFineTune, dic
     obj = load_checkpoint(p)
     if obj.get("method") != METHOD_NAME:
         raise CheckpointError(f"{str(path)!r} is not a segmentation fine-tuning checkpoint")
-    data = dict(obj["config"])
-    data["finetune"] = {**data["finetune"], "checkpoint": None}  # weights come from this file
-    data["segmentation"] = {**data["segmentation"], "val": None}
-    cfg = SegmentationFineTune.resolve_config(from_dict(Config, data))
+    cfg = _task_config(obj["config"], str(path))
     state = obj["model"]
     num_classes = int(state["head.decode.classifier.weight"].shape[0])
     names = _class_names(cfg, num_classes)
@@ -145,10 +142,7 @@ def load_segmentation_export(path: str | Path) -> SegmentationFineTune:
     if not isinstance(info, dict) or info.get("format") != "siamae-export-segmentation-v1":
         raise CheckpointError(f"{str(path)!r} is not a segmentation export")
 
-    data = dict(info["recipe"])
-    data["finetune"] = {**data["finetune"], "checkpoint": None}
-    data["segmentation"] = {**data["segmentation"], "val": None}
-    cfg = SegmentationFineTune.resolve_config(from_dict(Config, data))
+    cfg = _task_config(info["recipe"], str(path))
     tensors = load_checkpoint(p)["state_dict"]  # a bad file: one line, not a traceback
     m = cfg.model
     backbone = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
@@ -169,3 +163,12 @@ def load_segmentation_export(path: str | Path) -> SegmentationFineTune:
         {k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")}, strict=True
     )
     return model.eval()
+
+
+def _task_config(saved: dict[str, Any], where: str) -> Config:
+    """The resolved config of a saved segmentation run (of any age), its weights taken from the
+    file rather than the encoder it started from, its validation from the caller."""
+    data = upgraded(saved, where)
+    data["segmentation"] = {**data.get("segmentation", {}), "checkpoint": None, "val": None}
+    own = SegmentationFineTune.config_sections
+    return SegmentationFineTune.resolve_config(sectioned_config(data, own))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
-from siamae.config import check_fields
+from siamae.config import MaskedObjectiveConfig, check_fields, check_mask_ratio_range
 from siamae.data.dataset import build_source, build_view_maker
 from siamae.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from siamae.data.sources import Source
@@ -101,12 +101,16 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     # Tensors an older siamae saved in this method's checkpoints and this one no longer keeps:
     # dropped when a state dict is loaded, so old run folders resume and load.
     retired_tensors: ClassVar[frozenset[str]] = frozenset()
+    # The config sections this method owns, by name (``cropmae``, ``decoder``, ``mixing``): a
+    # resolved config of this method holds them beside the common ones, and nothing else.
+    config_sections: ClassVar[dict[str, type]] = {}
     encoder: Encoder
 
     @classmethod
     @abc.abstractmethod
     def published_defaults(cls, cfg: Config) -> dict[str, Any]:
-        """Recipe values for fields left ``null``: mask_ratio, decoder.*, global_scale."""
+        """Recipe values for fields left ``null``: ``global_scale``, ``interpolation`` and, by
+        section name, the null fields of the method's own sections (``{"decoder": {...}}``)."""
 
     @classmethod
     def progress_label(cls) -> str:
@@ -119,7 +123,9 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
 
         The default refuses a mask ratio that masks no patch or leaves none visible.
         """
-        check_mask_ratio(cfg)
+        for name, section in cfg.sections.items():
+            if isinstance(section, MaskedObjectiveConfig) and section.mask_ratio is not None:
+                check_mask_ratio(cfg, section.mask_ratio, f"{name}.mask_ratio")
 
     @classmethod
     def resolve_config(cls, cfg: Config) -> Config:
@@ -128,11 +134,10 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         method's own (:meth:`check_config`). :func:`siamae.recipes.resolve` calls it for the
         method a config names; not a hook to override."""
         defaults = cls.published_defaults(cfg)
-        if cfg.mask_ratio is None:
-            cfg.mask_ratio = defaults["mask_ratio"]
-        for name, value in defaults.get("decoder", {}).items():
-            if getattr(cfg.decoder, name) is None:
-                setattr(cfg.decoder, name, value)
+        for section_name, section in cfg.sections.items():
+            for name, value in defaults.get(section_name, {}).items():
+                if getattr(section, name) is None:
+                    setattr(section, name, value)
         if cfg.data.global_scale is None:
             cfg.data.global_scale = tuple(defaults["global_scale"])
         if cfg.data.interpolation is None:
@@ -289,16 +294,15 @@ def encoder_from_config(cfg: Config) -> Encoder:
     return Encoder(m.arch, m.patch_size, m.img_size, m.drop_path)
 
 
-def check_mask_ratio(cfg: Config) -> None:
-    """A mask ratio must hide at least one patch (ratios of 1 or more, which leave none visible,
-    are refused with the generic range check; MAE's rounding keeps at least one visible)."""
-    if cfg.mask_ratio is None:
-        return
+def check_mask_ratio(cfg: Config, ratio: float, field_name: str) -> None:
+    """A mask ratio in [0, 1) that hides at least one patch (MAE's rounding keeps at least one
+    visible)."""
+    check_mask_ratio_range(ratio, field_name)
     n = (cfg.model.img_size // cfg.model.patch_size) ** 2
-    if num_visible(n, cfg.mask_ratio) >= n:
+    if num_visible(n, ratio) >= n:
         raise option_error(
-            "mask_ratio",
-            f"{cfg.mask_ratio} masks no patch of the {n} patches "
+            field_name,
+            f"{ratio} masks no patch of the {n} patches "
             f"({cfg.model.img_size}px images, patch {cfg.model.patch_size}), so {cfg.method} has "
             f"nothing to reconstruct; choose a ratio above 0",
         )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from siamae.config import DecoderConfig, MaskedObjectiveConfig
 from siamae.methods.base import (
     Batch,
     Method,
@@ -42,6 +43,7 @@ class CropMAE(Method):
     name = "cropmae"
     num_views = 2
     view_kind = "pair"
+    config_sections = {"cropmae": MaskedObjectiveConfig, "decoder": DecoderConfig}
 
     def __init__(
         self,
@@ -60,7 +62,7 @@ class CropMAE(Method):
     def published_defaults(cls, cfg: Config) -> dict[str, Any]:
         video = cfg.data.source in ("videos", "frames")
         return {
-            "mask_ratio": 0.985,
+            cls.name: {"mask_ratio": 0.985},
             "decoder": {
                 "dim": 256,
                 "depth": 4,
@@ -76,7 +78,7 @@ class CropMAE(Method):
     @classmethod
     def from_config(cls, cfg: Config) -> CropMAE:
         encoder = encoder_from_config(cfg)
-        d = cfg.decoder
+        d = cfg.section(DecoderConfig)
         decoder = CrossSelfDecoder(
             encoder.embed_dim,
             encoder.grid_size,
@@ -88,7 +90,8 @@ class CropMAE(Method):
             dropout=d.dropout,
             norm_style=d.norm_style,
         )
-        return cls(encoder, decoder, cfg.mask_ratio, cfg.norm_pix_loss)
+        objective = cfg.section(MaskedObjectiveConfig)
+        return cls(encoder, decoder, objective.mask_ratio, objective.norm_pix_loss)
 
     def _run(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         images = batch["images"]
@@ -126,11 +129,12 @@ class SiamMAE(CropMAE):
 
     name = "siammae"
     view_kind = "frames"
+    config_sections = {"siammae": MaskedObjectiveConfig, "decoder": DecoderConfig}
 
     @classmethod
     def published_defaults(cls, cfg: Config) -> dict[str, Any]:
         defaults = super().published_defaults(cfg)
-        defaults["mask_ratio"] = 0.95
+        defaults[cls.name] = {"mask_ratio": 0.95}
         defaults["global_scale"] = (0.5, 1.0)
         return defaults
 

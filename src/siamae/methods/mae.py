@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from siamae.config import DecoderConfig, MaskedObjectiveConfig
 from siamae.methods.base import (
     Batch,
     Method,
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 def mae_decoder(cfg: Config, encoder: Encoder) -> MAEDecoder:
     """MAE's decoder with the config's ``decoder`` fields (also MixedAE's unmixing decoder)."""
-    d = cfg.decoder
+    d = cfg.section(DecoderConfig)
     return MAEDecoder(
         encoder.embed_dim,
         encoder.grid_size,
@@ -44,6 +45,7 @@ class MAE(Method):
     name = "mae"
     num_views = 1
     view_kind = "single"
+    config_sections = {"mae": MaskedObjectiveConfig, "decoder": DecoderConfig}
 
     def __init__(
         self,
@@ -62,7 +64,7 @@ class MAE(Method):
     def published_defaults(cls, cfg: Config) -> dict[str, Any]:
         # MAE ViT-B/16 recipe: ratio 0.75; decoder 512-d, 8 blocks, 16 heads; RRC area (0.2, 1).
         return {
-            "mask_ratio": 0.75,
+            "mae": {"mask_ratio": 0.75},
             "decoder": {
                 "dim": 512,
                 "depth": 8,
@@ -79,7 +81,10 @@ class MAE(Method):
     @classmethod
     def from_config(cls, cfg: Config) -> MAE:
         encoder = encoder_from_config(cfg)
-        return cls(encoder, mae_decoder(cfg, encoder), cfg.mask_ratio, cfg.norm_pix_loss)
+        objective = cfg.section(MaskedObjectiveConfig)
+        return cls(
+            encoder, mae_decoder(cfg, encoder), objective.mask_ratio, objective.norm_pix_loss
+        )
 
     def _run(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = batch["images"][:, 0]

@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from siamae.config import DecoderConfig, MixingConfig
 from siamae.data.image_folder import normalize
 from siamae.data.mixing import (
     GroupPartition,
@@ -230,6 +231,7 @@ class MixedAE(Method):
     name = "mixedae"
     num_views = 1
     view_kind = "single"
+    config_sections = {"mixing": MixingConfig, "decoder": DecoderConfig}
     # Evaluates: the held-out homologous figures at every epoch's end, no best checkpoint.
     best_metric: str | None = None
     eval_every_steps: int | None = None
@@ -312,14 +314,14 @@ class MixedAE(Method):
     @classmethod
     def published_defaults(cls, cfg: Config) -> dict[str, Any]:
         # MAE's recipe (decoder, crop area, bicubic crops); each image supplies 1/R of the grid,
-        # so the masking ratio is 1 - 1/R (0.75 at R=4, MAE's).
+        # so the masking ratio is 1 - 1/R (0.75 at R=4, MAE's): set by mixing.ratio, no field.
         defaults = MAE.published_defaults(cfg)
-        defaults["mask_ratio"] = 1 - 1 / max(cfg.mixing.ratio, 1)
+        defaults.pop(MAE.name)
         return defaults
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        m = cfg.mixing
+        m = cfg.section(MixingConfig)
         r = m.ratio
 
         n = (cfg.model.img_size // cfg.model.patch_size) ** 2
@@ -343,12 +345,6 @@ class MixedAE(Method):
             raise option_error(
                 "data.repeated_sampling",
                 "MixedAE mixes different images; repeated samples of one image cannot be mixed",
-            )
-        if abs(cfg.mask_ratio - (1 - 1 / r)) > 1e-9:
-            raise option_error(
-                "mask_ratio",
-                f"MixedAE's masking is set by mixing.ratio (each image supplies 1/{r} of the "
-                f"grid: {1 - 1 / r}); leave mask_ratio null, got {cfg.mask_ratio}",
             )
         keys = n + 1 if m.cls_key else n
         if m.topk is not None and not 1 <= m.topk <= keys:
@@ -396,7 +392,7 @@ class MixedAE(Method):
     def from_config(cls, cfg: Config) -> MixedAE:
         encoder = encoder_from_config(cfg)
         decoder = mae_decoder(cfg, encoder)
-        m = cfg.mixing
+        m = cfg.section(MixingConfig)
         heldout = (
             HeldoutSet(m.homology_data, m.homology_images, m.homology_seed)
             if m.homology_data is not None
@@ -415,7 +411,7 @@ class MixedAE(Method):
                 temperature=m.temperature,
                 contrastive_features="final",
                 attention_loss_weight=0.0,
-                norm_pix_loss=cfg.norm_pix_loss,
+                norm_pix_loss=m.norm_pix_loss,
                 heldout=heldout,
             )
         return cls(
@@ -432,7 +428,7 @@ class MixedAE(Method):
             attention_loss_weight=m.attention_loss_weight,
             attention_loss_blocks=parse_topk_blocks(m.attention_loss_blocks, encoder.depth),
             cls_key=m.cls_key,
-            norm_pix_loss=cfg.norm_pix_loss,
+            norm_pix_loss=m.norm_pix_loss,
             heldout=heldout,
         )
 

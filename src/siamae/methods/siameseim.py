@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
+from siamae.config import SiameseIMConfig, check_mask_ratio_range
 from siamae.data.siameseim_views import SiameseIMViews
 from siamae.methods.base import (
     Batch,
@@ -40,7 +41,7 @@ from siamae.methods.base import (
 from siamae.models.masking import gather_tokens
 from siamae.models.pos_embed import sincos_2d
 from siamae.models.vit import VIT_SIZES, Encoder
-from siamae.options import option_error
+from siamae.options import check, option_error
 from siamae.world import world_size
 
 if TYPE_CHECKING:
@@ -236,6 +237,7 @@ class SiameseIM(Method):
     name = "siameseim"
     num_views = 2
     view_kind = "pair"
+    config_sections = {"siameseim": SiameseIMConfig}
 
     def __init__(
         self,
@@ -298,18 +300,16 @@ class SiameseIM(Method):
     # -- config --------------------------------------------------------------------------------
     @classmethod
     def published_defaults(cls, cfg: Config) -> dict[str, Any]:
-        # The "decoder" is the projector/predictor: as wide as the encoder (768 for ViT-B),
-        # 16 heads, 4 predictor blocks; crops of area (0.08, 1).
+        # The projector/predictor: as wide as the encoder (768 for ViT-B), 16 heads, 4
+        # predictor blocks; crops of area (0.08, 1).
         width = VIT_SIZES[cfg.model.arch].embed_dim
         return {
-            "mask_ratio": MASK_RATIO,
-            "decoder": {
+            "siameseim": {
+                "mask_ratio": MASK_RATIO,
                 "dim": width,
-                "depth": 4,
+                "predictor_depth": 4,
                 "num_heads": 16,
                 "mlp_dim": 4 * width,
-                "dropout": 0.0,
-                "norm_style": "pre",
             },
             "global_scale": (0.08, 1.0),
             "interpolation": "bicubic",
@@ -317,7 +317,7 @@ class SiameseIM(Method):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        s = cfg.siameseim
+        s = cfg.section(SiameseIMConfig)
         if cfg.data.crop_sampler != "torchvision":
             raise option_error(
                 "data.crop_sampler",
@@ -331,18 +331,22 @@ class SiameseIM(Method):
             raise option_error(
                 "data.repeated_sampling", "siameseim makes one pair per image; set 1"
             )
-        if cfg.decoder.dropout:
-            raise option_error(
-                "decoder.dropout", "siameseim's projector/predictor have no dropout; set 0"
-            )
-        if cfg.decoder.norm_style != "pre":
-            raise option_error("decoder.norm_style", "siameseim's blocks are pre-norm; set 'pre'")
+        for name in ("dim", "num_heads", "mlp_dim", "predictor_depth"):
+            value = getattr(s, name)
+            check(value > 0, f"siameseim.{name}", f"expected a positive integer, got {value}")
+        check(
+            s.dim % s.num_heads == 0 and s.dim % 4 == 0,
+            "siameseim.dim",
+            f"expected a multiple of 4 (2-D sin-cos positions) divisible by "
+            f"siameseim.num_heads={s.num_heads}, got {s.dim}",
+        )
+        check_mask_ratio_range(s.mask_ratio, "siameseim.mask_ratio")
         grid = cfg.model.img_size // cfg.model.patch_size
-        masked = num_masked(grid * grid, cfg.mask_ratio)
+        masked = num_masked(grid * grid, s.mask_ratio)
         if not 0 < masked < grid * grid:
             raise option_error(
-                "mask_ratio",
-                f"{cfg.mask_ratio} of {grid * grid} patches masks "
+                "siameseim.mask_ratio",
+                f"{s.mask_ratio} of {grid * grid} patches masks "
                 f"{masked}; it must leave at least one patch hidden and one visible",
             )
         if s.projector_depth < 0:
@@ -365,32 +369,33 @@ class SiameseIM(Method):
         encoder = Encoder(
             m.arch, m.patch_size, m.img_size, m.drop_path, final_norm=False, pos_order=POS_ORDER
         )
-        d = cfg.decoder
+        s = cfg.section(SiameseIMConfig)
         method = cls(
             encoder,
-            dim=d.dim,
-            num_heads=d.num_heads,
-            projector_depth=cfg.siameseim.projector_depth,
-            predictor_depth=d.depth,
-            mlp_ratio=d.mlp_dim / d.dim,
-            norm=cfg.siameseim.norm,
-            neg_weight=cfg.siameseim.neg_weight,
-            base_momentum=cfg.siameseim.momentum,
+            dim=s.dim,
+            num_heads=s.num_heads,
+            projector_depth=s.projector_depth,
+            predictor_depth=s.predictor_depth,
+            mlp_ratio=s.mlp_dim / s.dim,
+            norm=s.norm,
+            neg_weight=s.neg_weight,
+            base_momentum=s.momentum,
         )
         return method
 
     @classmethod
     def build_views(cls, cfg: Config) -> SiameseIMViews:
         grid = cfg.model.img_size // cfg.model.patch_size
+        s = cfg.section(SiameseIMConfig)
         return SiameseIMViews(
             out=cfg.model.img_size,
             patch_size=cfg.model.patch_size,
             scale=cfg.data.global_scale,
             ratio=cfg.data.ratio,
             hflip=cfg.data.hflip,
-            num_masked=num_masked(grid * grid, cfg.mask_ratio),
-            min_block=min_block(grid * grid, cfg.siameseim.mask_min_block),
-            photometric=cfg.siameseim.photometric,
+            num_masked=num_masked(grid * grid, s.mask_ratio),
+            min_block=min_block(grid * grid, s.mask_min_block),
+            photometric=s.photometric,
             interpolation=cfg.data.interpolation or "bicubic",
         )
 
