@@ -83,7 +83,7 @@ def test_offline_wandb_logs_the_csvs_scalars_the_config_and_the_pictures(tmp_pat
     # The resolved config, as the run folder's config.yaml holds it.
     assert logged["config"]["method"] == "mae"
     assert logged["config"]["model"]["arch"] == "vit_tiny"
-    assert logged["config"]["mask_ratio"] == pytest.approx(0.75)
+    assert logged["config"]["mae"]["mask_ratio"] == pytest.approx(0.75)
     # The pictures the run wrote, at the last step, as image files of the W&B run.
     pictures = next(h for h in logged["history"] if any(k.startswith("pictures/") for k in h))
     assert pictures["step"] == 3
