@@ -71,6 +71,18 @@ def test_the_package_keeps_its_plan(figures_of) -> None:
     assert "eval" not in figures.room_arrows["engine"], figures.room_arrows["engine"]
     # The command line, its entry point and the commands above the library are one room.
     assert not {"cli", "submit", "demo", "viz"} & set(figures.rooms), sorted(figures.rooms)
+    # Segmentation's probe and command are one folder of eval/; its scores stand below both eval/
+    # and finetune/, so eval/ reaches into finetune/ only to read a fine-tuned model back.
+    assert {m for m in figures.graph if m.startswith("siamae.eval.segmentation")} == {
+        "siamae.eval.segmentation.cli",
+        "siamae.eval.segmentation.probe",
+    }
+    assert {"eval/segmentation", "segmentation_scores.py"} <= set(figures.rooms)
+    assert figures.room_arrows["eval"]["finetune"] == {
+        "siamae.eval.segmentation.cli -> siamae.finetune.segmentation",
+        "siamae.eval.segmentation.cli -> siamae.finetune.segmentation_checkpoints",
+    }
+    assert not {"eval", "finetune"} & set(figures.room_arrows["segmentation_scores"])
     engine = [(n, name) for n, name in figures.functions if name.startswith("siamae.engine.")]
     assert len(engine) > 20  # the parts are measured
     assert max(engine)[0] <= 80, max(engine)
