@@ -86,3 +86,21 @@ def test_the_package_keeps_its_plan(figures_of) -> None:
     engine = [(n, name) for n, name in figures.functions if name.startswith("siamae.engine.")]
     assert len(engine) > 20  # the parts are measured
     assert max(engine)[0] <= 80, max(engine)
+
+
+def test_the_tests_mirror_the_rooms() -> None:
+    tests = REPO / "tests"
+    package = REPO / "src" / "siamae"
+    folders = {
+        path.relative_to(tests)
+        for path in tests.rglob("*")
+        if path.is_dir() and path.name != "__pycache__" and any(path.glob("test_*.py"))
+    }
+    # Each test folder is a room (or a folder of eval/) of the package.
+    assert all((package / folder).is_dir() for folder in folders), sorted(map(str, folders))
+    assert {Path(room) for room in ("data", "engine", "eval", "finetune", "methods", "models")} <= (
+        folders
+    )
+    # pytest imports test files by their name alone (no __init__.py): names stay unique.
+    names = [path.name for path in tests.rglob("*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
