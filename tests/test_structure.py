@@ -71,6 +71,36 @@ def test_the_package_keeps_its_plan(figures_of) -> None:
     assert "eval" not in figures.room_arrows["engine"], figures.room_arrows["engine"]
     # The command line, its entry point and the commands above the library are one room.
     assert not {"cli", "submit", "demo", "viz"} & set(figures.rooms), sorted(figures.rooms)
+    # Segmentation's probe and command are one folder of eval/; its scores stand below both eval/
+    # and finetune/, so eval/ reaches into finetune/ only to read a fine-tuned model back.
+    assert {m for m in figures.graph if m.startswith("siamae.eval.segmentation")} == {
+        "siamae.eval.segmentation.cli",
+        "siamae.eval.segmentation.probe",
+    }
+    assert {"eval/segmentation", "segmentation_scores.py"} <= set(figures.rooms)
+    assert figures.room_arrows["eval"]["finetune"] == {
+        "siamae.eval.segmentation.cli -> siamae.finetune.segmentation",
+        "siamae.eval.segmentation.cli -> siamae.finetune.segmentation_checkpoints",
+    }
+    assert not {"eval", "finetune"} & set(figures.room_arrows["segmentation_scores"])
     engine = [(n, name) for n, name in figures.functions if name.startswith("siamae.engine.")]
     assert len(engine) > 20  # the parts are measured
     assert max(engine)[0] <= 80, max(engine)
+
+
+def test_the_tests_mirror_the_rooms() -> None:
+    tests = REPO / "tests"
+    package = REPO / "src" / "siamae"
+    folders = {
+        path.relative_to(tests)
+        for path in tests.rglob("*")
+        if path.is_dir() and path.name != "__pycache__" and any(path.glob("test_*.py"))
+    }
+    # Each test folder is a room (or a folder of eval/) of the package.
+    assert all((package / folder).is_dir() for folder in folders), sorted(map(str, folders))
+    assert {Path(room) for room in ("data", "engine", "eval", "finetune", "methods", "models")} <= (
+        folders
+    )
+    # pytest imports test files by their name alone (no __init__.py): names stay unique.
+    names = [path.name for path in tests.rglob("*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

@@ -1,6 +1,6 @@
 """Pictures of label maps: the DAVIS / PASCAL VOC palette, masks blended over frames, labelled
 grids, PNG strips and animated GIFs. Propagation (:mod:`siamae.eval.propagation`) and
-segmentation (:mod:`siamae.finetune.segmentation_eval`, :mod:`siamae.eval.segmentation`) draw
+segmentation (:mod:`siamae.segmentation_scores`, :mod:`siamae.eval.segmentation`) draw
 with them, so they stand below both."""
 
 from __future__ import annotations

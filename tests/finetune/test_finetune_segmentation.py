@@ -28,20 +28,12 @@ from siamae.data.sources import UnreadableSample
 from siamae.engine.logging import read_metrics
 from siamae.engine.trainer import train
 from siamae.errors import DataError
-from siamae.eval.segmentation import ProbeConfig, train_linear_probe
+from siamae.eval.segmentation.probe import ProbeConfig, train_linear_probe
 from siamae.finetune.segmentation import SyncBatchNorm2d
 from siamae.finetune.segmentation_checkpoints import (
     export_segmentation,
     load_segmentation_export,
     load_segmentation_model,
-)
-from siamae.finetune.segmentation_eval import (
-    InferenceConfig,
-    confusion_matrix,
-    evaluate_segmentation,
-    predict,
-    segmentation_scores,
-    slide_logits,
 )
 from siamae.loading import load_encoder, random_encoder
 from siamae.models.upernet import UperNet, block_features, default_out_indices
@@ -50,6 +42,14 @@ from siamae.optim import lr_at
 from siamae.overlays import PALETTE
 from siamae.recipes import load_config
 from siamae.registry import build_method
+from siamae.segmentation_scores import (
+    InferenceConfig,
+    confusion_matrix,
+    evaluate_segmentation,
+    predict,
+    segmentation_scores,
+    slide_logits,
+)
 
 # -- fixtures in the official formats ------------------------------------------------------------
 
@@ -743,7 +743,7 @@ def test_unpaired_training_files_are_listed_in_skipped_files_by_finetune(
 def test_segmentation_pictures_have_a_legend_of_the_classes_shown(
     voc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import siamae.finetune.segmentation_eval as seg_eval
+    import siamae.segmentation_scores as seg_eval
 
     drawn: dict = {}
     real = seg_eval.save_labelled_grid

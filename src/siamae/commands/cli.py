@@ -33,11 +33,12 @@ from siamae.config import Config
 from siamae.data import shard_writer
 from siamae.engine.trainer import train
 from siamae.errors import SiamaeError
-from siamae.eval import homology, segmentation_cli
+from siamae.eval import homology
 from siamae.eval.attention import run_command
 from siamae.eval.probes import cli as probe_cli
 from siamae.eval.probes.monitor import build_monitor
 from siamae.eval.propagation import cli as propagation_cli
+from siamae.eval.segmentation import cli as segmentation_cli
 from siamae.finetune import segmentation
 from siamae.finetune.command import command_overrides
 from siamae.paths import OUTPUT_ERRNOS, check_writable

@@ -39,13 +39,13 @@ from siamae.data.segmentation import (
 from siamae.finetune.classification import build_encoder
 from siamae.finetune.command import encoder_and_out_overrides
 from siamae.finetune.layer_decay import layer_decay_groups
-from siamae.finetune.segmentation_eval import InferenceConfig, evaluate_segmentation
 from siamae.methods.base import Batch, EvalRequest, Method, MethodOutput
 from siamae.methods.siameseim import TokenBatchNorm
 from siamae.models.upernet import UperNet, block_features, default_out_indices
 from siamae.models.vit import Encoder
 from siamae.optim import param_groups
 from siamae.options import check, option_error
+from siamae.segmentation_scores import InferenceConfig, evaluate_segmentation
 from siamae.world import world_size
 
 if TYPE_CHECKING:

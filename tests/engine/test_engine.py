@@ -173,7 +173,7 @@ def test_a_signal_saves_a_checkpoint_and_exits_with_128_plus_signal(
         "siamae",
         "pretrain",
         "--config",
-        str(Path(__file__).parents[1] / "configs" / "demo.yaml"),
+        str(Path(__file__).parents[2] / "configs" / "demo.yaml"),
         "--out",
         str(run),
         "--set",

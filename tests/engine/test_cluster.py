@@ -23,7 +23,7 @@ from siamae.engine.trainer import train
 from siamae.errors import ConfigError
 from siamae.recipes import load_config
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parents[1]  # the helpers (elastic_worker.py) stand in tests/
 # Tiny, dropout off (dropout masks are drawn per process: the one thing two processes with
 # batch 4 cannot share with one with batch 8), a checkpoint every 2 steps.
 TINY = [

@@ -354,7 +354,7 @@ def test_siammae_training_steps_on_real_videos(
 
 
 def test_k400_recipes() -> None:
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     siam = load_config(root / "siammae_vits16_k400.yaml", ["data.path=/data/k400"])
     crop = load_config(root / "cropmae_vits16_k400.yaml", ["data.path=/data/k400"])
     for cfg in (siam, crop):

@@ -26,15 +26,15 @@ from siamae.arguments import (
 )
 from siamae.data.segmentation import LAYOUTS, SegmentationSet, open_segmentation
 from siamae.errors import SiamaeError
-from siamae.eval.segmentation import ProbeConfig, train_linear_probe
+from siamae.eval.segmentation.probe import ProbeConfig, train_linear_probe
 from siamae.finetune.segmentation import SegmentationFineTune
 from siamae.finetune.segmentation_checkpoints import (
     is_segmentation_checkpoint,
     load_segmentation_export,
     load_segmentation_model,
 )
-from siamae.finetune.segmentation_eval import InferenceConfig, evaluate_segmentation
 from siamae.models.vit import Encoder
+from siamae.segmentation_scores import InferenceConfig, evaluate_segmentation
 from siamae.sizes import size_problem
 
 MULTI_SCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)

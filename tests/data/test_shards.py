@@ -414,7 +414,7 @@ def test_cli_reports_a_missing_shard_on_one_line(
         [
             "pretrain",
             "--config",
-            str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"),
+            str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"),
             "--data",
             f"{shards}/shard-{{000000..000099}}.tar",
             "--out",

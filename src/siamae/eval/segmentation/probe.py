@@ -1,6 +1,6 @@
 """The frozen linear segmentation probe (``siamae eval segment``): a BatchNorm + 1x1 convolution
 head trained on a frozen encoder's patch tokens (DINOv2's linear protocol), then scored on the
-whole validation split by :func:`siamae.finetune.segmentation_eval.evaluate_segmentation`, the
+whole validation split by :func:`siamae.segmentation_scores.evaluate_segmentation`, the
 scores the fine-tuning task reports too (mIoU, mAcc, aAcc as mmsegmentation computes them).
 """
 
@@ -22,9 +22,9 @@ from siamae.data.dataset import EpochSampler, PretrainDataset, build_loader
 from siamae.data.image_folder import normalize
 from siamae.data.segmentation import IGNORE_INDEX, SegmentationSet, SegmentationViews
 from siamae.errors import CheckpointError, DataError
-from siamae.finetune.segmentation_eval import InferenceConfig, evaluate_segmentation
 from siamae.models.vit import Encoder
 from siamae.optim import lr_at
+from siamae.segmentation_scores import InferenceConfig, evaluate_segmentation
 
 PROBE_FORMAT = "siamae-segprobe-v1"
 

@@ -33,7 +33,7 @@ from siamae.eval.propagation.vip import read_category_ids
 from siamae.recipes import load_config
 
 SIDE = 256
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 class CoordinateSource:
