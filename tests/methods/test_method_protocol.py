@@ -265,3 +265,30 @@ def test_evaluation_at_a_step_interval_keeps_segmentations_schedule(
     method: Any = Interval()
     new = [s for s in range(1, total + 1) if evaluation_due(method, s, steps_per_epoch, total)]
     assert new == _old_segmentation_schedule(steps_per_epoch, interval, total)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_no_method_reads_the_run_folder_from_its_config(name: str) -> None:
+    # The engine owns the run folder: it hands a method what it needs (build_source's run_dir,
+    # an EvalRequest's results folder); a method's own code never reads run.out_dir.
+    source = inspect.getsource(inspect.getmodule(METHODS[name]))
+    assert ".run.out_dir" not in source, f"{name} reads the run folder from its config"
+
+
+def test_the_engine_hands_the_run_folder_to_build_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str | None] = []
+
+    class Recording(Bare):
+        @classmethod
+        def build_source(
+            cls, cfg: Any, cache_dir: str | None = None, run_dir: str | None = None
+        ) -> Any:
+            seen.append(run_dir)
+            return super().build_source(cfg, cache_dir, run_dir)
+
+    monkeypatch.setitem(METHODS, "bare", Recording)
+    torch.set_num_threads(1)
+    train(_cfg("bare", tmp_path / "run", "optim.max_steps=1"))
+    assert seen == [str(tmp_path / "run")]

@@ -158,11 +158,14 @@ class EpochSampler(Sampler[tuple[int, int]]):
                 yield (self.epoch, i)
 
 
-def build_source(cfg: Config, kind: str, cache_dir: str | None = None) -> Source:
+def build_source(
+    cfg: Config, kind: str, cache_dir: str | None = None, run_dir: str | None = None
+) -> Source:
     """The source the config names; video kinds come from :mod:`siamae.data.video`, tar shards
-    from :mod:`siamae.data.shards` (their index is cached in ``cache_dir``, by default the run
-    folder when it exists)."""
+    from :mod:`siamae.data.shards` (their index is cached in ``cache_dir``, reused from the run
+    folder ``run_dir``, by default ``run.out_dir``, when it holds one)."""
     d = cfg.data
+    run_dir = run_dir if run_dir is not None else cfg.run.out_dir
     video_method = kind == "frames"
     if d.source == "synthetic":
         if video_method:
@@ -171,13 +174,13 @@ def build_source(cfg: Config, kind: str, cache_dir: str | None = None) -> Source
             )
         return SyntheticImageSource(d.synthetic_count, d.synthetic_size, cfg.run.seed)
     if d.source == "images":
-        return image_source(d.path, cache_dir, cfg.run.out_dir, cfg.run.progress, d.num_workers)
+        return image_source(d.path, cache_dir, run_dir, cfg.run.progress, d.num_workers)
     if is_shard_spec(d.path):
         raise DataError(
             f"data.path {d.path!r} names tar shards, which hold images; data.source "
             f"{d.source!r} reads videos (SiamMAE's frame pairs): pass video files or frame folders"
         )
-    return video.build_video_source(cfg, cache_dir)
+    return video.build_video_source(cfg, cache_dir, run_dir)
 
 
 def loader_batch_size(cfg: Config) -> int:

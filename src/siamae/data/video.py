@@ -507,22 +507,24 @@ def make_source(
 
 
 def build_video_source(
-    cfg: Config, cache_dir: str | Path | None = None
+    cfg: Config, cache_dir: str | Path | None = None, run_dir: str | Path | None = None
 ) -> VideoFileSource | FrameFolderSource:
     """The source for ``data.source`` "videos" or "frames" at ``data.path``.
 
-    The index is cached in ``cache_dir``; by default in the run folder (``run.out_dir``) when
+    The index is cached in ``cache_dir``; by default in the run folder (``run_dir``, by default
+    ``run.out_dir``) when
     it exists, so a restart does not probe the videos again. The unreadable items are listed
     in the run folder's ``skipped_files.txt`` by the trainer (``cache_dir`` may be a staging
     folder that is gone once the run starts), so the warning points there.
     """
-    if cache_dir is None and Path(cfg.run.out_dir).is_dir():
-        cache_dir = cfg.run.out_dir
+    run_dir = Path(run_dir if run_dir is not None else cfg.run.out_dir)
+    if cache_dir is None and run_dir.is_dir():
+        cache_dir = run_dir
     return make_source(
         cfg.data.path,
         cfg.data.source,
         cache_dir,
         workers=cfg.data.num_workers,
         progress=cfg.run.progress,
-        listed_in=Path(cfg.run.out_dir) / SKIPPED_FILE,
+        listed_in=run_dir / SKIPPED_FILE,
     )

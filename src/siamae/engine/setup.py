@@ -131,7 +131,7 @@ def set_up(
             method.view_kind,
             method.encoder.num_patches,
             views=method.build_views(cfg),
-            source=method.build_source(cfg, str(staging)),
+            source=method.build_source(cfg, str(staging), str(run_dir)),
         )
         # With repeated sampling one loader item holds several pairs; data.batch_size counts pairs.
         sampler = EpochSampler(

@@ -283,9 +283,11 @@ class FineTune(Method):
         )
 
     @classmethod
-    def build_source(cls, cfg: Config, cache_dir: str | None = None) -> Source:
+    def build_source(
+        cls, cfg: Config, cache_dir: str | None = None, run_dir: str | None = None
+    ) -> Source:
         d = cfg.data
-        return labelled_source(d.path, cache_dir, cfg.run.out_dir, cfg.run.progress, d.num_workers)
+        return labelled_source(d.path, cache_dir, run_dir, cfg.run.progress, d.num_workers)
 
     @classmethod
     def from_config(cls, cfg: Config) -> FineTune:

@@ -221,7 +221,9 @@ class SegmentationFineTune(Method):
         )
 
     @classmethod
-    def build_source(cls, cfg: Config, cache_dir: str | None = None) -> SegmentationSet:
+    def build_source(
+        cls, cfg: Config, cache_dir: str | None = None, run_dir: str | None = None
+    ) -> SegmentationSet:
         s = cfg.segmentation
         return open_segmentation(cfg.data.path, s.train_split, s.layout, s.num_classes)
 

@@ -154,10 +154,13 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         return build_view_maker(cfg, cls.view_kind)
 
     @classmethod
-    def build_source(cls, cfg: Config, cache_dir: str | None = None) -> Source:
-        """Where the items come from (image files, videos, synthetic scenes)."""
-
-        return build_source(cfg, cls.view_kind, cache_dir)
+    def build_source(
+        cls, cfg: Config, cache_dir: str | None = None, run_dir: str | None = None
+    ) -> Source:
+        """Where the items come from (image files, videos, synthetic scenes). ``cache_dir``: where
+        an index of the data may be written; ``run_dir``: the run folder the engine hands over,
+        whose index is reused (a method never reads the run folder from the config)."""
+        return build_source(cfg, cls.view_kind, cache_dir, run_dir)
 
     @classmethod
     @abc.abstractmethod
