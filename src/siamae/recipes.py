@@ -30,8 +30,7 @@ from siamae.config import (
     upgrade_overrides,
     upgraded,
 )
-from siamae.errors import ConfigError
-from siamae.options import OverrideText
+from siamae.options import OverrideText, option_error
 from siamae.registry import METHODS
 
 
@@ -39,9 +38,8 @@ def _check_method(method: Any) -> None:
     if method not in METHODS:
         close = difflib.get_close_matches(str(method), list(METHODS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(
-            f"config field 'method': unknown method {method!r}{hint}; "
-            f"choose one of {', '.join(METHODS)}"
+        raise option_error(
+            "method", f"unknown method {method!r}{hint}; choose one of {', '.join(METHODS)}"
         )
 
 

@@ -37,10 +37,10 @@ from siamae.engine.run_lock import RunFolder
 from siamae.engine.state import Monitor, MonitorFactory, Run, Schedule, TrainState
 from siamae.engine.stop import STOP_SIGNALS
 from siamae.engine.tracking import WandbRun, open_tracking
-from siamae.errors import ConfigError
 from siamae.methods import Method
 from siamae.methods.base import KeepsRankLocalTensors, SkipsAtStart
 from siamae.optim import build_optimizer
+from siamae.options import option_error
 from siamae.registry import build_method
 from siamae.threads import (
     ThreadGovernor,
@@ -59,8 +59,9 @@ def pick_device(cfg: Config, info: D.DistInfo) -> torch.device:
     if cfg.run.device == "auto":
         return torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"config field 'run.device': {cfg.run.device!r} asked for, but no CUDA device is available; use 'auto' or 'cpu'"
+        raise option_error(
+            "run.device",
+            f"{cfg.run.device!r} asked for, but no CUDA device is available; use 'auto' or 'cpu'",
         )
     if cfg.run.device == "cuda" and info.enabled:
         return torch.device(f"cuda:{info.local_rank}")
@@ -94,9 +95,10 @@ def make_schedule(cfg: Config, batches_per_epoch: int, world_size: int) -> Sched
     o = cfg.optim
     steps_per_epoch = batches_per_epoch // o.accum_steps
     if steps_per_epoch == 0:
-        raise ConfigError(
-            f"config field 'optim.accum_steps': {o.accum_steps} accumulation steps exceed the "
-            f"{batches_per_epoch} batches of one epoch; lower it or use more data"
+        raise option_error(
+            "optim.accum_steps",
+            f"{o.accum_steps} accumulation steps exceed the {batches_per_epoch} batches of one "
+            "epoch; lower it or use more data",
         )
     total = o.max_steps if o.max_steps is not None else max(1, round(o.epochs * steps_per_epoch))
     warmup = (
@@ -309,9 +311,10 @@ def _open_reporters(
     monitor = None
     if cfg.monitor.knn_train:
         if build is None:  # never silently without the figures the config asks for
-            raise ConfigError(
-                "config field 'monitor.knn_train': this train() call has no monitor to build; "
-                "pass train(..., monitor=siamae.eval.probes.monitor.build_monitor)"
+            raise option_error(
+                "monitor.knn_train",
+                "this train() call has no monitor to build; "
+                "pass train(..., monitor=siamae.eval.probes.monitor.build_monitor)",
             )
         monitor = build(cfg, device)
     wandb_dir = run_dir / "wandb"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from siamae.errors import ConfigError
+from siamae.options import option_error
 
 if TYPE_CHECKING:
     from siamae.config import Config
@@ -28,9 +28,10 @@ def _import_wandb() -> Any:
     try:
         import wandb
     except ImportError:
-        raise ConfigError(
-            "config field 'run.wandb': true needs the wandb package, which is not installed: "
-            f"{INSTALL_HINT} (or pip install wandb), or set run.wandb=false"
+        raise option_error(
+            "run.wandb",
+            f"true needs the wandb package, which is not installed: {INSTALL_HINT} (or pip "
+            "install wandb), or set run.wandb=false",
         ) from None
     return wandb
 
@@ -73,9 +74,10 @@ class WandbRun:
             )
         except wandb.errors.Error as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ConfigError(
-                f"config field 'run.wandb': W&B did not start ({first}); log in (wandb login, "
-                "or WANDB_API_KEY), or set run.wandb_mode=offline to log without a network"
+            raise option_error(
+                "run.wandb",
+                f"W&B did not start ({first}); log in (wandb login, or WANDB_API_KEY), or set "
+                "run.wandb_mode=offline to log without a network",
             ) from None
         id_file.write_text(run_id + "\n")
         # Every key is plotted against the training step, not W&B's count of log calls: a
