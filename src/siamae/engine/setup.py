@@ -245,7 +245,7 @@ def _list_skipped_at_start(run_dir: Path, lines: list[str]) -> None:
     validation images) to ``skipped_files.txt``, once: a resumed run finds them listed."""
     if not lines:
         return
-    listing = run_dir / "skipped_files.txt"
+    listing = run_dir / SKIPPED_FILE
     listed = set(listing.read_text().splitlines()) if listing.is_file() else set()
     with listing.open("a") as f:
         f.writelines(line + "\n" for line in lines if line not in listed)
