@@ -33,10 +33,10 @@ from siamae.models.homologous import (
     attend,
     attention_logits,
     homologous_block,
-    homologous_mass_loss,
     homologous_precision,
     topk_attention,
 )
+from siamae.models.losses import homologous_mass_loss
 from siamae.models.masking import patchify, unshuffle_with_mask_tokens
 from siamae.models.vit import Encoder
 from siamae.recipes import load_config

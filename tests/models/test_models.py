@@ -9,11 +9,10 @@ import timm
 import torch
 
 from siamae.models.decoder import CrossSelfDecoder
+from siamae.models.losses import masked_mse, pixel_targets
 from siamae.models.masking import (
-    masked_mse,
     num_visible,
     patchify,
-    pixel_targets,
     random_masking,
     unpatchify,
     unshuffle_with_mask_tokens,

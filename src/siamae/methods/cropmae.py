@@ -25,7 +25,8 @@ from siamae.methods.base import (
     reconstruction_picture,
 )
 from siamae.models.decoder import CrossSelfDecoder
-from siamae.models.masking import masked_mse, pixel_targets, random_masking
+from siamae.models.losses import masked_mse, pixel_targets
+from siamae.models.masking import random_masking
 from siamae.models.vit import Encoder
 from siamae.options import option_error
 

@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from siamae.config import DecoderConfig, MixingConfig
 from siamae.data.image_folder import normalize
@@ -71,10 +70,14 @@ from siamae.methods.mae import MAE, mae_decoder
 from siamae.models.decoder import MAEDecoder
 from siamae.models.homologous import (
     homologous_block,
-    homologous_mass_loss,
     homologous_precision,
 )
-from siamae.models.masking import masked_mse, pixel_targets
+from siamae.models.losses import (
+    homologous_contrastive_loss,
+    homologous_mass_loss,
+    masked_mse,
+    pixel_targets,
+)
 from siamae.models.vit import VIT_SIZES, Encoder
 from siamae.optim import param_groups
 from siamae.options import option_error
@@ -142,33 +145,6 @@ def parse_topk_blocks(value: str | int, depth: int) -> tuple[int, ...]:
     if any(not 0 <= b < depth for b in blocks):
         raise ValueError(f"block indices must be in 0..{depth - 1}, got {value!r}")
     return tuple(blocks)
-
-
-def homologous_contrastive_loss(
-    tokens: torch.Tensor, source_of: torch.Tensor, temperature: float = 0.1
-) -> torch.Tensor:
-    """SupCon loss of the patch tokens of each mixed sequence, positives = same source.
-
-    For anchor i of a sequence: candidates A(i) = every other patch, positives
-    P(i) = the other patches of i's source, and
-    ``l_i = -1/|P(i)| sum_{p in P(i)} log(exp(s_ip / t) / sum_{a in A(i)} exp(s_ia / t))``
-    with s the cosine similarity. The loss is the mean of l_i over all patches of all sequences.
-
-    Args:
-        tokens: (G, N, D) final encoder patch tokens (CLS excluded).
-        source_of: (G, N) source slot of each patch.
-    """
-    # fp32 even under autocast (which would run the similarity matmul in bf16/fp16).
-    with torch.autocast(tokens.device.type, enabled=False):
-        z = F.normalize(tokens.float(), dim=-1)
-        sim = z @ z.transpose(1, 2) / temperature  # (G, N, N)
-        n = sim.shape[1]
-        self_pair = torch.eye(n, dtype=torch.bool, device=sim.device)
-        sim = sim.masked_fill(self_pair, float("-inf"))
-        log_prob = sim - torch.logsumexp(sim, dim=-1, keepdim=True)
-        positive = (source_of.unsqueeze(2) == source_of.unsqueeze(1)) & ~self_pair
-        per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(-1) / positive.sum(-1)
-        return per_anchor.mean()
 
 
 def outline_sources(

@@ -24,7 +24,6 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
@@ -38,6 +37,7 @@ from siamae.methods.base import (
     MethodOutput,
     denormalize,
 )
+from siamae.models.losses import unigrad_loss
 from siamae.models.masking import gather_tokens
 from siamae.models.pos_embed import sincos_2d
 from siamae.models.vit import VIT_SIZES, Encoder
@@ -194,28 +194,6 @@ def _layer_norm(dim: int, device: Any = None, dtype: Any = None) -> nn.LayerNorm
 
 
 # -- loss and momentum ------------------------------------------------------------------------
-
-
-def unigrad_loss(
-    pred: torch.Tensor, target: torch.Tensor, neg_weight: float = 0.02
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """UniGrad: [mean ||p - z||^2 + lambda mean(p^T F p)] / D over all tokens, F = z^T z / n.
-
-    ``target`` is already normalised and carries no gradient. F is averaged over processes
-    (every rank holds the same number of tokens, so that is the global batch's F). Returns the
-    loss and its two terms (each divided by D) for logging.
-    """
-    dim = pred.shape[-1]
-    p = pred.reshape(-1, dim)
-    z = target.reshape(-1, dim)
-    pull = ((p - z) ** 2).sum(-1).mean()
-    with torch.no_grad():
-        correlation = z.T @ z / z.shape[0]
-        if world_size() > 1:
-            dist.all_reduce(correlation)
-            correlation /= world_size()
-    push = ((p @ correlation) * p).sum(-1).mean()  # mean of diag(p F p^T)
-    return (pull + neg_weight * push) / dim, pull / dim, push / dim
 
 
 def momentum_at(step: int, total_steps: int, base: float = 0.995) -> float:

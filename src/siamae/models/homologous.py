@@ -142,39 +142,3 @@ def homologous_precision(kept: torch.Tensor, source_of: torch.Tensor) -> torch.T
     key_source = torch.gather(token_sources(source_of), 1, flat).view(g, heads, length - 1, k)
     query_source = source_of.view(g, 1, length - 1, 1)
     return (key_source == query_source).float().mean()
-
-
-def homologous_mass_loss(
-    logits: torch.Tensor, source_of: torch.Tensor, cls_key: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recognition loss on one block's attention logits, and the soft homologous mass.
-
-    For patch query i of a mixed sequence, with the candidate keys A(i) = every token it may
-    attend except itself (the CLS included when ``cls_key``) and H(i) = the other patches of
-    its own source, the homologous mass is the softmax mass of the logits on H(i):
-    ``m_i = sum_{j in H(i)} exp(l_ij) / sum_{a in A(i)} exp(l_ia)``, and the loss is
-    ``-log m_i``, averaged over heads, patch queries and sequences (a multi-positive InfoNCE on
-    q.k with the attention's own scale). The query's own key is left out of both sums: a query
-    that attends to itself recognises nothing.
-
-    Args:
-        logits: (G, H, 1 + N, 1 + N) fp32 attention logits of one block.
-        source_of: (G, N) the source slot of every patch position.
-    Returns:
-        (loss, mean mass): the loss with gradient, the mass detached.
-    """
-    with torch.autocast(logits.device.type, enabled=False):
-        patch_logits = logits[:, :, 1:].float()  # (G, H, N, 1 + N): patch queries
-        g, _, n, length = patch_logits.shape
-        sources = token_sources(source_of)  # (G, 1 + N)
-        query = torch.arange(n, device=logits.device)
-        self_key = torch.zeros(n, length, dtype=torch.bool, device=logits.device)
-        self_key[query, query + 1] = True
-        allowed = ~self_key
-        if not cls_key:
-            allowed[:, 0] = False
-        homologous = (sources.unsqueeze(1) == source_of.unsqueeze(2)) & allowed  # (G, N, 1 + N)
-        all_keys = patch_logits.masked_fill(~allowed, float("-inf")).logsumexp(-1)
-        own = patch_logits.masked_fill(~homologous.unsqueeze(1), float("-inf")).logsumexp(-1)
-        log_mass = own - all_keys  # (G, H, N)
-        return -log_mass.mean(), log_mass.detach().exp().mean()

@@ -98,25 +98,3 @@ def unpatchify(
     x = patches.reshape(b, gh, gw, p, p, c)
     x = torch.einsum("bhwpqc->bchpwq", x)
     return x.reshape(b, c, gh * p, gw * p)
-
-
-def pixel_targets(
-    images: torch.Tensor, patch_size: int, norm_pix: bool = True, eps: float = 1e-6
-) -> torch.Tensor:
-    """Patchified targets; with ``norm_pix`` each patch is normalised by its own mean and variance."""
-    target = patchify(images, patch_size)
-    if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + eps) ** 0.5
-    return target
-
-
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error averaged over masked patches only.
-
-    Args:
-        pred, target: (B, N, F). mask: (B, N), 1 on masked patches.
-    """
-    per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)
-    return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
