@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     )
     from siamae.config import Config
     from siamae.loading import load_encoder, random_encoder
-    from siamae.methods.base import Batch, Method, MethodOutput
+    from siamae.methods.base import Method, MethodOutput
     from siamae.methods.cropmae import CropMAE, SiamMAE
     from siamae.methods.mae import MAE
     from siamae.methods.mixedae import MixedAE
@@ -73,7 +73,6 @@ _LAZY = {
     # the methods
     "Method": "siamae.methods.base",
     "MethodOutput": "siamae.methods.base",
-    "Batch": "siamae.methods.base",
     "CropMAE": "siamae.methods.cropmae",
     "SiamMAE": "siamae.methods.cropmae",
     "MAE": "siamae.methods.mae",

@@ -162,7 +162,8 @@ def create_method(
 
     ``encoder``: a timm name (``vit_small_patch16_224``: its shape, MAE's initialisation), an
     :class:`~siamae.models.vit.Encoder` or a timm ``VisionTransformer`` (its weights are copied
-    into the method's encoder; a classifier head is left out; the position table stays fixed).
+    into the method's encoder; a classifier head is left out, and so is the final norm where
+    the method's encoder has none, SiameseIM's; the position table stays fixed).
     ``img_size``/``patch_size`` override the name's. ``options``: a field of the method's own
     config sections (``mask_ratio=0.9``), or a section as a mapping
     (``decoder={"depth": 2}``, ``data={"global_scale": (0.2, 1.0)}``).
@@ -190,10 +191,15 @@ def _copy_weights(encoder: Encoder | VisionTransformer, method: Method) -> None:
     vit = encoder.vit if isinstance(encoder, Encoder) else encoder
     state = {k: v for k, v in vit.state_dict().items() if not k.startswith("head.")}
     result = method.encoder.vit.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    # An encoder without a final norm (SiameseIM's) leaves the given one out; its own pooled
+    # norm (fc_norm) keeps its initialisation.
+    optional = ("norm.", "fc_norm.") if not method.encoder.final_norm else ()
+    missing = [k for k in result.missing_keys if not k.startswith(optional)]
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(optional)]
+    if missing or unexpected:
         raise ValueError(
             f"the encoder's weights do not fit {method.name}'s encoder: missing "
-            f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
+            f"{missing[:3]}, unexpected {unexpected[:3]}"
         )
     sync = getattr(method, "update_target", None)
     if callable(sync):  # an EMA target starts equal to the online encoder
