@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from torchvision.datasets import ImageFolder
 
 import siamae
@@ -49,19 +49,20 @@ def main() -> None:
     # Item i's views are seeded by (seed, epoch, i) and read in the engine's order.
     dataset = siamae.ViewDataset(items, views, seed=args.seed)
 
-    torch.manual_seed(args.seed)
-    model = siamae.create_method(
-        args.method, args.encoder, img_size=args.img_size, patch_size=args.patch_size
-    ).to(args.device)
+    torch.manual_seed(args.seed)  # dropout and drop-path draws; the weights come from seed=
+    model = siamae.create_method(args.method, args.encoder, img_size=args.img_size,
+        patch_size=args.patch_size, seed=args.seed).to(args.device)  # fmt: skip
     optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=args.lr, betas=(0.9, 0.95))
 
     model.train()
     step, epoch = 0, 0
     while step < args.steps:
         dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, args.batch_size, shuffle=True, drop_last=True,
-            generator=siamae.shuffle_generator(args.seed, epoch), num_workers=args.workers,
-            collate_fn=siamae.collate)  # fmt: skip
+        order = RandomSampler(dataset, generator=siamae.shuffle_generator(args.seed, epoch))
+        # its own generator for the workers' seeds: torch's global one is left to dropout
+        loader = DataLoader(dataset, args.batch_size, sampler=order, drop_last=True,
+            num_workers=args.workers, collate_fn=siamae.collate,
+            generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
         for batch in loader:
             out = model({k: v.to(args.device) for k, v in batch.items()})
             out.loss.backward()

@@ -16,8 +16,8 @@ from PIL import Image
 import siamae
 from siamae import registry
 from siamae.data.dataset import PretrainDataset, batch_to_device, collate
-from siamae.recipes import load_config
 from siamae.methods.siameseim import min_block
+from siamae.recipes import load_config
 from siamae.registry import build_method
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,9 @@ def _same(a: object, b: object) -> bool:
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_a_method_from_plain_arguments_is_the_engine_s_from_the_recipe(name: str) -> None:
     """The recipe's own encoder (ViT-S/16 or ViT-B/16) at 64 pixels: 16 patches."""
-    cfg = load_config(REPO / "configs" / RECIPES[name], ["model.img_size=64", "data.source=synthetic"])
+    cfg = load_config(
+        REPO / "configs" / RECIPES[name], ["model.img_size=64", "data.source=synthetic"]
+    )
     torch.manual_seed(0)
     engine_method = build_method(cfg)
     timm_name = f"{cfg.model.arch}_patch16_224"
@@ -92,8 +94,12 @@ def test_a_method_from_plain_arguments_is_the_engine_s_from_the_recipe(name: str
     plain.load_state_dict(engine_method.state_dict())
     views = siamae.create_views(name, img_size=64, generator=torch.Generator().manual_seed(1))
     rng = np.random.default_rng(0)
-    pictures = [Image.fromarray(rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)) for _ in range(8)]
-    batch = siamae.collate([views(pictures if name == "siammae" else pictures[i]) for i in range(4)])
+    pictures = [
+        Image.fromarray(rng.integers(0, 255, (70, 80, 3), dtype=np.uint8)) for _ in range(8)
+    ]
+    batch = siamae.collate(
+        [views(pictures if name == "siammae" else pictures[i]) for i in range(4)]
+    )
     losses = []
     for method in (engine_method, plain):
         torch.manual_seed(2)  # the same dropout and drop-path draws
@@ -136,9 +142,13 @@ def test_an_encoder_or_a_timm_vit_gives_its_weights() -> None:
     for encoder in (vit, siamae.random_encoder("vit_tiny_patch8_32", seed=3)):
         method = siamae.create_method("siameseim", encoder)
         source = encoder.vit if isinstance(encoder, siamae.Encoder) else encoder
-        assert torch.equal(method.encoder.vit.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+        assert torch.equal(
+            method.encoder.vit.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight
+        )
         # the EMA target starts from the same weights
-        assert torch.equal(method.target_encoder.vit.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+        assert torch.equal(
+            method.target_encoder.vit.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight
+        )
     with pytest.raises(ValueError, match="not a timm ViT name"):
         siamae.create_method("cropmae", "resnet50")
     with pytest.raises(ValueError, match="has no option 'mask_ration'"):

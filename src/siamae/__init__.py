@@ -98,7 +98,46 @@ _LAZY = {
     "random_encoder": "siamae.loading",
 }
 
-__all__ = ["__version__", *sorted(_LAZY)]
+__all__ = [
+    "__version__",
+    "Config",
+    "CropMAE",
+    "CrossSelfDecoder",
+    "Encoder",
+    "MAE",
+    "MAEDecoder",
+    "Method",
+    "MethodOutput",
+    "MixedAE",
+    "SiamMAE",
+    "SiameseIM",
+    "TensorSpec",
+    "ViewDataset",
+    "Views",
+    "batch_spec",
+    "collate",
+    "create_config",
+    "create_method",
+    "create_views",
+    "homologous_contrastive_loss",
+    "homologous_mass_loss",
+    "load_config",
+    "load_encoder",
+    "masked_mse",
+    "norm_pix_mse",
+    "open_image",
+    "patchify",
+    "pixel_targets",
+    "random_encoder",
+    "random_masking",
+    "register_method",
+    "resample_position_table",
+    "shuffle_generator",
+    "sincos_2d",
+    "train",
+    "unigrad_loss",
+    "unpatchify",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -35,8 +35,8 @@ from timm.models.vision_transformer import VisionTransformer
 from siamae.config import COMMON_SECTIONS, Config
 from siamae.data.dataset import normalize_images
 from siamae.data.sources import open_lazy, sample_frame_pair
-from siamae.engine.trainer import train as engine_train
 from siamae.data.views import ViewSample
+from siamae.engine.trainer import train as engine_train
 from siamae.methods.base import Batch, Method
 from siamae.models.vit import VIT_SIZES, Encoder
 from siamae.recipes import build_config, load_config, resolve
@@ -155,6 +155,7 @@ def create_method(
     *,
     img_size: int | None = None,
     patch_size: int | None = None,
+    seed: int | None = None,
     **options: Any,
 ) -> Method:
     """Method ``name`` (``cropmae``, ``siammae``, ``mae``, ``siameseim``, ``mixedae`` or a
@@ -166,7 +167,9 @@ def create_method(
     the method's encoder has none, SiameseIM's; the position table stays fixed).
     ``img_size``/``patch_size`` override the name's. ``options``: a field of the method's own
     config sections (``mask_ratio=0.9``), or a section as a mapping
-    (``decoder={"depth": 2}``, ``data={"global_scale": (0.2, 1.0)}``).
+    (``decoder={"depth": 2}``, ``data={"global_scale": (0.2, 1.0)}``). ``seed``: the
+    initial weights are those ``siamae pretrain`` with ``run.seed=seed`` starts from, drawn
+    without touching torch's global generator (None: drawn from it).
 
     The method is an ``nn.Module``: ``method(batch)`` takes the batch :func:`collate` makes
     (:func:`batch_spec` lists its keys, shapes and dtypes) and returns a
@@ -181,7 +184,12 @@ def create_method(
     ('MAE', 0.5, 192)
     """
     cfg = create_config(name, encoder, img_size=img_size, patch_size=patch_size, **options)
-    method = METHODS[name].from_config(cfg)
+    if seed is None:
+        method = METHODS[name].from_config(cfg)
+    else:
+        with torch.random.fork_rng(devices=[]):  # as the engine builds it: the global
+            torch.manual_seed(seed)  # generator is left as it was
+            method = METHODS[name].from_config(cfg)
     if not isinstance(encoder, str):
         _copy_weights(encoder, method)
     return method
@@ -305,7 +313,9 @@ class Views:
         noise = rng.random((self.num_patches,), dtype=np.float32)
         return {
             **{k: torch.as_tensor(np.asarray(v)) for k, v in extras.items()},
-            "images": normalize_images(torch.from_numpy(np.stack(views)).movedim(-1, -3).contiguous()),
+            "images": normalize_images(
+                torch.from_numpy(np.stack(views)).movedim(-1, -3).contiguous()
+            ),
             "mask_noise": torch.from_numpy(noise),
         }
 
@@ -351,7 +361,12 @@ def collate(samples: Sequence[Mapping[str, torch.Tensor]]) -> Batch:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One entry of a batch: its shape (``"B"`` the batch axis) and dtype."""
+    """One entry of a batch: its shape (``"B"`` the batch axis) and dtype.
+
+    >>> import torch, siamae
+    >>> siamae.TensorSpec(("B", 16), torch.float32).shape
+    ('B', 16)
+    """
 
     shape: tuple[int | str, ...]
     dtype: torch.dtype
@@ -370,7 +385,9 @@ def batch_spec(name: str, img_size: int = 224, patch_size: int = 16) -> dict[str
     views = create_views(name, img_size, patch_size, generator=torch.Generator().manual_seed(0))
     image = Image.new("RGB", (img_size * 2, img_size * 2), "gray")
     sample = views([image] * 2 if views.video else image)
-    order = ["images", "mask_noise"] + sorted(k for k in sample if k not in ("images", "mask_noise"))
+    order = ["images", "mask_noise"] + sorted(
+        k for k in sample if k not in ("images", "mask_noise")
+    )
     return {k: TensorSpec(("B", *sample[k].shape), sample[k].dtype) for k in order}
 
 
@@ -405,8 +422,10 @@ class ViewDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
 
 def shuffle_generator(seed: int = 0, epoch: int = 0) -> torch.Generator:
     """The generator whose ``torch.randperm`` is the engine's order of epoch ``epoch`` (one
-    process): ``DataLoader(..., shuffle=True, generator=shuffle_generator(seed))`` reads the
-    items in the order ``siamae pretrain`` with ``run.seed=seed`` does.
+    process): ``DataLoader(data, sampler=RandomSampler(data, generator=shuffle_generator(seed,
+    epoch)))`` reads the items in the order ``siamae pretrain`` with ``run.seed=seed`` does.
+    (Not ``DataLoader(shuffle=True, generator=...)``: the loader draws its workers' seed from
+    that generator first.)
 
     >>> import torch, siamae
     >>> torch.randperm(5, generator=siamae.shuffle_generator(0)).tolist()
@@ -438,4 +457,3 @@ def train(
     """
     cfg = config if isinstance(config, Config) else load_config(config, list(overrides))
     return engine_train(cfg, resume=resume)
-

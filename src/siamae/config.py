@@ -299,7 +299,13 @@ class Config:
     """A run of any method or downstream task: the common sections, plus the sections its
     method declares (``Method.config_sections``: name -> dataclass) in ``sections``, read as
     ``cfg.section(MixingConfig)`` (typed) or ``cfg.mixing``. A saved config holds the common
-    sections and the method's own, nothing else (:func:`siamae.recipes.build_config` reads it)."""
+    sections and the method's own, nothing else (:func:`siamae.recipes.build_config` reads it).
+
+    >>> from siamae import Config
+    >>> cfg = Config()
+    >>> cfg.method, cfg.model.arch, cfg.data.batch_size
+    ('cropmae', 'vit_small', 32)
+    """
 
     method: str = "cropmae"
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -261,6 +261,14 @@ def load_encoder(path: str | Path, verbose: bool = False) -> Encoder:
     """Load a frozen-ready encoder (eval mode) from any supported checkpoint.
 
     The returned module carries ``load_report`` (a :class:`LoadReport`) saying what matched.
+
+    >>> import siamae, tempfile, os
+    >>> from safetensors.torch import save_file
+    >>> path = os.path.join(tempfile.mkdtemp(), "encoder.safetensors")
+    >>> save_file(siamae.random_encoder("vit_tiny_patch8_32").vit.state_dict(), path)
+    >>> encoder = siamae.load_encoder(path)
+    >>> encoder.arch, encoder.patch_size, encoder.img_size
+    ('vit_tiny', 8, 32)
     """
     obj = _load_any(path)
     try:
@@ -353,6 +361,10 @@ def random_encoder(name: str, seed: int = 0) -> Encoder:
 
     Its position embedding is the fixed 2-D sin-cos table every trained encoder here has (not
     zeros, as the official evaluation's random baseline): its summary says so.
+
+    >>> import siamae
+    >>> siamae.random_encoder("vit_tiny_patch8_32").num_patches
+    16
     """
     m = re.fullmatch(r"(vit_(?:tiny|small|base|large))_patch(\d+)(?:_(\d+))?", name)
     if not m:

@@ -75,7 +75,13 @@ def load_config(
     ``--set`` wins over a flag naming the same field, and both over the file and the method's
     defaults. ``flags`` may be a function of the recipe with ``--set`` applied (a raw mapping),
     for flags whose fields depend on the method chosen (``siamae finetune``'s task,
-    ``pretrain --data`` reading a synthetic recipe's data as images or videos)."""
+    ``pretrain --data`` reading a synthetic recipe's data as images or videos).
+
+    >>> import siamae
+    >>> cfg = siamae.load_config(None, ["method=mae", "data.source=synthetic"])
+    >>> cfg.mae.mask_ratio, cfg.data.interpolation
+    (0.75, 'bicubic')
+    """
     recipe = load_yaml(path) if path is not None else {}
     sets = list(overrides or [])
     method = recipe_value(apply_overrides(copy.deepcopy(recipe), sets), "method")

@@ -32,7 +32,14 @@ Batch = dict[str, torch.Tensor]
 
 @dataclass
 class MethodOutput:
-    """A training step's result: the loss to minimise and a few named scalars to log."""
+    """A training step's result: the loss to minimise and a few named scalars to log.
+
+    >>> import torch
+    >>> from siamae import MethodOutput
+    >>> out = MethodOutput(torch.tensor(0.5), {"recon": torch.tensor(0.5)})
+    >>> out.loss.item(), list(out.logs)
+    (0.5, ['recon'])
+    """
 
     loss: torch.Tensor
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -92,6 +99,10 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     at the start), :class:`SkipsAtStart` (files dropped while building), :class:`MasksPatches`
     (the mask ratio a picture names). A method without one
     simply lacks it: no stub raises, and the engine reads no undeclared attribute.
+
+    >>> import siamae
+    >>> issubclass(siamae.CropMAE, siamae.Method), siamae.CropMAE.view_kind
+    (True, 'pair')
     """
 
     name: ClassVar[str]

@@ -39,6 +39,14 @@ class CropMAE(Method):
 
     ``batch["images"]`` is (B, 2, 3, H, W): view 0 the reference (encoded whole), view 1 the
     view to reconstruct (masked at ``mask_ratio``). The loss is norm-pix MSE on its masked patches.
+
+    >>> import torch
+    >>> from siamae import CropMAE, CrossSelfDecoder, Encoder
+    >>> encoder = Encoder("vit_tiny", patch_size=8, img_size=32, depth=2)
+    >>> decoder = CrossSelfDecoder(encoder.embed_dim, encoder.grid_size, 8, dim=64, depth=1)
+    >>> model = CropMAE(encoder, decoder, mask_ratio=0.75)
+    >>> model({"images": torch.randn(2, 2, 3, 32, 32)}).loss.shape
+    torch.Size([])
     """
 
     name = "cropmae"
@@ -126,7 +134,12 @@ class CropMAE(Method):
 
 
 class SiamMAE(CropMAE):
-    """SiamMAE: the CropMAE model on two frames of one video; second frame masked at 0.95."""
+    """SiamMAE: the CropMAE model on two frames of one video; second frame masked at 0.95.
+
+    >>> import siamae
+    >>> siamae.create_method("siammae", "vit_tiny_patch16_224", img_size=32).mask_ratio
+    0.95
+    """
 
     name = "siammae"
     view_kind = "frames"

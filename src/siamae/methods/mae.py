@@ -41,7 +41,13 @@ def mae_decoder(cfg: Config, encoder: Encoder) -> MAEDecoder:
 
 
 class MAE(Method):
-    """Masked autoencoder baseline: ViT encoder on visible patches + CLS, ViT decoder."""
+    """Masked autoencoder baseline: ViT encoder on visible patches + CLS, ViT decoder.
+
+    >>> import torch, siamae
+    >>> model = siamae.create_method("mae", "vit_tiny_patch16_224", img_size=32, patch_size=8)
+    >>> model({"images": torch.randn(2, 1, 3, 32, 32)}).loss.ndim
+    0
+    """
 
     name = "mae"
     num_views = 1

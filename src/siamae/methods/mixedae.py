@@ -202,6 +202,11 @@ class MixedAE(Method):
 
     ``batch["images"]``: (B, 1, 3, H, W), B a multiple of R; ``batch["mask_noise"]``: (B, N),
     the group's partition is made from its first sample's noise.
+
+    >>> import siamae
+    >>> model = siamae.create_method("mixedae", "vit_tiny_patch16_224", img_size=32, patch_size=8)
+    >>> model.ratio  # images mixed into one; a batch holds whole groups of them
+    4
     """
 
     name = "mixedae"

@@ -210,6 +210,12 @@ class SiameseIM(Method):
 
     ``batch``: "images" (B, 2, 3, H, W), "mask" (B, N) bool (True = hidden patch of view 1,
     the same count in every sample), "box" (B, 2, 4), "flip" (B, 2), "image_width" (B, 1).
+
+    >>> import siamae
+    >>> model = siamae.create_method("siameseim", "vit_tiny_patch16_224", img_size=32, patch_size=8)
+    >>> list(siamae.batch_spec("siameseim", img_size=32, patch_size=8))
+    ['images', 'mask_noise', 'box', 'flip', 'image_width', 'mask']
+    >>> model.after_step(1, 100)  # the EMA target update a user's loop calls after each step
     """
 
     name = "siameseim"

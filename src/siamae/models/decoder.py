@@ -155,7 +155,15 @@ class MaskedDecoderBase(nn.Module):
 
 
 class MAEDecoder(MaskedDecoderBase):
-    """MAE's decoder: Linear to ``dim``, mask tokens put back, fixed positions, ViT blocks."""
+    """MAE's decoder: Linear to ``dim``, mask tokens put back, fixed positions, ViT blocks.
+
+    >>> import torch
+    >>> from siamae import MAEDecoder
+    >>> decoder = MAEDecoder(192, grid_size=4, patch_size=8, dim=64, depth=1, num_heads=4)
+    >>> latent, ids_restore = torch.randn(2, 1 + 4, 192), torch.arange(16).repeat(2, 1)
+    >>> decoder(latent, ids_restore).shape  # a prediction per patch
+    torch.Size([2, 16, 192])
+    """
 
     def __init__(
         self,
@@ -194,6 +202,13 @@ class CrossSelfDecoder(MaskedDecoderBase):
 
     One Linear projects both views. The memory (keys/values) is every reference token, CLS
     included, *without* decoder position embedding, the same for every block.
+
+    >>> import torch
+    >>> from siamae import CrossSelfDecoder
+    >>> decoder = CrossSelfDecoder(192, grid_size=4, patch_size=8, dim=64, depth=1, num_heads=4)
+    >>> latent, memory = torch.randn(2, 1 + 4, 192), torch.randn(2, 1 + 16, 192)
+    >>> decoder(latent, torch.arange(16).repeat(2, 1), memory).shape
+    torch.Size([2, 16, 192])
     """
 
     def __init__(

@@ -60,6 +60,7 @@ def pixel_targets(
     """Patchified targets; with ``norm_pix`` each patch is normalised by its own mean and variance.
 
     >>> import torch
+    >>> from siamae import pixel_targets
     >>> pixel_targets(torch.rand(2, 3, 32, 32), patch_size=16).shape  # (B, N, p*p*3)
     torch.Size([2, 4, 768])
     """
@@ -78,6 +79,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
         pred, target: (B, N, F). mask: (B, N), 1 on masked patches.
 
     >>> import torch
+    >>> from siamae import masked_mse
     >>> target = torch.zeros(1, 2, 3)
     >>> masked_mse(torch.ones(1, 2, 3), target, mask=torch.tensor([[1.0, 0.0]])).item()
     1.0
@@ -96,6 +98,7 @@ def unigrad_loss(
     loss and its two terms (each divided by D) for logging.
 
     >>> import torch
+    >>> from siamae import unigrad_loss
     >>> target = torch.nn.functional.normalize(torch.randn(2, 4, 8), dim=-1)
     >>> loss, pull, push = unigrad_loss(target.clone(), target, neg_weight=0.02)
     >>> pull.item(), loss.item() == (0.02 * push).item()
@@ -134,6 +137,7 @@ def homologous_mass_loss(
         (loss, mean mass): the loss with gradient, the mass detached.
 
     >>> import torch
+    >>> from siamae import homologous_mass_loss
     >>> logits = torch.zeros(1, 1, 5, 5)  # 1 sequence, 1 head, CLS + 4 patches, uniform attention
     >>> loss, mass = homologous_mass_loss(logits, torch.tensor([[0, 0, 1, 1]]))
     >>> round(mass.item(), 2)  # 1 homologous key of the 4 keys each query may attend
@@ -171,6 +175,7 @@ def homologous_contrastive_loss(
         source_of: (G, N) source slot of each patch.
 
     >>> import torch
+    >>> from siamae import homologous_contrastive_loss
     >>> tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])
     >>> homologous_contrastive_loss(tokens, torch.tensor([[0, 0, 1, 1]])).item() < 1e-3
     True

@@ -32,6 +32,11 @@ def random_masking(
         ids_keep: (B, K) indices of visible patches, K = ``num_visible(N, ratio)``.
         mask: (B, N) float, 1 where a patch is masked (hidden), 0 where visible.
         ids_restore: (B, N) inverse permutation: ``gather(shuffled, ids_restore)`` is in order.
+
+    >>> from siamae import random_masking
+    >>> ids_keep, mask, ids_restore = random_masking(2, 16, mask_ratio=0.75)
+    >>> ids_keep.shape, mask.sum(dim=1).tolist()
+    (torch.Size([2, 4]), [12.0, 12.0])
     """
     if noise is None:
         noise = torch.rand(batch_size, num_patches, device=device)
@@ -71,7 +76,13 @@ def unshuffle_with_mask_tokens(
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, N, p*p*C), patches row-major, each patch (p, p, C) flattened."""
+    """(B, C, H, W) -> (B, N, p*p*C), patches row-major, each patch (p, p, C) flattened.
+
+    >>> import torch
+    >>> from siamae import patchify
+    >>> patchify(torch.rand(2, 3, 32, 32), patch_size=8).shape
+    torch.Size([2, 16, 192])
+    """
     b, c, h, w = images.shape
     p = patch_size
     if h % p or w % p:
@@ -85,7 +96,14 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 def unpatchify(
     patches: torch.Tensor, patch_size: int, grid: tuple[int, int] | None = None
 ) -> torch.Tensor:
-    """(B, N, p*p*C) -> (B, C, H, W); a square grid unless ``grid`` is given."""
+    """(B, N, p*p*C) -> (B, C, H, W); a square grid unless ``grid`` is given.
+
+    >>> import torch
+    >>> from siamae import patchify, unpatchify
+    >>> images = torch.rand(2, 3, 32, 32)
+    >>> torch.equal(unpatchify(patchify(images, 8), 8), images)
+    True
+    """
     b, n, f = patches.shape
     p = patch_size
     c = f // (p * p)

@@ -33,6 +33,10 @@ def sincos_2d(
     (grid_h * grid_w, dim). ``order`` "wh" (MAE's layout, the default): the first half of the
     channels encodes the column (w) and the second half the row (h), so MAE/CropMAE checkpoints
     stay compatible; "hw" (SiameseIM's): the row first.
+
+    >>> from siamae import sincos_2d
+    >>> sincos_2d(192, 4, 4).shape  # CLS row first (zeros)
+    torch.Size([17, 192])
     """
     if dim % 4 != 0:
         raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {dim}")
@@ -93,7 +97,13 @@ def resample_position_table(
     mode: str = "dino",
     num_prefix_tokens: int = 1,
 ) -> torch.Tensor:
-    """(1, prefix + h0*w0, D) -> (1, prefix + h*w, D); prefix (CLS) rows are kept as they are."""
+    """(1, prefix + h0*w0, D) -> (1, prefix + h*w, D); prefix (CLS) rows are kept as they are.
+
+    >>> from siamae import resample_position_table, sincos_2d
+    >>> table = sincos_2d(192, 4, 4).unsqueeze(0)
+    >>> resample_position_table(table, (4, 4), (6, 8)).shape
+    torch.Size([1, 49, 192])
+    """
     if tuple(old_grid) == tuple(new_grid):
         return pos
     if mode == "dino":

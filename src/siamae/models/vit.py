@@ -53,6 +53,14 @@ class Encoder(nn.Module):
     by DINO's formula (``pos_resample="dino"``, what the published evaluations ran) or timm's
     antialiased ``resample_abs_pos_embed`` (``"timm"``). Pre-training encodes the trained size,
     where nothing is resampled; only evaluation sizes differ.
+
+    >>> import torch
+    >>> from siamae import Encoder
+    >>> encoder = Encoder("vit_tiny", patch_size=8, img_size=32, depth=2)
+    >>> encoder(torch.randn(1, 3, 32, 32)).shape  # CLS + 16 patches
+    torch.Size([1, 17, 192])
+    >>> encoder.patch_features(torch.randn(1, 3, 48, 32)).shape  # another size: resampled grid
+    torch.Size([1, 192, 6, 4])
     """
 
     def __init__(
