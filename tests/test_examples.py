@@ -125,3 +125,15 @@ def test_five_plain_steps_are_five_engine_steps(
     assert not torch.equal(plain["blocks.0.attn.qkv.weight"], start.encoder.vit.blocks[0].attn.qkv.weight)  # fmt: skip
     for key, value in plain.items():
         assert torch.equal(value, encoder[key]), key
+
+
+def test_the_lightning_example_trains_and_writes_an_encoder(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("lightning", reason="the [lightning] extra is not installed")
+    result = _run(EXAMPLES / "train_lightning.py", "--method", "siameseim", "--data",
+                  image_folder, "--steps", "2", "--batch-size", "4", "--out", tmp_path, *SIZES)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "2 steps; encoder written" in result.stdout
+    encoder = siamae.load_encoder(tmp_path / "encoder.safetensors")
+    assert (encoder.arch, encoder.img_size) == ("vit_tiny", 32)

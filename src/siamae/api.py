@@ -76,7 +76,8 @@ def _encoder_shape(encoder: EncoderSpec) -> tuple[str, int, int]:
         return match.group(1), int(match.group(2)), int(match.group(3))
     if isinstance(encoder, Encoder):
         encoder = encoder.vit
-    shape = (encoder.embed_dim, len(encoder.blocks), encoder.blocks[0].attn.num_heads)
+    attention: Any = encoder.blocks[0].attn
+    shape = (encoder.embed_dim, len(encoder.blocks), int(attention.num_heads))
     archs = [a for a, s in VIT_SIZES.items() if (s.embed_dim, s.depth, s.num_heads) == shape]
     if not archs:
         raise ValueError(
@@ -113,7 +114,7 @@ def _nested(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _has(cls: type, key: str) -> bool:
-    return any(f.name == key for f in fields(cls))  # type: ignore[arg-type]
+    return any(f.name == key for f in fields(cls))
 
 
 def create_config(

@@ -110,14 +110,15 @@ def resample_position_table(
         prefix, patches = pos[:, :num_prefix_tokens], pos[:, num_prefix_tokens:]
         return torch.cat([prefix, resample_grid_dino(patches, old_grid, new_grid)], dim=1)
     if mode == "timm":
-        from timm.layers import resample_abs_pos_embed
+        from timm.layers.pos_embed import resample_abs_pos_embed
 
-        return resample_abs_pos_embed(
+        resampled: torch.Tensor = resample_abs_pos_embed(
             pos,
             new_size=list(new_grid),
             old_size=list(old_grid),
             num_prefix_tokens=num_prefix_tokens,
         )
+        return resampled
     raise ValueError(
         f"unknown position resampling {mode!r}; choose one of {', '.join(POS_RESAMPLE_MODES)}"
     )
