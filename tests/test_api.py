@@ -208,3 +208,25 @@ def test_an_entry_point_registers_a_method(monkeypatch, capsys) -> None:  # noqa
         assert "'broken'" in capsys.readouterr().err and "broken" not in registry.METHODS
     finally:
         registry.METHODS.pop("plugin_mae", None)
+
+
+def test_views_are_an_image_folder_transform(tmp_path: Path) -> None:
+    """The README's snippet: ImageFolder(transform=views) + DataLoader + siamae.collate."""
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    for i in range(4):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        Image.new("RGB", (40 + i, 48), (i * 50, 0, 0)).save(tmp_path / "c" / f"{i}.png")
+    views = siamae.create_views("cropmae", img_size=32, patch_size=8)
+    data = ImageFolder(str(tmp_path), transform=views, loader=siamae.open_image)
+    batch = next(iter(DataLoader(data, batch_size=4, collate_fn=siamae.collate)))
+    assert batch.keys() == {"images", "mask_noise"}
+    assert batch["images"].shape == (4, 2, 3, 32, 32)
+    model = siamae.create_method("cropmae", "vit_tiny_patch16_224", img_size=32, patch_size=8)
+    assert torch.isfinite(model(batch).loss)
+
+
+def test_all_lists_every_lazy_name() -> None:
+    assert set(siamae.__all__) == {"__version__", *siamae._LAZY}
+    assert siamae.__version__ == "0.2.0"
