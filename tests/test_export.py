@@ -16,6 +16,7 @@ from siamae.checkpoint import TRAIN_FORMAT, save_atomic
 from siamae.commands.cli import main
 from siamae.errors import CheckpointError, SiamaeError
 from siamae.export import export_encoder
+from siamae.hub import export_hub
 from siamae.models.vit import Encoder
 
 
@@ -227,3 +228,101 @@ def test_load_encoder_fails_loudly(encoder: Encoder, tmp_path: Path) -> None:
     torch.save(bad_shape, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="blocks.0.attn.qkv.weight"):
         load_encoder(tmp_path / "bad.pth")
+
+
+def _summary(folder: Path, figures: dict) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(figures))
+    return folder
+
+
+def test_hub_export_loads_in_timm_from_local_dir_with_the_same_features(
+    encoder: Encoder, train_ckpt: Path, tmp_path: Path
+) -> None:
+    # A run folder: checkpoints/last.pt and one evaluation under eval/.
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(train_ckpt.read_bytes())
+    _summary(run / "eval" / "davis", {"benchmark": "DAVIS", "J&F-Mean": 0.6123, "J-Mean": 0.6})
+    extra = _summary(tmp_path / "knn", {"benchmark": "k-NN", "top1": {"20": 41.5}})
+
+    folder = export_hub(run, tmp_path / "hub", evaluations=[extra], name="cropmae-tiny")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hub")]  # no staging left
+
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224" and config["num_classes"] == 0
+    assert config["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]
+    assert config["pretrained_cfg"]["tag"] == "siamae_cropmae"
+    assert "license" not in config["pretrained_cfg"]  # timm's licence is for its own weights
+
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), encoder(x), rtol=0, atol=0)
+        torch.testing.assert_close(model(x), encoder(x)[:, 0], rtol=0, atol=0)
+        again = load_encoder(folder)  # siamae reads the hub folder too
+        torch.testing.assert_close(again(x), encoder(x), rtol=0, atol=0)
+
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: timm\n")
+    assert "**cropmae**" in card and "| steps | 123 |" in card and "| epochs | 4 |" in card
+    assert "| eval/davis | DAVIS | J&F-Mean 0.6123, J-Mean 0.6 |" in card
+    assert "| knn | k-NN | top1 (k=20) 41.5 |" in card
+    assert "hf upload ORG/NAME FOLDER ." in card
+    # A second export into the same folder replaces it.
+    export_hub(train_ckpt, folder)
+    assert "No evaluation was found" in (folder / "README.md").read_text()
+
+
+def test_hub_export_of_a_patch8_depth2_encoder_keeps_its_shape(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    small = Encoder("vit_small", 8, 32, depth=2).eval()
+    torch.save(small.vit.state_dict(), tmp_path / "small.pt")
+    folder = export_hub(tmp_path / "small.pt", tmp_path / "hub")
+    assert "No evaluation was found" in (folder / "README.md").read_text()
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert len(model.blocks) == 2
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), small(x), rtol=0, atol=0)
+
+
+def test_hub_export_command_and_bad_input(train_ckpt: Path, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "hub"
+    assert main(["export", "--checkpoint", str(train_ckpt), "--hub-dir", str(folder)]) == 0
+    assert f'timm.create_model("local-dir:{folder}", pretrained=True)' in capsys.readouterr().out
+
+    crowded = tmp_path / "crowded"
+    crowded.mkdir()
+    (crowded / "notes.txt").write_text("mine")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (["--hub-dir", str(crowded)], "holds other files (notes.txt)"),
+        (["--hub-dir", str(a_file)], "is a file"),
+        (
+            ["--hub-dir", str(tmp_path / "new"), "--eval", str(tmp_path / "nowhere")],
+            "no summary.json",
+        ),
+        (
+            ["--hub-dir", str(tmp_path / "new"), "--out", str(tmp_path / "x.safetensors")],
+            "not allowed with",
+        ),
+    ]
+    for extra, message in cases:
+        try:
+            code = main(["export", "--checkpoint", str(train_ckpt), *extra])
+        except SystemExit as stop:  # argparse's own refusals
+            code = stop.code
+        assert code == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "Traceback" not in err, err
+    assert (crowded / "notes.txt").read_text() == "mine" and sorted(crowded.iterdir()) == [
+        crowded / "notes.txt"
+    ]
+    assert a_file.read_text() == "x" and not (tmp_path / "new").exists()

@@ -21,8 +21,6 @@ sidecar also gives a ``pretrained_cfg_overlay`` with the right mean/std).
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -121,48 +119,3 @@ def _export_encoder_alone(
         ),
     }
     return write_export(state, out, sidecar)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the top-level ``export`` command."""
-    p = subparsers.add_parser(
-        "export",
-        help="write the encoder as timm-loadable .safetensors (+ a JSON sidecar)",
-        description=(
-            "Export the encoder of a checkpoint with timm key names. The file loads strictly "
-            "with timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=FILE)); "
-            "a zero placeholder classifier is included when NAME's timm config has one. "
-            "FILE.json beside it records the method, recipe, step, shapes and mean/std."
-        ),
-    )
-    p.add_argument(
-        "--checkpoint", required=True, help="training checkpoint, run folder or state dict"
-    )
-    p.add_argument("--out", required=True, help="output FILE.safetensors")
-    p.add_argument(
-        "--timm-name",
-        default=None,
-        help="timm model name (default: from arch and patch size, e.g. vit_small_patch16_224)",
-    )
-    p.add_argument(
-        "--ema", action="store_true", help="fine-tuning checkpoints: export the EMA weights"
-    )
-    p.add_argument(
-        "--encoder-only",
-        action="store_true",
-        help="segmentation fine-tuning checkpoints: export the encoder alone (timm ViT)",
-    )
-    p.set_defaults(func=_run_export)
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    weights, sidecar = export_encoder(
-        args.checkpoint, args.out, args.timm_name, args.ema, args.encoder_only
-    )
-    info = json.loads(sidecar.read_text())
-    # the keyword arguments as timm takes them (img_size=32), not a Python dict
-    kwargs = "".join(f", {key}={value!r}" for key, value in (info["timm_kwargs"] or {}).items())
-    print(f"wrote {weights} ({info['timm_name']}{kwargs})")
-    print(f"wrote {sidecar}")
-    print(f"load with: {info['timm_usage']}")
-    return 0

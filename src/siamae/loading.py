@@ -5,6 +5,8 @@ Accepts:
   exactly the ``encoder.vit.*`` tensors of the method's state dict are used;
 - exported ``.safetensors`` encoders (``siamae export``; the placeholder classifier is ignored,
   and the JSON sidecar, when present, supplies the method and step);
+- folders in the Hugging Face Hub layout (``siamae export --hub-dir``, a timm ViT's
+  ``config.json`` + ``model.safetensors``): their ``model.safetensors``;
 - plain state dicts from timm, DINO, MAE, CropMAE and SiamMAE code, under ``model``,
   ``state_dict``, ``teacher`` (DINO: the teacher, as its evaluations use) or at the top level,
   with ``module.``, ``backbone.``, ``encoder.`` prefixes stripped. Full training checkpoints of
@@ -261,6 +263,8 @@ def load_encoder(path: str | Path, verbose: bool = False) -> Encoder:
     """Load a frozen-ready encoder (eval mode) from any supported checkpoint.
 
     The returned module carries ``load_report`` (a :class:`LoadReport`) saying what matched.
+    A folder in the Hugging Face Hub layout (``siamae export --hub-dir``, or any timm ViT's
+    ``config.json`` + ``model.safetensors``) is read through its ``model.safetensors``.
 
     >>> import siamae, tempfile, os
     >>> from safetensors.torch import save_file
@@ -270,6 +274,9 @@ def load_encoder(path: str | Path, verbose: bool = False) -> Encoder:
     >>> encoder.arch, encoder.patch_size, encoder.img_size
     ('vit_tiny', 8, 32)
     """
+    hub_weights = Path(path) / "model.safetensors"
+    if hub_weights.is_file() and not (Path(path) / "checkpoints").exists():
+        path = hub_weights
     obj = _load_any(path)
     try:
         state, kind = _pick_state_dict(obj)

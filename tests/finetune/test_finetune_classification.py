@@ -278,6 +278,12 @@ def test_export_loads_strictly_into_timm_with_its_head(overfit_run, tmp_path: Pa
     ).eval()
     with torch.no_grad():
         assert torch.allclose(again(images), theirs)
+    # the Hub layout keeps the trained head: timm's local-dir path gives the same logits
+    assert main(["export", "--checkpoint", str(out), "--hub-dir", str(tmp_path / "hub")]) == 0
+    hub = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hub(images), theirs, rtol=0, atol=0)
+    assert "**finetune**" in (tmp_path / "hub" / "README.md").read_text()
     # and the direct call gives the same file
     export_classifier(out, tmp_path / "again.safetensors")
     assert (

@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
-from siamae import __version__, export
+from siamae import __version__
 from siamae.arguments import (
     OneLineErrorParser,
     add_device_option,
     non_negative_int,
     positive_int,
 )
-from siamae.commands import submit
+from siamae.commands import export_command, submit
 from siamae.commands.demo import run_demo
 from siamae.commands.viz import visualize_checkpoint
 from siamae.config import Config
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_visualize(sub)
     _add_eval(sub)
     # top-level commands register here
-    export.register(sub)
+    export_command.register(sub)
     shard_writer.register(sub)
     # The job's tasks run this module's main: handed in, so submit does not import it back.
     configs = {"pretrain": _pretrain_config, "finetune": _finetune_config}
