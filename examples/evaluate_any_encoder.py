@@ -59,7 +59,14 @@ def build_model(name: str, weights: Path | None, seed: int) -> torch.nn.Module:
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise SiamaeError(f"--model {name!r}: {err}") from None
     if weights is not None:
-        missing, unexpected = model.load_state_dict(read_weights(weights), strict=False)
+        state, own = read_weights(weights), model.state_dict()
+        for key, tensor in state.items():
+            if key in own and tensor.shape != own[key].shape:
+                raise SiamaeError(
+                    f"--weights {weights}: '{key}' has shape {tuple(tensor.shape)}, {name} needs "
+                    f"{tuple(own[key].shape)}; is it a checkpoint of this architecture?"
+                )
+        missing, unexpected = model.load_state_dict(state, strict=False)
         if missing:
             raise SiamaeError(
                 f"--weights {weights}: {len(missing)} tensors of {name} missing, e.g. "

@@ -338,7 +338,10 @@ def _benchmark_encoder(
     patch_size: int | None,
     device: str | torch.device,
     params: PropagationParams,
+    out: str | Path,
 ) -> Iterator[tuple[Encoder | _PatchFeatureEncoder, str]]:
+    if Path(out).exists() and not Path(out).is_dir():
+        raise SiamaeError(f"out {str(out)!r} is a file; pass a folder for the predictions")
     with _kept_mode(features):
         encoder, description = _as_encoder(features, patch_size, device)
         patch = encoder.patch_size if isinstance(encoder, Encoder) else encoder.patch
@@ -395,7 +398,7 @@ def propagate_davis(
     if isinstance(sequences, str):
         sequences = [s for s in sequences.split(",") if s]
     davis.list_sequences(root, split, list(sequences) if sequences else None)  # the root first
-    with _benchmark_encoder(features, patch_size, device, params) as (encoder, description):
+    with _benchmark_encoder(features, patch_size, device, params, out) as (encoder, description):
         result = davis.evaluate_davis(
             encoder,
             root,
@@ -436,7 +439,7 @@ def propagate_jhmdb(
     """
     params = _params(protocol, "jhmdb", overrides)
     jhmdb.list_clips(root, split)  # the data first: a wrong folder fails before any model runs
-    with _benchmark_encoder(features, patch_size, device, params) as (encoder, description):
+    with _benchmark_encoder(features, patch_size, device, params, out) as (encoder, description):
         summary = jhmdb.evaluate_jhmdb(
             encoder, root, out, params, split, max_clips, str(device), progress
         )
@@ -468,7 +471,7 @@ def propagate_vip(
     """
     params = _params(protocol, "vip", overrides)
     vip.list_videos(vip.vip_root(root), split)  # the data first
-    with _benchmark_encoder(features, patch_size, device, params) as (encoder, description):
+    with _benchmark_encoder(features, patch_size, device, params, out) as (encoder, description):
         summary = vip.evaluate_vip(
             encoder, root, out, params, split, max_videos, max_frames, str(device), progress
         )
@@ -716,7 +719,9 @@ def linear_probe(
         progress=progress,
         run_info=data.info,
     )
-    return result.to_dict() | {"recipe": dataclasses.asdict(cfg), **data.info}
+    # The head's figures; what the features are is the data's to say, not the preset's pool.
+    features = {"features": data.info.get("features", "given feature tensors")}
+    return result.to_dict() | features | {"recipe": dataclasses.asdict(cfg), **data.info}
 
 
 def fewshot_probe(
