@@ -85,9 +85,8 @@ def test_the_package_keeps_its_plan(figures_of) -> None:
     assert not {"eval", "finetune"} & set(figures.room_arrows["segmentation_scores"])
     # The evaluators for Python callers stand above eval/: only the command line (and the
     # package's face) may reach them, and they reach no command.
-    assert {
-        room for room, arrows in figures.room_arrows.items() if "evaluators" in arrows
-    } <= {"commands", "siamae"}
+    callers = {room for room, arrows in figures.room_arrows.items() if "evaluators" in arrows}
+    assert callers <= {"commands", "siamae"}, callers
     assert "commands" not in figures.room_arrows["evaluators"]
     assert "eval" in figures.room_arrows["evaluators"]
     engine = [(n, name) for n, name in figures.functions if name.startswith("siamae.engine.")]
