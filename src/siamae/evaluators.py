@@ -251,7 +251,7 @@ def _inferred_patch_size(function: FeatureFunction, device: str | torch.device) 
         raise
     except Exception as err:
         raise SiamaeError(
-            f"the feature function failed on a ({2}, 3, {h}, {w}) batch ({type(err).__name__}: "
+            f"the feature function failed on a (2, 3, {h}, {w}) batch ({type(err).__name__}: "
             f"{err}); pass patch_size= so the patch size need not be inferred"
         ) from None
     if isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[2] and out.shape[3]:
