@@ -83,6 +83,12 @@ def test_the_package_keeps_its_plan(figures_of) -> None:
         "siamae.eval.segmentation.cli -> siamae.finetune.segmentation_checkpoints",
     }
     assert not {"eval", "finetune"} & set(figures.room_arrows["segmentation_scores"])
+    # The evaluators for Python callers stand above eval/: only the command line (and the
+    # package's face) may reach them, and they reach no command.
+    callers = {room for room, arrows in figures.room_arrows.items() if "evaluators" in arrows}
+    assert callers <= {"commands", "siamae"}, callers
+    assert "commands" not in figures.room_arrows["evaluators"]
+    assert "eval" in figures.room_arrows["evaluators"]
     engine = [(n, name) for n, name in figures.functions if name.startswith("siamae.engine.")]
     assert len(engine) > 20  # the parts are measured
     assert max(engine)[0] <= 80, max(engine)

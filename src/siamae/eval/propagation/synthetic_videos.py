@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from siamae.data.synthetic import synthetic_video
+from siamae.eval.propagation.davis import write_mask
 from siamae.eval.propagation.engine import labels_to_ids, propagate_video, protocol
 from siamae.eval.propagation.metrics import score_sequence, summarise
 from siamae.overlays import blend, save_labelled_grid
@@ -83,3 +85,29 @@ def evaluate_synthetic(
             "row_labels": [label.replace("\n", ", ") for label in labels],
         }
     return results
+
+
+def write_davis_folder(
+    root: str | Path,
+    videos: int = 2,
+    num_frames: int = 5,
+    size: int = 64,
+    width: int = 96,
+    seed: int = 1,
+) -> Path:
+    """``videos`` synthetic videos written in the official DAVIS-2017 layout under ``root``:
+    ``JPEGImages/480p/synthetic<i>/%05d.jpg``, palette masks in ``Annotations/480p/`` (every
+    frame annotated) and ``ImageSets/2017/val.txt`` naming them. A DAVIS folder to try the
+    propagation benchmark on without a download (the figures are not DAVIS's)."""
+    root = Path(root)
+    names = [f"synthetic{i}" for i in range(videos)]
+    for i, name in enumerate(names):
+        frames, masks = synthetic_video(i, size=size, num_frames=num_frames, seed=seed, width=width)
+        (root / "JPEGImages" / "480p" / name).mkdir(parents=True, exist_ok=True)
+        (root / "Annotations" / "480p" / name).mkdir(parents=True, exist_ok=True)
+        for t in range(num_frames):
+            Image.fromarray(frames[t]).save(root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg")
+            write_mask(root / "Annotations" / "480p" / name / f"{t:05d}.png", masks[t])
+    (root / "ImageSets" / "2017").mkdir(parents=True, exist_ok=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("".join(f"{n}\n" for n in names))
+    return root
