@@ -8,7 +8,7 @@ frame, short side ``--short-side``, every third sequence held out for validation
 ``siamae eval segment`` with the same encoder, batch, lr, crop and epochs under both protocols,
 and a second cached probe (another lr) that reuses the first one's features. Every number comes
 from the project's own command, run in this process; the table is printed and written to
-OUT/results.json.
+OUT/results_<which>_seed<S>_copies<C>.json.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from davis_voc import convert
-
 from siamae.commands.cli import main as siamae
 
 
@@ -31,8 +30,9 @@ def probe(args: argparse.Namespace, name: str, protocol: str, lr: float) -> dict
     line += ["--batch-size", str(args.batch_size), "--crop", str(crop)]
     line += ["--stride", str(round(crop * 2 / 3)), "--scale", str(2 * crop), str(crop)]
     line += ["--num-workers", str(args.num_workers), "--no-resume", "--no-progress"]
+    line += ["--seed", str(args.seed)]
     if protocol == "cached":
-        line += ["--feature-cache", str(args.out / "features")]
+        line += ["--feature-cache", str(args.out / "features"), "--copies", str(args.copies)]
     start = time.perf_counter()
     assert siamae(line) == 0, f"{name} failed"
     seconds = time.perf_counter() - start
@@ -40,6 +40,8 @@ def probe(args: argparse.Namespace, name: str, protocol: str, lr: float) -> dict
     return {
         "protocol": protocol,
         "lr": lr,
+        "seed": args.seed,
+        "copies": args.copies if protocol == "cached" else None,
         "mIoU": round(summary["mIoU"], 2),
         "IoU_object": round(summary["per_class"][1]["IoU"], 2),
         "train_iters": summary["train_iters"],
@@ -65,21 +67,36 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--checkpoint", help="the encoder (default: --random-init's)")
     p.add_argument("--random-init", default="vit_small_patch16_224", help="an untrained encoder")
-    p.add_argument("--skip-dinov2", action="store_true", help="time the cached probe alone")
+    p.add_argument("--copies", type=int, default=1, help="cached views per image (--copies)")
+    p.add_argument("--seed", type=int, default=0, help="the probe's seed (crops, head)")
+    p.add_argument(
+        "--only", choices=("cached", "dinov2"), default=None, help="run one protocol alone"
+    )
     args = p.parse_args()
     args.encoder = (
-        ["--checkpoint", args.checkpoint] if args.checkpoint else ["--random-init", args.random_init]
+        ["--checkpoint", args.checkpoint]
+        if args.checkpoint
+        else ["--random-init", args.random_init]
     )
     if not (args.out / "voc" / "VOC2012" / "class_names.txt").is_file():
         splits = convert(args.davis, args.out / "voc", args.every, 3, args.short_side)
         print({split: len(names) for split, names in splits.items()})
-    results = {"cached": probe(args, "cached", "cached", args.lr)}
-    results["cached, reusing"] = probe(args, "cached_again", "cached", args.second_lr)
-    if not args.skip_dinov2:
-        results["dinov2"] = probe(args, "dinov2", "dinov2", args.lr)
+    tag = f"seed{args.seed}"
+    results = {}
+    if args.only != "dinov2":
+        tag_c = f"{tag}_copies{args.copies}"
+        results[f"cached {tag_c}"] = probe(args, f"cached_{tag_c}", "cached", args.lr)
+        results[f"cached {tag_c}, reusing"] = probe(
+            args, f"cached_again_{tag_c}", "cached", args.second_lr
+        )
+    if args.only != "cached":
+        results[f"dinov2 {tag}"] = probe(args, f"dinov2_{tag}", "dinov2", args.lr)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print("\n| probe | lr | mIoU | IoU object | iterations | features s | train s | eval s | wall s |")
+    name = f"results_{args.only or 'both'}_{tag}_copies{args.copies}.json"
+    (args.out / name).write_text(json.dumps(results, indent=2) + "\n")
+    print(
+        "\n| probe | lr | mIoU | IoU object | iterations | features s | train s | eval s | wall s |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         print(

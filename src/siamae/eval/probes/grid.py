@@ -85,44 +85,62 @@ def select_features(feats: torch.Tensor, blocks: int, pool: str) -> torch.Tensor
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
+def feature_columns(blocks: int, pool: str, dim: int) -> tuple[int, int]:
+    """The columns of the (N, 5 x D) grid features that :func:`select_features` takes: always
+    one contiguous run (CLS slots 4 - blocks .. 3, then slot 4 for "cls+avg")."""
+    return (GRID_BLOCKS - blocks) * dim, (GRID_BLOCKS + (pool == "cls+avg")) * dim
+
+
 class LinearGrid(nn.Module):
-    """Heads trained together: ``forward`` gives (H, B, C) logits of all of them."""
+    """Heads trained together: ``forward`` gives (H, B, C) logits of all of them.
+
+    BatchNorm normalises each feature on its own, so one BatchNorm over the 5 x D grid features
+    gives every head's normalised input (a column slice of it); the heads that read the same
+    slice are one matmul over their concatenated weights. Each head is still a whole
+    :class:`LinearProbe` (its norm gets the grid's running statistics, :meth:`sync_norms`)."""
 
     def __init__(self, specs: list[HeadSpec], dim: int, num_classes: int, seed: int) -> None:
         super().__init__()
-        self.specs = specs
-        width = {1: dim, 4: GRID_BLOCKS * dim}
+        self.specs, self.dim = specs, dim
+        self.norm = nn.BatchNorm1d((GRID_BLOCKS + 1) * dim, affine=False, eps=1e-6)
         self.probes = nn.ModuleList(
-            LinearProbe(width[s.blocks] + (dim if s.pool == "cls+avg" else 0), num_classes, seed)
+            LinearProbe(
+                select_features(torch.zeros(1, (GRID_BLOCKS + 1) * dim), s.blocks, s.pool).shape[1],
+                num_classes,
+                seed,
+            )
             for s in specs
         )
         self.groups: dict[tuple[int, str], list[int]] = {}
         for i, spec in enumerate(specs):
             self.groups.setdefault(spec.features, []).append(i)
+        grouped = [i for members in self.groups.values() for i in members]
+        # position in the group-ordered output of each head, in spec order
+        self.register_buffer(
+            "order", torch.tensor([grouped.index(i) for i in range(len(specs))]), persistent=False
+        )
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        out: list[torch.Tensor] = [torch.empty(0)] * len(self.specs)
+        normed = self.norm(feats)
+        parts = []
         for (blocks, pool), members in self.groups.items():
-            first = self.probes[members[0]]
-            # one BatchNorm pass for the group: its heads' statistics are the same numbers
-            normed = first.norm(select_features(feats, blocks, pool))
-            weight = torch.stack([self.probes[i].fc.weight for i in members])  # (h, C, D)
-            bias = torch.stack([self.probes[i].fc.bias for i in members])[:, None]  # (h, 1, C)
-            logits = torch.baddbmm(bias, normed.expand(len(members), -1, -1), weight.mT)
-            for row, i in enumerate(members):
-                out[i] = logits[row]
-        return torch.stack(out)
+            lo, hi = feature_columns(blocks, pool, self.dim)
+            weight = torch.cat([self.probes[i].fc.weight for i in members])  # (h x C, D')
+            bias = torch.cat([self.probes[i].fc.bias for i in members])
+            parts.append(
+                F.linear(normed[:, lo:hi], weight, bias).view(feats.shape[0], len(members), -1)
+            )
+        return torch.cat(parts, dim=1).index_select(1, self.order).transpose(0, 1)
 
     @torch.no_grad()
     def sync_norms(self) -> None:
-        """Copy each group's running statistics (kept by its first head) to its other heads,
-        so that every head is a whole :class:`LinearProbe` on its own."""
-        for members in self.groups.values():
-            first = self.probes[members[0]].norm
-            for i in members[1:]:
-                norm = self.probes[i].norm
-                for name in ("running_mean", "running_var", "num_batches_tracked"):
-                    getattr(norm, name).copy_(getattr(first, name))
+        """Give each head's norm the grid's running statistics of its columns, so that every
+        head is a whole :class:`LinearProbe` on its own."""
+        for spec, probe in zip(self.specs, self.probes, strict=True):
+            lo, hi = feature_columns(spec.blocks, spec.pool, self.dim)
+            probe.norm.running_mean.copy_(self.norm.running_mean[lo:hi])
+            probe.norm.running_var.copy_(self.norm.running_var[lo:hi])
+            probe.norm.num_batches_tracked.copy_(self.norm.num_batches_tracked)
 
 
 def grid_optimizer(grid: LinearGrid, cfg: LinearConfig) -> torch.optim.Optimizer:
