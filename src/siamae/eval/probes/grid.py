@@ -121,10 +121,23 @@ class LinearGrid(nn.Module):
         )
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        normed = self.norm(feats)
+        # only the columns some head reads (the last block's CLS alone for a grid of lrs)
+        spans = [feature_columns(blocks, pool, self.dim) for blocks, pool in self.groups]
+        first, last = min(lo for lo, _ in spans), max(hi for _, hi in spans)
+        norm = self.norm
+        if self.training:
+            norm.num_batches_tracked.add_(1)
+        normed = F.batch_norm(
+            feats[:, first:last],
+            norm.running_mean[first:last],  # views: updated in place, as BatchNorm1d does
+            norm.running_var[first:last],
+            training=self.training,
+            momentum=norm.momentum,
+            eps=norm.eps,
+        )
         parts = []
         for (blocks, pool), members in self.groups.items():
-            lo, hi = feature_columns(blocks, pool, self.dim)
+            lo, hi = (c - first for c in feature_columns(blocks, pool, self.dim))
             weight = torch.cat([self.probes[i].fc.weight for i in members])  # (h x C, D')
             bias = torch.cat([self.probes[i].fc.bias for i in members])
             parts.append(
