@@ -89,44 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help=f"test at ratios {MULTI_SCALE_RATIOS} with flips, softmax averaged",
     )
-    p.add_argument(
-        "--protocol",
-        choices=tuple(PROTOCOLS),
-        default=None,
-        help="cached: "
-        + PROTOCOLS["cached"]
-        + " (the default on a CPU); dinov2: "
-        + PROTOCOLS["dinov2"]
-        + " (the default on a GPU)",
-    )
-    p.add_argument(
-        "--iters",
-        type=positive_int,
-        default=None,
-        help=f"probe iterations (default: {DINOV2_ITERS} with --protocol dinov2, --epochs "
-        "passes over the training views with --protocol cached)",
-    )
-    p.add_argument(
-        "--epochs",
-        type=positive_int,
-        default=None,
-        help=f"train this many passes over the training set instead of --iters (default with "
-        f"--protocol cached: {CACHED_EPOCHS}, DINOv2's 40k iterations x 16 over ADE20K)",
-    )
-    p.add_argument(
-        "--copies",
-        type=positive_int,
-        default=1,
-        help="--protocol cached: views cached per training image, the windows of the image "
-        "plus COPIES - 1 augmented crops (default 1: the windows alone)",
-    )
-    p.add_argument(
-        "--feature-cache",
-        metavar="DIR",
-        default=None,
-        help="--protocol cached: where the features are kept (default OUT/features); another "
-        "probe of the same encoder and data with this DIR reuses them",
-    )
+    _add_length_options(p)
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument(
         "--lr", type=positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)"
@@ -168,6 +131,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     add_threads_option(p)
     p.set_defaults(func=_run)
+
+
+def _add_length_options(p: argparse.ArgumentParser) -> None:
+    """The protocol (cached or dinov2) and how long the probe trains."""
+    p.add_argument(
+        "--protocol",
+        choices=tuple(PROTOCOLS),
+        default=None,
+        help="cached: "
+        + PROTOCOLS["cached"]
+        + " (the default on a CPU); dinov2: "
+        + PROTOCOLS["dinov2"]
+        + " (the default on a GPU)",
+    )
+    p.add_argument(
+        "--iters",
+        type=positive_int,
+        default=None,
+        help=f"probe iterations (default: {DINOV2_ITERS} with --protocol dinov2, --epochs "
+        "passes over the training views with --protocol cached)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=None,
+        help=f"train this many passes over the training set instead of --iters (default with "
+        f"--protocol cached: {CACHED_EPOCHS}, DINOv2's 40k iterations x 16 over ADE20K)",
+    )
+    p.add_argument(
+        "--copies",
+        type=positive_int,
+        default=1,
+        help="--protocol cached: views cached per training image, the windows of the image "
+        "plus COPIES - 1 augmented crops (default 1: the windows alone)",
+    )
+    p.add_argument(
+        "--feature-cache",
+        metavar="DIR",
+        default=None,
+        help="--protocol cached: where the features are kept (default OUT/features); another "
+        "probe of the same encoder and data with this DIR reuses them",
+    )
 
 
 def _check(args: argparse.Namespace) -> None:
