@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
                 "--no-resume",
                 "--layers",
                 str(args.layers),
+                "--protocol",  # the augmented crops its figures were measured with
+                "dinov2",
             ]
         )
         assert code == 0, f"linear probe ({label}) failed"

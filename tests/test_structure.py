@@ -75,6 +75,7 @@ def test_the_package_keeps_its_plan(figures_of) -> None:
     # and finetune/, so eval/ reaches into finetune/ only to read a fine-tuned model back.
     assert {m for m in figures.graph if m.startswith("siamae.eval.segmentation")} == {
         "siamae.eval.segmentation.cli",
+        "siamae.eval.segmentation.features",
         "siamae.eval.segmentation.probe",
     }
     assert {"eval/segmentation", "segmentation_scores.py"} <= set(figures.rooms)

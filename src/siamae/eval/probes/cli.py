@@ -23,7 +23,14 @@ from siamae.arguments import (
 )
 from siamae.errors import SiamaeError
 from siamae.eval.probes import fewshot
-from siamae.eval.probes.features import POOLS
+from siamae.eval.probes.features import GRID_BLOCKS, POOLS
+from siamae.eval.probes.grid import (
+    GRID_BLOCK_CHOICES,
+    GRID_LRS,
+    GRID_POOLS,
+    grid_specs,
+    train_linear_grid,
+)
 from siamae.eval.probes.knn import knn_eval
 from siamae.eval.probes.linear import LinearConfig, train_linear
 from siamae.eval.probes.protocols import (
@@ -152,9 +159,96 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-resume", action="store_true", help="start again even if OUT_DIR has a checkpoint"
     )
+    _add_grid_options(p)
     p.set_defaults(func=_run_linear)
 
     _register_fewshot(subparsers)
+
+
+def _add_grid_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--grid",
+        action="store_true",
+        help="train a grid of heads in one pass over cached features (DINOv2's linear "
+        "evaluation): every --grid-lrs x --grid-blocks x --grid-pools, with the protocol's "
+        "optimizer, batch and schedule; results.json lists every head's top-1 and names the best",
+    )
+    p.add_argument(
+        "--grid-lrs",
+        type=positive_float,
+        nargs="+",
+        default=None,
+        metavar="LR",
+        help="base lrs of the grid, each x batch / 256 as --lr (default DINOv2's "
+        + " ".join(f"{lr:g}" for lr in GRID_LRS)
+        + ")",
+    )
+    p.add_argument(
+        "--grid-blocks",
+        type=int,
+        nargs="+",
+        choices=GRID_BLOCK_CHOICES,
+        default=None,
+        help="CLS tokens of the last 1 and/or 4 blocks (default both)",
+    )
+    p.add_argument(
+        "--grid-pools",
+        nargs="+",
+        choices=GRID_POOLS,
+        default=None,
+        help="CLS alone and/or with the average-pooled patch tokens appended (default both)",
+    )
+
+
+def _check_grid(args: argparse.Namespace, cfg: LinearConfig, encoder: Encoder) -> None:
+    """--grid's options, checked before any work."""
+    given = [f"--{n.replace('_', '-')}" for n in ("grid_lrs", "grid_blocks", "grid_pools")]
+    given = [flag for flag in given if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if not args.grid:
+        if given:
+            raise SiamaeError(f"{given[0]} sets the grid of heads; add --grid or drop it")
+        return
+    if not cfg.cache_features:
+        raise SiamaeError("--grid trains its heads on cached features; drop --no-cache-features")
+    if cfg.pool != "cls":
+        raise SiamaeError(
+            f"--grid reads CLS tokens (+ the mean patch token), not --pool {cfg.pool} (the "
+            f"{cfg.protocol} protocol's features); drop --grid or use --protocol mae / mae-sgd256"
+        )
+    if encoder.depth < GRID_BLOCKS:
+        raise SiamaeError(
+            f"--grid reads the last {GRID_BLOCKS} blocks; the encoder has {encoder.depth}"
+        )
+
+
+def _run_linear_grid(
+    args: argparse.Namespace, cfg: LinearConfig, encoder: Encoder, source: str
+) -> int:
+    specs = grid_specs(
+        tuple(args.grid_lrs or GRID_LRS),
+        tuple(dict.fromkeys(args.grid_blocks or GRID_BLOCK_CHOICES)),
+        tuple(dict.fromkeys(args.grid_pools or GRID_POOLS)),
+    )
+    result = train_linear_grid(
+        encoder,
+        args.train,
+        args.val,
+        specs,
+        out_dir=args.out_dir,
+        cfg=cfg,
+        device=resolve_device(args.device),
+        resume=not args.no_resume,
+        progress=not args.no_progress,
+        source=source,
+    )
+    best = result["best_head"]
+    print(
+        f"linear probe grid, protocol {cfg.protocol} ({cfg.optimizer}, batch {cfg.batch_size}, "
+        f"{cfg.epochs} epochs), {len(specs)} heads: best {best['name']} (lr {best['lr']:g}), "
+        f"top-1 {best['top1']:.2f}"
+    )
+    print(f"every head's top-1 in {Path(args.out_dir) / 'results.json'}")
+    return 0
 
 
 def _run_knn(args: argparse.Namespace) -> int:
@@ -218,6 +312,9 @@ def _run_linear(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         eval_every=args.eval_every,
     )
+    _check_grid(args, cfg, encoder)
+    if args.grid:
+        return _run_linear_grid(args, cfg, encoder, source)
     result = train_linear(
         encoder,
         args.train,

@@ -42,6 +42,11 @@ FEATURES: dict[str, str] = {
     "forward_features(x)[:, 0])",
 }
 POOLS: tuple[str, ...] = tuple(FEATURES)
+# What the grid of linear heads reads (``eval linear --grid``): for every image, the CLS token
+# of each of the last 4 blocks and the mean of the last block's patch tokens, all after the
+# final norm (DINOv2's ``get_intermediate_layers(n=4, norm=True)``), as (B, 5 x D).
+GRID_POOL = "grid"
+GRID_BLOCKS = 4
 RAW_POOLS = {"mean-ln", "cls-raw"}
 FC_NORM_EPS = 1e-6
 FEATURES_FORMAT = "siamae-features-v1"
@@ -60,8 +65,28 @@ def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
     raise ValueError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
 
 
+def grid_tokens(encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) normalised images -> (B, 5, D): the CLS token after the final norm of each
+    of the last 4 blocks (the oldest first), then the mean of the last block's patch tokens
+    after the final norm. Slot 3 is the "cls" feature, the mean of slot 4 the "mean" one."""
+    tokens, cls, _ = encoder.embed(images)
+    x = torch.cat([cls, tokens], dim=1)
+    depth = len(encoder.vit.blocks)
+    slots = []
+    for i, block in enumerate(encoder.vit.blocks):
+        x = block(x)
+        if i >= depth - GRID_BLOCKS:
+            normed = encoder.vit.norm(x)
+            slots.append(normed[:, 0])
+    slots.append(normed[:, 1:].mean(dim=1))
+    return torch.stack(slots, dim=1)
+
+
 def encode_features(encoder: Encoder, images: torch.Tensor, pool: str) -> torch.Tensor:
-    """(B, 3, H, W) normalised images -> (B, D) features by ``pool`` (see FEATURES)."""
+    """(B, 3, H, W) normalised images -> (B, D) features by ``pool`` (see FEATURES), or
+    (B, 5 x D) for GRID_POOL (see grid_tokens)."""
+    if pool == GRID_POOL:
+        return grid_tokens(encoder, images).flatten(1)
     return pool_tokens(encoder(images, final_norm=pool not in RAW_POOLS), pool)
 
 
@@ -95,7 +120,7 @@ def extract_features(
     """
     from tqdm.auto import tqdm
 
-    if pool not in POOLS:
+    if pool not in POOLS and pool != GRID_POOL:
         raise ValueError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
     total = source.shape[0] if isinstance(source, torch.Tensor) else len(source)  # type: ignore[arg-type]
     was_training = encoder.training

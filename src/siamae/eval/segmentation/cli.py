@@ -26,7 +26,13 @@ from siamae.arguments import (
 )
 from siamae.data.segmentation import LAYOUTS, SegmentationSet, open_segmentation
 from siamae.errors import SiamaeError
-from siamae.eval.segmentation.probe import ProbeConfig, train_linear_probe
+from siamae.eval.segmentation.features import batches_per_epoch
+from siamae.eval.segmentation.probe import (
+    PROTOCOLS,
+    ProbeConfig,
+    cached_views,
+    train_linear_probe,
+)
 from siamae.finetune.segmentation import SegmentationFineTune
 from siamae.finetune.segmentation_checkpoints import (
     is_segmentation_checkpoint,
@@ -38,6 +44,11 @@ from siamae.segmentation_scores import InferenceConfig, evaluate_segmentation
 from siamae.sizes import size_problem
 
 MULTI_SCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+DINOV2_ITERS = 40000
+# DINOv2's 1,500 warm-up iterations of 40,000: the same share of a run of another length.
+WARMUP_SHARE = 1500 / 40000
+# DINOv2's 40k iterations at batch 16 over ADE20K's 20,210 training images: about 32 epochs.
+CACHED_EPOCHS = 32
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -78,15 +89,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help=f"test at ratios {MULTI_SCALE_RATIOS} with flips, softmax averaged",
     )
-    p.add_argument(
-        "--iters", type=positive_int, default=40000, help="probe iterations (default 40000)"
-    )
+    _add_length_options(p)
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument(
         "--lr", type=positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)"
     )
     p.add_argument("--weight-decay", type=non_negative_float, default=1e-4)
-    p.add_argument("--warmup-iters", type=non_negative_int, default=1500)
+    p.add_argument(
+        "--warmup-iters",
+        type=non_negative_int,
+        default=None,
+        help="default: 1500 of 40000, the same share of another length",
+    )
     p.add_argument(
         "--crop", type=positive_int, default=512, help="training crop and sliding window (pixels)"
     )
@@ -119,11 +133,55 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
+def _add_length_options(p: argparse.ArgumentParser) -> None:
+    """The protocol (cached or dinov2) and how long the probe trains."""
+    p.add_argument(
+        "--protocol",
+        choices=tuple(PROTOCOLS),
+        default=None,
+        help="cached: "
+        + PROTOCOLS["cached"]
+        + " (the default on a CPU); dinov2: "
+        + PROTOCOLS["dinov2"]
+        + " (the default on a GPU)",
+    )
+    p.add_argument(
+        "--iters",
+        type=positive_int,
+        default=None,
+        help=f"probe iterations (default: {DINOV2_ITERS} with --protocol dinov2, --epochs "
+        "passes over the training views with --protocol cached)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=None,
+        help=f"train this many passes over the training set instead of --iters (default with "
+        f"--protocol cached: {CACHED_EPOCHS}, DINOv2's 40k iterations x 16 over ADE20K)",
+    )
+    p.add_argument(
+        "--copies",
+        type=positive_int,
+        default=1,
+        help="--protocol cached: views cached per training image, the windows of the image "
+        "plus COPIES - 1 augmented crops (default 1: the windows alone)",
+    )
+    p.add_argument(
+        "--feature-cache",
+        metavar="DIR",
+        default=None,
+        help="--protocol cached: where the features are kept (default OUT/features); another "
+        "probe of the same encoder and data with this DIR reuses them",
+    )
+
+
 def _check(args: argparse.Namespace) -> None:
-    for name in ("iters", "batch_size", "crop", "stride", "warmup_iters"):
+    for name in ("iters", "epochs", "copies", "batch_size", "crop", "stride", "warmup_iters"):
         value = getattr(args, name)
-        if value < (0 if name == "warmup_iters" else 1):
+        if value is not None and value < (0 if name == "warmup_iters" else 1):
             raise SiamaeError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.iters is not None and args.epochs is not None:
+        raise SiamaeError("--iters and --epochs both set the probe's length; give one of them")
     if args.lr <= 0:
         raise SiamaeError(f"--lr must be positive, got {args.lr}")
     if min(args.scale) <= 0:
@@ -146,9 +204,11 @@ def check_crop(crop: int, patch_size: int) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    apply_threads_option(args)
     _check(args)
     device = resolve_device(args.device)
+    if not _names_fine_tuned(args.checkpoint):
+        args.protocol = _resolve_protocol(args, device)  # said first
+    apply_threads_option(args)
     inference = InferenceConfig(
         scale=tuple(args.scale),
         mode="whole" if args.whole else "slide",
@@ -178,6 +238,15 @@ def _run(args: argparse.Namespace) -> int:
             )
     print(f"results in {Path(args.out) / 'summary.json'}")
     return 0
+
+
+def _names_fine_tuned(checkpoint: str | None) -> bool:
+    """Whether --checkpoint is a segmentation fine-tuning run or its export (no probe)."""
+    if not checkpoint:
+        return False
+    if Path(checkpoint).suffix == ".safetensors":
+        return _is_seg_export(checkpoint)
+    return is_segmentation_checkpoint(checkpoint)
 
 
 def _fine_tuned_model(checkpoint: str | None) -> SegmentationFineTune | None:
@@ -229,20 +298,26 @@ def _train_probe(
             raise SiamaeError(f"--layers {args.layers}: the encoder has {encoder.depth} blocks")
         check_crop(args.crop, encoder.patch_size)
 
+    protocol = args.protocol
     encoder, source = encoder_from_args(args, check=check_layers)
     train_set = open_segmentation(args.data, args.train_split, args.layout, args.num_classes)
     cfg = ProbeConfig(
         layers=args.layers,
-        iters=args.iters,
+        iters=1,
         batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay,
-        warmup_iters=args.warmup_iters,
         crop=args.crop,
         scale=tuple(args.scale),
         photometric=not args.no_photometric,
         seed=args.seed,
         num_workers=args.num_workers,
+        protocol=protocol,
+        copies=args.copies,
+    )
+    cfg.iters = _probe_iters(args, cfg, train_set)
+    cfg.warmup_iters = (
+        args.warmup_iters if args.warmup_iters is not None else int(round(cfg.iters * WARMUP_SHARE))
     )
     return train_linear_probe(
         encoder,
@@ -256,7 +331,39 @@ def _train_probe(
         progress=not args.no_progress,
         source=source,
         pictures=args.pictures,
+        feature_cache=args.feature_cache,
     )
+
+
+def _resolve_protocol(args: argparse.Namespace, device: torch.device) -> str:
+    """--protocol, or the device's default (cached on a CPU, dinov2 on a GPU), said on the
+    first line of the output."""
+    gpu = device.type == "cuda"
+    protocol = args.protocol or ("dinov2" if gpu else "cached")
+    if protocol == "dinov2" and (args.copies != 1 or args.feature_cache is not None):
+        flag = "--copies" if args.copies != 1 else "--feature-cache"
+        raise SiamaeError(f"{flag} is for --protocol cached; drop it or pass --protocol cached")
+    chosen = "as asked" if args.protocol else f"the default on {'a GPU' if gpu else 'a CPU'}"
+    other = "cached" if protocol == "dinov2" else "dinov2"
+    print(
+        f"segmentation probe, protocol {protocol} ({chosen}): {PROTOCOLS[protocol]}; "
+        f"--protocol {other} for the other way"
+    )
+    return protocol
+
+
+def _probe_iters(args: argparse.Namespace, cfg: ProbeConfig, train_set: SegmentationSet) -> int:
+    """--iters, or --epochs (default: DINOv2's 40k iterations, or CACHED_EPOCHS when cached)
+    passes over the training set: its images (dinov2), or the views cached (cached)."""
+    if args.iters is not None:
+        return args.iters
+    if cfg.protocol == "dinov2":
+        if args.epochs is None:
+            return DINOV2_ITERS
+        return args.epochs * max(1, len(train_set) // cfg.batch_size)
+    views = len(cached_views(train_set, cfg))
+    epochs = args.epochs or CACHED_EPOCHS
+    return epochs * batches_per_epoch(views, cfg.batch_size)
 
 
 def _is_seg_export(path: str) -> bool:

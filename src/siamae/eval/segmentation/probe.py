@@ -22,28 +22,27 @@ from siamae.data.dataset import EpochSampler, PretrainDataset, build_loader
 from siamae.data.image_folder import normalize
 from siamae.data.segmentation import IGNORE_INDEX, SegmentationSet, SegmentationViews
 from siamae.errors import CheckpointError, DataError
+from siamae.eval.segmentation.features import (
+    CachedFeatures,
+    CachedViews,
+    batches_per_epoch,
+    cache_key,
+    cached_features,
+    probe_features,
+)
 from siamae.models.vit import Encoder
 from siamae.optim import lr_at
 from siamae.segmentation_scores import InferenceConfig, evaluate_segmentation
 
 PROBE_FORMAT = "siamae-segprobe-v1"
+PROTOCOLS = {
+    "dinov2": "DINOv2's: the frozen encoder runs on fresh augmented crops every iteration",
+    "cached": "the frozen encoder's features of each training image computed once (windows of "
+    "the image at the protocol's size, plus --copies - 1 augmented crops), the head trained on "
+    "them",
+}
 
 # -- the frozen linear probe ------------------------------------------------------------------
-
-
-def probe_features(encoder: Encoder, images: torch.Tensor, layers: int = 1) -> torch.Tensor:
-    """(B, layers x D, H/p, W/p): the patch tokens of the last ``layers`` blocks, each after the
-    encoder's final norm (DINOv2's ``get_intermediate_layers(norm=True)``), concatenated."""
-    tokens, cls, (gh, gw) = encoder.embed(images)
-    x = torch.cat([cls, tokens], dim=1)
-    depth = len(encoder.vit.blocks)
-    maps = []
-    for i, block in enumerate(encoder.vit.blocks):
-        x = block(x)
-        if i >= depth - layers:
-            patches = encoder.vit.norm(x)[:, 1:]
-            maps.append(patches.transpose(1, 2).reshape(x.shape[0], -1, gh, gw))
-    return torch.cat(maps, dim=1)
 
 
 class LinearSegHead(nn.Module):
@@ -78,6 +77,8 @@ class ProbeConfig:
     seed: int = 0
     num_workers: int = 2
     checkpoint_every: int = 1000
+    protocol: str = "dinov2"  # or "cached" (see PROTOCOLS)
+    copies: int = 1  # cached: views per image (1: the windows of the image alone)
 
 
 def train_linear_probe(
@@ -92,12 +93,15 @@ def train_linear_probe(
     progress: bool = True,
     source: str = "",
     pictures: int = 4,
+    feature_cache: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train the head on frozen features of random crops, then score it on all of ``val_set``.
+    """Train the head on frozen features, then score it on all of ``val_set``.
 
-    Every crop is drawn from (seed, epoch, index); the head, its optimizer and the iteration are
-    saved every ``checkpoint_every`` iterations to OUT/probe.pt, and a run started again resumes
-    from there (the same crops follow)."""
+    ``cfg.protocol`` "dinov2": features of random crops, each drawn from (seed, epoch, index).
+    "cached": features of each training image computed once and kept in ``feature_cache``
+    (default OUT/features; see :mod:`siamae.eval.segmentation.features`). Either way the head,
+    its optimizer and the iteration are saved every ``checkpoint_every`` iterations to
+    OUT/probe.pt, and a run started again resumes from there (the same batches follow)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if train_set.num_classes != val_set.num_classes:
@@ -105,13 +109,29 @@ def train_linear_probe(
             f"the training split has {train_set.num_classes} classes, the validation split "
             f"{val_set.num_classes}"
         )
-    probe = _ProbeRun.build(encoder, train_set, cfg, device, out / "probe.pt", source)
+    start = time.perf_counter()
+    cached = None
+    if cfg.protocol == "cached":
+        cached = _cached_training_features(
+            encoder, train_set, cfg, device, Path(feature_cache or out / "features"), progress
+        )
+    feature_seconds = time.perf_counter() - start
+    probe = _ProbeRun.build(encoder, train_set, cfg, device, out / "probe.pt", source, cached)
     if resume and probe.ckpt.is_file():
         probe.resume()
     start = time.perf_counter()
     losses, skipped = probe.train(device, progress)
     train_seconds = time.perf_counter() - start
     probe.head.eval()
+    extra: dict[str, Any] = {}
+    if cached is not None:
+        skipped |= {line.split("\t")[0] for line in cached.skipped}
+        extra = {
+            "feature_cache": str(cached.folder),
+            "cached_views": int(len(cached.valid)),
+            "feature_seconds": round(feature_seconds, 1),
+            "features_reused": not cached.computed,
+        }
     return evaluate_segmentation(
         probe.logits,
         val_set,
@@ -123,30 +143,74 @@ def train_linear_probe(
         title=f"linear probe ({'last block' if cfg.layers == 1 else f'last {cfg.layers} blocks'})",
         extra={
             "protocol": "linear probe (frozen encoder, BatchNorm + 1x1 conv)",
+            "probe_protocol": cfg.protocol,
+            "probe_protocol_summary": PROTOCOLS[cfg.protocol],
             "encoder": source,
             "probe": _plain(asdict(cfg)),
             "train_iters": probe.step,
             "final_train_loss": float(np.mean(losses[-20:])) if losses else None,
             "train_seconds": round(train_seconds, 1),
+            **extra,
             "train_skipped": sorted(skipped),
             "train_unpaired": list(train_set.unpaired),  # as the val split's "unpaired"
         },
     )
 
 
+def cached_views(train_set: SegmentationSet, cfg: ProbeConfig) -> CachedViews:
+    """The training views the cached protocol encodes once (see CachedViews)."""
+    return CachedViews(
+        train_set, cfg.crop, cfg.scale, cfg.copies, cfg.seed, cfg.ratio_range, cfg.photometric
+    )
+
+
+def _cached_training_features(
+    encoder: Encoder,
+    train_set: SegmentationSet,
+    cfg: ProbeConfig,
+    device: torch.device,
+    directory: Path,
+    progress: bool,
+) -> CachedFeatures:
+    views = cached_views(train_set, cfg)
+    # Augmented copies depend on how they are drawn; the windows alone do not.
+    drawn = {"seed": cfg.seed, "ratio_range": list(cfg.ratio_range)} if cfg.copies > 1 else {}
+    if cfg.copies > 1:
+        drawn["photometric"] = cfg.photometric
+    key = cache_key(encoder, views, cfg.layers, cfg.copies, drawn)
+    found = cached_features(
+        encoder,
+        views,
+        cfg.layers,
+        directory,
+        key,
+        device,
+        cfg.batch_size,
+        cfg.num_workers,
+        progress,
+    )
+    if len(found.valid) < 2:
+        raise DataError(
+            f"the training split has {len(found.valid)} readable views; the probe needs 2 or more"
+        )
+    return found
+
+
 @dataclass
 class _ProbeRun:
-    """A linear probe in training: the frozen encoder, the head and its optimizer, the seeded
-    crops, the iteration reached and the checkpoint file."""
+    """A linear probe in training: the frozen encoder, the head and its optimizer, where its
+    batches come from (seeded crops, or cached features), the iteration reached and the
+    checkpoint file."""
 
     encoder: Encoder
     cfg: ProbeConfig
     head: LinearSegHead
     optimizer: torch.optim.Optimizer
-    sampler: EpochSampler
-    loader: DataLoader
+    sampler: EpochSampler | None
+    loader: DataLoader | None
     ckpt: Path
     source: str
+    cached: CachedFeatures | None = None
     step: int = 0
 
     @classmethod
@@ -158,6 +222,7 @@ class _ProbeRun:
         device: torch.device,
         ckpt: Path,
         source: str,
+        cached: CachedFeatures | None = None,
     ) -> _ProbeRun:
         encoder = encoder.to(device).eval()
         encoder.requires_grad_(False)
@@ -166,12 +231,29 @@ class _ProbeRun:
         optimizer = torch.optim.AdamW(
             head.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
         )
+        if cached is not None:
+            return cls(encoder, cfg, head, optimizer, None, None, ckpt, source, cached)
         views = SegmentationViews(cfg.crop, cfg.scale, cfg.ratio_range, photometric=cfg.photometric)
         dataset = PretrainDataset(train_set, views, encoder.num_patches, cfg.seed)
         sampler = EpochSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
         loader = build_loader(dataset, sampler, cfg.num_workers)
         loader.generator = torch.Generator()
         return cls(encoder, cfg, head, optimizer, sampler, loader, ckpt, source)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        if self.cached is not None:
+            return batches_per_epoch(len(self.cached.valid), self.cfg.batch_size)
+        assert self.sampler is not None
+        return self.sampler.batches_per_epoch
+
+    def epoch_batches(self, epoch: int, skip: int) -> Any:
+        """The batches of ``epoch`` from its batch ``skip`` on."""
+        if self.cached is not None:
+            return self.cached.batches(self.cfg.batch_size, self.cfg.seed, epoch, skip)
+        assert self.sampler is not None
+        self.sampler.set_epoch(epoch, skip)
+        return self.loader
 
     def resume(self) -> None:
         state = load_checkpoint(self.ckpt)  # a file in --out: anything may be there
@@ -221,9 +303,8 @@ class _ProbeRun:
         skipped: set[str] = set()
         self.head.train()
         while self.step < cfg.iters:
-            epoch = self.step // self.sampler.batches_per_epoch
-            self.sampler.set_epoch(epoch, self.step % self.sampler.batches_per_epoch)
-            for batch in self.loader:
+            epoch, skip = divmod(self.step, self.batches_per_epoch)
+            for batch in self.epoch_batches(epoch, skip):
                 skipped.update(batch["skipped_files"])
                 losses.append(self._step(batch, device))
                 if bar is not None:
@@ -239,10 +320,13 @@ class _ProbeRun:
 
     def _step(self, batch: dict[str, Any], device: torch.device) -> float:
         cfg = self.cfg
-        images = normalize(batch["images"][:, 0], device)
         labels = batch["label"].to(device)
-        with torch.no_grad():
-            features = probe_features(self.encoder, images, cfg.layers)
+        if "features" in batch:
+            features = batch["features"].to(device)
+        else:
+            with torch.no_grad():
+                images = normalize(batch["images"][:, 0], device)
+                features = probe_features(self.encoder, images, cfg.layers)
         logits = F.interpolate(
             self.head(features), size=labels.shape[-2:], mode="bilinear", align_corners=False
         )

@@ -1,0 +1,223 @@
+"""The segmentation probe on cached features (``siamae eval segment --protocol cached``): the
+same logits and the same step as the probe that encodes its images live, the cache reused and
+resumed, the protocol said on the first line, and the new options' one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from siamae.commands.cli import main
+from siamae.data.image_folder import normalize
+from siamae.data.segmentation import open_segmentation
+from siamae.eval.segmentation.features import (
+    CachedViews,
+    cache_key,
+    cached_features,
+    cover_starts,
+    probe_features,
+)
+from siamae.eval.segmentation.probe import ProbeConfig, _ProbeRun, train_linear_probe
+from siamae.loading import random_encoder
+from siamae.overlays import PALETTE
+from siamae.segmentation_scores import InferenceConfig
+
+CPU = torch.device("cpu")
+
+
+def write_voc(root: Path, counts: dict[str, int]) -> Path:
+    """A VOC2012 layout of 40x48 blue images with a red box (class 1) on background (0)."""
+    rng = np.random.default_rng(0)
+    base = root / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    for split, n in counts.items():
+        names = [f"{split}{i:03d}" for i in range(n)]
+        for name in names:
+            image = np.zeros((40, 48, 3), np.uint8)
+            image[:] = (40, 80, 170)
+            label = np.zeros((40, 48), np.uint8)
+            y, x = int(rng.integers(0, 26)), int(rng.integers(0, 34))
+            image[y : y + 14, x : x + 14] = (220, 50, 40)
+            label[y : y + 14, x : x + 14] = 1
+            label[:2] = 255  # VOC's void border
+            Image.fromarray(image).save(base / "JPEGImages" / f"{name}.jpg", quality=95)
+            png = Image.fromarray(label, "P")
+            png.putpalette(PALETTE.ravel().tolist())
+            png.save(base / "SegmentationClass" / f"{name}.png")
+        (base / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")
+    (base / "class_names.txt").write_text("background\nred\n")
+    return base
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_voc(tmp_path_factory.mktemp("voc"), {"train": 6, "val": 2})
+
+
+def _cfg(**kw: object) -> ProbeConfig:
+    values = dict(iters=4, batch_size=4, lr=1e-2, warmup_iters=1, crop=32, scale=(48, 32))
+    values.update(ratio_range=(1.0, 1.0), photometric=False, num_workers=0, protocol="cached")
+    values.update(kw)
+    return ProbeConfig(**values)  # type: ignore[arg-type]
+
+
+def _features(encoder, data, cfg: ProbeConfig, directory: Path):  # noqa: ANN001, ANN202
+    views = CachedViews(data, cfg.crop, cfg.scale, cfg.copies, cfg.seed, cfg.ratio_range)
+    key = cache_key(encoder, views, cfg.layers, cfg.copies, {})
+    return (
+        views,
+        key,
+        cached_features(
+            encoder, views, cfg.layers, directory, key, CPU, batch_size=3, progress=False
+        ),
+    )
+
+
+def test_windows_cover_the_image_with_the_last_one_flush() -> None:
+    assert cover_starts(20, 32) == [0]
+    assert cover_starts(38, 32) == [0, 6]
+    assert cover_starts(64, 32) == [0, 32]
+    assert cover_starts(70, 32) == [0, 32, 38]
+
+
+@pytest.mark.parametrize("layers", [1, 4])
+def test_cached_and_live_probes_give_the_same_logits_and_the_same_step(
+    voc: Path, tmp_path: Path, layers: int
+) -> None:
+    torch.manual_seed(0)
+    encoder = random_encoder("vit_tiny_patch8_32").eval()
+    data = open_segmentation(voc, "train")
+    cfg = _cfg(layers=layers)
+    views, _, cached = _features(encoder, data, cfg, tmp_path / "cache")
+    assert len(views) == 2 * len(data)  # 40x48 -> 32x38: two 32-pixel windows each
+    items = [views[j] for j in range(4)]
+    images = torch.stack([image for image, _, _ in items])
+    labels = torch.stack([label for _, label, _ in items]).long()
+    live_feats = probe_features(encoder, normalize(images, CPU), layers)
+    stored = torch.from_numpy(np.array(cached.features[:4]))
+    assert torch.equal(stored, live_feats)
+    assert torch.equal(labels, torch.from_numpy(cached.labels[:4].astype(np.int64)))
+
+    # two probes from the same seed: one encodes the images, the other reads the cache
+    live = _ProbeRun.build(
+        encoder, data, _cfg(layers=layers, protocol="dinov2"), CPU, tmp_path / "a.pt", ""
+    )
+    fast = _ProbeRun.build(encoder, data, cfg, CPU, tmp_path / "b.pt", "", cached)
+    live.head.eval(), fast.head.eval()
+    assert torch.equal(live.head(live_feats), fast.head(stored))
+    live.head.train(), fast.head.train()
+    loss_live = live._step({"images": images[:, None], "label": labels}, CPU)
+    loss_fast = fast._step({"features": stored, "label": labels}, CPU)
+    assert loss_live == loss_fast
+    for a, b in zip(live.head.state_dict().values(), fast.head.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # and the evaluation path (the encoder run live on the window) matches the cached features
+    live.head.eval(), fast.head.eval()
+    assert torch.equal(fast.logits(normalize(images, CPU)), live.logits(normalize(images, CPU)))
+
+
+def test_the_cache_is_reused_resumed_and_keyed_by_the_weights(voc: Path, tmp_path: Path) -> None:
+    encoder = random_encoder("vit_tiny_patch8_32", seed=0)
+    data = open_segmentation(voc, "train")
+    cfg = _cfg()
+    _, key, first = _features(encoder, data, cfg, tmp_path)
+    assert first.computed
+    whole = np.array(first.features)
+    _, _, again = _features(encoder, data, cfg, tmp_path)
+    assert not again.computed and again.folder == first.folder
+    # an extraction stopped after 3 views continues from there, to the same features
+    meta_path = first.folder / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "done": 3}))
+    arrays = np.lib.format.open_memmap(first.folder / "features.npy", "r+")
+    arrays[3:] = 0
+    arrays.flush()
+    del arrays
+    _, _, resumed = _features(encoder, data, cfg, tmp_path)
+    assert resumed.computed and np.array_equal(np.array(resumed.features), whole)
+    # other weights, another folder
+    other = random_encoder("vit_tiny_patch8_32", seed=1)
+    _, other_key, theirs = _features(other, data, cfg, tmp_path)
+    assert other_key["weights"] != key["weights"] and theirs.folder != first.folder
+
+
+def test_the_cached_probe_learns_a_separable_toy(voc: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    encoder = random_encoder("vit_tiny_patch8_32")
+    data = open_segmentation(voc, "train")
+    cfg = _cfg(iters=40, copies=2, warmup_iters=2)
+    inference = InferenceConfig(scale=(48, 32), crop=32, stride=21)
+    summary = train_linear_probe(
+        encoder, data, data, tmp_path / "probe", cfg, inference, CPU, progress=False
+    )
+    assert summary["mIoU"] > 70.0, summary["per_class"]
+    assert summary["cached_views"] == 3 * len(data) and not summary["features_reused"]
+    assert summary["probe_protocol"] == "cached"
+
+
+def _line(voc: Path, out: Path, *extra: str) -> list[str]:
+    line = ["eval", "segment", "--random-init", "vit_tiny_patch8_32", "--data", str(voc)]
+    line += ["--out", str(out), "--crop", "32", "--stride", "21", "--scale", "48", "32"]
+    return line + [
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--pictures",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_the_command_says_its_protocol_first_and_reuses_the_cache(
+    voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shared = tmp_path / "features"
+    assert main(_line(voc, tmp_path / "a", "--epochs", "2", "--feature-cache", str(shared))) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("segmentation probe, protocol cached (the default on a CPU)"), out
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["train_iters"] == 2 * 3  # 12 windows at batch 4, 2 epochs
+    assert summary["probe"]["warmup_iters"] == 0 and not summary["features_reused"]
+    # a second probe of the same encoder (another lr, another --out) reads the same features
+    line = _line(voc, tmp_path / "b", "--iters", "2", "--lr", "0.1", "--feature-cache", str(shared))
+    assert main(line) == 0
+    again = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert again["features_reused"] and again["feature_cache"] == summary["feature_cache"]
+    capsys.readouterr()
+    assert main(_line(voc, tmp_path / "c", "--iters", "2", "--protocol", "dinov2")) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("segmentation probe, protocol dinov2 (as asked)")
+    assert not (tmp_path / "c" / "features").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--iters", "2", "--epochs", "2"], "--iters and --epochs"),
+        (["--protocol", "dinov2", "--copies", "2"], "--copies is for --protocol cached"),
+        (["--protocol", "dinov2", "--feature-cache", "x"], "--feature-cache is for --protocol"),
+        (["--copies", "0"], "--copies"),
+        (["--epochs", "0"], "--epochs"),
+        (["--protocol", "fast"], "--protocol"),
+    ],
+)
+def test_bad_new_options_are_one_line_and_exit_2(
+    voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], words: str
+) -> None:
+    out = tmp_path / "o"
+    try:
+        code = main(_line(voc, out, *extra))
+    except SystemExit as stop:  # argparse's own check of a value's type or choice
+        code = stop.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not out.exists()
