@@ -75,13 +75,17 @@ positive_float = _bounded(float, 0.0, inclusive=False)
 non_negative_float = _bounded(float, 0.0, inclusive=True)
 
 
-def add_encoder_source(p: argparse.ArgumentParser, checkpoint_help: str = CHECKPOINT_HELP) -> None:
+def add_encoder_source(
+    p: argparse.ArgumentParser, checkpoint_help: str = CHECKPOINT_HELP, required: bool = True
+) -> None:
     """``--checkpoint`` or ``--random-init`` (exactly one) and ``--pos-resample``.
 
     ``checkpoint_help``: :data:`CHECKPOINT_HELP`, or it followed by what else this command's
     ``--checkpoint`` accepts. :func:`encoder_from_args` reads them (and the command's ``--seed``).
+    ``required=False``: the command checks itself that one is given when it needs an encoder
+    (``siamae eval davis --score-only`` needs none).
     """
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--checkpoint", help=checkpoint_help)
     src.add_argument("--random-init", metavar="MODEL", help=RANDOM_INIT_HELP)
     add_pos_resample_option(p)

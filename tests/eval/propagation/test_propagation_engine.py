@@ -18,6 +18,7 @@ from siamae.eval.propagation.engine import (
     extract_features,
     frame_size,
     labels_to_grid,
+    neighbourhood_mask,
     protocol,
 )
 from siamae.eval.propagation.metrics import score_sequence
@@ -90,6 +91,58 @@ def test_engine_matches_reference(params):
     slow = reference_propagation(feats, first, params)
     assert fast.shape == (6, 3, 4, 5)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def straightforward_step(p: PropagationParams, query, keys, labels, restricted):
+    """One target frame the plain way: the whole (N, M*N) affinity divided by T, the
+    neighbourhood masked slot by slot, one top-k, softmax, weighted sum of the labels."""
+    d, h, w = query.shape
+    n = h * w
+    q = query.reshape(d, n)
+    aff = torch.cat([q.T @ k.reshape(d, n) for k in keys], dim=1) / p.temperature
+    allowed = neighbourhood_mask((h, w), p.radius, p.neighbourhood)
+    for slot, r in enumerate(restricted):
+        if r:
+            aff[:, slot * n : (slot + 1) * n].masked_fill_(~allowed, float("-inf"))
+    weights, idx = torch.topk(aff, min(p.topk, len(keys) * n), dim=1)
+    ctx = torch.cat([lab.reshape(lab.shape[0], n) for lab in labels], dim=1)
+    out = (ctx[:, idx] * torch.softmax(weights, dim=1)[None]).sum(dim=2)
+    return out.reshape(-1, h, w)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize(
+    "params",
+    [
+        PropagationParams(topk=7, radius=3, queue=4, chunk=9),
+        PropagationParams(topk=5, radius=2, queue=3, neighbourhood="square", restrict_first=True),
+        PropagationParams(topk=3, radius=2.5, queue=2, temperature=0.1, chunk=1),
+    ],
+)
+def test_optimised_step_equals_the_straightforward_step(params, padded):
+    """The engine's step (temperature on the kept scores only, one masking pass per run of
+    restricted slots, padded copies multiplied once) gives the same labels and argmax."""
+    feats = random_features(params.queue + 2, 16, 6, 7, seed=5)
+    labels = [random_labels(4, 6, 7, seed=s) for s in range(params.queue + 1)]
+    # Padding: the queue holds the first frame's features and labels again (the same tensors).
+    keys = [feats[0]] * (params.queue + 1) if padded else list(feats[: params.queue + 1])
+    labels = [labels[0]] * (params.queue + 1) if padded else labels
+    restricted = [params.restrict_first] + [True] * params.queue
+    fast = LabelPropagator(params).step(feats[-1], keys, labels, restricted)
+    plain = straightforward_step(params, feats[-1], keys, labels, restricted)
+    torch.testing.assert_close(fast, plain, atol=1e-6, rtol=1e-6)
+    assert torch.equal(fast.argmax(0), plain.argmax(0))
+
+
+def test_restricted_slots_need_not_be_contiguous():
+    """A caller's own restriction pattern (restricted, free, restricted) masks each run."""
+    p = PropagationParams(topk=4, radius=1.5, queue=2)
+    feats = random_features(4, 8, 5, 5, seed=2)
+    labels = [random_labels(3, 5, 5, seed=s) for s in range(3)]
+    restricted = [True, False, True]
+    fast = LabelPropagator(p).step(feats[3], list(feats[:3]), labels, restricted)
+    plain = straightforward_step(p, feats[3], list(feats[:3]), labels, restricted)
+    torch.testing.assert_close(fast, plain, atol=1e-6, rtol=1e-6)
 
 
 def test_query_equal_to_context_copies_labels_with_top1():

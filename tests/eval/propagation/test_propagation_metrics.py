@@ -105,6 +105,27 @@ def test_f_equals_disk_dilation_reference(seed):
         )
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_f_on_small_objects_anywhere_equals_the_reference(seed):
+    """Objects away from the borders, at the top-left, at the bottom-right (where seg2bmap's
+    last-row and last-column rules apply): the crop to both masks' box changes nothing."""
+    rng = np.random.default_rng(seed)
+    h, w = 48, 72
+    gt, pred = np.zeros((h, w), bool), np.zeros((h, w), bool)
+    for m in (gt, pred):
+        for _ in range(int(rng.integers(1, 3))):
+            y, x = int(rng.integers(-4, h - 2)), int(rng.integers(-4, w - 2))
+            m[
+                max(0, y) : y + int(rng.integers(2, 14)), max(0, x) : x + int(rng.integers(2, 14))
+            ] = 1
+    if seed % 4 == 0:
+        pred[:] = 0  # empty against non-empty
+    for th in (0.008, 0.05, 2):
+        assert boundary_f(gt, pred, bound_th=th) == pytest.approx(
+            reference_f(gt, pred, th), abs=1e-12
+        )
+
+
 def test_statistics_on_known_sequence():
     v = np.arange(8) / 10  # 0.0 .. 0.7
     mean, recall, decay = db_statistics(v)

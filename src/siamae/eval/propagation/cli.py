@@ -18,13 +18,19 @@ from siamae.arguments import (
     positive_int,
     resolve_device,
 )
-from siamae.eval.propagation import davis, jhmdb, vip
+from siamae.errors import SiamaeError
+from siamae.eval.propagation import davis, jhmdb, scoring, vip
 from siamae.eval.propagation.engine import PropagationParams, check_resize_rule, protocol
 from siamae.models.vit import Encoder
 
 
 def _encoder(args: argparse.Namespace) -> Encoder:
     apply_threads_option(args)
+    if not (args.checkpoint or args.random_init):
+        raise SiamaeError(
+            "one of --checkpoint or --random-init is required (or --score-only PRED_DIR to "
+            "score a folder of predictions)"
+        )
     return encoder_from_args(args)[0]
 
 
@@ -59,7 +65,36 @@ def _propagate(
     return result, out
 
 
+def _score_only_out(args: argparse.Namespace) -> Path:
+    """Where a --score-only run writes: --out, else the predictions folder itself."""
+    return Path(args.out) if args.out else Path(args.score_only)
+
+
+def _davis_score_only(args: argparse.Namespace) -> int:
+    apply_threads_option(args)
+    result = scoring.score_davis_folder(
+        args.data_root,
+        args.score_only,
+        _score_only_out(args),
+        sequences=[s for s in (args.sequences or "").split(",") if s] or None,
+        split=args.split,
+        void=args.void,
+        progress=not args.no_progress,
+    )
+    summary = result.summary
+    skipped = f"; skipped (no complete folder): {', '.join(summary['skipped'])}"
+    print(
+        f"DAVIS J&F-Mean {summary['J&F-Mean']:.4f} (J {summary['J-Mean']:.4f}, "
+        f"F {summary['F-Mean']:.4f}) over {summary['objects']} objects in "
+        f"{len(summary['sequences'])} sequences{skipped if summary['skipped'] else ''}"
+    )
+    print(f"  per_sequence.csv, summary.json in {_score_only_out(args)}")
+    return 0
+
+
 def _davis(args: argparse.Namespace) -> int:
+    if args.score_only:
+        return _davis_score_only(args)
     result, out = _propagate(
         args,
         "davis",
@@ -87,6 +122,15 @@ def _jhmdb(args: argparse.Namespace) -> int:
 
 
 def _vip(args: argparse.Namespace) -> int:
+    if args.score_only:
+        apply_threads_option(args)
+        out = _score_only_out(args)
+        summary = scoring.score_vip_folder(
+            args.data_root, args.score_only, out, split=args.split, progress=not args.no_progress
+        )
+        print(f"VIP mIoU {summary['mIoU']:.4f} over {summary['videos']} videos")
+        print(f"  summary.json in {out}")
+        return 0
     summary, out = _propagate(
         args,
         "vip",
@@ -100,8 +144,12 @@ def _vip(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    add_encoder_source(p)
+def _common(p: argparse.ArgumentParser, score_only: str | None = None) -> None:
+    """The options every propagation command has; ``score_only``: the help of its
+    ``--score-only PRED_DIR`` (then no encoder is required)."""
+    add_encoder_source(p, required=score_only is None)
+    if score_only is not None:
+        p.add_argument("--score-only", metavar="PRED_DIR", help=score_only)
     p.add_argument(
         "--seed", type=non_negative_int, default=0, help="seed of --random-init (default 0)"
     )
@@ -133,7 +181,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "davis", help="DAVIS J&F by label propagation (semi-supervised, davis2017-evaluation)"
     )
-    _common(p)
+    _common(
+        p,
+        score_only="score a folder of predicted PNGs (<dir>/<seq>/%%05d.png) against the "
+        "--data-root annotations, no encoder: summary.json and per_sequence.csv go to --out "
+        "(default: PRED_DIR)",
+    )
     p.add_argument(
         "--split",
         help="split: a file, '2017/val', '2016/val' or 'val' (default: ImageSets/2017/val.txt, "
@@ -174,7 +227,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_jhmdb)
 
     p = subparsers.add_parser("vip", help="VIP part propagation, mIoU over 20 classes")
-    _common(p)
+    _common(
+        p,
+        score_only="score a folder of predicted class-id PNGs (<dir>/<video>/<frame>.png) "
+        "against the --data-root annotations, no encoder: summary.json goes to --out "
+        "(default: PRED_DIR)",
+    )
     p.add_argument("--split", help="file of video names")
     p.add_argument(
         "--max-videos", type=positive_int, help="only the first N videos (a quick check)"

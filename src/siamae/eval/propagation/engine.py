@@ -317,6 +317,18 @@ class LabelPropagator:
             )
         return self._masks[grid]
 
+    @staticmethod
+    def _slot_runs(restricted: list[bool]) -> list[slice]:
+        """The context slots the neighbourhood applies to, as runs of consecutive slots (one run,
+        slots 1..M-1 or 0..M-1, in a :meth:`propagate` call): one masking pass per run."""
+        runs: list[slice] = []
+        for i, r in enumerate(restricted):
+            if r and runs and runs[-1].stop == i:
+                runs[-1] = slice(runs[-1].start, i + 1)
+            elif r:
+                runs.append(slice(i, i + 1))
+        return runs
+
     @torch.no_grad()
     def step(
         self,
@@ -354,22 +366,22 @@ class LabelPropagator:
         key_mat = torch.cat(unique, dim=1)  # (D, U*N)
         ctx_labels = torch.cat([lab.reshape(lab.shape[0], n) for lab in labels], dim=1)  # (C, M*N)
         allowed = self._mask((h, w))  # (N, N), symmetric
-        restricted_slots = [i for i, r in enumerate(restricted) if r]
         index_t = torch.tensor(index)
         k = min(p.topk, m * n)
+        runs = self._slot_runs(restricted)
+        blocked = ~allowed[:, None]  # (N, 1, N): broadcast over a run of slots
         out = torch.empty(ctx_labels.shape[0], n)
         for start in range(0, n, p.chunk):
             stop = min(n, start + p.chunk)
-            aff = (q[:, start:stop].T @ key_mat).div_(p.temperature)  # (Q, U*N)
-            aff = aff.view(stop - start, len(unique), n)
+            aff = (q[:, start:stop].T @ key_mat).view(stop - start, len(unique), n)  # (Q, U, N)
             if len(unique) < m:
                 aff = aff[:, index_t]  # (Q, M, N): padded copies expanded (a fresh tensor)
-            if restricted_slots:
-                block = ~allowed[start:stop]  # (Q, N)
-                for slot in restricted_slots:
-                    aff[:, slot].masked_fill_(block, float("-inf"))
-            weights, idx = torch.topk(aff.view(stop - start, m * n), k, dim=1)  # ONE top-k
-            weights = torch.softmax(weights, dim=1)  # (Q, k)
+            for run in runs:
+                aff[:, run].masked_fill_(blocked[start:stop], float("-inf"))
+            scores, idx = torch.topk(aff.view(stop - start, m * n), k, dim=1)  # ONE top-k
+            # The temperature divides only the k kept scores: x / T keeps the order (T > 0), and
+            # the same division of the same numbers gives the same weights as dividing all.
+            weights = torch.softmax(scores.div_(p.temperature), dim=1)  # (Q, k)
             gathered = ctx_labels[:, idx]  # (C, Q, k)
             out[:, start:stop] = (gathered * weights[None]).sum(dim=2)
         return out.reshape(-1, h, w)

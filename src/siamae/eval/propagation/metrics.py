@@ -5,7 +5,8 @@
   matched when a ground-truth boundary pixel lies within a disk of radius
   ``ceil(bound_th * image diagonal)`` (``bound_th=0.008``), and the other way round for recall.
   Empty-vs-empty gives 1, empty-vs-nonempty gives 0. The disk dilation of the reference is
-  replaced by an exact nearest-neighbour query on the boundary pixels (same sets, faster).
+  replaced by an exact separable distance test at the boundary pixels only, inside the box of
+  both masks (same sets, much faster).
 - Per object: mean, recall (fraction of frames > 0.5) and decay (mean of the first of four bins
   minus the mean of the last), as ``davis2017/utils.py:db_statistics``.
 - Semi-supervised task: first and last frames excluded; object ids 1..N with N the largest id in
@@ -22,7 +23,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 VOID = 255
 BOUND_TH = 0.008
@@ -65,12 +65,43 @@ def bound_pixels(shape: tuple[int, ...], bound_th: float = BOUND_TH) -> float:
     return bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*shape[:2]))
 
 
-def _within(src: np.ndarray, dst: np.ndarray, radius: float) -> int:
-    """How many points of ``src`` (n, 2) have a point of ``dst`` within Euclidean ``radius``."""
-    if len(src) == 0 or len(dst) == 0:
+def _within(src: np.ndarray, dst_map: np.ndarray, radius: float) -> int:
+    """How many points of ``src`` (n, 2) have a True pixel of ``dst_map`` within Euclidean
+    ``radius`` (``dy**2 + dx**2 <= radius**2``: the reference's disk).
+
+    Exact and separable: the horizontal distance of every pixel to the nearest True pixel of its
+    row, then, for each point, the smallest ``dy**2 + dx**2`` over the rows within ``radius``.
+    """
+    if len(src) == 0 or not dst_map.any():
         return 0
-    dist, _ = cKDTree(dst).query(src, k=1, distance_upper_bound=radius + 1e-6)
-    return int(np.count_nonzero(dist <= radius))
+    h, w = dst_map.shape
+    far = 4 * (h + w)  # farther than any radius that can matter, small enough to square
+    cols = np.arange(w)
+    left = np.maximum.accumulate(np.where(dst_map, cols, -far), axis=1)
+    right = np.minimum.accumulate(np.where(dst_map, cols, 2 * far)[:, ::-1], axis=1)[:, ::-1]
+    across = np.minimum(cols - left, right - cols).astype(np.int64)  # (h, w)
+    reach = int(math.floor(radius))
+    padded = np.full((h + 2 * reach, w), far, dtype=np.int64)
+    padded[reach : reach + h] = across
+    ys, xs = src[:, 0] + reach, src[:, 1]
+    best = np.full(len(src), far * far, dtype=np.int64)
+    for dy in range(-reach, reach + 1):
+        np.minimum(best, dy * dy + padded[ys + dy, xs] ** 2, out=best)
+    return int(np.count_nonzero(best <= radius * radius))
+
+
+def _box(gt: np.ndarray, pred: np.ndarray) -> tuple[slice, slice]:
+    """The rows and columns of both masks' pixels with a 1-pixel margin above and to the left
+    and one row and column of background below and to the right (clipped to the image): every
+    boundary pixel of both masks lies inside, and ``seg2bmap`` of the crop equals the crop of
+    ``seg2bmap`` (outside, both masks are background)."""
+    rows = np.flatnonzero((gt | pred).any(axis=1))
+    cols = np.flatnonzero((gt | pred).any(axis=0))
+    h, w = gt.shape
+    return (
+        slice(max(0, rows[0] - 1), min(h, rows[-1] + 2)),
+        slice(max(0, cols[0] - 1), min(w, cols[-1] + 2)),
+    )
 
 
 def boundary_f(
@@ -85,8 +116,11 @@ def boundary_f(
         keep = ~np.asarray(void, dtype=bool)
         gt, pred = gt & keep, pred & keep
     radius = bound_pixels(gt.shape, bound_th)
-    fg_b = np.argwhere(seg2bmap(pred))
-    gt_b = np.argwhere(seg2bmap(gt))
+    if gt.any() or pred.any():
+        box = _box(gt, pred)  # boundaries and distances are the same in the crop
+        gt, pred = gt[box], pred[box]
+    fg_map, gt_map = seg2bmap(pred), seg2bmap(gt)
+    fg_b, gt_b = np.argwhere(fg_map), np.argwhere(gt_map)
     n_fg, n_gt = len(fg_b), len(gt_b)
     if n_fg == 0 and n_gt == 0:
         precision, recall = 1.0, 1.0
@@ -95,8 +129,8 @@ def boundary_f(
     elif n_gt == 0:
         precision, recall = 0.0, 1.0
     else:
-        precision = _within(fg_b, gt_b, radius) / n_fg
-        recall = _within(gt_b, fg_b, radius) / n_gt
+        precision = _within(fg_b, gt_map, radius) / n_fg
+        recall = _within(gt_b, fg_map, radius) / n_gt
     if precision + recall == 0:
         return 0.0
     return 2 * precision * recall / (precision + recall)
