@@ -12,7 +12,7 @@ from typing import Any
 from siamae.config import Config
 from siamae.engine.trainer import train
 from siamae.eval.probes.monitor import build_monitor
-from siamae.eval.propagation.synthetic_videos import evaluate_synthetic
+from siamae.eval.propagation.synthetic_videos import evaluate_synthetic, write_davis_layout
 from siamae.loading import load_encoder, random_encoder
 from siamae.recipes import load_config
 from siamae.threads import apply_thread_policy
@@ -47,19 +47,46 @@ QUICK_OVERRIDES = [
 ]
 
 
-def demo_config(out_dir: str | Path = "runs/demo", quick: bool = False) -> Config:
-    overrides = DEMO_OVERRIDES + (QUICK_OVERRIDES if quick else []) + [f"run.out_dir={out_dir}"]
+#: The demo's monitors (docs/monitors.md): RankMe on 128 synthetic scenes and label propagation
+#: J&F on the 3 synthetic videos, written as a DAVIS-layout root into the run folder
+#: (``MONITOR_FOLDER``), with the protocol ``evaluate_synthetic`` uses; at the default interval
+#: (every epoch, and before the first step).
+MONITOR_FOLDER = "monitor_data"
+MONITOR_IMAGES = 128
+
+
+def monitor_overrides(out_dir: str | Path) -> list[str]:
+    root = Path(out_dir) / MONITOR_FOLDER
+    return [
+        f"monitor.davis={root}",
+        "monitor.davis_set=resize=native,batch_size=12",
+        f"monitor.images={root / 'images'}",
+        "monitor.crop_pct=1.0",
+    ]
+
+
+def demo_config(
+    out_dir: str | Path = "runs/demo", quick: bool = False, monitors: bool = False
+) -> Config:
+    """configs/demo.yaml; with ``monitors``, the demo's monitors on the data it writes."""
+    overrides = (
+        DEMO_OVERRIDES
+        + (QUICK_OVERRIDES if quick else [])
+        + (monitor_overrides(out_dir) if monitors else [])
+        + [f"run.out_dir={out_dir}"]
+    )
     return load_config(None, overrides)
 
 
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str, Any]:
     """Train, report, and return the training summary."""
 
-    cfg = demo_config(out_dir, quick)
+    cfg = demo_config(out_dir, quick, monitors=True)
     print(
         f"siamae demo: CropMAE ({cfg.model.arch}, patch {cfg.model.patch_size}, {cfg.model.img_size}px views, "
         f"mask ratio {cfg.cropmae.mask_ratio}) on {cfg.data.synthetic_count} built-in synthetic scenes"
     )
+    write_davis_layout(Path(out_dir) / MONITOR_FOLDER, images=MONITOR_IMAGES)
     summary = train(cfg, resume=False, monitor=build_monitor)
     run_dir = Path(summary["run_dir"])
     print()

@@ -309,10 +309,11 @@ def _open_reporters(
     so start before the run's first file is written. A W&B run that did not start leaves no
     ``wandb/`` folder behind."""
     monitor = None
-    if cfg.monitor.knn_train:
+    if cfg.monitor.asked:
         if build is None:  # never silently without the figures the config asks for
+            mo = cfg.monitor
             raise option_error(
-                "monitor.knn_train",
+                "monitor.knn_train" if mo.knn_train else "monitor.images" if mo.images else "monitor.davis",
                 "this train() call has no monitor to build; "
                 "pass train(..., monitor=siamae.eval.probes.monitor.build_monitor)",
             )

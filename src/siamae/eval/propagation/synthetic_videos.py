@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from siamae.data.synthetic import synthetic_video
+from siamae.data.synthetic import synthetic_image, synthetic_video
+from siamae.eval.propagation.davis import write_mask
 from siamae.eval.propagation.engine import labels_to_ids, propagate_video, protocol
 from siamae.eval.propagation.metrics import score_sequence, summarise
 from siamae.overlays import blend, save_labelled_grid
@@ -83,3 +85,36 @@ def evaluate_synthetic(
             "row_labels": [label.replace("\n", ", ") for label in labels],
         }
     return results
+
+
+def write_davis_layout(
+    root: str | Path,
+    videos: int = 3,
+    size: int = 96,
+    num_frames: int = 12,
+    seed: int = 123,
+    images: int = 0,
+) -> Path:
+    """The synthetic videos of :func:`evaluate_synthetic` as a DAVIS-layout root
+    (``JPEGImages/480p/<video>/*.jpg``, ``Annotations/480p/<video>/*.png``,
+    ``ImageSets/2017/val.txt``), which ``siamae eval davis`` and the dense monitor read; with
+    ``images``, also that many synthetic scenes as PNGs in ``<root>/images/`` (for RankMe).
+    JPEG at quality 95: the frames read back are close to, not equal to, the generated ones."""
+    root = Path(root)
+    names = [f"synthetic{i}" for i in range(videos)]
+    for i, name in enumerate(names):
+        frames, masks = synthetic_video(i, size, num_frames, seed)
+        (root / "JPEGImages" / "480p" / name).mkdir(parents=True, exist_ok=True)
+        (root / "Annotations" / "480p" / name).mkdir(parents=True, exist_ok=True)
+        for t in range(num_frames):
+            Image.fromarray(frames[t]).save(
+                root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg", quality=95
+            )
+            write_mask(root / "Annotations" / "480p" / name / f"{t:05d}.png", masks[t])
+    (root / "ImageSets" / "2017").mkdir(parents=True, exist_ok=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("".join(n + "\n" for n in names))
+    if images:
+        (root / "images").mkdir(exist_ok=True)
+        for i in range(images):
+            Image.fromarray(synthetic_image(i, size, seed)).save(root / "images" / f"{i:05d}.png")
+    return root
