@@ -186,7 +186,9 @@ def draw_curves(runs: list[RunRecord], path: Path) -> Path:
         for run in runs:
             steps, values = run.curve(key)
             if steps:
-                ax.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3, label=run.name)
+                ax.plot(
+                    steps, values, marker="o" if len(steps) < 30 else None, ms=3, label=run.name
+                )
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.set_ylabel(key)
@@ -210,9 +212,7 @@ def _unique_names(runs: list[RunRecord]) -> None:
             r.name = str(r.path)
 
 
-def compare(
-    paths: list[str], evals: list[tuple[str, str]] | None = None
-) -> list[RunRecord]:
+def compare(paths: list[str], evals: list[tuple[str, str]] | None = None) -> list[RunRecord]:
     """The runs read back with their evaluations; every path is checked before any is read."""
     runs = [open_run(p) for p in paths]
     by_path = {r.path.resolve(): r for r in runs}
@@ -220,7 +220,9 @@ def compare(
     for run_path, folder in evals or []:
         run = by_path.get(Path(run_path).resolve())
         if run is None:
-            raise DataError(f"--eval {run_path}: not one of the runs compared; name it as a RUN too")
+            raise DataError(
+                f"--eval {run_path}: not one of the runs compared; name it as a RUN too"
+            )
         if not Path(folder).is_dir():
             raise DataError(f"--eval {run_path} {folder}: {folder!r} is not a folder")
         extra.append((run, Path(folder)))
@@ -236,7 +238,9 @@ def compare(
 def _command(args: argparse.Namespace) -> int:
     runs = compare(args.runs, args.eval)
     header, rows = table(runs)
-    print(as_csv(header, rows) if args.csv else markdown(header, rows), end="" if args.csv else "\n")
+    print(
+        as_csv(header, rows) if args.csv else markdown(header, rows), end="" if args.csv else "\n"
+    )
     picture = draw_curves(runs, Path(args.out))
     if not args.csv:
         print(f"\ncurves: {picture}")

@@ -313,7 +313,11 @@ def _open_reporters(
         if build is None:  # never silently without the figures the config asks for
             mo = cfg.monitor
             raise option_error(
-                "monitor.knn_train" if mo.knn_train else "monitor.images" if mo.images else "monitor.davis",
+                "monitor.knn_train"
+                if mo.knn_train
+                else "monitor.images"
+                if mo.images
+                else "monitor.davis",
                 "this train() call has no monitor to build; "
                 "pass train(..., monitor=siamae.eval.probes.monitor.build_monitor)",
             )

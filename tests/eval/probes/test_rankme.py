@@ -16,7 +16,9 @@ from siamae.models.vit import Encoder
 
 
 def _orthonormal(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(max(n, d), max(n, d), generator=torch.Generator().manual_seed(seed)))
+    q, _ = torch.linalg.qr(
+        torch.randn(max(n, d), max(n, d), generator=torch.Generator().manual_seed(seed))
+    )
     return q[:n, :d].double()
 
 
