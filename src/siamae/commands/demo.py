@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from siamae.config import Config
+from siamae.engine.logging import read_metrics
 from siamae.engine.trainer import train
 from siamae.eval.probes.monitor import build_monitor
 from siamae.eval.propagation.synthetic_videos import evaluate_synthetic, write_davis_layout
@@ -97,6 +98,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str
     print(f"  checkpoint:      {summary['checkpoint']}")
     print(f"  reconstructions: {summary.get('reconstruction')}")
     print(f"  loss curve:      {summary.get('loss_curve')}")
+    _monitor_lines(run_dir)
     _propagation_step(summary, cfg, run_dir)
     print()
     print("what to try next:")
@@ -108,6 +110,19 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str
         "  siamae pretrain --config configs/cropmae_vits16_in1k.yaml --data /path/to/imagenet/train"
     )
     return summary
+
+
+def _monitor_lines(run_dir: Path) -> None:
+    """What the monitors logged (metrics.csv), step by step: J&F and RankMe as it trained."""
+    records = [r for r in read_metrics(run_dir) if "monitor/davis_jf" in r]
+    if not records:
+        return
+    print("  monitors (metrics.csv; J&F on the synthetic videos, RankMe of the CLS token):")
+    for r in records:
+        print(
+            f"    step {r['step']:>4}: J&F {r['monitor/davis_jf']:.3f}, "
+            f"RankMe {r.get('monitor/rankme_cls', float('nan')):.1f}"
+        )
 
 
 def _propagation_step(summary: dict[str, Any], cfg: Config, run_dir: Path) -> None:
