@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,11 @@ def test_demo_path_end_to_end_then_visualize(
     assert "what to try next" in out
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["method"] == "cropmae" and ckpt["step"] > 0
+    # The demo's monitors: J&F and RankMe before the first step and at the end (every epoch).
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    watched = [r for r in rows if "monitor/davis_jf" in r]
+    assert [r["step"] for r in watched] == [0, ckpt["step"]]
+    assert all(0 <= r["monitor/davis_jf"] <= 1 and r["monitor/rankme_cls"] >= 1 for r in watched)
     picture = tmp_path / "rec.png"
     assert (
         main(

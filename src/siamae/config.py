@@ -123,7 +123,11 @@ class OptimConfig:
 
 @dataclass
 class MonitorConfig:
-    """Online k-NN monitor: top-1 on a labelled ImageFolder every ``every_epochs`` (rank 0).
+    """Online monitors, every ``every_epochs`` (or ``every_steps``) on rank 0: the k-NN top-1
+    on a labelled ImageFolder (``knn_train``/``knn_val``), RankMe on unlabelled images
+    (``images``, at most ``max_images``) and label propagation J&F on a DAVIS-layout root
+    (``davis``, ``sequences``, ``max_frames``, ``davis_protocol``, ``davis_set``: the options of
+    ``siamae eval davis``). RankMe and J&F are also taken before the first step of a new run.
 
     ``every_steps``, when set, replaces ``every_epochs``. ``img_size`` null: the model's size.
     Images are resized to ``img_size / crop_pct`` and centre-cropped (1.0 for tiny images).
@@ -140,6 +144,18 @@ class MonitorConfig:
     pool: Literal["cls", "mean"] = "cls"
     batch_size: int = 64
     num_workers: int = 0
+    images: str | None = None
+    max_images: int = 2048
+    davis: str | None = None
+    sequences: str | None = None  # comma-separated names; null: the root's val split
+    max_frames: int | None = None
+    davis_protocol: Literal["cropmae", "dino"] = "cropmae"
+    davis_set: str | None = None  # comma-separated KEY=VALUE, as `eval davis --set`
+
+    @property
+    def asked(self) -> bool:
+        """Whether any monitor is asked for."""
+        return bool(self.knn_train or self.images or self.davis)
 
 
 @dataclass
@@ -697,6 +713,22 @@ def _check_monitor(cfg: Config) -> None:
         "monitor.temperature",
         f"expected a positive number, got {mo.temperature}",
     )
+    _check(mo.max_images >= 2, "monitor.max_images", f"expected 2 or more, got {mo.max_images}")
+    if mo.max_frames is not None:
+        # Frame 0 is given and the last is not scored (as `siamae eval davis --max-frames`).
+        _check(mo.max_frames >= 3, "monitor.max_frames", f"expected 3 or more, got {mo.max_frames}")
+    if mo.sequences is not None:
+        _check(
+            all(mo.sequences.split(",")),
+            "monitor.sequences",
+            f"expected comma-separated sequence names or null, got {mo.sequences!r}",
+        )
+    if mo.davis_set is not None:
+        _check(
+            all("=" in s for s in mo.davis_set.split(",")),
+            "monitor.davis_set",
+            f"expected comma-separated KEY=VALUE protocol overrides, got {mo.davis_set!r}",
+        )
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

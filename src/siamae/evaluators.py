@@ -51,7 +51,7 @@ from siamae.eval.propagation.engine import (
 )
 from siamae.eval.propagation.engine import protocol as propagation_protocol
 from siamae.eval.propagation.results import write_summary
-from siamae.eval.propagation.synthetic_videos import write_davis_folder
+from siamae.eval.propagation.synthetic_videos import write_davis_layout
 from siamae.loading import describe_encoder
 from siamae.models.pos_embed import POS_RESAMPLE_HELP, POS_RESAMPLE_MODES, resample_position_table
 from siamae.models.vit import Encoder
@@ -490,7 +490,7 @@ def synthetic_davis(
     >>> (root / "ImageSets" / "2017" / "val.txt").read_text().split()
     ['synthetic0', 'synthetic1']
     """
-    return write_davis_folder(root, videos, frames, size, width)
+    return write_davis_layout(root, videos, size, frames, seed=1, width=width)
 
 
 # -- image probes ---------------------------------------------------------------------------------

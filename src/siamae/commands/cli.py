@@ -26,7 +26,7 @@ from siamae.arguments import (
     non_negative_int,
     positive_int,
 )
-from siamae.commands import export_command, submit
+from siamae.commands import compare, export_command, submit
 from siamae.commands.demo import run_demo
 from siamae.commands.viz import visualize_checkpoint
 from siamae.config import Config
@@ -195,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     # top-level commands register here
     export_command.register(sub)
+    compare.register(sub)
     shard_writer.register(sub)
     # The job's tasks run this module's main: handed in, so submit does not import it back.
     configs = {"pretrain": _pretrain_config, "finetune": _finetune_config}

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from siamae.config import Config
+from siamae.engine.logging import read_metrics
 from siamae.engine.trainer import train
 from siamae.eval.probes.monitor import build_monitor
-from siamae.eval.propagation.synthetic_videos import evaluate_synthetic
+from siamae.eval.propagation.synthetic_videos import evaluate_synthetic, write_davis_layout
 from siamae.loading import load_encoder, random_encoder
 from siamae.recipes import load_config
 from siamae.threads import apply_thread_policy
@@ -47,19 +48,46 @@ QUICK_OVERRIDES = [
 ]
 
 
-def demo_config(out_dir: str | Path = "runs/demo", quick: bool = False) -> Config:
-    overrides = DEMO_OVERRIDES + (QUICK_OVERRIDES if quick else []) + [f"run.out_dir={out_dir}"]
+#: The demo's monitors (docs/monitors.md): RankMe on 128 synthetic scenes and label propagation
+#: J&F on the 3 synthetic videos, written as a DAVIS-layout root into the run folder
+#: (``MONITOR_FOLDER``), with the protocol ``evaluate_synthetic`` uses; at the default interval
+#: (every epoch, and before the first step).
+MONITOR_FOLDER = "monitor_data"
+MONITOR_IMAGES = 128
+
+
+def monitor_overrides(out_dir: str | Path) -> list[str]:
+    root = Path(out_dir) / MONITOR_FOLDER
+    return [
+        f"monitor.davis={root}",
+        "monitor.davis_set=resize=native,batch_size=12",
+        f"monitor.images={root / 'images'}",
+        "monitor.crop_pct=1.0",
+    ]
+
+
+def demo_config(
+    out_dir: str | Path = "runs/demo", quick: bool = False, monitors: bool = False
+) -> Config:
+    """configs/demo.yaml; with ``monitors``, the demo's monitors on the data it writes."""
+    overrides = (
+        DEMO_OVERRIDES
+        + (QUICK_OVERRIDES if quick else [])
+        + (monitor_overrides(out_dir) if monitors else [])
+        + [f"run.out_dir={out_dir}"]
+    )
     return load_config(None, overrides)
 
 
 def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str, Any]:
     """Train, report, and return the training summary."""
 
-    cfg = demo_config(out_dir, quick)
+    cfg = demo_config(out_dir, quick, monitors=True)
     print(
         f"siamae demo: CropMAE ({cfg.model.arch}, patch {cfg.model.patch_size}, {cfg.model.img_size}px views, "
         f"mask ratio {cfg.cropmae.mask_ratio}) on {cfg.data.synthetic_count} built-in synthetic scenes"
     )
+    write_davis_layout(Path(out_dir) / MONITOR_FOLDER, images=MONITOR_IMAGES)
     summary = train(cfg, resume=False, monitor=build_monitor)
     run_dir = Path(summary["run_dir"])
     print()
@@ -70,6 +98,7 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str
     print(f"  checkpoint:      {summary['checkpoint']}")
     print(f"  reconstructions: {summary.get('reconstruction')}")
     print(f"  loss curve:      {summary.get('loss_curve')}")
+    _monitor_lines(run_dir)
     _propagation_step(summary, cfg, run_dir)
     print()
     print("what to try next:")
@@ -81,6 +110,19 @@ def run_demo(out_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str
         "  siamae pretrain --config configs/cropmae_vits16_in1k.yaml --data /path/to/imagenet/train"
     )
     return summary
+
+
+def _monitor_lines(run_dir: Path) -> None:
+    """What the monitors logged (metrics.csv), step by step: J&F and RankMe as it trained."""
+    records = [r for r in read_metrics(run_dir) if "monitor/davis_jf" in r]
+    if not records:
+        return
+    print("  monitors (metrics.csv; J&F on the synthetic videos, RankMe of the CLS token):")
+    for r in records:
+        print(
+            f"    step {r['step']:>4}: J&F {r['monitor/davis_jf']:.3f}, "
+            f"RankMe {r.get('monitor/rankme_cls', float('nan')):.1f}"
+        )
 
 
 def _propagation_step(summary: dict[str, Any], cfg: Config, run_dir: Path) -> None:

@@ -1,6 +1,6 @@
 """What a run reports as it trains: every ``run.log_every`` steps the log window's means (loss,
 learning rate, throughput, loader wait, the method's own scalars) to the metrics files
-(:class:`siamae.engine.logging.MetricsLogger`) and the progress bar; the k-NN monitor; the
+(:class:`siamae.engine.logging.MetricsLogger`) and the progress bar; the monitors; the
 method's evaluations (a ``best`` checkpoint when its ``best_metric`` improves); the files
 skipped as unreadable; the thread count re-fitted to the free cores.
 
@@ -148,7 +148,9 @@ def refit_run_threads(run: Run) -> None:
 
 
 def run_monitor(run: Run) -> None:
-    """The k-NN monitor, when it is due at this step (at an epoch's end unless it counts steps)."""
+    """The monitors, when due at this step (at an epoch's end unless they count steps; before
+    the first step too for those that take the untrained figure). Rank 0 only: the others go on
+    to their next step and wait for it in the gradient all-reduce."""
     monitor, state, steps_per_epoch = run.monitor, run.state, run.schedule.steps_per_epoch
     if not (
         monitor is not None

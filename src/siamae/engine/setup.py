@@ -1,6 +1,6 @@
 """A training call set up: device and precision, the model (the same on every process), the
 data, the schedule and the optimizer, the resumed state, the DDP / compile wrappers, and the
-reporters (metrics files, progress bar, k-NN monitor).
+reporters (metrics files, progress bar, monitors).
 
 Every check that can fail runs before anything is written: a failed start leaves the run
 folder as it was (no config of a run that never ran, no empty folders).
@@ -119,7 +119,7 @@ def set_up(
 ) -> Run:
     """Everything a training call needs, resumed from ``resume`` when it names a checkpoint.
     ``folder``: the main process's lock on the run folder (None on the other processes);
-    ``monitor``: builds the monitor the config asks for (``monitor.knn_train``)."""
+    ``monitor``: builds the monitor the config asks for (``monitor.knn_train``, ``images``, ``davis``)."""
     # Before any parallel work (building the model is some), so the whole run uses the plan.
     threads = apply_thread_policy(cfg.run.threads, cfg.data.num_workers)
     device = pick_device(cfg, info)
@@ -305,14 +305,19 @@ def _named_tensors(method: Method, names: list[str]) -> list[torch.Tensor]:
 def _open_reporters(
     cfg: Config, run_dir: Path, device: torch.device, step: int, build: MonitorFactory | None
 ) -> tuple[Monitor | None, WandbRun | None]:
-    """The k-NN monitor and the W&B run, which can fail (the monitor's data, a W&B login), and
+    """The monitors and the W&B run, which can fail (the monitor's data, a W&B login), and
     so start before the run's first file is written. A W&B run that did not start leaves no
     ``wandb/`` folder behind."""
     monitor = None
-    if cfg.monitor.knn_train:
+    if cfg.monitor.asked:
         if build is None:  # never silently without the figures the config asks for
+            mo = cfg.monitor
             raise option_error(
-                "monitor.knn_train",
+                "monitor.knn_train"
+                if mo.knn_train
+                else "monitor.images"
+                if mo.images
+                else "monitor.davis",
                 "this train() call has no monitor to build; "
                 "pass train(..., monitor=siamae.eval.probes.monitor.build_monitor)",
             )
@@ -359,7 +364,7 @@ def _say_resumed(
 
 
 def _start_reporters(run: Run, monitor: Monitor | None, tracker: WandbRun | None) -> None:
-    """The main process's k-NN monitor, metrics files and progress bar; files the source found
+    """The main process's monitors, metrics files and progress bar; files the source found
     unreadable before training are listed."""
     cfg = run.cfg
     run.monitor = monitor

@@ -24,8 +24,9 @@ from siamae.threads import ThreadGovernor
 
 
 class Monitor(Protocol):
-    """A figure of the encoder taken while it trains (the k-NN monitor of ``siamae.eval``):
-    whether it is due after a step, and its numbers, logged with the step's."""
+    """Figures of the encoder taken while it trains (the monitors of ``siamae.eval``: k-NN,
+    RankMe, label propagation): whether they are due after a step (step 0: before the first),
+    and their numbers, logged with the step's."""
 
     def due(self, epochs_done: int, step: int) -> bool: ...
 

@@ -34,6 +34,8 @@ def run_steps(run: Run, stop: StopRequest, stop_after_steps: int | None) -> str 
     ``"stop_after_steps"``), None when it got there."""
     window = LogWindow(run.device)
     interrupted = None
+    if run.state.step == 0:
+        run_monitor(run)  # the untrained figures (monitors that take them), once per run
     while run.state.step < run.schedule.total_steps and interrupted is None:
         interrupted = _run_epoch(run, stop, stop_after_steps, window)
     return interrupted

@@ -1,4 +1,9 @@
-"""Online k-NN monitor: representation quality while pre-training runs (rank 0 only).
+"""Online monitors: representation quality while pre-training runs (rank 0 only). The k-NN
+monitor is below; :class:`Monitors` adds RankMe on unlabelled images
+(:mod:`siamae.eval.probes.rankme`) and label propagation J&F on a DAVIS-layout root
+(:mod:`siamae.eval.propagation.dense_monitor`) at the same interval, and before the first step.
+The other processes go on to their next step and wait for rank 0 in its gradient all-reduce:
+no collective is added for the monitor.
 
 Every ``monitor.every_epochs`` epochs (or ``monitor.every_steps`` steps, when set) the current
 encoder embeds a labelled training folder and a labelled validation folder, and the weighted
@@ -13,6 +18,7 @@ in memory (a 50k-image folder at 224 px is 7.5 GB: point the monitor at a few th
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Iterator
@@ -25,6 +31,8 @@ import torch
 from siamae.data.image_folder import EvalTransform, ImageFolder
 from siamae.eval.probes.features import decode_all, extract_features
 from siamae.eval.probes.knn import knn_classify
+from siamae.eval.probes.rankme import RankMeMonitor, read_images
+from siamae.eval.propagation.dense_monitor import DenseMonitor, davis_params
 
 if TYPE_CHECKING:
     from siamae.config import Config, MonitorConfig
@@ -133,16 +141,90 @@ class KNNMonitor:
         }
 
 
-def build_monitor(cfg: Config, device: torch.device | str) -> KNNMonitor | None:
-    """The monitor the config asks for (None when ``monitor.knn_train`` is unset).
+def interval_due(cfg: MonitorConfig, epochs_done: int, step: int) -> bool:
+    """Whether the label-free and dense monitors run after ``step``: before the first step of
+    a new run (the untrained figure), then as the k-NN monitor (a multiple of ``every_steps``,
+    else of ``every_epochs`` completed epochs, counted at an epoch's end). A function of the
+    step alone, so a resumed run logs them at the same steps as an uninterrupted one."""
+    if step == 0:
+        return True
+    if cfg.every_steps:
+        return step % cfg.every_steps == 0
+    return epochs_done > 0 and epochs_done % cfg.every_epochs == 0
+
+
+class Monitors:
+    """The monitors a config asks for, as one: the k-NN monitor (its own schedule), RankMe and
+    the dense monitor (:func:`interval_due`). ``run`` returns every due figure, each with the
+    seconds it took (``*_seconds``)."""
+
+    def __init__(
+        self,
+        cfg: MonitorConfig,
+        knn: KNNMonitor | None,
+        rankme: RankMeMonitor | None,
+        dense: DenseMonitor | None,
+    ) -> None:
+        self.cfg, self.knn, self.rankme, self.dense = cfg, knn, rankme, dense
+        self._now: list[str] = []
+        self._last_step: int | None = None
+
+    def due(self, epochs_done: int, step: int) -> bool:
+        self._now = []
+        if self.knn is not None and self.knn.due(epochs_done, step):
+            self._now.append("knn")
+        if step != self._last_step and interval_due(self.cfg, epochs_done, step):
+            self._last_step = step
+            self._now += [n for n in ("rankme", "dense") if getattr(self, n) is not None]
+        return bool(self._now)
+
+    def run(self, encoder: Encoder) -> dict[str, float]:
+        result: dict[str, float] = {}
+        if "knn" in self._now and self.knn is not None:
+            result.update(self.knn.run(encoder))
+        parts = (("rankme", "rankme", self.rankme), ("dense", "davis", self.dense))
+        for key, name, part in parts:
+            if part is None or key not in self._now:
+                continue
+            start = time.perf_counter()
+            with preserved_rng():
+                result.update(part.run(encoder))
+            result[f"monitor/{name}_seconds"] = time.perf_counter() - start
+        self._now = []
+        return result
+
+
+def build_monitor(cfg: Config, device: torch.device | str) -> Monitors | None:
+    """The monitors the config asks for (None when it asks for none); their data is read now,
+    so a wrong path fails before training starts.
 
     ``monitor.img_size`` left null takes the encoder's ``model.img_size``.
     """
     mo = cfg.monitor
-    if mo.knn_train is None:
+    if not mo.asked:
         return None
     if mo.img_size is None:
-        import dataclasses
-
         mo = dataclasses.replace(mo, img_size=cfg.model.img_size)
-    return KNNMonitor(mo, torch.device(device))
+    device = torch.device(device)
+    assert mo.img_size is not None
+    knn = KNNMonitor(mo, device) if mo.knn_train is not None else None
+    rankme = (
+        RankMeMonitor(
+            read_images(mo.images, mo.img_size, mo.crop_pct, mo.max_images), device, mo.batch_size
+        )
+        if mo.images is not None
+        else None
+    )
+    dense = (
+        DenseMonitor(
+            mo.davis,
+            davis_params(mo.davis_protocol, mo.davis_set),
+            cfg.model.patch_size,
+            device,
+            sequences=[s for s in (mo.sequences or "").split(",") if s] or None,
+            max_frames=mo.max_frames,
+        )
+        if mo.davis is not None
+        else None
+    )
+    return Monitors(mo, knn, rankme, dense)

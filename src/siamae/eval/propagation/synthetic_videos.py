@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from siamae.data.synthetic import synthetic_video
+from siamae.data.synthetic import synthetic_image, synthetic_video
 from siamae.eval.propagation.davis import write_mask
 from siamae.eval.propagation.engine import labels_to_ids, propagate_video, protocol
 from siamae.eval.propagation.metrics import score_sequence, summarise
@@ -87,27 +87,37 @@ def evaluate_synthetic(
     return results
 
 
-def write_davis_folder(
+def write_davis_layout(
     root: str | Path,
-    videos: int = 2,
-    num_frames: int = 5,
-    size: int = 64,
-    width: int = 96,
-    seed: int = 1,
+    videos: int = 3,
+    size: int = 96,
+    num_frames: int = 12,
+    seed: int = 123,
+    images: int = 0,
+    width: int | None = None,
 ) -> Path:
-    """``videos`` synthetic videos written in the official DAVIS-2017 layout under ``root``:
-    ``JPEGImages/480p/synthetic<i>/%05d.jpg``, palette masks in ``Annotations/480p/`` (every
-    frame annotated) and ``ImageSets/2017/val.txt`` naming them. A DAVIS folder to try the
+    """The synthetic videos of :func:`evaluate_synthetic` as a DAVIS-layout root
+    (``JPEGImages/480p/<video>/*.jpg``, ``Annotations/480p/<video>/*.png``,
+    ``ImageSets/2017/val.txt``), which ``siamae eval davis`` and the dense monitor read; with
+    ``images``, also that many synthetic scenes as PNGs in ``<root>/images/`` (for RankMe).
+    JPEG at quality 95: the frames read back are close to, not equal to, the generated ones.
+    ``width``: frames ``size`` x ``width`` (default square). A DAVIS folder to try the
     propagation benchmark on without a download (the figures are not DAVIS's)."""
     root = Path(root)
     names = [f"synthetic{i}" for i in range(videos)]
     for i, name in enumerate(names):
-        frames, masks = synthetic_video(i, size=size, num_frames=num_frames, seed=seed, width=width)
+        frames, masks = synthetic_video(i, size, num_frames, seed, width)
         (root / "JPEGImages" / "480p" / name).mkdir(parents=True, exist_ok=True)
         (root / "Annotations" / "480p" / name).mkdir(parents=True, exist_ok=True)
         for t in range(num_frames):
-            Image.fromarray(frames[t]).save(root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg")
+            Image.fromarray(frames[t]).save(
+                root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg", quality=95
+            )
             write_mask(root / "Annotations" / "480p" / name / f"{t:05d}.png", masks[t])
     (root / "ImageSets" / "2017").mkdir(parents=True, exist_ok=True)
-    (root / "ImageSets" / "2017" / "val.txt").write_text("".join(f"{n}\n" for n in names))
+    (root / "ImageSets" / "2017" / "val.txt").write_text("".join(n + "\n" for n in names))
+    if images:
+        (root / "images").mkdir(exist_ok=True)
+        for i in range(images):
+            Image.fromarray(synthetic_image(i, size, seed)).save(root / "images" / f"{i:05d}.png")
     return root
