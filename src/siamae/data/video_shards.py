@@ -39,6 +39,12 @@ def _original_sizes(spec: str | Path) -> dict[str, list[int]]:
     return sizes
 
 
+def is_frame_shards(spec: str | Path) -> bool:
+    """Whether the tars ``spec`` names were written by ``siamae data videos --format jpeg``
+    (its done-list lies beside them); image shards are not read as videos."""
+    return classes_file(spec).with_name(DONE_FILE).is_file()
+
+
 class FrameShardSource(_VideoSourceBase):
     """One video per tar of JPEG frames (see the module docstring)."""
 
