@@ -350,7 +350,7 @@ def _video_configs(videos: Path, tmp: Path, frames_per_video: int, gop: int) -> 
         rows.insert(
             1,
             (
-                "original files, torchcodec",
+                "original files, torchcodec (plain layout)",
                 V.make_source(videos, "videos", progress=False, backend="torchcodec"),
                 1.0,
                 None,

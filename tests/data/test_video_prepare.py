@@ -267,17 +267,26 @@ def _torchcodec_or_skip() -> None:
         pytest.skip(f"torchcodec cannot run here: {err}")
 
 
-def test_torchcodec_gives_the_same_frames_as_pyav(prepared: Path, originals: Path) -> None:
+def test_torchcodec_gives_the_same_frames_as_pyav(
+    prepared: Path, originals: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _torchcodec_or_skip()
+    calls = []
+    real = V.torchcodec_frames
+    monkeypatch.setattr(V, "torchcodec_frames", lambda *a: calls.append(a[0]) or real(*a))
     for root in (prepared, originals):
         pyav = V.make_source(root, "videos", progress=False)
         tc = V.make_source(root, "videos", progress=False, backend="torchcodec")
         for i in range(len(pyav)):
-            ids = [0, 3, 9, pyav.num_frames_of(i) - 1]
+            ids = [0, 3, 9, 21, pyav.num_frames_of(i) - 1]
             for a, b in zip(pyav.load_frames(i, ids), tc.load_frames(i, ids)):
                 assert a.size == b.size and a.info == b.info
                 diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
                 assert diff.max() <= 2, (root, i)  # decoder rounding of the colour conversion
+    # prepared videos (display order, a packet a frame) go to torchcodec; x264's default
+    # B-frames in the originals are left to PyAV (plain_layout)
+    assert sorted(Path(c).name for c in calls) == ["one.mp4", "two.mp4"]
+    assert all(str(prepared) in c for c in calls)
 
 
 def test_missing_torchcodec_is_one_line_and_exit_2(

@@ -211,6 +211,8 @@ def probe_video(path: str) -> dict[str, Any]:
         "height": height,
         "codec": codec,
         "keyframes": [[n, p] for n, p in keyframes if n < num_frames],
+        # B-frames: frames shown in another order than stored (see plain_layout)
+        "reordered": any(a is not None and b is not None and b < a for a, b in zip(pts, pts[1:])),
         **({"source_size": list(source_size)} if source_size else {}),
     }
 
@@ -368,6 +370,14 @@ class _VideoSourceBase(abc.ABC):
         return [(frames[2 * k], frames[2 * k + 1]) for k in range(count)]
 
 
+def plain_layout(entry: dict[str, Any]) -> bool:
+    """Frames stored in display order, one packet each (every video ``siamae data videos``
+    writes). torchcodec's seeks are exact on those; on others they can miss (``box.mp4``, whose
+    456 packets give 455 frames: frame 227 came back as frame 225), so the torchcodec backend
+    leaves them to PyAV's reader, which is checked pixel-exact against a sequential decode."""
+    return not entry.get("reordered", True) and entry.get("packets") == entry.get("num_frames")
+
+
 class VideoFileSource(_VideoSourceBase):
     """Video files (mp4, avi, webm, mkv, ...) decoded with PyAV (or torchcodec: ``backend``),
     seeking to the frames needed; ``threads`` decoder threads (0: FFmpeg's default)."""
@@ -406,7 +416,7 @@ class VideoFileSource(_VideoSourceBase):
         if wanted[0] < 0 or wanted[-1] >= e["num_frames"]:
             raise IndexError(f"frames {wanted} outside 0..{e['num_frames'] - 1}")
         try:
-            if self.backend == "torchcodec":
+            if self.backend == "torchcodec" and plain_layout(e):
                 return torchcodec_frames(e["path"], wanted, self.threads, self.device)
             return _decode(e["path"], e["keyframes"], wanted, self.threads)
         except (*_decode_errors(), *TORCHCODEC_ERRORS, LookupError) as err:
