@@ -221,6 +221,12 @@ def test_nothing_preparable_is_one_line_and_exit_2(
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "none of the 1 videos" in err[0] and "x.mp4" in err[0]
+    assert (
+        main(["data", "videos", "--videos", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--videos" in err[0] and "nope" in err[0]
 
 
 def test_resume_on_prepared_videos_is_bit_identical(prepared: Path, tmp_path: Path) -> None:

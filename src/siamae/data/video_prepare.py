@@ -264,6 +264,11 @@ def prepare_videos(
     if not 1 <= settings.quality <= 100:
         raise DataError(f"--quality {settings.quality}: JPEG quality runs from 1 to 100")
     videos, out = Path(videos), Path(out)
+    if not videos.exists():
+        raise DataError(
+            f"--videos {str(videos)!r} does not exist; pass a folder of videos, a .txt list of "
+            "them or one video file"
+        )
     _check_settings(out, settings, videos)
     items = find_items(videos, "videos")
     names = _output_names(items, videos, settings.format)
