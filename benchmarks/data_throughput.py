@@ -10,14 +10,17 @@ The same images are also written into tar shards (``siamae data shard``) and rea
 
     python benchmarks/data_throughput.py --data ../shared/data/imagenet-sample
     python benchmarks/data_throughput.py --methods siameseim --videos none   # SiameseIM's views
+    python benchmarks/data_throughput.py --methods --videos ../shared/data/videos  # videos only
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -206,51 +209,203 @@ def bench_siameseim(data: Path, count: int, repeats: int, workers: int) -> None:
 # -- video (SiamMAE frame pairs) ------------------------------------------------------------------
 
 
-def bench_videos(videos: Path, seconds: float, repeats: int, frames_per_video: int = 120) -> None:
-    """SiamMAE pairs/s per worker from video files (PyAV, keyframe seeking) and from folders of
-    extracted JPEG frames of the same videos (Kinetics layout), with and without repeated sampling."""
+def _frame_folders(videos: Path, root: Path, frames_per_video: int) -> None:
+    """The first ``frames_per_video`` frames of each video as JPEG q90 (Kinetics layout)."""
     import av
 
     from siamae.data import video as V
 
-    maker = ViewMaker("frames", out=224, global_scale=(0.5, 1.0))
-    print(
-        f"\nvideos: {videos} (SiamMAE pairs: gap 4..47, same crop+flip, 224, uint8; median of {repeats} x {seconds / repeats:.1f} s)"
+    for path in sorted(videos.iterdir()):
+        if path.suffix.lower() not in V.VIDEO_EXTENSIONS:
+            continue
+        folder = root / "class" / path.stem
+        folder.mkdir(parents=True)
+        with av.open(str(path)) as c:
+            for t, frame in enumerate(c.decode(video=0)):
+                if t >= frames_per_video:
+                    break
+                frame.to_image().save(folder / f"{t + 1:05d}.jpg", quality=90)
+
+
+def _psnr(videos: Path, prepared: Path, fmt: str, step: int = 5) -> tuple[float, float]:
+    """PSNR (dB) of the prepared frames against the original frames scaled to the same size
+    (FFmpeg's area filter, as the preparation scales), every ``step``-th frame of every video:
+    pooled over all of them, and the lowest video's."""
+    import av
+
+    from siamae.data.video_prepare import output_size
+    from siamae.data.video_shards import DONE_FILE
+
+    def psnr(mse: float) -> float:
+        return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+    errors, worst = [], float("inf")
+    for line in (prepared / DONE_FILE).read_text().splitlines():
+        record = json.loads(line)
+        width, height = record["source_size"]
+        size = output_size(width, height, 256)
+        with av.open(record["source"]) as c:
+            ref = [
+                f.reformat(width=size[0], height=size[1], format="rgb24", interpolation="AREA")
+                .to_ndarray()
+                .astype(np.float64)
+                for t, f in enumerate(c.decode(video=0))
+                if t % step == 0
+            ]
+        if fmt == "mp4":
+            with av.open(str(prepared / record["out"])) as c:
+                got = [
+                    f.to_ndarray(format="rgb24")
+                    for t, f in enumerate(c.decode(video=0))
+                    if t % step == 0
+                ]
+        else:
+            with tarfile.open(prepared / record["out"]) as tar:
+                members = [m for m in tar.getmembers() if m.isfile()]
+                got = [
+                    np.asarray(Image.open(tar.extractfile(m)).convert("RGB"))
+                    for m in members[::step]
+                ]
+        mse = [float(np.mean((a - b) ** 2)) for a, b in zip(ref, got)]
+        errors += mse
+        worst = min(worst, psnr(float(np.mean(mse))))
+    return psnr(float(np.mean(errors))), worst
+
+
+def _rate(
+    source, maker: ViewMaker, reps: int, seconds: float, seed: int
+) -> tuple[float, float, int, int]:  # noqa: ANN001
+    """(pairs/s wall, pairs per CPU second of this process, frames decoded, pairs) for
+    ``seconds`` of SiamMAE pairs."""
+    from siamae.data import video as V
+
+    V.DECODE_STATS["decoded"] = 0
+    n, i, t, cpu = 0, 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - t < seconds:
+        rng = np.random.default_rng([seed, i])
+        if reps == 1:
+            maker(source, i % len(source), rng)
+        else:
+            maker.repeated(source, i % len(source), rng, reps)
+        n, i = n + reps, i + 1
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    return n / wall, n / cpu, V.DECODE_STATS["decoded"], n
+
+
+def _video_configs(videos: Path, tmp: Path, frames_per_video: int, gop: int) -> list[tuple]:
+    """(label, source, R, bytes, PSNR) rows: the originals, the two prepared routes, frame
+    folders; PyAV threads and torchcodec where installed."""
+    from siamae.data import video as V
+    from siamae.data.torchcodec_reader import check_torchcodec
+    from siamae.data.video_prepare import PrepareSettings, prepare_videos
+    from siamae.data.video_shards import open_frame_shards
+    from siamae.errors import DataError
+
+    original = sum(
+        p.stat().st_size for p in videos.iterdir() if p.suffix.lower() in V.VIDEO_EXTENSIONS
     )
-    print(f"{'source':44s} {'R':>2s} {'pairs/s/worker':>15s} {'frames decoded/pair':>20s}")
+    mp4, jpeg = tmp / "mp4", tmp / "jpeg"
+    for out, fmt in ((mp4, "mp4"), (jpeg, "jpeg")):
+        t = time.perf_counter()
+        report = prepare_videos(videos, out, PrepareSettings(format=fmt, gop=gop), progress=False)
+        print(
+            f"prepared ({fmt}): {report.prepared} videos in {time.perf_counter() - t:.1f} s, {report.bytes_out / original:.2f}x the original bytes"
+        )
+    psnr_mp4, psnr_jpeg = _psnr(videos, mp4, "mp4"), _psnr(videos, jpeg, "jpeg")
+    frames = tmp / "frames"
+    _frame_folders(videos, frames, frames_per_video)
+    size = {
+        k: sum(
+            p.stat().st_size
+            for p in d.rglob("*")
+            if p.is_file() and p.suffix in (".mp4", ".tar", ".jpg")
+        )
+        / original
+        for k, d in (("mp4", mp4), ("jpeg", jpeg))
+    }
+    rows = [
+        ("original files, PyAV", V.make_source(videos, "videos", progress=False), 1.0, None),
+        (
+            f"prepared mp4 (gop {gop}, 256), PyAV",
+            V.make_source(mp4, "videos", progress=False),
+            size["mp4"],
+            psnr_mp4,
+        ),
+        (
+            "prepared mp4, PyAV 2 threads",
+            V.make_source(mp4, "videos", progress=False, threads=2),
+            size["mp4"],
+            psnr_mp4,
+        ),
+        ("prepared jpeg tars (256, q90)", open_frame_shards(jpeg), size["jpeg"], psnr_jpeg),
+        (
+            f"frame folders (JPEG q90 full size, {frames_per_video} fr.)",
+            V.make_source(frames, "frames", progress=False),
+            None,
+            None,
+        ),
+    ]
+    try:
+        check_torchcodec()
+        rows.insert(
+            1,
+            (
+                "original files, torchcodec (plain layout)",
+                V.make_source(videos, "videos", progress=False, backend="torchcodec"),
+                1.0,
+                None,
+            ),
+        )
+        rows.insert(
+            3,
+            (
+                "prepared mp4, torchcodec",
+                V.make_source(mp4, "videos", progress=False, backend="torchcodec"),
+                size["mp4"],
+                psnr_mp4,
+            ),
+        )
+    except DataError as err:
+        print(f"torchcodec rows left out: {err}")
+    return rows
+
+
+def bench_videos(
+    videos: Path, seconds: float, repeats: int, frames_per_video: int = 120, gop: int = 8
+) -> None:
+    """SiamMAE pairs/s per worker from the video files, from the same videos prepared by
+    ``siamae data videos`` (mp4 with a short keyframe interval; JPEG frames in tars), and from
+    folders of extracted JPEG frames; configurations timed in alternating rounds (median), so
+    other load on the machine hits all alike."""
+    maker = ViewMaker("frames", out=224, global_scale=(0.5, 1.0))
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "frames"
-        for path in sorted(videos.iterdir()):
-            if path.suffix.lower() not in V.VIDEO_EXTENSIONS:
-                continue
-            folder = root / "class" / path.stem
-            folder.mkdir(parents=True)
-            with av.open(str(path)) as c:
-                for t, frame in enumerate(c.decode(video=0)):
-                    if t >= frames_per_video:
-                        break
-                    frame.to_image().save(folder / f"{t + 1:05d}.jpg", quality=90)
-        for label, path, kind in (
-            (f"video files ({len(list(videos.iterdir()))}, PyAV seek)", videos, "videos"),
-            (f"frame folders (JPEG q90, {frames_per_video} frames)", root, "frames"),
-        ):
-            source = V.make_source(path, kind, progress=False)
-            for reps in (1, 4):
-                rates, decoded, pairs = [], 0, 0
-                for r in range(repeats):
-                    V.DECODE_STATS["decoded"] = 0
-                    n, i, t = 0, 0, time.perf_counter()
-                    while time.perf_counter() - t < seconds / repeats:
-                        rng = np.random.default_rng([r, i])
-                        if reps == 1:
-                            maker(source, i % len(source), rng)
-                        else:
-                            maker.repeated(source, i % len(source), rng, reps)
-                        n, i = n + reps, i + 1
-                    rates.append(n / (time.perf_counter() - t))
-                    decoded, pairs = decoded + V.DECODE_STATS["decoded"], pairs + n
-                per_pair = f"{decoded / pairs:20.1f}" if kind == "videos" else f"{'-':>20s}"
-                print(f"{label:44s} {reps:2d} {statistics.median(rates):15.1f} {per_pair}")
+        rows = _video_configs(videos, Path(tmp), frames_per_video, gop)
+        print(
+            f"\nvideos: {videos} (SiamMAE pairs: gap 4..47, same crop+flip, 224, uint8; median of {repeats} alternating rounds x {seconds / repeats:.1f} s)"
+        )
+        configs = [
+            (row, reps) for row in rows for reps in ((1, 4) if "threads" not in row[0] else (1,))
+        ]
+        results: dict[int, list] = {k: [] for k in range(len(configs))}
+        for r in range(repeats):
+            for k, ((_, source, _, _), reps) in enumerate(configs):
+                results[k].append(_rate(source, maker, reps, seconds / repeats, r))
+        head = f"{'source':46s} {'R':>2s} {'pairs/s/worker':>15s} {'pairs/CPU-s':>12s} {'frames/pair':>12s} {'bytes':>6s} {'PSNR dB':>12s}"
+        print(head)
+        base = statistics.median(x[0] for x in results[0])
+        for k, ((label, _source, size, psnr), reps) in enumerate(configs):
+            wall = statistics.median(x[0] for x in results[k])
+            cpu = statistics.median(x[1] for x in results[k])
+            decoded, pairs = sum(x[2] for x in results[k]), sum(x[3] for x in results[k])
+            per_pair = f"{decoded / pairs:12.1f}" if decoded else f"{'-':>12s}"
+            size_text = f"{size:5.2f}x" if size else f"{'-':>6s}"
+            psnr_text = f"{psnr[0]:5.1f} ({psnr[1]:4.1f})" if psnr else f"{'-':>12s}"
+            print(
+                f"{label:46s} {reps:2d} {wall:15.1f} {cpu:12.1f} {per_pair} {size_text} {psnr_text}   x{wall / base:.1f}"
+            )
+        print(
+            "bytes: against the original files; PSNR: pooled over every 5th frame of all videos (lowest video's in brackets), against the original scaled to the same size"
+        )
 
 
 def main() -> None:
@@ -280,8 +435,14 @@ def main() -> None:
         "--video-seconds", type=float, default=12.0, help="seconds per video configuration"
     )
     parser.add_argument(
+        "--gop",
+        type=int,
+        default=8,
+        help="keyframe interval of the prepared mp4s (siamae data videos --gop)",
+    )
+    parser.add_argument(
         "--methods",
-        nargs="+",
+        nargs="*",
         default=["cropmae", "siameseim"],
         choices=["cropmae", "siameseim"],
         help="image pipelines to time",
@@ -291,14 +452,14 @@ def main() -> None:
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; one process per worker, 1 thread"
     )
-    if not args.data.is_dir():
+    if args.methods and not args.data.is_dir():
         raise SystemExit(f"no image folder at {args.data}; pass --data")
     if "cropmae" in args.methods:
         bench_images(args.data, args.count, args.repeats, args.workers)
     if "siameseim" in args.methods:
         bench_siameseim(args.data, args.count, args.repeats, args.workers)
     if args.videos.is_dir():
-        bench_videos(args.videos, args.video_seconds, args.repeats)
+        bench_videos(args.videos, args.video_seconds, args.repeats, gop=args.gop)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def test_an_old_config_loads_with_one_note_and_the_same_values(
     assert new["decoder"] == old["decoder"]
     defaults = Config().to_dict()
     for name in COMMON_SECTIONS:
-        # The old values kept; a field added since (monitor.images, ...) takes its default.
+        # The old values kept; a field added since (monitor.images, data.video_backend, ...)
+        # takes its default.
         assert {k: new[name][k] for k in old[name]} == old[name]
         assert {k: v for k, v in new[name].items() if k not in old[name]} == {
             k: defaults[name][k] for k in new[name] if k not in old[name]

@@ -32,6 +32,8 @@ from siamae.sizes import size_problem
 Arch = Literal["vit_tiny", "vit_small", "vit_base", "vit_large"]
 ViewStrategy = Literal["global_to_local", "local_to_global", "random", "same"]
 SourceKind = Literal["images", "synthetic", "videos", "frames"]
+VideoBackend = Literal["pyav", "torchcodec"]
+VideoDevice = Literal["cpu", "cuda"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 CropSampler = Literal["torchvision", "clamp"]
 Interpolation = Literal["bilinear", "bicubic"]
@@ -93,6 +95,11 @@ class DataConfig:
     # Frame pairs (SiamMAE): gap drawn uniformly from [min, max) frames, clamped to the video.
     frame_gap: tuple[int, int] = (4, 48)
     repeated_sampling: int = 1
+    # Video files: the decoder (PyAV, or torchcodec with the system's FFmpeg), its threads per
+    # loader worker (0: FFmpeg's default), and torchcodec's device ("cuda": NVDEC).
+    video_backend: VideoBackend = "pyav"
+    video_threads: int = 1
+    video_device: VideoDevice = "cpu"
     # Built-in synthetic data (the demo): how many images/videos and at what resolution.
     synthetic_count: int = 512
     synthetic_size: int = 128
@@ -606,6 +613,12 @@ def _check_data(cfg: Config) -> None:
         a.repeated_sampling >= 1,
         "data.repeated_sampling",
         f"expected 1 or more, got {a.repeated_sampling}",
+    )
+    _check(a.video_threads >= 0, "data.video_threads", f"expected 0 or more, got {a.video_threads}")
+    _check(
+        a.video_device == "cpu" or a.video_backend == "torchcodec",
+        "data.video_device",
+        f"{a.video_device!r} decoding needs data.video_backend=torchcodec (PyAV decodes on the CPU)",
     )
     _check(
         a.synthetic_count > 0,

@@ -30,7 +30,7 @@ from siamae.commands import compare, export_command, submit
 from siamae.commands.demo import run_demo
 from siamae.commands.viz import visualize_checkpoint
 from siamae.config import Config
-from siamae.data import shard_writer
+from siamae.data import shard_writer, video_prepare
 from siamae.engine.trainer import train
 from siamae.errors import SiamaeError
 from siamae.eval import homology
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     # top-level commands register here
     export_command.register(sub)
     compare.register(sub)
-    shard_writer.register(sub)
+    video_prepare.register(shard_writer.register(sub))
     # The job's tasks run this module's main: handed in, so submit does not import it back.
     configs = {"pretrain": _pretrain_config, "finetune": _finetune_config}
     submit.register(sub, parser, configs, run_command=main)

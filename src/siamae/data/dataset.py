@@ -26,6 +26,7 @@ from siamae.data.sources import (
     SyntheticVideoSource,
     UnreadableSample,
 )
+from siamae.data.video_shards import is_frame_shards, open_frame_shards
 from siamae.data.views import Augment, MakesViews, ViewMaker, ViewSample
 from siamae.errors import DataError
 
@@ -175,10 +176,14 @@ def build_source(
         return SyntheticImageSource(d.synthetic_count, d.synthetic_size, cfg.run.seed)
     if d.source == "images":
         return image_source(d.path, cache_dir, run_dir, cfg.run.progress, d.num_workers)
+    if is_shard_spec(d.path) and d.source == "videos" and is_frame_shards(d.path):
+        # videos prepared as JPEG frames, one tar per video (siamae data videos --format jpeg)
+        return open_frame_shards(d.path, cache_dir, run_dir, cfg.run.progress, d.num_workers)
     if is_shard_spec(d.path):
         raise DataError(
             f"data.path {d.path!r} names tar shards, which hold images; data.source "
-            f"{d.source!r} reads videos (SiamMAE's frame pairs): pass video files or frame folders"
+            f"{d.source!r} reads videos (SiamMAE's frame pairs): pass video files, frame folders "
+            "or the output of 'siamae data videos'"
         )
     return video.build_video_source(cfg, cache_dir, run_dir)
 

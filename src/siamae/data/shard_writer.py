@@ -236,9 +236,12 @@ def _command(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the top-level ``data`` command (``siamae data shard``)."""
-    p = subparsers.add_parser("data", help="prepare data: tar shards from an image folder")
+def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add the top-level ``data`` command (``siamae data shard``); returns its sub-commands, for
+    the other preparations (``siamae data videos``)."""
+    p = subparsers.add_parser(
+        "data", help="prepare data: tar shards from an image folder, videos for fast frame pairs"
+    )
     sub = p.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     s = sub.add_parser(
         "shard",
@@ -271,3 +274,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="shard names: PREFIX-000000.tar, ... in --out (a plain name, no '/')",
     )
     s.set_defaults(func=_command)
+    return sub

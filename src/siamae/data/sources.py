@@ -18,6 +18,12 @@ from PIL import Image, UnidentifiedImageError
 from siamae.data.synthetic import synthetic_video
 from siamae.errors import DataError
 
+#: ``Image.info`` key of a frame stored smaller than its video (``siamae data videos``): the
+#: original (width, height). Crops are drawn in the original's coordinates, so a prepared
+#: video gives the same crop parameters for the same seed as the original.
+FULL_SIZE = "siamae_full_size"
+
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
 
 

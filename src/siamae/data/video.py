@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from siamae.data.sources import (
+    FULL_SIZE,
     IMAGE_EXTENSIONS,
     UnreadableSample,
     file_stat_key,
@@ -49,6 +50,7 @@ from siamae.data.sources import (
     sample_frame_pair,
     scan_files,
 )
+from siamae.data.torchcodec_reader import TORCHCODEC_ERRORS, check_torchcodec, torchcodec_frames
 from siamae.errors import DataError
 
 if TYPE_CHECKING:
@@ -61,7 +63,11 @@ log = logging.getLogger(__name__)
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg"}
 INDEX_FILE = "video_index.json"
 SKIPPED_FILE = "skipped_files.txt"  # in the run folder: every item training went on without
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: prepared videos' source_size
+#: Container metadata of a video written by ``siamae data videos``: the original's "WxH". Its
+#: frames are stored smaller; crops are drawn in the original's coordinates (views.FULL_SIZE).
+SOURCE_SIZE_TAG = "siamae_source_size"
+VIDEO_BACKENDS = ("pyav", "torchcodec")
 
 
 def _av() -> ModuleType:  # PyAV, imported when a video is first read
@@ -108,37 +114,53 @@ class _SeekMissed(Exception):
 DECODE_STATS = {"decoded": 0, "seeks": 0, "fallbacks": 0}
 
 
-def _frames_from(path: str, key_number: int, key_pts: int | None) -> Iterator[tuple[int, Any]]:
-    """(frame number, av.VideoFrame) from keyframe ``key_number`` (pts ``key_pts``) on.
+def _video_stream(container: Any, threads: int = 1) -> Any:
+    """The first video stream, its decoder set to ``threads`` threads (0: FFmpeg's default;
+    more than 1: frame and slice threading)."""
+    stream = container.streams.video[0]
+    if threads > 0:
+        stream.codec_context.thread_count = threads
+        stream.thread_type = "AUTO" if threads > 1 else "SLICE"
+    return stream
+
+
+def _frames_in(
+    container: Any, stream: Any, key_number: int, key_pts: int | None
+) -> Iterator[tuple[int, Any]]:
+    """(frame number, av.VideoFrame) from keyframe ``key_number`` (pts ``key_pts``) on, in an
+    open container (a later call seeks again: PyAV's seek flushes the decoder).
 
     Seeks to the keyframe (none for frame 0) and decodes forward. Frames the decoder gives
     before the keyframe (a seek that lands earlier) are dropped. Raises :class:`_SeekMissed`
     when the keyframe never shows, or shows as a frame the decoder does not call a keyframe
     (e.g. an index-less AVI whose every packet claims to be one), before yielding anything.
     """
-    av = _av()
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        started = key_number == 0 or key_pts is None
-        if not started:
-            DECODE_STATS["seeks"] += 1
-            container.seek(key_pts, stream=stream, backward=True, any_frame=False)
-        else:
-            key_number = 0
-        number = key_number
-        for packet in container.demux(stream):
-            for frame in packet.decode():
-                DECODE_STATS["decoded"] += 1
-                if not started:
-                    if frame.pts != key_pts:
-                        continue
-                    if not frame.key_frame:
-                        raise _SeekMissed
-                    started = True
-                yield number, frame
-                number += 1
-        if not started:
-            raise _SeekMissed
+    started = key_number == 0 or key_pts is None
+    if not started:
+        DECODE_STATS["seeks"] += 1
+        container.seek(key_pts, stream=stream, backward=True, any_frame=False)
+    else:
+        key_number = 0
+    number = key_number
+    for packet in container.demux(stream):
+        for frame in packet.decode():
+            DECODE_STATS["decoded"] += 1
+            if not started:
+                if frame.pts != key_pts:
+                    continue
+                if not frame.key_frame:
+                    raise _SeekMissed
+                started = True
+            yield number, frame
+            number += 1
+    if not started:
+        raise _SeekMissed
+
+
+def _frames_from(path: str, key_number: int, key_pts: int | None) -> Iterator[tuple[int, Any]]:
+    """:func:`_frames_in` of a video file opened for this one pass."""
+    with _av().open(path) as container:
+        yield from _frames_in(container, _video_stream(container, 0), key_number, key_pts)
 
 
 def _count_from(path: str, key_number: int, key_pts: int | None) -> tuple[int, bool]:
@@ -164,6 +186,7 @@ def probe_video(path: str) -> dict[str, Any]:
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
         codec = stream.codec_context.name
+        source_size = _source_size(container.metadata.get(SOURCE_SIZE_TAG, ""))
         keys: list[tuple[int, int | None]] = []
         pts: list[int | None] = []
         for packet in container.demux(stream):
@@ -188,7 +211,16 @@ def probe_video(path: str) -> dict[str, Any]:
         "height": height,
         "codec": codec,
         "keyframes": [[n, p] for n, p in keyframes if n < num_frames],
+        # B-frames: frames shown in another order than stored (see plain_layout)
+        "reordered": any(a is not None and b is not None and b < a for a, b in zip(pts, pts[1:])),
+        **({"source_size": list(source_size)} if source_size else {}),
     }
+
+
+def _source_size(tag: str) -> tuple[int, int] | None:
+    """``"854x480"`` (a prepared video's :data:`SOURCE_SIZE_TAG`) -> (854, 480); None if absent."""
+    found = re.fullmatch(r"\s*(\d+)x(\d+)\s*", tag or "")
+    return (int(found.group(1)), int(found.group(2))) if found else None
 
 
 def natural_key(name: str) -> list[Any]:
@@ -212,38 +244,84 @@ def probe_frames(folder: str) -> dict[str, Any]:
 # -- decoding -----------------------------------------------------------------------------------
 
 
-def _decode(
-    path: str, keyframes: list[list[Any]], wanted: list[int], num_frames: int
-) -> dict[int, Image.Image]:
-    """Frames ``wanted`` (sorted) of a video file: seek to the last keyframe at or before the
-    first, decode forward to the last. Raises a decode error or ``LookupError``."""
-    first, last = wanted[0], wanted[-1]
-    key_number, key_pts = 0, None
+def _key_before(keyframes: list[list[Any]], frame: int) -> tuple[int, int | None]:
+    """The last seekable keyframe (number, pts) at or before ``frame``; (0, None): the start."""
+    key: tuple[int, int | None] = (0, None)
     for number, pts in keyframes:
-        if number > first:
+        if number > frame:
             break
         if pts is not None:
-            key_number, key_pts = number, pts
-    want = set(wanted)
-    out: dict[int, Image.Image] = {}
-    number = -1
-    try:
-        for number, frame in _frames_from(path, key_number, key_pts):
-            if number in want:
-                out[number] = frame.to_image()
-                if number == last:
-                    return out
-    except _SeekMissed:
-        DECODE_STATS["fallbacks"] += 1
-        for number, frame in _frames_from(path, 0, None):
-            if number in want:
-                out[number] = frame.to_image()
-                if number == last:
-                    return out
+            key = (number, pts)
+    return key
+
+
+def plan_segments(
+    keyframes: list[list[Any]], wanted: list[int]
+) -> list[tuple[int, int | None, list[int]]]:
+    """Frames ``wanted`` (sorted, unique) -> decode runs (key number, key pts, frames): a frame
+    joins the run before it unless a keyframe lies after that run's last frame, in which case
+    seeking to that keyframe decodes fewer frames than decoding on. With short groups of
+    pictures a pair (t, t + gap) is two short runs, not the whole gap."""
+    runs: list[tuple[int, int | None, list[int]]] = []
+    for frame in wanted:
+        number, pts = _key_before(keyframes, frame)
+        if runs and number <= runs[-1][2][-1]:
+            runs[-1][2].append(frame)
+        else:
+            runs.append((number, pts, [frame]))
+    return runs
+
+
+def _collect(frames: Iterator[tuple[int, Any]], wanted: list[int], out: dict[int, Any]) -> None:
+    """Take frames ``wanted`` from ``frames`` into ``out`` (as av.VideoFrame), up to the last."""
+    want, last, number = set(wanted), wanted[-1], -1
+    for number, frame in frames:
+        if number in want:
+            out[number] = frame
+            if number == last:
+                return
     raise LookupError(
-        f"the decoder gave {number + 1} of the {num_frames} frames the index lists "
-        f"(wanted frame {last}); the file may have changed since the index was built"
+        f"the decoder gave {number + 1} frames (wanted frame {last}); the file may have changed "
+        "since the index was built"
     )
+
+
+def _decode(
+    path: str, keyframes: list[list[Any]], wanted: list[int], threads: int = 1
+) -> dict[int, Any]:
+    """Frames ``wanted`` (sorted) of a video file as av.VideoFrame: one open of the file, one
+    seek per run of :func:`plan_segments`, each run decoded from its keyframe to its last
+    frame. Raises a decode error or ``LookupError``."""
+    av = _av()
+    out: dict[int, Any] = {}
+    try:
+        with av.open(path) as container:
+            stream = _video_stream(container, threads)
+            for number, pts, frames in plan_segments(keyframes, wanted):
+                _collect(_frames_in(container, stream, number, pts), frames, out)
+        return out
+    except _SeekMissed:  # decode from the start instead: slower, never wrong
+        DECODE_STATS["fallbacks"] += 1
+        out.clear()
+        with av.open(path) as container:
+            _collect(_frames_in(container, _video_stream(container, threads), 0, None), wanted, out)
+        return out
+
+
+#: One swscale converter per frame geometry, per process. ``VideoFrame.to_image`` /
+#: ``to_ndarray("rgb24")`` set a converter up again whenever the size changes (every video
+#: read in turn): 1.5-2.5 ms a frame, against 0.2-0.3 ms reused; the pixels are the same.
+_CONVERTERS: dict[tuple[int, int, str], Any] = {}
+
+
+def _to_image(frame: Any) -> Image.Image:
+    key = (frame.width, frame.height, frame.format.name)
+    converter = _CONVERTERS.get(key)
+    if converter is None:
+        if len(_CONVERTERS) >= 16:
+            _CONVERTERS.clear()
+        converter = _CONVERTERS[key] = _av().video.reformatter.VideoReformatter()
+    return Image.fromarray(converter.reformat(frame, format="rgb24").to_ndarray())
 
 
 # -- sources ------------------------------------------------------------------------------------
@@ -292,24 +370,56 @@ class _VideoSourceBase(abc.ABC):
         return [(frames[2 * k], frames[2 * k + 1]) for k in range(count)]
 
 
+def plain_layout(entry: dict[str, Any]) -> bool:
+    """Frames stored in display order, one packet each (every video ``siamae data videos``
+    writes). torchcodec's seeks are exact on those; on others they can miss (``box.mp4``, whose
+    456 packets give 455 frames: frame 227 came back as frame 225), so the torchcodec backend
+    leaves them to PyAV's reader, which is checked pixel-exact against a sequential decode."""
+    return not entry.get("reordered", True) and entry.get("packets") == entry.get("num_frames")
+
+
 class VideoFileSource(_VideoSourceBase):
-    """Video files (mp4, avi, webm, mkv, ...) decoded with PyAV, seeking to the frames needed."""
+    """Video files (mp4, avi, webm, mkv, ...) decoded with PyAV (or torchcodec: ``backend``),
+    seeking to the frames needed; ``threads`` decoder threads (0: FFmpeg's default)."""
 
     kind = "videos"
 
+    def __init__(
+        self,
+        entries: list[dict[str, Any]],
+        unreadable: list[tuple[str, str]],
+        backend: str = "pyav",
+        threads: int = 1,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__(entries, unreadable)
+        if backend not in VIDEO_BACKENDS:
+            raise DataError(f"unknown video backend {backend!r}; use one of {VIDEO_BACKENDS}")
+        self.backend, self.threads, self.device = backend, threads, device
+
     def load_frames(self, index: int, frame_ids: Iterable[int]) -> list[Image.Image]:
-        # Each wanted frame is decoded once, in one forward pass from the nearest keyframe.
+        # Each wanted frame is decoded once (repeated samples of a video share one decode).
         ids = list(frame_ids)
         got = self._read(index, sorted(set(ids)))
-        return [got[i] for i in ids]
+        size = self.entries[index].get("source_size")
+        images = {}
+        for i, frame in got.items():
+            # the same pixels as VideoFrame.to_image, several times faster (_to_image)
+            img = frame if isinstance(frame, Image.Image) else _to_image(frame)
+            if size:  # a prepared video: crops are drawn in the original's coordinates
+                img.info[FULL_SIZE] = tuple(size)
+            images[i] = img
+        return [images[i] for i in ids]  # decoded pixels: a repeated frame may be shared
 
-    def _read(self, index: int, wanted: list[int]) -> dict[int, Image.Image]:
+    def _read(self, index: int, wanted: list[int]) -> dict[int, Any]:
         e = self.entries[index]
         if wanted[0] < 0 or wanted[-1] >= e["num_frames"]:
             raise IndexError(f"frames {wanted} outside 0..{e['num_frames'] - 1}")
         try:
-            return _decode(e["path"], e["keyframes"], wanted, e["num_frames"])
-        except (*_decode_errors(), LookupError) as err:
+            if self.backend == "torchcodec" and plain_layout(e):
+                return torchcodec_frames(e["path"], wanted, self.threads, self.device)
+            return _decode(e["path"], e["keyframes"], wanted, self.threads)
+        except (*_decode_errors(), *TORCHCODEC_ERRORS, LookupError) as err:
             raise UnreadableSample(e["path"], f"{type(err).__name__}: {err}") from None
 
 
@@ -472,12 +582,19 @@ def make_source(
     workers: int = 0,
     progress: bool = True,
     listed_in: str | Path | None = None,
+    backend: str = "pyav",
+    threads: int = 1,
+    device: str = "cpu",
 ) -> VideoFileSource | FrameFolderSource:
     """A video source for ``path`` (folder, list file or single video), index cached in
     ``cache_dir/video_index.json`` when ``cache_dir`` is given. The warning about unreadable
-    items names ``listed_in`` as where they are listed (default: the index file)."""
+    items names ``listed_in`` as where they are listed (default: the index file). Video files
+    are decoded by ``backend`` ("pyav" or "torchcodec") with ``threads`` decoder threads on
+    ``device`` (torchcodec: "cuda" decodes with NVDEC)."""
     if kind not in ("videos", "frames"):
         raise DataError(f"unknown video source kind {kind!r}; use 'videos' or 'frames'")
+    if kind == "videos" and backend == "torchcodec":
+        check_torchcodec()  # before any indexing: one line naming what to install
     items = find_items(Path(path), kind)
     cache_file = Path(cache_dir) / INDEX_FILE if cache_dir is not None else None
     index = build_index(items, kind, cache_file, workers, progress)
@@ -502,8 +619,9 @@ def make_source(
             f"none of the {len(index)} items in {str(path)!r} can be read; first error: "
             f"{bad[0][0]}: {bad[0][1]}"
         )
-    cls = VideoFileSource if kind == "videos" else FrameFolderSource
-    return cls(good, bad)
+    if kind == "videos":
+        return VideoFileSource(good, bad, backend, threads, device)
+    return FrameFolderSource(good, bad)
 
 
 def build_video_source(
@@ -527,4 +645,7 @@ def build_video_source(
         workers=cfg.data.num_workers,
         progress=cfg.run.progress,
         listed_in=run_dir / SKIPPED_FILE,
+        backend=cfg.data.video_backend,
+        threads=cfg.data.video_threads,
+        device=cfg.data.video_device,
     )

@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter
 
-from siamae.data.sources import DECODE_ERRORS, FrameSource, Source, UnreadableSample, to_rgb
+from siamae.data.sources import (
+    DECODE_ERRORS,
+    FULL_SIZE,
+    FrameSource,
+    Source,
+    UnreadableSample,
+    to_rgb,
+)
 
 Box = tuple[float, float, float, float]  # top, left, height, width
 
@@ -75,6 +82,13 @@ def sample_box(
     return float((height - h) // 2), float((width - w) // 2), float(h), float(w)
 
 
+def full_size(img: Image.Image) -> tuple[int, int]:
+    """The (width, height) crop boxes are drawn in: the original video's size for a prepared
+    frame (``img.info[FULL_SIZE]``), else the image's own size."""
+    size = img.info.get(FULL_SIZE)
+    return (int(size[0]), int(size[1])) if size else img.size
+
+
 def decode(
     img: Image.Image, box: Box | None = None, out: int | None = None
 ) -> tuple[np.ndarray, float, float]:
@@ -83,15 +97,17 @@ def decode(
 
     Returns the pixels and the (x, y) scale from full-resolution coordinates to them.
     """
-    full_w, full_h = img.size
+    full_w, full_h = full_size(img)
     name = getattr(img, "filename", "") or "image"
     try:
         if (
             box is not None and out is not None and img.format == "JPEG" and img.tile
         ):  # not decoded yet
             _, _, h, w = box
-            scale = min(1.0, max(out / w, out / h))
-            img.draft("RGB", (math.ceil(full_w * scale), math.ceil(full_h * scale)))
+            # the crop's size in this image's own pixels (a prepared frame is stored smaller)
+            rx, ry = img.size[0] / full_w, img.size[1] / full_h
+            scale = min(1.0, max(out / (w * rx), out / (h * ry)))
+            img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
         # Wide modes (16-bit PNGs, float TIFFs) are scaled by their range, not clipped to white.
         img = to_rgb(img)
         pixels = np.array(img)  # writable, so torch can view it without a copy or a warning
@@ -228,7 +244,9 @@ class ViewMaker:
     def _global(
         self, img: Image.Image | np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        width, height = (img.shape[1], img.shape[0]) if isinstance(img, np.ndarray) else img.size
+        width, height = (
+            (img.shape[1], img.shape[0]) if isinstance(img, np.ndarray) else full_size(img)
+        )
         box = sample_box(rng, width, height, self.global_scale, self.ratio, self.sampler)
         crop = crop_resize(img, box, self.out, self.interpolation)
         return crop, _finish(self._aug(crop, rng), self._flip(rng))
@@ -263,9 +281,8 @@ class ViewMaker:
     def _same_crop(
         self, first: Image.Image, second: Image.Image, rng: np.random.Generator
     ) -> list[np.ndarray]:
-        box = sample_box(
-            rng, first.size[0], first.size[1], self.global_scale, self.ratio, self.sampler
-        )
+        width, height = full_size(first)
+        box = sample_box(rng, width, height, self.global_scale, self.ratio, self.sampler)
         flip = self._flip(rng)
         return [
             _finish(crop_resize(f, box, self.out, self.interpolation), flip)
