@@ -4,8 +4,10 @@ The public API is what ``siamae.__all__`` lists (``docs/api.md``: one line each;
 CHANGELOG's version policy says what may change): methods built from plain arguments
 (:func:`create_method`), their views as transforms (:func:`create_views`, :func:`collate`), the
 building blocks (encoder, decoders, masking, position embeddings, the losses of
-:mod:`siamae.models.losses`), the engine (:func:`train`, :func:`register_method`) and the
-encoders read back (:func:`load_encoder`).
+:mod:`siamae.models.losses`), the engine (:func:`train`, :func:`register_method`), the
+encoders read back (:func:`load_encoder`) and exported for the Hugging Face Hub
+(:func:`export_hub`), and the evaluators on any model (:func:`propagate_davis`, :func:`knn_probe`,
+...: :mod:`siamae.evaluators`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,21 @@ if TYPE_CHECKING:
         train,
     )
     from siamae.config import Config
+    from siamae.evaluators import (
+        ProbeFeatures,
+        TimmPatchFeatures,
+        fewshot_probe,
+        knn_probe,
+        linear_probe,
+        probe_features,
+        propagate_davis,
+        propagate_jhmdb,
+        propagate_vip,
+        score_segmentation,
+        synthetic_davis,
+        timm_patch_features,
+    )
+    from siamae.hub import export_hub
     from siamae.loading import load_encoder, random_encoder
     from siamae.methods.base import Method, MethodOutput
     from siamae.methods.cropmae import CropMAE, SiamMAE
@@ -93,9 +110,23 @@ _LAZY = {
     "unigrad_loss": "siamae.models.losses",
     "homologous_mass_loss": "siamae.models.losses",
     "homologous_contrastive_loss": "siamae.models.losses",
-    # encoders read back
+    # encoders read back, and exported for the Hugging Face Hub
     "load_encoder": "siamae.loading",
     "random_encoder": "siamae.loading",
+    "export_hub": "siamae.hub",
+    # the evaluators, on any model
+    "ProbeFeatures": "siamae.evaluators",
+    "TimmPatchFeatures": "siamae.evaluators",
+    "fewshot_probe": "siamae.evaluators",
+    "knn_probe": "siamae.evaluators",
+    "linear_probe": "siamae.evaluators",
+    "probe_features": "siamae.evaluators",
+    "propagate_davis": "siamae.evaluators",
+    "propagate_jhmdb": "siamae.evaluators",
+    "propagate_vip": "siamae.evaluators",
+    "score_segmentation": "siamae.evaluators",
+    "synthetic_davis": "siamae.evaluators",
+    "timm_patch_features": "siamae.evaluators",
 }
 
 __all__ = [
@@ -109,9 +140,11 @@ __all__ = [
     "Method",
     "MethodOutput",
     "MixedAE",
+    "ProbeFeatures",
     "SiamMAE",
     "SiameseIM",
     "TensorSpec",
+    "TimmPatchFeatures",
     "ViewDataset",
     "Views",
     "batch_spec",
@@ -119,8 +152,12 @@ __all__ = [
     "create_config",
     "create_method",
     "create_views",
+    "export_hub",
+    "fewshot_probe",
     "homologous_contrastive_loss",
     "homologous_mass_loss",
+    "knn_probe",
+    "linear_probe",
     "load_config",
     "load_encoder",
     "masked_mse",
@@ -128,12 +165,19 @@ __all__ = [
     "open_image",
     "patchify",
     "pixel_targets",
+    "probe_features",
+    "propagate_davis",
+    "propagate_jhmdb",
+    "propagate_vip",
     "random_encoder",
     "random_masking",
     "register_method",
     "resample_position_table",
+    "score_segmentation",
     "shuffle_generator",
     "sincos_2d",
+    "synthetic_davis",
+    "timm_patch_features",
     "train",
     "unigrad_loss",
     "unpatchify",
