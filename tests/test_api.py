@@ -5,6 +5,7 @@ user's own method trains through ``siamae.train`` once registered (by call or en
 from __future__ import annotations
 
 import doctest
+import importlib
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -35,7 +36,9 @@ PUBLIC = [name for name in siamae.__all__ if name != "__version__"]
 @pytest.mark.parametrize("name", PUBLIC)
 def test_every_public_name_has_a_docstring_example_that_runs(name: str) -> None:
     obj = getattr(siamae, name)
-    tests = doctest.DocTestFinder(recurse=False).find(obj, name, globs={})
+    # The example runs with its own module's names, as ``python -m doctest`` would run it.
+    home = importlib.import_module(obj.__module__)
+    tests = doctest.DocTestFinder(recurse=False).find(obj, name, module=home)
     examples = [t for t in tests if t.examples]
     assert examples, f"siamae.{name} has no docstring example"
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)

@@ -84,14 +84,22 @@ def test_each_command_reads_the_encoder_source_alike(name: str, capsys) -> None:
     )
     assert args.device == ("cpu" if name in ("davis", "jhmdb", "vip") else "auto")
     # One source, and only one.
-    for line in (
-        _minimal_line(name, command),
-        _minimal_line(name, command, "--checkpoint", "a.pt", "--random-init", "vit_tiny_patch16"),
-    ):
-        with pytest.raises(SystemExit) as exit_:
-            parser.parse_args(line)
-        assert exit_.value.code == 2
+    both = _minimal_line(name, command, "--checkpoint", "a.pt", "--random-init", "vit_tiny_patch16")
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(both)
+    assert exit_.value.code == 2
     assert "--checkpoint" in capsys.readouterr().err
+    none = _minimal_line(name, command)
+    if "--score-only" in command._option_string_actions:
+        # No encoder is needed to score a folder of predictions: refused when the command
+        # runs, in one line, before anything is read.
+        assert main(none) == 2
+        assert "--checkpoint or --random-init is required" in capsys.readouterr().err
+    else:
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(none)
+        assert exit_.value.code == 2
+        assert "--checkpoint" in capsys.readouterr().err
 
 
 def test_encoder_from_args_builds_the_baseline_and_names_its_source(capsys) -> None:  # noqa: ANN001
