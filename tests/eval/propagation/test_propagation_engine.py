@@ -110,7 +110,7 @@ def straightforward_step(p: PropagationParams, query, keys, labels, restricted):
     return out.reshape(-1, h, w)
 
 
-@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("padded", [False, True, "partly"])
 @pytest.mark.parametrize(
     "params",
     [
@@ -124,9 +124,15 @@ def test_optimised_step_equals_the_straightforward_step(params, padded):
     restricted slots, padded copies multiplied once) gives the same labels and argmax."""
     feats = random_features(params.queue + 2, 16, 6, 7, seed=5)
     labels = [random_labels(4, 6, 7, seed=s) for s in range(params.queue + 1)]
-    # Padding: the queue holds the first frame's features and labels again (the same tensors).
-    keys = [feats[0]] * (params.queue + 1) if padded else list(feats[: params.queue + 1])
-    labels = [labels[0]] * (params.queue + 1) if padded else labels
+    # Padding: the queue holds the first frame's features and labels again (the same tensors);
+    # "partly": the first frame, one padded copy, then real frames (a queue filling up).
+    if padded == "partly":
+        keys = [feats[0], feats[0]] + list(feats[1 : params.queue])
+        labels = [labels[0], labels[0]] + labels[1 : params.queue]
+    elif padded:
+        keys, labels = [feats[0]] * (params.queue + 1), [labels[0]] * (params.queue + 1)
+    else:
+        keys = list(feats[: params.queue + 1])
     restricted = [params.restrict_first] + [True] * params.queue
     fast = LabelPropagator(params).step(feats[-1], keys, labels, restricted)
     plain = straightforward_step(params, feats[-1], keys, labels, restricted)

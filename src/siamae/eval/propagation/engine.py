@@ -318,11 +318,11 @@ class LabelPropagator:
         return self._masks[grid]
 
     @staticmethod
-    def _slot_runs(restricted: list[bool]) -> list[slice]:
-        """The context slots the neighbourhood applies to, as runs of consecutive slots (one run,
-        slots 1..M-1 or 0..M-1, in a :meth:`propagate` call): one masking pass per run."""
+    def _runs(flags: list[bool]) -> list[slice]:
+        """The True positions of ``flags`` as runs of consecutive positions: one masking pass
+        per run (one run, slots 1..M-1 or 0..M-1, in a :meth:`propagate` call)."""
         runs: list[slice] = []
-        for i, r in enumerate(restricted):
+        for i, r in enumerate(flags):
             if r and runs and runs[-1].stop == i:
                 runs[-1] = slice(runs[-1].start, i + 1)
             elif r:
@@ -348,39 +348,49 @@ class LabelPropagator:
         Returns:
             (C, h, w) soft labels of the target frame (each cell sums to what its neighbours'
             labels sum to: 1 for one-hot labels).
+
+        Each distinct key tensor is multiplied once; each distinct (key, restricted) pair, a
+        "variant", is masked once. When every slot is its own variant, ONE top-k runs over all
+        M x N context cells. When variants fill several slots (the queue padded with copies of
+        frame 0), each variant's block is reduced to its k best first and the slots then draw
+        from those: the k best of a union are among the k best of each part, so the result is
+        the same, without expanding the copies to M x N. The temperature divides only the k
+        kept scores (x / T keeps the order).
         """
         p = self.params
         d, h, w = query.shape
         n = h * w
         m = len(keys)
         q = query.reshape(d, n)
-        # Multiply each distinct context tensor once, then expand to the M context slots.
-        slot_of: dict[int, int] = {}
-        unique: list[torch.Tensor] = []
-        index = []
-        for k in keys:
-            if id(k) not in slot_of:
-                slot_of[id(k)] = len(unique)
-                unique.append(k.reshape(d, n))
-            index.append(slot_of[id(k)])
-        key_mat = torch.cat(unique, dim=1)  # (D, U*N)
+        unique: dict[int, int] = {}  # id(key) -> column block of key_mat
+        variants: dict[tuple[int, bool], int] = {}  # (id(key), restricted) -> variant
+        for key in keys:
+            unique.setdefault(id(key), len(unique))
+        for key, r in zip(keys, restricted):
+            variants.setdefault((id(key), r), len(variants))
+        key_mat = torch.cat([k.reshape(d, n) for k in {id(k): k for k in keys}.values()], dim=1)
+        source = [unique[key_id] for key_id, _ in variants]  # key block of each variant
+        slot_variant = torch.tensor([variants[id(k), r] for k, r in zip(keys, restricted)])
+        runs = self._runs([r for _, r in variants])
         ctx_labels = torch.cat([lab.reshape(lab.shape[0], n) for lab in labels], dim=1)  # (C, M*N)
-        allowed = self._mask((h, w))  # (N, N), symmetric
-        index_t = torch.tensor(index)
+        blocked = ~self._mask((h, w))[:, None]  # (N, 1, N): broadcast over a run of variants
         k = min(p.topk, m * n)
-        runs = self._slot_runs(restricted)
-        blocked = ~allowed[:, None]  # (N, 1, N): broadcast over a run of slots
+        shared = len(variants) < m
         out = torch.empty(ctx_labels.shape[0], n)
         for start in range(0, n, p.chunk):
             stop = min(n, start + p.chunk)
             aff = (q[:, start:stop].T @ key_mat).view(stop - start, len(unique), n)  # (Q, U, N)
-            if len(unique) < m:
-                aff = aff[:, index_t]  # (Q, M, N): padded copies expanded (a fresh tensor)
+            if source != list(range(len(unique))):
+                aff = aff[:, source]  # (Q, V, N): a key both free and restricted (a fresh tensor)
             for run in runs:
                 aff[:, run].masked_fill_(blocked[start:stop], float("-inf"))
-            scores, idx = torch.topk(aff.view(stop - start, m * n), k, dim=1)  # ONE top-k
-            # The temperature divides only the k kept scores: x / T keeps the order (T > 0), and
-            # the same division of the same numbers gives the same weights as dividing all.
+            if shared:
+                best, cells = torch.topk(aff, min(k, n), dim=2)  # (Q, V, k) per variant
+                cells = cells[:, slot_variant] + (torch.arange(m) * n).view(1, m, 1)
+                scores, pick = torch.topk(best[:, slot_variant].flatten(1), k, dim=1)
+                idx = cells.flatten(1).gather(1, pick)  # (Q, k) into the M*N context cells
+            else:
+                scores, idx = torch.topk(aff.view(stop - start, m * n), k, dim=1)  # ONE top-k
             weights = torch.softmax(scores.div_(p.temperature), dim=1)  # (Q, k)
             gathered = ctx_labels[:, idx]  # (C, Q, k)
             out[:, start:stop] = (gathered * weights[None]).sum(dim=2)
