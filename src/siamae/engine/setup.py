@@ -125,9 +125,8 @@ def set_up(
     folder: RunFolder | None,
     monitor: MonitorFactory | None = None,
 ) -> Run:
-    """Everything a training call needs, resumed from ``resume`` when it names a checkpoint.
-    ``folder``: the main process's lock on the run folder (None on the other processes);
-    ``monitor``: builds the monitor the config asks for (``monitor.knn_train``, ``images``, ``davis``)."""
+    """Everything a training call needs, resumed from ``resume`` when it names a checkpoint;
+    ``folder``: the main process's run lock (None elsewhere); ``monitor``: builds the monitors."""
     # Before any parallel work (building the model is some), so the whole run uses the plan.
     threads = apply_thread_policy(cfg.run.threads, cfg.data.num_workers)
     device = pick_device(cfg, info)
@@ -163,8 +162,7 @@ def set_up(
         reporters = (
             _open_reporters(cfg, run_dir, device, state.step, monitor) if info.is_main else None
         )
-        if reporters is not None:
-            _begin_watching(reporters[0], dataset, method, checkpoint, resume_path)
+        _begin_watching(reporters, dataset, method, checkpoint, resume_path)
         if folder is not None:
             folder.started = True
             _write_start_files(cfg, run_dir, staging, method)
@@ -345,14 +343,16 @@ def _open_reporters(
 
 
 def _begin_watching(
-    monitor: Monitor | None,
+    reporters: tuple[Monitor | None, WandbRun | None] | None,
     dataset: Any,
     method: Method,
     checkpoint: dict[str, Any] | None,
     resume_path: Path | None,
 ) -> None:
     """A monitor that learns from the training batches (the online linear probe) gets the
-    data's classes and the encoder's width, and its state back from the checkpoint."""
+    data's classes and the encoder's width, and its state back from the checkpoint (main
+    process: ``reporters``, the monitor and the W&B run; None on the others)."""
+    monitor = reporters[0] if reporters is not None else None
     if not isinstance(monitor, WatchesTraining):
         return
     monitor.begin_training(len(getattr(dataset, "classes", [])), method.encoder.embed_dim)
