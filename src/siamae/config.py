@@ -140,8 +140,9 @@ class MonitorConfig:
     Images are resized to ``img_size / crop_pct`` and centre-cropped (1.0 for tiny images).
 
     ``online_linear``: the online linear probe (solo-learn's): a linear head on the ``pool``ed
-    features of each training batch's first view, trained every step by its own SGD
-    (``online_linear_lr``, ``online_linear_momentum``, no weight decay) on the classes of
+    features of each training batch's first view, trained every step by its own AdamW
+    (``online_linear_lr``, ``online_linear_weight_decay``; every ``online_linear_every``-th
+    step, 1: every step) on the classes of
     labelled pre-training data (an ImageFolder-layout ``data.path`` or labelled shards); its
     top-1 on the training batches, the mean over each log window, is logged as
     ``monitor/online_linear_top1``. Off by default (it costs one more forward pass a step).
@@ -166,8 +167,9 @@ class MonitorConfig:
     davis_protocol: Literal["cropmae", "dino"] = "cropmae"
     davis_set: str | None = None  # comma-separated KEY=VALUE, as `eval davis --set`
     online_linear: bool = False
-    online_linear_lr: float = 0.1
-    online_linear_momentum: float = 0.9
+    online_linear_lr: float = 1e-3
+    online_linear_weight_decay: float = 0.0
+    online_linear_every: int = 1  # train the head on every N-th step's batch (1: solo-learn's)
 
     @property
     def asked(self) -> bool:
@@ -763,9 +765,14 @@ def _check_online_linear(cfg: Config) -> None:
         f"expected a positive number, got {mo.online_linear_lr}",
     )
     _check(
-        0.0 <= mo.online_linear_momentum < 1.0,
-        "monitor.online_linear_momentum",
-        f"expected 0 <= momentum < 1, got {mo.online_linear_momentum}",
+        mo.online_linear_every >= 1,
+        "monitor.online_linear_every",
+        f"expected 1 or more, got {mo.online_linear_every}",
+    )
+    _check(
+        mo.online_linear_weight_decay >= 0,
+        "monitor.online_linear_weight_decay",
+        f"expected 0 or more, got {mo.online_linear_weight_decay}",
     )
     if mo.online_linear:  # the classes come from the folder layout or the shards' .cls members
         _check(

@@ -106,7 +106,11 @@ def _forward_backward(
             raise _diverged(run, loss, epoch)
         run.scaler.scale(loss / run.cfg.optim.accum_steps).backward()
     window.add(loss, out.logs, batch["images"].shape[0] * run.info.world_size)
-    if isinstance(run.monitor, WatchesTraining) and CLASS_LABEL in batch:
+    if (
+        isinstance(run.monitor, WatchesTraining)
+        and CLASS_LABEL in batch
+        and run.state.step % run.cfg.monitor.online_linear_every == 0
+    ):
         # The online linear probe (rank 0): detached features of the weights this step used.
         run.monitor.observe_batch(
             run.method.encoder, inputs["images"], batch[CLASS_LABEL], run.autocast

@@ -17,6 +17,7 @@ from siamae.engine.trainer import train
 from siamae.eval.probes.monitor import build_monitor
 from siamae.eval.probes.online_linear import TOP1
 from siamae.export import export_encoder
+from siamae.hub import export_hub
 from siamae.loading import load_encoder
 from siamae.recipes import load_config
 
@@ -115,6 +116,21 @@ def test_an_interrupted_run_logs_the_same_probe_figures(colours: Path, tmp_path:
     assert torch.equal(sa["head"]["weight"], sb["head"]["weight"])
 
 
+def test_the_probe_can_skip_steps(colours: Path, tmp_path: Path) -> None:
+    summary = train(
+        _cfg(colours, tmp_path / "run", "monitor.online_linear=true",
+             "monitor.online_linear_every=3"),
+        resume=False,
+        monitor=build_monitor,
+    )  # fmt: skip
+    state = torch.load(summary["checkpoint"], weights_only=True)["monitor_state"]
+    steps = [s["step"] for s in state["optimizer"]["state"].values()]
+    # The batches of steps 1 and 4 of 6 (the counter reads 0 and 3): the head stepped twice.
+    assert [float(s) for s in steps] == [2.0, 2.0]
+    # A log window with no trained batch (steps 5-6) logs no probe figure.
+    assert [r["step"] for r in _probe_records(tmp_path / "run")] == [2, 4]
+
+
 def test_exports_hold_no_probe_tensor(colours: Path, tmp_path: Path) -> None:
     summary = train(
         _cfg(colours, tmp_path / "run", "monitor.online_linear=true", "optim.max_steps=2"),
@@ -126,11 +142,14 @@ def test_exports_hold_no_probe_tensor(colours: Path, tmp_path: Path) -> None:
     assert head.shape == (2, 192) and head.abs().sum() > 0  # it trained, 2 classes
     tensors, _ = export_encoder(summary["checkpoint"], tmp_path / "encoder.safetensors")
     exported = load_file(str(tensors))
+    hub = export_hub(summary["checkpoint"], tmp_path / "hub")
+    hub_tensors = load_file(str(next(hub.glob("*.safetensors"))))
     encoder = load_encoder(summary["checkpoint"])
-    for keys in (exported.keys(), encoder.state_dict().keys(), state["model"].keys()):
+    for keys in (exported, hub_tensors, encoder.state_dict(), state["model"]):
         assert not [k for k in keys if "monitor" in k or "online" in k or "probe" in k]
-    # No tensor of the export has the head's shape (classes x width).
-    assert all(tuple(v.shape) != (2, 192) for v in exported.values())
+    # No tensor of the exports has the head's shape (classes x width).
+    for tensor in (*exported.values(), *hub_tensors.values()):
+        assert tuple(tensor.shape) != (2, 192)
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -149,7 +168,8 @@ def _pretrain(data: Path, out: Path, *settings: str) -> int:
     ("setting", "named"),
     [
         ("monitor.online_linear_lr=-1", "monitor.online_linear_lr"),
-        ("monitor.online_linear_momentum=1.5", "monitor.online_linear_momentum"),
+        ("monitor.online_linear_weight_decay=-0.1", "monitor.online_linear_weight_decay"),
+        ("monitor.online_linear_every=0", "monitor.online_linear_every"),
         ("monitor.online_linear=maybe", "monitor.online_linear"),
     ],
 )

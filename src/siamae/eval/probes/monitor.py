@@ -255,7 +255,7 @@ def build_monitor(cfg: Config, device: torch.device | str) -> Monitors | None:
         else None
     )
     online = (
-        OnlineLinearProbe(device, mo.pool, mo.online_linear_lr, mo.online_linear_momentum)
+        OnlineLinearProbe(device, mo.pool, mo.online_linear_lr, mo.online_linear_weight_decay)
         if mo.online_linear
         else None
     )

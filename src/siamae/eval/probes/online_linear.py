@@ -3,9 +3,11 @@ pre-training batches' own labels while the encoder pre-trains, logged as
 ``monitor/online_linear_top1`` (and ``monitor/online_linear_loss``).
 
 Each step the head sees the pooled features (``monitor.pool``) of the first view of every
-training image that rank 0 loaded, and takes one step of its own SGD
-(``monitor.online_linear_lr``, ``monitor.online_linear_momentum``, no weight decay) on their
-classes. Its top-1 is that of the batch's logits before the head's step, summed over the log
+training image that rank 0 loaded, and takes one step of its own AdamW
+(``monitor.online_linear_lr``, ``monitor.online_linear_weight_decay``) on their classes: Adam's
+steps do not grow with the features' scale (a ViT's pooled features have norm ~sqrt(width)
+after its final LayerNorm, on which SGD at solo-learn's ResNet rate of 0.1 diverged), and
+solo-learn's ViT recipes (MAE) train their classifier with AdamW too. Its top-1 is that of the batch's logits before the head's step, summed over the log
 window and logged with the window's loss as their mean.
 
 The features come from one more forward pass of the un-masked view, under ``no_grad`` and with
@@ -44,17 +46,22 @@ class OnlineLinearProbe:
     Args:
         device: where the encoder (and the head) live.
         pool: the encoder's pooling (``cls``, ``mean``, ...: :data:`features.FEATURES`).
-        lr, momentum: the head's SGD.
+        lr, weight_decay: the head's AdamW.
 
     :meth:`begin` builds the head once the number of classes and the feature width are known.
     """
 
     def __init__(
-        self, device: torch.device | str, pool: str = "cls", lr: float = 0.1, momentum: float = 0.9
+        self,
+        device: torch.device | str,
+        pool: str = "cls",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
     ) -> None:
-        self.device, self.pool, self.lr, self.momentum = torch.device(device), pool, lr, momentum
+        self.device, self.pool = torch.device(device), pool
+        self.lr, self.weight_decay = lr, weight_decay
         self.head: nn.Linear | None = None
-        self.optimizer: torch.optim.SGD | None = None
+        self.optimizer: torch.optim.AdamW | None = None
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -68,8 +75,8 @@ class OnlineLinearProbe:
         self.head = nn.Linear(features, num_classes, device=self.device)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        self.optimizer = torch.optim.SGD(
-            self.head.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=0.0
+        self.optimizer = torch.optim.AdamW(
+            self.head.parameters(), lr=self.lr, weight_decay=self.weight_decay
         )
 
     def features(
