@@ -59,9 +59,9 @@ class PretrainDataset(Dataset):
     An unreadable item is skipped (the next index is used instead), counted in ``skipped`` and
     named in ``skipped_files`` so the training loop can report it.
 
-    With ``labels`` (one class per source item, and the class names) an item also holds ``class_label``, the class
-    of the item it was made from: bookkeeping the loader batch carries to the trainer (the
-    online linear probe), never among the method's inputs.
+    With ``labels`` (one class per source item, and the class names) an item also holds
+    ``class_label``, the class of the item it was made from: bookkeeping the loader batch
+    carries to the trainer (the online linear probe), never among the method's inputs.
     """
 
     def __init__(

@@ -2,18 +2,17 @@
 pre-training batches' own labels while the encoder pre-trains, logged as
 ``monitor/online_linear_top1`` (and ``monitor/online_linear_loss``).
 
-Each step the head sees the pooled features (``monitor.pool``) of the first view of every
-training image that rank 0 loaded, and takes one step of its own AdamW
-(``monitor.online_linear_lr``, ``monitor.online_linear_weight_decay``) on their classes: Adam's
-steps do not grow with the features' scale (a ViT's pooled features have norm ~sqrt(width)
-after its final LayerNorm, on which SGD at solo-learn's ResNet rate of 0.1 diverged), and
-solo-learn's ViT recipes (MAE) train their classifier with AdamW too. Its top-1 is that of the batch's logits before the head's step, summed over the log
-window and logged with the window's loss as their mean.
+Each step (every ``monitor.online_linear_every``-th) the head sees the pooled features
+(``monitor.pool``) of the first view of every training image that rank 0 loaded, and takes one
+step of its own AdamW (``monitor.online_linear_lr``, ``monitor.online_linear_weight_decay``) on
+their classes: Adam's steps do not grow with the features' scale (a ViT's pooled features have
+a norm of about sqrt(width) after its final LayerNorm; an SGD head at lr 0.1 diverged on them).
+Its top-1 is that of the batch's logits before the head's step, summed over the log window and
+logged with the window's loss as their mean.
 
 The features come from one more forward pass of the un-masked view, under ``no_grad`` and with
-the encoder in eval mode (its mode is restored): the methods' own forward sees masked or
-cropped tokens only (MAE encodes a quarter of the patches), which is no feature to probe, and in
-eval mode the pass draws no random number (no dropout, no drop-path), so the encoder and every
+the encoder in eval mode (its mode is restored): MAE's own forward encodes a quarter of the
+patches, no feature to probe, and a method hands out only its loss and logs; in eval mode the pass draws no random number (no dropout, no drop-path), so the encoder and every
 later random choice of the run are bitwise those of a run without the probe. No gradient
 reaches the encoder: the head learns from detached features, and its parameters are neither
 the method's nor in its optimizer, so ``siamae export`` and ``load_encoder`` never see them.
