@@ -197,4 +197,4 @@ def test_data_without_labels_is_refused_in_one_line(
     assert _pretrain(flat, tmp_path / "b", on) == 2
     line = _error_line(capsys)
     assert "'monitor.online_linear'" in line and "no class labels" in line
-    assert not (tmp_path / "b" / "checkpoints").exists()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written
