@@ -198,3 +198,20 @@ def test_data_without_labels_is_refused_in_one_line(
     line = _error_line(capsys)
     assert "'monitor.online_linear'" in line and "no class labels" in line
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written
+
+
+def test_a_resume_on_data_with_other_classes_is_refused(colours: Path, tmp_path: Path) -> None:
+    from siamae.errors import CheckpointError
+
+    data = tmp_path / "data"
+    for name in ("red", "blue"):
+        (data / name).mkdir(parents=True)
+        for f in sorted((colours / name).iterdir()):
+            (data / name / f.name).write_bytes(f.read_bytes())
+    cfg = _cfg(data, tmp_path / "run", "monitor.online_linear=true", "optim.max_steps=4")
+    train(cfg, resume=False, stop_after_steps=2, monitor=build_monitor)
+    (data / "green").mkdir()
+    for f in sorted((colours / "red").iterdir()):
+        (data / "green" / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(CheckpointError, match="online linear probe.*--no-resume"):
+        train(cfg, resume="auto", monitor=build_monitor)
