@@ -138,6 +138,14 @@ class MonitorConfig:
 
     ``every_steps``, when set, replaces ``every_epochs``. ``img_size`` null: the model's size.
     Images are resized to ``img_size / crop_pct`` and centre-cropped (1.0 for tiny images).
+
+    ``online_linear``: the online linear probe (solo-learn's): a linear head on the ``pool``ed
+    features of each training batch's first view, trained every step by its own AdamW
+    (``online_linear_lr``, ``online_linear_weight_decay``; every ``online_linear_every``-th
+    step, 1: every step) on the classes of
+    labelled pre-training data (an ImageFolder-layout ``data.path`` or labelled shards); its
+    top-1 on the training batches, the mean over each log window, is logged as
+    ``monitor/online_linear_top1``. Off by default (it costs one more forward pass a step).
     """
 
     knn_train: str | None = None
@@ -158,11 +166,15 @@ class MonitorConfig:
     max_frames: int | None = None
     davis_protocol: Literal["cropmae", "dino"] = "cropmae"
     davis_set: str | None = None  # comma-separated KEY=VALUE, as `eval davis --set`
+    online_linear: bool = False
+    online_linear_lr: float = 1e-3
+    online_linear_weight_decay: float = 0.0
+    online_linear_every: int = 1  # train the head on every N-th step's batch (1: solo-learn's)
 
     @property
     def asked(self) -> bool:
         """Whether any monitor is asked for."""
-        return bool(self.knn_train or self.images or self.davis)
+        return bool(self.knn_train or self.images or self.davis or self.online_linear)
 
 
 @dataclass
@@ -741,6 +753,34 @@ def _check_monitor(cfg: Config) -> None:
             all("=" in s for s in mo.davis_set.split(",")),
             "monitor.davis_set",
             f"expected comma-separated KEY=VALUE protocol overrides, got {mo.davis_set!r}",
+        )
+    _check_online_linear(cfg)
+
+
+def _check_online_linear(cfg: Config) -> None:
+    mo = cfg.monitor
+    _check(
+        mo.online_linear_lr > 0,
+        "monitor.online_linear_lr",
+        f"expected a positive number, got {mo.online_linear_lr}",
+    )
+    _check(
+        mo.online_linear_every >= 1,
+        "monitor.online_linear_every",
+        f"expected 1 or more, got {mo.online_linear_every}",
+    )
+    _check(
+        mo.online_linear_weight_decay >= 0,
+        "monitor.online_linear_weight_decay",
+        f"expected 0 or more, got {mo.online_linear_weight_decay}",
+    )
+    if mo.online_linear:  # the classes come from the folder layout or the shards' .cls members
+        _check(
+            cfg.data.source == "images",
+            "monitor.online_linear",
+            f"data.source {cfg.data.source!r} has no class labels; the online linear probe "
+            "needs data.source=images with an ImageFolder-layout folder or labelled shards "
+            "(or set monitor.online_linear=false)",
         )
 
 

@@ -25,14 +25,18 @@ from siamae.data.sources import (
     SyntheticImageSource,
     SyntheticVideoSource,
     UnreadableSample,
+    class_labels_of,
 )
 from siamae.data.video_shards import is_frame_shards, open_frame_shards
 from siamae.data.views import Augment, MakesViews, ViewMaker, ViewSample
 from siamae.errors import DataError
+from siamae.options import option_error
 
 MAX_CONSECUTIVE_BAD = 50
-# Fields of a loader batch that are bookkeeping, not model inputs.
-BOOKKEEPING = ("index", "skipped", "skipped_files")
+# Fields of a loader batch that are bookkeeping, not model inputs. ``class_label`` (the item's
+# class, there only for the online linear probe) is for the trainer, never the method.
+CLASS_LABEL = "class_label"
+BOOKKEEPING = ("index", "skipped", "skipped_files", CLASS_LABEL)
 
 
 def _split(made: list[np.ndarray] | ViewSample) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -54,6 +58,10 @@ class PretrainDataset(Dataset):
 
     An unreadable item is skipped (the next index is used instead), counted in ``skipped`` and
     named in ``skipped_files`` so the training loop can report it.
+
+    With ``labels`` (one class per source item, and the class names) an item also holds
+    ``class_label``, the class of the item it was made from: bookkeeping the loader batch
+    carries to the trainer (the online linear probe), never among the method's inputs.
     """
 
     def __init__(
@@ -63,8 +71,10 @@ class PretrainDataset(Dataset):
         num_patches: int,
         seed: int = 0,
         repeats: int = 1,
+        labels: tuple[np.ndarray, list[str]] | None = None,
     ) -> None:
         self.source = source
+        self.labels, self.classes = labels if labels is not None else (None, [])
         self.views = views
         self.num_patches = num_patches
         self.seed = seed
@@ -98,7 +108,7 @@ class PretrainDataset(Dataset):
             images = torch.from_numpy(views).movedim(-1, -3).contiguous()
             shape = (self.num_patches,) if self.repeats == 1 else (self.repeats, self.num_patches)
             noise = torch.from_numpy(rng.random(shape, dtype=np.float32))
-            return {
+            item = {
                 **{name: torch.as_tensor(np.asarray(value)) for name, value in extras.items()},
                 "images": images,
                 "mask_noise": noise,
@@ -106,6 +116,9 @@ class PretrainDataset(Dataset):
                 "skipped": len(skipped),
                 "skipped_files": "\n".join(skipped),
             }
+            if self.labels is not None:
+                item[CLASS_LABEL] = int(self.labels[i])
+            return item
         raise DataError(
             f"{MAX_CONSECUTIVE_BAD} consecutive unreadable items starting at {self.source.name(index)!r}; "
             f"last error: {skipped[-1] if skipped else '?'}. Check the data folder."
@@ -230,7 +243,27 @@ def build_dataset(
     """The dataset of a run. Methods with their own views or data pass ``views``/``source``."""
     views = views if views is not None else build_view_maker(cfg, kind)
     source = source if source is not None else build_source(cfg, kind, cache_dir)
-    return PretrainDataset(source, views, num_patches, cfg.run.seed, cfg.data.repeated_sampling)
+    labels = training_labels(cfg, source)
+    return PretrainDataset(
+        source, views, num_patches, cfg.run.seed, cfg.data.repeated_sampling, labels
+    )
+
+
+def training_labels(cfg: Config, source: Source) -> tuple[np.ndarray, list[str]] | None:
+    """The class of each item for the online linear probe (``monitor.online_linear``), None
+    when it is off; refused (one line naming the field) when the data has no classes."""
+    if not cfg.monitor.online_linear:
+        return None
+    found = class_labels_of(source)
+    if found is None or len(found[1]) < 2:
+        raise option_error(
+            "monitor.online_linear",
+            f"the pre-training data ({cfg.data.source} {cfg.data.path or ''}".rstrip()
+            + ") has no class labels: it needs an ImageFolder-layout folder (<folder>/<class>/"
+            "<image>, 2 classes or more) or tar shards with a .cls member per sample; "
+            "set monitor.online_linear=false or point data.path at labelled images",
+        )
+    return found
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -242,8 +275,14 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     join = torch.cat if repeated else torch.stack
     reps = samples[0]["images"].shape[0] if repeated else 1
     tensors = [k for k, v in samples[0].items() if k not in BOOKKEEPING and torch.is_tensor(v)]
+    labels = (
+        {CLASS_LABEL: torch.tensor([s[CLASS_LABEL] for s in samples]).repeat_interleave(reps)}
+        if CLASS_LABEL in samples[0]
+        else {}
+    )
     return {
         **{k: join([s[k] for s in samples]) for k in tensors},
+        **labels,
         "index": torch.tensor([s["index"] for s in samples]).repeat_interleave(reps),
         "skipped": sum(s["skipped"] for s in samples),
         "skipped_files": [

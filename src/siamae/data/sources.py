@@ -46,6 +46,25 @@ class Source(Protocol):
         ...
 
 
+def class_labels_of(source: Source) -> tuple[np.ndarray, list[str]] | None:
+    """The class of every item of ``source`` (labels 0..C-1, class names) where its data has
+    them: an ImageFolder-layout folder (:meth:`ImageFileSource.class_labels`) or tar shards
+    whose every sample has a ``.cls`` member; None otherwise (synthetic data, videos, a flat
+    folder, a list file, shards without classes)."""
+    read = getattr(source, "class_labels", None)
+    if callable(read):
+        found: tuple[np.ndarray, list[str]] | None = read()
+        return found
+    labels = getattr(source, "labels", None)  # tar shards: -1/-2 where a sample has no class
+    if not isinstance(labels, np.ndarray) or not len(labels) or int(labels.min()) < 0:
+        return None
+    names = getattr(source, "classes", None)
+    if names and len(names) > int(labels.max()):
+        return labels, list(names)
+    classes = [str(c) for c in range(int(labels.max()) + 1)]
+    return labels, classes
+
+
 class FrameSource(Source, Protocol):
     """A source of videos: two frames of item ``index`` a gap apart (SiamMAE's pairs)."""
 
@@ -204,6 +223,19 @@ class ImageFileSource:
 
     def open_image(self, index: int, rng: np.random.Generator) -> Image.Image:
         return open_lazy(self.files[index])
+
+    def class_labels(self) -> tuple[np.ndarray, list[str]] | None:
+        """Each file's class from the ImageFolder layout (``root/<class>/**/<image>``: the
+        sub-folder under the root, classes sorted by name, labels 0..C-1), or None when the
+        data is a list file or some image lies directly in the root (no layout to read)."""
+        if not self.root.is_dir():
+            return None
+        tops = [f.relative_to(self.root).parts for f in self.files]
+        if any(len(parts) < 2 for parts in tops):
+            return None
+        classes = sorted({parts[0] for parts in tops})
+        index = {name: i for i, name in enumerate(classes)}
+        return np.array([index[parts[0]] for parts in tops], dtype=np.int64), classes
 
 
 class SyntheticImageSource:

@@ -15,7 +15,7 @@ import torch.nn as nn
 from siamae.checkpoint import TRAIN_FORMAT, load_checkpoint, save_atomic
 from siamae.config import Config
 from siamae.engine import distributed as D
-from siamae.engine.state import Run, TrainState
+from siamae.engine.state import Run, TrainState, WatchesTraining
 from siamae.errors import CheckpointError
 from siamae.methods.base import Method, without_retired
 from siamae.recipes import config_from_dict
@@ -168,6 +168,9 @@ def save_checkpoint(run: Run, tag: str = "last") -> None:
             "data_items": state.data_items,
             "data_fingerprint": state.data_fingerprint,
         }
+        if isinstance(run.monitor, WatchesTraining):
+            # The online linear probe's head, optimizer and window: beside the model, never in it.
+            payload["monitor_state"] = run.monitor.state_dict()
         save_atomic(payload, run.ckpt_dir / f"{tag}.pt")
     if tag == "last":
         state.last_checkpoint_step = state.step

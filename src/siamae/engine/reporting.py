@@ -20,7 +20,7 @@ import torch
 from siamae.engine import distributed as D
 from siamae.engine.checkpointing import save_checkpoint
 from siamae.engine.setup import SKIPPED_FILE, THREADS_FILE
-from siamae.engine.state import Run
+from siamae.engine.state import Run, WatchesTraining
 from siamae.methods.base import EvalRequest, Evaluates
 
 
@@ -80,6 +80,8 @@ def log_window(run: Run, window: LogWindow, lr: float) -> None:
         record[key] = D.all_reduce_mean(window.log_sums[key] / max(window.count, 1), info).item()
     run.last_loss = mean_loss
     window.reset()
+    if isinstance(run.monitor, WatchesTraining):  # rank 0's online linear probe
+        record.update(run.monitor.window_figures())
     if run.logger is not None:
         run.logger.log(record)
     if run.progress is not None:

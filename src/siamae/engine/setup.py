@@ -34,9 +34,17 @@ from siamae.engine.checkpointing import (
 )
 from siamae.engine.logging import MetricsLogger
 from siamae.engine.run_lock import RunFolder
-from siamae.engine.state import Monitor, MonitorFactory, Run, Schedule, TrainState
+from siamae.engine.state import (
+    Monitor,
+    MonitorFactory,
+    Run,
+    Schedule,
+    TrainState,
+    WatchesTraining,
+)
 from siamae.engine.stop import STOP_SIGNALS
 from siamae.engine.tracking import WandbRun, open_tracking
+from siamae.errors import CheckpointError
 from siamae.methods import Method
 from siamae.methods.base import KeepsRankLocalTensors, SkipsAtStart
 from siamae.optim import build_optimizer
@@ -117,9 +125,8 @@ def set_up(
     folder: RunFolder | None,
     monitor: MonitorFactory | None = None,
 ) -> Run:
-    """Everything a training call needs, resumed from ``resume`` when it names a checkpoint.
-    ``folder``: the main process's lock on the run folder (None on the other processes);
-    ``monitor``: builds the monitor the config asks for (``monitor.knn_train``, ``images``, ``davis``)."""
+    """Everything a training call needs, resumed from ``resume`` when it names a checkpoint;
+    ``folder``: the main process's run lock (None elsewhere); ``monitor``: builds the monitors."""
     # Before any parallel work (building the model is some), so the whole run uses the plan.
     threads = apply_thread_policy(cfg.run.threads, cfg.data.num_workers)
     device = pick_device(cfg, info)
@@ -155,6 +162,7 @@ def set_up(
         reporters = (
             _open_reporters(cfg, run_dir, device, state.step, monitor) if info.is_main else None
         )
+        _begin_watching(reporters, dataset, method, checkpoint, resume_path)
         if folder is not None:
             folder.started = True
             _write_start_files(cfg, run_dir, staging, method)
@@ -317,7 +325,9 @@ def _open_reporters(
                 if mo.knn_train
                 else "monitor.images"
                 if mo.images
-                else "monitor.davis",
+                else "monitor.davis"
+                if mo.davis
+                else "monitor.online_linear",
                 "this train() call has no monitor to build; "
                 "pass train(..., monitor=siamae.eval.probes.monitor.build_monitor)",
             )
@@ -330,6 +340,32 @@ def _open_reporters(
         if not had_wandb_dir:
             shutil.rmtree(wandb_dir, ignore_errors=True)
         raise
+
+
+def _begin_watching(
+    reporters: tuple[Monitor | None, WandbRun | None] | None,
+    dataset: Any,
+    method: Method,
+    checkpoint: dict[str, Any] | None,
+    resume_path: Path | None,
+) -> None:
+    """A monitor that learns from the training batches (the online linear probe) gets the
+    data's classes and the encoder's width, and its state back from the checkpoint (main
+    process: ``reporters``, the monitor and the W&B run; None on the others)."""
+    monitor = reporters[0] if reporters is not None else None
+    if not isinstance(monitor, WatchesTraining):
+        return
+    monitor.begin_training(len(getattr(dataset, "classes", [])), method.encoder.embed_dim)
+    if checkpoint is None:
+        return
+    try:
+        monitor.load_state_dict(checkpoint.get("monitor_state") or {})
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0][:200]
+        raise CheckpointError(
+            f"{resume_path}: its online linear probe does not fit this run's data ({first}); "
+            "the data's classes changed: use another run.out_dir or --no-resume"
+        ) from None
 
 
 def _say_resumed(

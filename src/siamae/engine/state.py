@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,26 @@ class Monitor(Protocol):
     def due(self, epochs_done: int, step: int) -> bool: ...
 
     def run(self, encoder: Encoder) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class WatchesTraining(Protocol):
+    """A monitor that also learns from the training batches (the online linear probe): told
+    the classes and feature width once, it sees each micro-batch's normalised images and
+    ``class_label`` (rank 0's share), gives its figures when a log window closes, and keeps its
+    state in the training checkpoint (``monitor_state``; {}: nothing to keep)."""
+
+    def begin_training(self, num_classes: int, features: int) -> None: ...
+
+    def observe_batch(
+        self, encoder: Encoder, images: torch.Tensor, labels: torch.Tensor, autocast: Any
+    ) -> None: ...
+
+    def window_figures(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 #: Builds the monitor a config asks for on the run's device (None where it asks for none). Handed

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from siamae.data.dataset import batch_to_device, worker_batches
+from siamae.data.dataset import CLASS_LABEL, batch_to_device, worker_batches
 from siamae.engine.checkpointing import save_checkpoint
 from siamae.engine.reporting import (
     LogWindow,
@@ -22,7 +22,7 @@ from siamae.engine.reporting import (
     run_evaluation,
     run_monitor,
 )
-from siamae.engine.state import Run
+from siamae.engine.state import Run, WatchesTraining
 from siamae.engine.stop import StopRequest
 from siamae.errors import TrainingDiverged
 from siamae.methods.base import UpdatesAfterStep
@@ -106,6 +106,15 @@ def _forward_backward(
             raise _diverged(run, loss, epoch)
         run.scaler.scale(loss / run.cfg.optim.accum_steps).backward()
     window.add(loss, out.logs, batch["images"].shape[0] * run.info.world_size)
+    if (
+        isinstance(run.monitor, WatchesTraining)
+        and CLASS_LABEL in batch
+        and run.state.step % run.cfg.monitor.online_linear_every == 0
+    ):
+        # The online linear probe (rank 0): detached features of the weights this step used.
+        run.monitor.observe_batch(
+            run.method.encoder, inputs["images"], batch[CLASS_LABEL], run.autocast
+        )
 
 
 def _diverged(run: Run, loss: torch.Tensor, epoch: int) -> TrainingDiverged:

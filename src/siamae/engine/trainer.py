@@ -44,7 +44,7 @@ def train(
 
     ``stop_after_steps`` interrupts the run after that many optimizer steps of this call, as a
     signal would (used by tests of resume). ``monitor`` builds the monitor a config with
-    ``monitor.knn_train``, ``monitor.images`` or ``monitor.davis`` asks for (the commands pass
+    ``monitor.knn_train``, ``images``, ``davis`` or ``online_linear`` asks for (the commands pass
     :func:`siamae.eval.probes.monitor.build_monitor`; the engine imports no evaluation).
     """
     check_tracking(cfg)  # a missing optional tracker fails before any work

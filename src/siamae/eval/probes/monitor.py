@@ -1,7 +1,9 @@
 """Online monitors: representation quality while pre-training runs (rank 0 only). The k-NN
 monitor is below; :class:`Monitors` adds RankMe on unlabelled images
 (:mod:`siamae.eval.probes.rankme`) and label propagation J&F on a DAVIS-layout root
-(:mod:`siamae.eval.propagation.dense_monitor`) at the same interval, and before the first step.
+(:mod:`siamae.eval.propagation.dense_monitor`) at the same interval, and before the first step,
+and trains the online linear probe on the training batches
+(:mod:`siamae.eval.probes.online_linear`, every step; logged with each log window).
 The other processes go on to their next step and wait for rank 0 in its gradient all-reduce:
 no collective is added for the monitor.
 
@@ -31,6 +33,7 @@ import torch
 from siamae.data.image_folder import EvalTransform, ImageFolder
 from siamae.eval.probes.features import decode_all, extract_features
 from siamae.eval.probes.knn import knn_classify
+from siamae.eval.probes.online_linear import OnlineLinearProbe
 from siamae.eval.probes.rankme import RankMeMonitor, read_images
 from siamae.eval.propagation.dense_monitor import DenseMonitor, davis_params
 
@@ -156,7 +159,8 @@ def interval_due(cfg: MonitorConfig, epochs_done: int, step: int) -> bool:
 class Monitors:
     """The monitors a config asks for, as one: the k-NN monitor (its own schedule), RankMe and
     the dense monitor (:func:`interval_due`). ``run`` returns every due figure, each with the
-    seconds it took (``*_seconds``)."""
+    seconds it took (``*_seconds``). The online linear probe learns from every training batch
+    (``observe_batch``; the engine's ``WatchesTraining``) and reports with the log window."""
 
     def __init__(
         self,
@@ -164,8 +168,10 @@ class Monitors:
         knn: KNNMonitor | None,
         rankme: RankMeMonitor | None,
         dense: DenseMonitor | None,
+        online_linear: OnlineLinearProbe | None = None,
     ) -> None:
         self.cfg, self.knn, self.rankme, self.dense = cfg, knn, rankme, dense
+        self.online_linear = online_linear
         self._now: list[str] = []
         self._last_step: int | None = None
 
@@ -192,6 +198,27 @@ class Monitors:
             result[f"monitor/{name}_seconds"] = time.perf_counter() - start
         self._now = []
         return result
+
+    # -- the online linear probe (siamae.engine.state.WatchesTraining) ------------------------
+    def begin_training(self, num_classes: int, features: int) -> None:
+        if self.online_linear is not None:
+            self.online_linear.begin(num_classes, features)
+
+    def observe_batch(
+        self, encoder: Encoder, images: torch.Tensor, labels: torch.Tensor, autocast: object
+    ) -> None:
+        if self.online_linear is not None:
+            self.online_linear.observe(encoder, images, labels, autocast)
+
+    def window_figures(self) -> dict[str, float]:
+        return self.online_linear.window_figures() if self.online_linear is not None else {}
+
+    def state_dict(self) -> dict[str, object]:
+        return self.online_linear.state_dict() if self.online_linear is not None else {}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        if self.online_linear is not None and state:
+            self.online_linear.load_state_dict(state)
 
 
 def build_monitor(cfg: Config, device: torch.device | str) -> Monitors | None:
@@ -227,4 +254,9 @@ def build_monitor(cfg: Config, device: torch.device | str) -> Monitors | None:
         if mo.davis is not None
         else None
     )
-    return Monitors(mo, knn, rankme, dense)
+    online = (
+        OnlineLinearProbe(device, mo.pool, mo.online_linear_lr, mo.online_linear_weight_decay)
+        if mo.online_linear
+        else None
+    )
+    return Monitors(mo, knn, rankme, dense, online)
