@@ -50,6 +50,7 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
         "data.source=images", f"data.path={data}", "data.batch_size=8", "data.num_workers=0",
         "optim.max_steps=6", "run.log_every=2", "run.checkpoint_every=1000", "run.device=cpu",
         "run.progress=false", "run.visualize=false", "run.tensorboard=false", "run.seed=7",
+        "monitor.online_linear_every=1",  # every step here (the default, 4, would skip most)
         f"run.out_dir={out}", *extra,
     ]  # fmt: skip
 
