@@ -112,8 +112,13 @@ def read_mask(path: str | Path) -> np.ndarray:
         raise DataError(
             f"cannot read mask {path}: {err}; re-download the annotation or remove it"
         ) from None
-    if img.mode == "P":
-        return np.asarray(img, dtype=np.uint8).copy()
+    if img.mode in ("P", "L"):
+        # One byte a pixel: the decoded bytes as they are (np.asarray(img) took as long as the
+        # decoding itself on "L" masks).
+        arr = np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(img.height, img.width)
+        if img.mode == "P":
+            return arr.copy()
+        return _davis_2016_or_ids(arr.copy())
     if img.mode in ("RGB", "RGBA"):
         rgb = np.asarray(img.convert("RGB"))
         codes = (
@@ -136,9 +141,14 @@ def read_mask(path: str | Path) -> np.ndarray:
     arr = np.asarray(img.convert("L") if img.mode not in ("L", "I", "I;16") else img)
     if arr.max(initial=0) > 255:
         raise DataError(f"mask {path} has values above 255; expected object ids")
-    arr = arr.astype(np.uint8)
+    return _davis_2016_or_ids(arr.astype(np.uint8))
+
+
+def _davis_2016_or_ids(arr: np.ndarray) -> np.ndarray:
+    """A grayscale mask's uint8 values: object 1 where 255 if it holds only 0 and 255 (DAVIS
+    2016), else the ids as they are."""
     if not np.any(arr - np.uint8(1) < 254):  # only 0 and 255 (1..254 wrap to 0..253)
-        return (arr == 255).astype(np.uint8)  # DAVIS-2016: one object
+        return (arr == 255).astype(np.uint8)
     return arr
 
 

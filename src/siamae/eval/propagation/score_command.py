@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import ctypes.util
 import os
 import sys
 from collections.abc import Sequence
@@ -42,12 +41,11 @@ def keep_freed_memory() -> bool:
     fifth of the run (docs/propagation.md). Kept, the process stays within about 100 MiB.
     Called only by the command (the process is then ours), never by the library functions.
     """
-    name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux"):
+        return False
     try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is None:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process runs on
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     return all(mallopt(param, value) == 1 for param, value in _KEEP_FREED_MEMORY.items())
 
