@@ -75,9 +75,11 @@ def resize_nearest(ids: np.ndarray, size: tuple[int, int], exact: bool = False) 
     ``nearest-exact``, float32 index arithmetic included) without loading torch."""
     if tuple(ids.shape[:2]) == tuple(size):
         return ids
-    rows = _nearest_indices(ids.shape[0], size[0], exact)
-    cols = _nearest_indices(ids.shape[1], size[1], exact)
-    return ids[rows][:, cols]
+    if ids.shape[0] != size[0]:
+        ids = ids[_nearest_indices(ids.shape[0], size[0], exact)]
+    if ids.shape[1] != size[1]:
+        ids = ids[:, _nearest_indices(ids.shape[1], size[1], exact)]
+    return ids
 
 
 def _nearest_indices(source: int, target: int, exact: bool) -> np.ndarray:
