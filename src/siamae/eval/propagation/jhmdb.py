@@ -108,7 +108,9 @@ def evaluate_jhmdb(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
-    """Propagate frame-0 joints through every clip; write ``summary.json`` and ``per_clip.csv``."""
+    """Propagate frame-0 joints through every clip; write ``summary.json``, ``per_clip.csv`` and
+    each clip's predicted joints, ``<action>__<clip>_joints.npy``: (2, 15, T) float64 x and y in
+    pixels of the clip's frames, 0-based, -1 where lost (what ``--score-only`` scores)."""
     clips = list_clips(root, split)[:max_clips]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
