@@ -195,7 +195,8 @@ def test_score_only_skips_an_incomplete_sequence(davis_predictions, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "wrong layout", "flat files"])
-def test_score_only_bad_folder_is_one_line_exit_2(shared_data, tmp_path, capsys, case):
+@pytest.mark.parametrize("entry", [main, entry_main])
+def test_score_only_bad_folder_is_one_line_exit_2(shared_data, tmp_path, capsys, case, entry):
     preds = tmp_path / "preds"
     if case == "wrong layout":
         (preds / "not-a-sequence").mkdir(parents=True)
@@ -203,8 +204,8 @@ def test_score_only_bad_folder_is_one_line_exit_2(shared_data, tmp_path, capsys,
         preds.mkdir()
         write_mask(preds / "00000.png", np.zeros((8, 8), np.uint8))
     out = tmp_path / "out"
-    rc = main(["eval", "davis", "--score-only", str(preds), "--data-root",
-               str(shared_data / "DAVIS"), "--out", str(out), "--no-progress"])  # fmt: skip
+    rc = entry(["eval", "davis", "--score-only", str(preds), "--data-root",
+                str(shared_data / "DAVIS"), "--out", str(out), "--no-progress"])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and str(preds) in err
     assert not out.exists()
