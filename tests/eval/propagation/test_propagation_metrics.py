@@ -126,6 +126,21 @@ def test_f_on_small_objects_anywhere_equals_the_reference(seed):
         )
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("bound_th", [1, 2, 5, 9])
+def test_f_on_ragged_objects_equals_the_reference(seed, bound_th):
+    """Ragged shapes (many boundary pixels, some near, some far, some in between): the square
+    tests and the row tests of the boundary match give the disk dilation's counts."""
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.normal(size=(90, 120)), 3)
+    gt = field > 0.05
+    pred = np.roll(ndimage.gaussian_filter(rng.normal(size=(90, 120)), 2) * 0.5 + field, 3, 1) > 0
+    assert 0.0 < boundary_f(gt, pred, bound_th=bound_th) < 1.0
+    assert boundary_f(gt, pred, bound_th=bound_th) == pytest.approx(
+        reference_f(gt, pred, bound_th), abs=1e-12
+    )
+
+
 def test_statistics_on_known_sequence():
     v = np.arange(8) / 10  # 0.0 .. 0.7
     mean, recall, decay = db_statistics(v)

@@ -19,8 +19,9 @@ from siamae.arguments import (
     resolve_device,
 )
 from siamae.errors import SiamaeError
-from siamae.eval.propagation import davis, jhmdb, scoring, vip
+from siamae.eval.propagation import davis, jhmdb, vip
 from siamae.eval.propagation.engine import PropagationParams, check_resize_rule, protocol
+from siamae.eval.propagation.score_command import run_score_only
 from siamae.models.vit import Encoder
 
 
@@ -65,36 +66,9 @@ def _propagate(
     return result, out
 
 
-def _score_only_out(args: argparse.Namespace) -> Path:
-    """Where a --score-only run writes: --out, else the predictions folder itself."""
-    return Path(args.out) if args.out else Path(args.score_only)
-
-
-def _davis_score_only(args: argparse.Namespace) -> int:
-    apply_threads_option(args)
-    result = scoring.score_davis_folder(
-        args.data_root,
-        args.score_only,
-        _score_only_out(args),
-        sequences=[s for s in (args.sequences or "").split(",") if s] or None,
-        split=args.split,
-        void=args.void,
-        progress=not args.no_progress,
-    )
-    summary = result.summary
-    skipped = f"; skipped (no complete folder): {', '.join(summary['skipped'])}"
-    print(
-        f"DAVIS J&F-Mean {summary['J&F-Mean']:.4f} (J {summary['J-Mean']:.4f}, "
-        f"F {summary['F-Mean']:.4f}) over {summary['objects']} objects in "
-        f"{len(summary['sequences'])} sequences{skipped if summary['skipped'] else ''}"
-    )
-    print(f"  per_sequence.csv, summary.json in {_score_only_out(args)}")
-    return 0
-
-
 def _davis(args: argparse.Namespace) -> int:
     if args.score_only:
-        return _davis_score_only(args)
+        return run_score_only(args, "davis")
     result, out = _propagate(
         args,
         "davis",
@@ -113,6 +87,8 @@ def _davis(args: argparse.Namespace) -> int:
 
 
 def _jhmdb(args: argparse.Namespace) -> int:
+    if args.score_only:
+        return run_score_only(args, "jhmdb")
     summary, out = _propagate(
         args, "jhmdb", jhmdb.evaluate_jhmdb, split=args.split, max_clips=args.max_clips
     )
@@ -123,14 +99,7 @@ def _jhmdb(args: argparse.Namespace) -> int:
 
 def _vip(args: argparse.Namespace) -> int:
     if args.score_only:
-        apply_threads_option(args)
-        out = _score_only_out(args)
-        summary = scoring.score_vip_folder(
-            args.data_root, args.score_only, out, split=args.split, progress=not args.no_progress
-        )
-        print(f"VIP mIoU {summary['mIoU']:.4f} over {summary['videos']} videos")
-        print(f"  summary.json in {out}")
-        return 0
+        return run_score_only(args, "vip")
     summary, out = _propagate(
         args,
         "vip",
@@ -221,7 +190,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_davis)
 
     p = subparsers.add_parser("jhmdb", help="JHMDB keypoint propagation, PCK@0.1 and @0.2")
-    _common(p)
+    _common(
+        p,
+        score_only="score a folder of predicted joints (<dir>/<action>__<clip>_joints.npy, as "
+        "this command writes them) against the --data-root joint_positions.mat, no encoder: "
+        "summary.json and per_clip.csv go to --out (default: PRED_DIR)",
+    )
     p.add_argument("--split", help="file of clips (action/clip, or CRW's vallist format)")
     p.add_argument("--max-clips", type=positive_int, help="only the first N clips (a quick check)")
     p.set_defaults(func=_jhmdb)

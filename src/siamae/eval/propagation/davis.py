@@ -11,15 +11,13 @@ Written: ``<out>/<seq>/%05d.png`` DAVIS-palette predictions (the submission layo
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from siamae.data.sources import DECODE_ERRORS
 from siamae.errors import DataError
 from siamae.eval.propagation.engine import (
     PropagationParams,
@@ -28,6 +26,33 @@ from siamae.eval.propagation.engine import (
     propagate_video,
     resize_ids,
 )
+
+# Re-exported: layouts is their home (torch-free, for --score-only).
+from siamae.eval.propagation.layouts import (
+    RESOLUTION as RESOLUTION,
+)
+from siamae.eval.propagation.layouts import (
+    DavisSequence as DavisSequence,
+)
+from siamae.eval.propagation.layouts import (
+    check_root as check_root,
+)
+from siamae.eval.propagation.layouts import (
+    list_sequences as list_sequences,
+)
+from siamae.eval.propagation.layouts import (
+    load_sequence as load_sequence,
+)
+from siamae.eval.propagation.layouts import (
+    read_mask as read_mask,
+)
+from siamae.eval.propagation.layouts import (
+    write_mask as write_mask,
+)
+from siamae.eval.propagation.layouts import write_summary, write_table
+from siamae.eval.propagation.metrics import (
+    PER_SEQUENCE_COLUMNS as PER_SEQUENCE_COLUMNS,
+)
 from siamae.eval.propagation.metrics import (
     VOID,
     SequenceScores,
@@ -35,158 +60,18 @@ from siamae.eval.propagation.metrics import (
     num_objects_of,
     summarise,
 )
-from siamae.eval.propagation.results import (
-    BenchmarkRun,
-    read_frame,
-    split_lines,
-    video_name,
-    write_summary,
-    write_table,
+from siamae.eval.propagation.metrics import (
+    DavisResult as DavisResult,
 )
-from siamae.overlays import PALETTE, OverlayRecorder
-
-RESOLUTION = "480p"
-
-
-# -- files ------------------------------------------------------------------------------------
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """A DAVIS annotation -> (H, W) uint8 object ids (0 background, 255 void).
-
-    Palette PNGs (2017) hold ids directly. Grayscale PNGs holding only 0 and 255 are DAVIS-2016
-    single-object masks: 255 becomes object 1. RGB PNGs are mapped back through the palette.
-    """
-    path = Path(path)
-    try:
-        img = Image.open(path)
-        img.load()
-    except DECODE_ERRORS as err:  # a decompression bomb too
-        raise DataError(
-            f"cannot read mask {path}: {err}; re-download the annotation or remove it"
-        ) from None
-    if img.mode == "P":
-        return np.asarray(img, dtype=np.uint8).copy()
-    if img.mode in ("RGB", "RGBA"):
-        rgb = np.asarray(img.convert("RGB"))
-        codes = (
-            (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
-        )
-        pal = (
-            (PALETTE[:, 0].astype(np.int32) << 16)
-            | (PALETTE[:, 1].astype(np.int32) << 8)
-            | (PALETTE[:, 2])
-        )
-        lookup = {int(c): i for i, c in enumerate(pal)}
-        uniq, inv = np.unique(codes, return_inverse=True)
-        missing = [hex(int(u)) for u in uniq if int(u) not in lookup]
-        if missing:
-            raise DataError(
-                f"mask {path} is RGB with colours outside the DAVIS palette ({missing[:3]}); "
-                "save it as a palette or grayscale PNG of object ids"
-            )
-        return np.array([lookup[int(u)] for u in uniq], dtype=np.uint8)[inv].reshape(codes.shape)
-    arr = np.asarray(img.convert("L") if img.mode not in ("L", "I", "I;16") else img)
-    if arr.max(initial=0) > 255:
-        raise DataError(f"mask {path} has values above 255; expected object ids")
-    arr = arr.astype(np.uint8)
-    if set(np.unique(arr).tolist()) <= {0, 255}:
-        return (arr == 255).astype(np.uint8)  # DAVIS-2016: one object
-    return arr
-
-
-def write_mask(path: str | Path, ids: np.ndarray) -> None:
-    """Save (H, W) ids as a DAVIS-palette PNG (what the official evaluation reads)."""
-    img = Image.fromarray(np.asarray(ids, dtype=np.uint8), mode="P")
-    img.putpalette(PALETTE.flatten().tolist())
-    img.save(path)
-
-
-@dataclass
-class DavisSequence:
-    name: str
-    frames: list[Path]
-    masks: list[Path]
-
-    @property
-    def fully_annotated(self) -> bool:
-        return len(self.masks) == len(self.frames)
-
-
-def check_root(root: str | Path) -> Path:
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"DAVIS root {root} does not exist; pass --data-root pointing at DAVIS/")
-    if not (root / "JPEGImages" / RESOLUTION).is_dir():
-        raise DataError(
-            f"{root} has no JPEGImages/{RESOLUTION}/: not a DAVIS folder "
-            "(expected JPEGImages/480p/<seq>/, Annotations/480p/<seq>/, ImageSets/)"
-        )
-    return root
-
-
-def list_sequences(
-    root: str | Path, split: str | None = None, sequences: list[str] | None = None
-) -> list[str]:
-    """Sequence names: ``sequences`` if given, else those of the split file.
-
-    ``split``: a file path, ``"2017/val"``, ``"val"`` (2017 if present, else 2016), or None (val).
-    """
-    root = check_root(root)
-    if sequences:
-        return list(sequences)
-    candidates: list[Path]
-    if split and Path(split).is_file():
-        candidates = [Path(split)]
-    else:
-        name = split or "val"
-        if "/" in name:
-            candidates = [root / "ImageSets" / f"{name}.txt"]
-        else:
-            candidates = [root / "ImageSets" / y / f"{name}.txt" for y in ("2017", "2016")]
-    for path in candidates:
-        if path.is_file():
-            return [video_name(fields[0]) for fields in split_lines(path)]
-    raise DataError(
-        f"no split file found (looked for {', '.join(str(c) for c in candidates)}); "
-        "pass --split FILE or --sequences a,b"
-    )
-
-
-def load_sequence(root: str | Path, name: str) -> DavisSequence:
-    root = Path(root)
-    img_dir = root / "JPEGImages" / RESOLUTION / name
-    ann_dir = root / "Annotations" / RESOLUTION / name
-    frames = sorted(img_dir.glob("*.jpg"))
-    if not frames:
-        raise DataError(f"sequence {name!r}: no frames in {img_dir}; check --sequences/--split")
-    masks = sorted(ann_dir.glob("*.png"))
-    if not masks:
-        raise DataError(f"sequence {name!r}: no annotations in {ann_dir}; the first mask is needed")
-    if masks[0].stem != frames[0].stem:
-        raise DataError(
-            f"sequence {name!r}: first annotation {masks[0].name} does not match first frame "
-            f"{frames[0].name}"
-        )
-    return DavisSequence(name, frames, masks)
-
+from siamae.eval.propagation.results import BenchmarkRun, read_frame
+from siamae.overlays import OverlayRecorder
 
 # -- evaluation -------------------------------------------------------------------------------
-
-
-@dataclass
-class DavisResult:
-    summary: dict
-    sequences: list[SequenceScores] = field(default_factory=list)
 
 
 def _scored_size(params: PropagationParams, score_at: str, native: tuple[int, int], patch: int):
     prop = frame_size(params.resize, native, patch)
     return prop, (prop if score_at == "resized" else native)
-
-
-PER_SEQUENCE_COLUMNS = ["sequence", "object", "J&F-Mean", "J-Mean", "J-Recall", "J-Decay",
-                        "F-Mean", "F-Recall", "F-Decay", "frames"]  # fmt: skip
 
 
 @torch.no_grad()

@@ -15,48 +15,42 @@ frame 0 is excluded; PCK is averaged over the 15 joints (each joint pooled over 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from siamae.errors import DataError
 from siamae.eval.propagation.engine import (
     PropagationParams,
     frame_size,
     grid_size,
     propagate_labels,
 )
-from siamae.eval.propagation.results import (
-    BenchmarkRun,
-    read_frame,
-    split_lines,
-    write_summary,
-    write_table,
+
+# Re-exported: layouts is their home (torch-free, for --score-only).
+from siamae.eval.propagation.layouts import (
+    NUM_JOINTS as NUM_JOINTS,
 )
+from siamae.eval.propagation.layouts import (
+    JhmdbClip as JhmdbClip,
+)
+from siamae.eval.propagation.layouts import (
+    list_clips as list_clips,
+)
+from siamae.eval.propagation.layouts import (
+    read_joints as read_joints,
+)
+from siamae.eval.propagation.layouts import write_summary, write_table
 
-NUM_JOINTS = 15
-ALPHAS = (0.1, 0.2)
-
-
-def read_joints(path: str | Path) -> np.ndarray:
-    """``joint_positions.mat`` -> (2, 15, T) float64 0-based pixel coordinates (x, y)."""
-    from scipy.io import loadmat
-
-    try:
-        mat = loadmat(str(path))
-    except (OSError, ValueError, NotImplementedError) as err:
-        raise DataError(f"cannot read {path}: {err}") from None
-    if "pos_img" not in mat:
-        raise DataError(f"{path} has no 'pos_img' field; is it a JHMDB joint_positions.mat?")
-    pos = np.asarray(mat["pos_img"], dtype=np.float64)
-    if pos.ndim == 2:
-        pos = pos[..., None]
-    if pos.shape[0] != 2 or pos.shape[1] != NUM_JOINTS:
-        raise DataError(f"{path}: pos_img has shape {pos.shape}, expected (2, 15, frames)")
-    return pos - 1
+# Re-exported: metrics is their home (torch-free, for --score-only).
+from siamae.eval.propagation.metrics import (
+    ALPHAS as ALPHAS,
+)
+from siamae.eval.propagation.metrics import (
+    pck as pck,
+)
+from siamae.eval.propagation.results import BenchmarkRun, read_frame
 
 
 def draw_gaussian(img: np.ndarray, pt: np.ndarray, sigma: float) -> None:
@@ -103,78 +97,6 @@ def decode_joints(soft: torch.Tensor, topk: int = 5) -> np.ndarray:
     return coord
 
 
-def pck(
-    preds: list[np.ndarray], gts: list[np.ndarray], alphas: tuple[float, ...] = ALPHAS
-) -> dict[str, float]:
-    """PCK (percent) from per-clip predictions and ground truth, both (2, 15, T) pixel coordinates.
-
-    A joint is skipped where its prediction is negative (lost); frame 0 is skipped. The
-    reference length is 0.6 x the diagonal of the box around the frame's visible ground-truth
-    joints; the result is the mean over joints of each joint's pooled PCK.
-    """
-    dists: list[list[float]] = [[] for _ in range(NUM_JOINTS)]
-    for pred, gt in zip(preds, gts):
-        n = min(pred.shape[2], gt.shape[2])
-        for k in range(1, n):
-            visible = pred[0, :, k] >= 0
-            if not visible.any():
-                continue
-            pts = gt[:, visible, k]
-            box = 0.6 * np.linalg.norm(pts.max(axis=1) - pts.min(axis=1))
-            d = np.linalg.norm(pred[:, :, k] - gt[:, :, k], axis=0)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                dn = d / box
-            for j in np.flatnonzero(visible):
-                dists[j].append(float(dn[j]))
-    out = {}
-    for a in alphas:
-        per_joint = [100.0 * np.mean(np.asarray(d) <= a) for d in dists if d]
-        out[f"PCK@{a:g}"] = float(np.mean(per_joint)) if per_joint else float("nan")
-    return out
-
-
-@dataclass
-class JhmdbClip:
-    name: str
-    frames: list[Path]
-    mat: Path
-
-
-def list_clips(root: str | Path, split: str | None = None) -> list[JhmdbClip]:
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"JHMDB root {root} does not exist; pass --data-root pointing at JHMDB/")
-    img_root, joint_root = root / "Rename_Images", root / "joint_positions"
-    if not img_root.is_dir() or not joint_root.is_dir():
-        raise DataError(f"{root} needs Rename_Images/ and joint_positions/ (the JHMDB layout)")
-    if split:
-        names = [_clip_name(fields) for fields in split_lines(split)]
-    else:
-        names = sorted(
-            "/".join(p.parent.relative_to(joint_root).parts)
-            for p in joint_root.glob("*/*/joint_positions.mat")
-        )
-    clips = []
-    for name in names:
-        frames = sorted((img_root / name).glob("*.png"))
-        mat = joint_root / name / "joint_positions.mat"
-        if not frames:
-            raise DataError(f"clip {name!r}: no frames in {img_root / name}")
-        if not mat.is_file():
-            raise DataError(f"clip {name!r}: {mat} not found")
-        clips.append(JhmdbClip(name, frames, mat))
-    if not clips:
-        raise DataError(f"no clips found under {joint_root}")
-    return clips
-
-
-def _clip_name(fields: list[str]) -> str:
-    """A split file's line -> ``action/clip``: CRW's ``<.mat> <.../action/clip>`` or the name."""
-    if len(fields) >= 2 and fields[0].endswith(".mat"):
-        return "/".join(Path(fields[1]).parts[-2:])
-    return fields[0].strip("/")
-
-
 @torch.no_grad()
 def evaluate_jhmdb(
     encoder: torch.nn.Module,
@@ -186,7 +108,9 @@ def evaluate_jhmdb(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
-    """Propagate frame-0 joints through every clip; write ``summary.json`` and ``per_clip.csv``."""
+    """Propagate frame-0 joints through every clip; write ``summary.json``, ``per_clip.csv`` and
+    each clip's predicted joints, ``<action>__<clip>_joints.npy``: (2, 15, T) float64 x and y in
+    pixels of the clip's frames, 0-based, -1 where lost (what ``--score-only`` scores)."""
     clips = list_clips(root, split)[:max_clips]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,11 @@ removes void pixels from both masks before J and F, as the metric functions allo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from siamae.eval.propagation.layouts import NUM_CLASSES, NUM_JOINTS
 
 VOID = 255
 BOUND_TH = 0.008
@@ -65,38 +67,52 @@ def bound_pixels(shape: tuple[int, ...], bound_th: float = BOUND_TH) -> float:
     return bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*shape[:2]))
 
 
-def _within(src: np.ndarray, dst_map: np.ndarray, radius: float) -> int:
-    """How many points of ``src`` (n, 2) have a True pixel of ``dst_map`` within Euclidean
-    ``radius`` (``dy**2 + dx**2 <= radius**2``: the reference's disk).
+def _count_within(flat: np.ndarray, dst_map: np.ndarray, radius: float) -> int:
+    """How many of the points at flat indices ``flat`` (of an array shaped as ``dst_map``) have
+    a True pixel of ``dst_map`` within Euclidean ``radius`` (``dy**2 + dx**2 <= radius**2``: the
+    reference's disk).
 
-    Exact and separable: the horizontal distance of every pixel to the nearest True pixel of its
-    row, then, for each point, the smallest ``dy**2 + dx**2`` over the rows within ``radius``.
+    Exact and separable: the disk is a stack of rows, row ``dy`` reaching ``dx`` up to the
+    largest ``k`` with ``dy**2 + k**2 <= radius**2``; a point is matched when one of those row
+    segments holds a True pixel, which a running count along each row answers in two look-ups.
     """
-    if len(src) == 0 or not dst_map.any():
+    if len(flat) == 0 or not dst_map.any():
         return 0
     h, w = dst_map.shape
-    far = 4 * (h + w)  # farther than any radius that can matter, small enough to square
-    cols = np.arange(w)
-    left = np.maximum.accumulate(np.where(dst_map, cols, -far), axis=1)
-    right = np.minimum.accumulate(np.where(dst_map, cols, 2 * far)[:, ::-1], axis=1)[:, ::-1]
-    across = np.minimum(cols - left, right - cols).astype(np.int64)  # (h, w)
     reach = int(math.floor(radius))
-    padded = np.full((h + 2 * reach, w), far, dtype=np.int64)
-    padded[reach : reach + h] = across
-    ys, xs = src[:, 0] + reach, src[:, 1]
-    best = np.full(len(src), far * far, dtype=np.int64)
-    for dy in range(-reach, reach + 1):
-        np.minimum(best, dy * dy + padded[ys + dy, xs] ** 2, out=best)
-    return int(np.count_nonzero(best <= radius * radius))
+    dys = np.arange(-reach, reach + 1)
+    half = np.array([_half_width(int(dy) * int(dy), radius * radius, reach) for dy in dys])
+    # counts[y + reach, x + reach + 1]: True pixels of row y in columns < x + 1, in a frame of
+    # zeros (``reach`` rows above and below, columns on both sides) so every segment's ends
+    # index inside; flat indices, each point's row of look-ups at fixed offsets from it.
+    width = w + 2 * reach + 1
+    padded = np.zeros((h + 2 * reach, width), dtype=np.int32)
+    padded[reach : reach + h, reach + 1 : reach + 1 + w] = dst_map
+    counts = np.cumsum(padded, axis=1, dtype=np.int32).ravel()
+    start = (flat + (flat // w) * (width - w) + reach)[:, None]  # (y, x) -> (y, x + reach)
+    rows = (dys + reach) * width
+    hit = counts[start + (rows + half + 1)] > counts[start + (rows - half)]
+    return int(np.count_nonzero(hit.any(axis=1)))
 
 
-def _box(gt: np.ndarray, pred: np.ndarray) -> tuple[slice, slice]:
+def _half_width(dy2: int, r2: float, reach: int) -> int:
+    """The largest ``k`` in 0..reach with ``dy2 + k * k <= r2`` (``dy2 <= r2``)."""
+    k = reach
+    while k > 0 and dy2 + k * k > r2:
+        k -= 1
+    return k
+
+
+def _box(gt: np.ndarray, pred: np.ndarray) -> tuple[slice, slice] | None:
     """The rows and columns of both masks' pixels with a 1-pixel margin above and to the left
-    and one row and column of background below and to the right (clipped to the image): every
-    boundary pixel of both masks lies inside, and ``seg2bmap`` of the crop equals the crop of
-    ``seg2bmap`` (outside, both masks are background)."""
-    rows = np.flatnonzero((gt | pred).any(axis=1))
-    cols = np.flatnonzero((gt | pred).any(axis=0))
+    and one row and column of background below and to the right (clipped to the image), None
+    when both are empty: every boundary pixel of both masks lies inside, and ``seg2bmap`` of the
+    crop equals the crop of ``seg2bmap`` (outside, both masks are background)."""
+    rows = np.flatnonzero(gt.any(axis=1) | pred.any(axis=1))
+    if len(rows) == 0:
+        return None
+    band = slice(rows[0], rows[-1] + 1)
+    cols = np.flatnonzero(gt[band].any(axis=0) | pred[band].any(axis=0))
     h, w = gt.shape
     return (
         slice(max(0, rows[0] - 1), min(h, rows[-1] + 2)),
@@ -108,6 +124,18 @@ def boundary_f(
     gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None, bound_th: float = BOUND_TH
 ) -> float:
     """Boundary F-measure of two boolean masks (H, W), as davis2017-evaluation's ``f_measure``."""
+    return object_scores(gt, pred, void, bound_th)[1]
+
+
+def object_scores(
+    gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None, bound_th: float = BOUND_TH
+) -> tuple[float, float]:
+    """(J, F) of one object's two boolean masks (H, W), void pixels left out of both.
+
+    Both are computed inside the box of the two masks (:func:`_box`): the intersection, the
+    union and every boundary pixel lie there, and the tolerance radius comes from the whole
+    image's diagonal, so the figures are those of the whole masks.
+    """
     gt = np.asarray(gt, dtype=bool)
     pred = np.asarray(pred, dtype=bool)
     if gt.shape != pred.shape:
@@ -116,11 +144,18 @@ def boundary_f(
         keep = ~np.asarray(void, dtype=bool)
         gt, pred = gt & keep, pred & keep
     radius = bound_pixels(gt.shape, bound_th)
-    if gt.any() or pred.any():
-        box = _box(gt, pred)  # boundaries and distances are the same in the crop
-        gt, pred = gt[box], pred[box]
+    box = _box(gt, pred)
+    if box is None:
+        return 1.0, 1.0  # both empty: J's empty union and F's empty boundaries both give 1
+    gt, pred = gt[box], pred[box]
+    j = np.count_nonzero(gt & pred) / np.count_nonzero(gt | pred)
+    return j, _boundary_f_in_box(gt, pred, radius)
+
+
+def _boundary_f_in_box(gt: np.ndarray, pred: np.ndarray, radius: float) -> float:
+    """Boundary F of two boolean masks cropped to their box, ``radius`` the whole image's."""
     fg_map, gt_map = seg2bmap(pred), seg2bmap(gt)
-    fg_b, gt_b = np.argwhere(fg_map), np.argwhere(gt_map)
+    fg_b, gt_b = np.flatnonzero(fg_map), np.flatnonzero(gt_map)
     n_fg, n_gt = len(fg_b), len(gt_b)
     if n_fg == 0 and n_gt == 0:
         precision, recall = 1.0, 1.0
@@ -129,8 +164,8 @@ def boundary_f(
     elif n_gt == 0:
         precision, recall = 0.0, 1.0
     else:
-        precision = _within(fg_b, gt_map, radius) / n_fg
-        recall = _within(gt_b, fg_map, radius) / n_gt
+        precision = _count_within(fg_b, gt_map, radius) / n_fg
+        recall = _count_within(gt_b, fg_map, radius) / n_gt
     if precision + recall == 0:
         return 0.0
     return 2 * precision * recall / (precision + recall)
@@ -169,8 +204,9 @@ def frame_scores(
         raise ValueError(f"mask shapes differ: {gt_ids.shape} vs {pred_ids.shape}")
     gt, void_mask = split_objects(gt_ids, num_objects, void)
     pred, _ = split_objects(pred_ids, num_objects)
-    j = np.array([jaccard(g, p, void_mask) for g, p in zip(gt, pred)])
-    f = np.array([boundary_f(g, p, void_mask, bound_th) for g, p in zip(gt, pred)])
+    scores = [object_scores(g, p, void_mask, bound_th) for g, p in zip(gt, pred)]
+    j = np.array([s[0] for s in scores], dtype=np.float64)
+    f = np.array([s[1] for s in scores], dtype=np.float64)
     return j, f
 
 
@@ -228,6 +264,18 @@ def score_sequence(
     return SequenceScores(name, j, f)
 
 
+@dataclass
+class DavisResult:
+    """A DAVIS run's or folder's ``summary.json`` figures and every sequence's scores."""
+
+    summary: dict
+    sequences: list[SequenceScores] = field(default_factory=list)
+
+
+PER_SEQUENCE_COLUMNS = ["sequence", "object", "J&F-Mean", "J-Mean", "J-Recall", "J-Decay",
+                        "F-Mean", "F-Recall", "F-Decay", "frames"]  # fmt: skip
+
+
 def summarise(sequences: list[SequenceScores]) -> dict[str, float]:
     """Global figures: every statistic averaged over all objects of all sequences."""
     rows = [r for s in sequences for r in s.object_rows()]
@@ -236,3 +284,54 @@ def summarise(sequences: list[SequenceScores]) -> dict[str, float]:
     out = {"J&F-Mean": (out["J-Mean"] + out["F-Mean"]) / 2, **out}
     out["objects"] = len(rows)
     return out
+
+
+# -- JHMDB (PCK) and VIP (confusion-matrix mIoU) --------------------------------------------
+
+ALPHAS = (0.1, 0.2)
+
+
+def pck(
+    preds: list[np.ndarray], gts: list[np.ndarray], alphas: tuple[float, ...] = ALPHAS
+) -> dict[str, float]:
+    """PCK (percent) from per-clip predictions and ground truth, both (2, 15, T) pixel coordinates.
+
+    A joint is skipped where its prediction is negative (lost); frame 0 is skipped. The
+    reference length is 0.6 x the diagonal of the box around the frame's visible ground-truth
+    joints; the result is the mean over joints of each joint's pooled PCK.
+    """
+    dists: list[list[float]] = [[] for _ in range(NUM_JOINTS)]
+    for pred, gt in zip(preds, gts):
+        n = min(pred.shape[2], gt.shape[2])
+        for k in range(1, n):
+            visible = pred[0, :, k] >= 0
+            if not visible.any():
+                continue
+            pts = gt[:, visible, k]
+            box = 0.6 * np.linalg.norm(pts.max(axis=1) - pts.min(axis=1))
+            d = np.linalg.norm(pred[:, :, k] - gt[:, :, k], axis=0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                dn = d / box
+            for j in np.flatnonzero(visible):
+                dists[j].append(float(dn[j]))
+    out = {}
+    for a in alphas:
+        per_joint = [100.0 * np.mean(np.asarray(d) <= a) for d in dists if d]
+        out[f"PCK@{a:g}"] = float(np.mean(per_joint)) if per_joint else float("nan")
+    return out
+
+
+def confusion(gt: np.ndarray, pred: np.ndarray, n: int = NUM_CLASSES) -> np.ndarray:
+    """(n, n) counts, rows = ground truth, columns = prediction; gt outside [0, n) ignored."""
+    gt = gt.astype(np.int64).ravel()
+    pred = pred.astype(np.int64).ravel()
+    keep = (gt >= 0) & (gt < n) & (pred >= 0) & (pred < n)
+    return np.bincount(n * gt[keep] + pred[keep], minlength=n * n).reshape(n, n)
+
+
+def miou(hist: np.ndarray) -> tuple[float, np.ndarray]:
+    """(mean IoU over classes with any pixel, per-class IoU with NaN for unseen classes)."""
+    diag = np.diag(hist).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = diag / (hist.sum(1) + hist.sum(0) - diag)
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"), iou

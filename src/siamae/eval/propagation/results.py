@@ -9,10 +9,7 @@ the timing, in that order) and the per-item CSV tables (:func:`write_table`).
 
 from __future__ import annotations
 
-import csv
-import json
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,20 @@ from PIL import Image
 from siamae.data.sources import DECODE_ERRORS, UnreadableSample, to_rgb
 from siamae.errors import DataError
 from siamae.eval.propagation.engine import PropagationParams, Timer
+
+# Re-exported: layouts is their home (torch-free, for --score-only).
+from siamae.eval.propagation.layouts import (
+    split_lines as split_lines,
+)
+from siamae.eval.propagation.layouts import (
+    video_name as video_name,
+)
+from siamae.eval.propagation.layouts import (
+    write_summary as write_summary,
+)
+from siamae.eval.propagation.layouts import (
+    write_table as write_table,
+)
 from siamae.loading import describe_encoder
 
 # -- reading ----------------------------------------------------------------------------------
@@ -36,19 +47,6 @@ def read_frame(path: str | Path) -> np.ndarray:
             return np.asarray(to_rgb(img))
     except (*DECODE_ERRORS, UnreadableSample) as err:  # a decompression bomb too
         raise DataError(f"cannot read frame {path}: {err}") from None
-
-
-def split_lines(split: str | Path) -> list[list[str]]:
-    """The whitespace-separated fields of each non-blank line of a split file."""
-    path = Path(split)
-    if not path.is_file():
-        raise DataError(f"split file {split} not found")
-    return [line.split() for line in path.read_text().splitlines() if line.strip()]
-
-
-def video_name(entry: str) -> str:
-    """A split file's entry -> the video's name: its last path part (``a/b/`` -> ``b``)."""
-    return entry.strip("/").split("/")[-1]
 
 
 # -- running and writing ----------------------------------------------------------------------
@@ -107,33 +105,3 @@ class BenchmarkRun:
                 timer.frames / timer.propagation_s if timer.propagation_s else None
             )
         return record
-
-
-def write_summary(out: Path, summary: dict[str, Any]) -> Path:
-    """``out/summary.json``: ``summary`` as indented JSON (NumPy numbers written as floats)."""
-    path = out / "summary.json"
-    path.write_text(json.dumps(summary, indent=2, default=float) + "\n")
-    return path
-
-
-def write_table(
-    path: Path,
-    columns: list[str],
-    rows: Iterable[dict[str, Any]],
-    float_format: str | None = None,
-    line_end: str = "\r\n",
-) -> Path:
-    """A CSV file of ``rows`` under a header of ``columns``; floats through ``float_format``
-    (e.g. ``"{:.4f}"``) when given. ``line_end``: the csv module's default, or ``"\\n"``
-    (JHMDB's ``per_clip.csv`` has always been written with it)."""
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator=line_end)
-        writer.writeheader()
-        for row in rows:
-            if float_format is not None:
-                row = {
-                    k: (float_format.format(v) if isinstance(v, float) else v)
-                    for k, v in row.items()
-                }
-            writer.writerow(row)
-    return path

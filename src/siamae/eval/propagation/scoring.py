@@ -1,47 +1,53 @@
-"""Scoring a folder of predictions without an encoder: ``siamae eval davis|vip --score-only``.
+"""Scoring a folder of predictions without an encoder: ``siamae eval davis|vip|jhmdb
+--score-only``.
 
 The figures are those of the propagation commands (``metrics.frame_scores`` for DAVIS, the
-confusion-matrix mIoU for VIP), computed frame by frame in a thread pool: reading a PNG, the
-mask arithmetic and the boundary matching (SciPy's KD-tree) release the GIL, so the frames of
-all sequences are scored side by side on as many threads as the other commands use.
+confusion-matrix mIoU for VIP, ``metrics.pck`` for JHMDB), computed frame by frame (clip by
+clip) in a thread pool: PNG decoding and NumPy's array work release the GIL, so the frames of
+all sequences are scored side by side. Nothing here imports torch: a short scoring run's time
+would otherwise be mostly torch's import.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from siamae.errors import DataError
-from siamae.eval.propagation.davis import (
-    PER_SEQUENCE_COLUMNS,
-    DavisResult,
-    check_root,
-    list_sequences,
-    load_sequence,
-    read_mask,
-)
-from siamae.eval.propagation.engine import resize_ids
-from siamae.eval.propagation.metrics import (
-    SequenceScores,
-    frame_scores,
-    num_objects_of,
-    summarise,
-)
-from siamae.eval.propagation.results import write_summary, write_table
-from siamae.eval.propagation.vip import (
+from siamae.eval.propagation.layouts import (
     CLASSES,
     NUM_CLASSES,
-    confusion,
+    NUM_JOINTS,
+    check_root,
+    list_clips,
+    list_sequences,
     list_videos,
-    miou,
+    load_sequence,
     read_category_ids,
+    read_joints,
+    read_mask,
+    resize_nearest,
     vip_root,
+    write_summary,
+    write_table,
+)
+from siamae.eval.propagation.metrics import (
+    ALPHAS,
+    PER_SEQUENCE_COLUMNS,
+    DavisResult,
+    SequenceScores,
+    confusion,
+    frame_scores,
+    miou,
+    num_objects_of,
+    pck,
+    summarise,
 )
 
 T = TypeVar("T")
@@ -49,14 +55,26 @@ R = TypeVar("R")
 
 
 def _pool_map(
-    fn: Callable[[T], R], jobs: list[T], threads: int | None, desc: str, progress: bool
+    fn: Callable[[T], R],
+    jobs: list[T],
+    threads: int | None,
+    desc: str,
+    progress: bool,
+    unit: str = "frame",
 ) -> list[R]:
-    """``fn`` over ``jobs`` in a thread pool (``threads``: torch's count, as every command sets
-    it), results in the jobs' order, with a progress bar."""
-    workers = max(1, threads or torch.get_num_threads())
+    """``fn`` over ``jobs`` in a thread pool of ``threads`` (default: :func:`usable_cores`),
+    results in the jobs' order, with a progress bar."""
+    workers = max(1, threads or usable_cores())
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(fn, jobs)
-        return list(tqdm(results, total=len(jobs), desc=desc, unit="frame", disable=not progress))
+        return list(tqdm(results, total=len(jobs), desc=desc, unit=unit, disable=not progress))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def check_predictions(predictions: str | Path, names: Iterable[str], layout: str) -> Path:
@@ -101,7 +119,7 @@ def score_davis_folder(
             skipped.append(name)
             continue
         size = read_mask(files[0]).shape
-        n = num_objects_of(resize_ids(read_mask(seq.masks[0]), size))
+        n = num_objects_of(resize_nearest(read_mask(seq.masks[0]), size))
         spans.append((name, len(jobs), n))
         jobs.extend((m, f, size, n, void) for m, f in zip(seq.masks[1:-1], files[1:-1]))
     if not spans:
@@ -134,7 +152,7 @@ def score_davis_folder(
 
 def _davis_frame(job: tuple) -> tuple[np.ndarray, np.ndarray]:
     mask, pred_file, size, n, void = job
-    return frame_scores(resize_ids(read_mask(mask), size), read_mask(pred_file), n, void)
+    return frame_scores(resize_nearest(read_mask(mask), size), read_mask(pred_file), n, void)
 
 
 VIP_LAYOUT = "<dir>/<video>/<frame>.png of class ids, as siamae eval vip writes them"
@@ -188,4 +206,75 @@ def _vip_frame(job: tuple[Path, Path]) -> np.ndarray:
     ann, pred_file = job
     gt = read_category_ids(ann)
     pred = read_category_ids(pred_file)
-    return confusion(gt, resize_ids(pred, gt.shape, exact=True))
+    return confusion(gt, resize_nearest(pred, gt.shape, exact=True))
+
+
+JHMDB_LAYOUT = (
+    "<dir>/<action>__<clip>_joints.npy, (2, 15, frames) x and y in pixels (-1: lost), as "
+    "siamae eval jhmdb writes them"
+)
+
+
+def jhmdb_prediction_file(folder: Path, clip: str) -> Path:
+    """Where ``siamae eval jhmdb`` writes a clip's predicted joints (``action/clip``)."""
+    return folder / f"{clip.replace('/', '__')}_joints.npy"
+
+
+def score_jhmdb_folder(
+    root: str | Path,
+    predictions: str | Path,
+    out: str | Path | None = None,
+    split: str | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """PCK@0.1 and @0.2 of a folder of predicted joints, as ``siamae eval jhmdb`` computes them
+    (:func:`~siamae.eval.propagation.metrics.pck` over every clip at once). Clips without a
+    prediction file are skipped and listed. With ``out``: ``summary.json`` and ``per_clip.csv``
+    written there."""
+    clips = list_clips(root, split)
+    folder = Path(predictions)
+    if not folder.is_dir():
+        raise DataError(f"predictions folder {folder} does not exist; expected {JHMDB_LAYOUT}")
+    scored = [c for c in clips if jhmdb_prediction_file(folder, c.name).is_file()]
+    if not scored:
+        raise DataError(
+            f"predictions folder {folder} holds no prediction of a listed clip; expected "
+            f"{JHMDB_LAYOUT}"
+        )
+    jobs = [(c.mat, jhmdb_prediction_file(folder, c.name)) for c in scored]
+    pairs = _pool_map(_jhmdb_clip, jobs, threads, "JHMDB scoring", progress, unit="clip")
+    preds, gts = [p for p, _ in pairs], [g for _, g in pairs]
+    rows = [
+        {"clip": c.name, "frames": p.shape[2], **pck([p], [g])} for c, (p, g) in zip(scored, pairs)
+    ]
+    names = {c.name for c in scored}
+    summary = {
+        "benchmark": "JHMDB (keypoint propagation, PCK), scored from a folder",
+        "predictions": str(folder),
+        "clips": len(scored),
+        "skipped": [c.name for c in clips if c.name not in names],
+        **pck(preds, gts),
+    }
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        columns = ["clip", "frames", *[f"PCK@{a:g}" for a in ALPHAS]]
+        write_table(out / "per_clip.csv", columns, rows, line_end="\n")
+        write_summary(out, summary)
+    return summary
+
+
+def _jhmdb_clip(job: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted, ground-truth) joints of one clip, both (2, 15, T) pixels."""
+    mat, pred_file = job
+    try:
+        pred = np.load(pred_file, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read predicted joints {pred_file}: {err}") from None
+    if pred.ndim != 3 or pred.shape[:2] != (2, NUM_JOINTS) or pred.dtype.kind not in "fiu":
+        raise DataError(
+            f"predicted joints {pred_file} hold an array of shape {pred.shape} and type "
+            f"{pred.dtype}; expected (2, {NUM_JOINTS}, frames) numbers"
+        )
+    return pred.astype(np.float64, copy=False), read_joints(mat)

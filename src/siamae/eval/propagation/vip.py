@@ -30,68 +30,33 @@ from siamae.eval.propagation.engine import (
     propagate_video,
     resize_ids,
 )
-from siamae.eval.propagation.results import (
-    BenchmarkRun,
-    read_frame,
-    split_lines,
-    video_name,
-    write_summary,
+
+# Re-exported: layouts is their home (torch-free, for --score-only).
+from siamae.eval.propagation.layouts import (
+    CLASSES as CLASSES,
 )
+from siamae.eval.propagation.layouts import (
+    NUM_CLASSES as NUM_CLASSES,
+)
+from siamae.eval.propagation.layouts import (
+    list_videos as list_videos,
+)
+from siamae.eval.propagation.layouts import (
+    read_category_ids as read_category_ids,
+)
+from siamae.eval.propagation.layouts import (
+    vip_root as vip_root,
+)
+from siamae.eval.propagation.layouts import write_summary
 
-NUM_CLASSES = 20
-CLASSES = (
-    "background", "hat", "hair", "sun-glasses", "upper-clothes", "dress", "coat", "socks",
-    "pants", "gloves", "scarf", "skirt", "torso-skin", "face", "right-arm", "left-arm",
-    "right-leg", "left-leg", "right-shoe", "left-shoe",
-)  # fmt: skip
-
-
-def read_category_ids(path: str | Path) -> np.ndarray:
-    """A VIP ``Category_ids`` PNG -> (H, W) uint8 class ids."""
-    try:
-        with Image.open(path) as img:
-            arr = np.asarray(img)
-    except DECODE_ERRORS as err:  # a decompression bomb too
-        raise DataError(f"cannot read annotation {path}: {err}") from None
-    if arr.ndim == 3:
-        arr = arr[..., 0]
-    return arr.astype(np.uint8)
-
-
-def confusion(gt: np.ndarray, pred: np.ndarray, n: int = NUM_CLASSES) -> np.ndarray:
-    """(n, n) counts, rows = ground truth, columns = prediction; gt outside [0, n) ignored."""
-    gt = gt.astype(np.int64).ravel()
-    pred = pred.astype(np.int64).ravel()
-    keep = (gt >= 0) & (gt < n) & (pred >= 0) & (pred < n)
-    return np.bincount(n * gt[keep] + pred[keep], minlength=n * n).reshape(n, n)
-
-
-def miou(hist: np.ndarray) -> tuple[float, np.ndarray]:
-    """(mean IoU over classes with any pixel, per-class IoU with NaN for unseen classes)."""
-    diag = np.diag(hist).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = diag / (hist.sum(1) + hist.sum(0) - diag)
-    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"), iou
-
-
-def vip_root(root: str | Path) -> Path:
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"VIP root {root} does not exist; pass --data-root pointing at VIP/")
-    for cand in (root / "VIP_Fine", root):
-        if (cand / "Images").is_dir() and (cand / "Annotations" / "Category_ids").is_dir():
-            return cand
-    raise DataError(f"{root} has no VIP_Fine/Images and VIP_Fine/Annotations/Category_ids")
-
-
-def list_videos(root: Path, split: str | None = None) -> list[str]:
-    if split:
-        names = [video_name(fields[0]) for fields in split_lines(split)]
-    else:
-        names = sorted(p.name for p in (root / "Images").iterdir() if p.is_dir())
-    if not names:
-        raise DataError(f"no videos found in {root / 'Images'}")
-    return names
+# Re-exported: metrics is their home (torch-free, for --score-only).
+from siamae.eval.propagation.metrics import (
+    confusion as confusion,
+)
+from siamae.eval.propagation.metrics import (
+    miou as miou,
+)
+from siamae.eval.propagation.results import BenchmarkRun, read_frame
 
 
 @torch.no_grad()
