@@ -128,6 +128,7 @@ def siamae_masks(out: Path, sequences: list[str], counts: list[int]) -> list[np.
 
 def memory(args: argparse.Namespace) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="prop-memory-"))
+    work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "vit_small_random.pth"
     torch.save({"model": random_encoder("vit_small_patch16").vit.state_dict()}, ckpt)
     for max_frames in (25, 0):
