@@ -47,6 +47,7 @@ GRID_LRS: tuple[float, ...] = (
     1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1,
 )  # fmt: skip
 GRID_BLOCK_CHOICES = (1, 4)
+GRID_LAYOUT = "stacked"  # how a checkpoint holds the heads: (h, C, D') tensors per feature set
 GRID_POOLS = ("cls", "cls+avg")
 
 
@@ -258,6 +259,8 @@ def fit_grid(
     out = Path(out_dir) if out_dir is not None else None
     specs_info = [dataclasses.asdict(s) for s in specs]
     run_info = {"recipe": dataclasses.asdict(cfg), "grid": specs_info, **(run_info or {})}
+    # checkpoints of the per-head layout (before stacking) are refused in one line on resume
+    run_info["grid_layout"] = GRID_LAYOUT
     dim = train_feats.shape[1] // (GRID_BLOCKS + 1)
     grid = LinearGrid(specs, dim, num_classes, cfg.seed).to(device)
     opt = grid_optimizer(grid, cfg)
