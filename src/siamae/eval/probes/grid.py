@@ -134,8 +134,10 @@ class LinearGrid(nn.Module):
         return feats if last - first == feats.shape[1] else feats[:, first:last]
 
     def grouped_logits(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, H, C) logits, the heads in group order, of features already cut by
-        :meth:`columns`: one BatchNorm, then one matmul per group of heads."""
+        """(H, C, B) logits, the heads in group order, of (B, D') features already cut by
+        :meth:`columns`: one BatchNorm, then one matmul per group of heads. Heads-major:
+        ``W @ x.T`` is twice as fast as ``x @ W.T`` on a CPU for a few heads' outputs and long
+        features, and (H, C, B) is the cross-entropy's (N, C, d) layout as it stands."""
         first, last = self.span
         norm = self.norm
         if self.training:
@@ -152,13 +154,13 @@ class LinearGrid(nn.Module):
         for (blocks, pool), weight, bias in zip(self.groups, self.weights, self.biases):
             lo, hi = (c - first for c in feature_columns(blocks, pool, self.dim))
             x = normed if hi - lo == normed.shape[1] else normed[:, lo:hi]
-            parts.append(F.linear(x, weight.flatten(0, 1), bias.flatten()))
-        logits = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return logits.view(feats.shape[0], len(self.specs), self.num_classes)
+            parts.append(torch.addmm(bias.flatten()[:, None], weight.flatten(0, 1), x.t()))
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return logits.view(len(self.specs), self.num_classes, feats.shape[0])
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         grouped = self.grouped_logits(self.columns(feats))
-        return grouped.index_select(1, self.order).transpose(0, 1)
+        return grouped.index_select(0, self.order).transpose(1, 2)
 
     @property
     def probes(self) -> list[LinearProbe]:
@@ -225,9 +227,9 @@ def evaluate_grid(
     feats = grid.columns(feats)
     correct = torch.zeros(len(grid.specs), dtype=torch.int64)
     for start in range(0, feats.shape[0], 1024):
-        logits = grid.grouped_logits(feats[start : start + 1024].to(device))  # (B, H, C)
-        hits = logits.argmax(-1).cpu() == labels[start : start + 1024, None]
-        correct += hits.sum(dim=0)
+        logits = grid.grouped_logits(feats[start : start + 1024].to(device))  # (H, C, B)
+        hits = logits.argmax(1).cpu() == labels[None, start : start + 1024]
+        correct += hits.sum(dim=1)
     grid.train(was)
     correct = correct.index_select(0, grid.order.cpu())
     return [100.0 * int(c) / max(1, feats.shape[0]) for c in correct]
@@ -307,13 +309,13 @@ def _grid_epoch(
     loss_sum, seen = 0.0, 0
     for batch, batch_labels in _grid_batches(feats, labels, cfg.batch_size, cfg.seed, epoch):
         lrs = grid_rates(grid, cfg, schedule, step).to(device)
-        logits = grid.grouped_logits(batch.to(device))  # (B, H, C)
+        logits = grid.grouped_logits(batch.to(device))  # (H, C, B)
         n = batch_labels.shape[0]
-        target = batch_labels.to(device)[:, None].expand(n, heads)
-        # each head's mean loss, summed: every head gets its own gradient, as if alone. The
-        # classes as dim 1 ((B, C, H)): log-softmax then runs across the heads at once, 4x
-        # faster than over B x H rows of C (the sums' order differs: agreement to ~1e-7)
-        loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="sum") / n
+        target = batch_labels.to(device)[None].expand(heads, n)
+        # each head's mean loss, summed: every head gets its own gradient, as if alone.
+        # (H, C, B) is (N, C, d): log-softmax runs across the batch at once, 4x faster than
+        # over B x H rows of C (the sums' order differs from one head's: agreement to ~1e-7)
+        loss = F.cross_entropy(logits, target, reduction="sum") / n
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step(lrs=lrs)
