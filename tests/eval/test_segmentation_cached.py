@@ -232,13 +232,17 @@ def test_bad_new_options_are_one_line_and_exit_2(
 # -- the grid of heads (--grid) ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layers", [(1,), (1, 4)])
+@pytest.mark.parametrize(("layers", "multi_scale"), [((1,), False), ((1, 4), True)])
 def test_the_grid_head_at_the_default_lr_is_the_single_cached_probe(
-    voc: Path, tmp_path: Path, layers: tuple[int, ...]
+    voc: Path, tmp_path: Path, layers: tuple[int, ...], multi_scale: bool
 ) -> None:
     encoder = random_encoder("vit_tiny_patch8_32")
     data = open_segmentation(voc, "train")
     inference = InferenceConfig(scale=(48, 32), crop=32, stride=21)
+    if multi_scale:  # each head's softmax averaged over scales and flips on its own
+        inference = InferenceConfig(
+            scale=(48, 32), crop=32, stride=21, ratios=(1.0, 1.5), flip=True
+        )
     single_cfg = _cfg(iters=5, warmup_iters=2)
     single = train_linear_probe(
         encoder, data, data, tmp_path / "one", single_cfg, inference, CPU, progress=False
