@@ -85,20 +85,25 @@ def main() -> None:
     for i in range(args.repeats):  # in turn, so a change of the machine's load hits all alike
         for k, (name, extra) in enumerate(kinds.items()):
             runs[name].append(run(args, f"run{i}_{k}", extra))
-    single = runs["one probe"]
-
-    def ratio(name: str, key: str) -> float:
-        pairs = zip(runs[name], single, strict=True)
-        return round(statistics.median(g[key] / s[key] for g, s in pairs), 2)
-
-    result = {
-        "runs": runs,
-        "median_train_ratio_to_one_probe": {name: ratio(name, "train_seconds") for name in kinds},
-        "median_eval_ratio_to_one_probe": {name: ratio(name, "eval_seconds") for name in kinds},
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+            result = summarise(runs)  # after every run: a stopped benchmark keeps its pairs
+            (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
+    """The runs and, over the repeats every kind finished, the median paired ratios."""
+    single = runs["one probe"]
+    done = min(len(r) for r in runs.values())
+
+    def ratio(name: str, key: str) -> float | None:
+        pairs = list(zip(runs[name][:done], single[:done], strict=True))
+        return round(statistics.median(g[key] / s[key] for g, s in pairs), 2) if pairs else None
+
+    return {
+        "runs": runs,
+        "median_train_ratio_to_one_probe": {name: ratio(name, "train_seconds") for name in runs},
+        "median_eval_ratio_to_one_probe": {name: ratio(name, "eval_seconds") for name in runs},
+    }
 
 
 if __name__ == "__main__":
