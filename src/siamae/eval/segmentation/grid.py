@@ -137,7 +137,7 @@ class _GridRun(_ProbeRun):
         return super().settings() | {"grid": [[s.lr, s.layers] for s in self.specs]}
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, H x C, H, W) logits of every head at the images' size."""
+        """(B, heads x C, h, w) logits of every head at the images' size."""
         logits = self.head(probe_features(self.encoder, images, self.cfg.layers))
         b, heads = logits.shape[0], len(self.specs)
         logits = F.interpolate(
