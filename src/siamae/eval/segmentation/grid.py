@@ -260,7 +260,9 @@ def evaluate_grid(
         scores = predict(
             run.logits, image, heads * c, inference, device, run.encoder.patch_size, heads
         )
-        preds = scores.unflatten(0, (heads, c)).argmax(1)
+        # every head's class: max's indices are argmax's (the first of equal maxima), about
+        # 10x faster than argmax over a leading dimension on a CPU
+        preds = scores.unflatten(0, (heads, c)).max(1).indices
         target = torch.from_numpy(label).to(device)
         for h in range(heads):
             matrices[h] += confusion_matrix(preds[h], target, c)
