@@ -137,7 +137,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-resume", action="store_true", help="ignore OUT/probe.pt")
     p.add_argument("--no-progress", action="store_true")
     add_threads_option(p)
-    _add_grid_options(p)
     p.set_defaults(func=_run)
 
 
@@ -168,7 +167,8 @@ def _add_grid_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_length_options(p: argparse.ArgumentParser) -> None:
-    """The protocol (cached or dinov2) and how long the probe trains."""
+    """The protocol (cached or dinov2), how long the probe trains, and the grid of heads."""
+    _add_grid_options(p)
     p.add_argument(
         "--protocol",
         choices=tuple(PROTOCOLS),
