@@ -76,6 +76,7 @@ def test_the_package_keeps_its_plan(figures_of) -> None:
     assert {m for m in figures.graph if m.startswith("siamae.eval.segmentation")} == {
         "siamae.eval.segmentation.cli",
         "siamae.eval.segmentation.features",
+        "siamae.eval.segmentation.grid",
         "siamae.eval.segmentation.probe",
     }
     assert {"eval/segmentation", "segmentation_scores.py"} <= set(figures.rooms)

@@ -144,9 +144,11 @@ def predict(
     cfg: InferenceConfig,
     device: torch.device,
     multiple: int,
+    heads: int = 1,
 ) -> torch.Tensor:
     """(H, W, 3) uint8 -> (C, H, W) scores at the image's own size (logits for one scale
-    without flip, else the mean softmax)."""
+    without flip, else the mean softmax). ``heads`` > 1: the C channels are that many heads'
+    logits one after the other (a grid of probes), each softmax over its own classes."""
     h, w = image.shape[:2]
     outs = []
     for ratio in cfg.ratios:
@@ -160,12 +162,22 @@ def predict(
             else:
                 logits = _padded(model_fn, xi, multiple)
             logits = logits.flip(-1) if flipped else logits
+            # one head per batch item: each resized as a single head's logits are
             logits = F.interpolate(
-                logits.float(), size=(h, w), mode="bilinear", align_corners=False
+                logits.float().view(heads, -1, *logits.shape[-2:]),
+                size=(h, w),
+                mode="bilinear",
+                align_corners=False,
             )
-            outs.append(logits[0])
+            outs.append(logits.flatten(0, 1))
     if len(outs) == 1:
         return outs[0]
+    if heads > 1:
+        return (
+            torch.stack([o.unflatten(0, (heads, -1)).softmax(1) for o in outs])
+            .mean(0)
+            .flatten(0, 1)
+        )
     return torch.stack([o.softmax(0) for o in outs]).mean(0)
 
 
@@ -216,7 +228,7 @@ def evaluate_segmentation(
             skipped.append(f"{bad.name}\t{bad.reason}")
             continue
         scores = predict(model_fn, image, c, inference, device, multiple)
-        pred = scores.argmax(0)
+        pred = scores.max(0).indices  # argmax's indices, about 10x faster over dim 0 on a CPU
         matrix += confusion_matrix(pred, torch.from_numpy(label).to(device), c)
         if out is not None:
             keep = pictures if rank == 0 else 0

@@ -22,6 +22,7 @@ from siamae.eval.segmentation.features import (
     cover_starts,
     probe_features,
 )
+from siamae.eval.segmentation.grid import _GridRun, seg_grid_specs, train_probe_grid
 from siamae.eval.segmentation.probe import ProbeConfig, _ProbeRun, train_linear_probe
 from siamae.loading import random_encoder
 from siamae.overlays import PALETTE
@@ -207,6 +208,11 @@ def test_the_command_says_its_protocol_first_and_reuses_the_cache(
         (["--copies", "0"], "--copies"),
         (["--epochs", "0"], "--epochs"),
         (["--protocol", "fast"], "--protocol"),
+        (["--grid", "--grid-lrs", "0"], "--grid-lrs"),
+        (["--grid", "--grid-lrs", "inf"], "--grid-lrs must be finite"),
+        (["--grid", "--grid-layers", "2"], "--grid-layers"),
+        (["--grid-lrs", "0.1"], "--grid-lrs sets the grid of heads; add --grid"),
+        (["--grid", "--protocol", "dinov2"], "--grid trains its heads on cached features"),
     ],
 )
 def test_bad_new_options_are_one_line_and_exit_2(
@@ -221,3 +227,81 @@ def test_bad_new_options_are_one_line_and_exit_2(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
     assert not out.exists()
+
+
+# -- the grid of heads (--grid) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("layers", "multi_scale"), [((1,), False), ((1, 4), True)])
+def test_the_grid_head_at_the_default_lr_is_the_single_cached_probe(
+    voc: Path, tmp_path: Path, layers: tuple[int, ...], multi_scale: bool
+) -> None:
+    encoder = random_encoder("vit_tiny_patch8_32")
+    data = open_segmentation(voc, "train")
+    inference = InferenceConfig(scale=(48, 32), crop=32, stride=21)
+    if multi_scale:  # each head's softmax averaged over scales and flips on its own
+        inference = InferenceConfig(
+            scale=(48, 32), crop=32, stride=21, ratios=(1.0, 1.5), flip=True
+        )
+    single_cfg = _cfg(iters=5, warmup_iters=2)
+    single = train_linear_probe(
+        encoder, data, data, tmp_path / "one", single_cfg, inference, CPU, progress=False
+    )
+    specs = seg_grid_specs((1e-3, single_cfg.lr, 0.1), layers)
+    grid_cfg = _cfg(iters=5, warmup_iters=2, layers=max(layers))
+    grid = train_probe_grid(
+        encoder, data, data, tmp_path / "grid", grid_cfg, specs, inference, CPU, progress=False
+    )
+    assert [h["name"] for h in grid["heads"]] == [s.name() for s in specs]
+    at_lr = specs.index(seg_grid_specs((single_cfg.lr,), (1,))[0])
+    for key in ("mIoU", "mAcc", "aAcc"):
+        assert grid["heads"][at_lr][key] == single[key], key
+    assert grid["best_head"]["mIoU"] == max(h["mIoU"] for h in grid["heads"]) == grid["mIoU"]
+    # the weights too: the grid's checkpoint against the single probe's
+    one = torch.load(tmp_path / "one" / "probe.pt", weights_only=False)["head"]
+    heads = torch.load(tmp_path / "grid" / "grid.pt", weights_only=False)["head"]
+    for name, value in one.items():
+        assert torch.equal(heads[f"heads.{at_lr}.{name}"], value), name
+    other = heads["heads.0.classifier.weight"]
+    assert not torch.equal(other, one["classifier.weight"])  # another lr, another head
+
+
+def test_the_grid_steps_every_head_as_alone(
+    voc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One step of a 3-head grid (logits upsampled in chunks of one head, as on a large set)
+    moves each head as its own single probe's step does."""
+    encoder = random_encoder("vit_tiny_patch8_32")
+    data = open_segmentation(voc, "train")
+    cfg = _cfg()
+    _, _, cached = _features(encoder, data, cfg, tmp_path / "cache")
+    batch = next(iter(cached.batches(4, 0, 0)))
+    specs = seg_grid_specs((1e-3, 1e-2, 0.1))
+    grid = _GridRun.build_grid(encoder, data, cfg, specs, CPU, tmp_path / "g.pt", "", cached)
+    monkeypatch.setattr("siamae.eval.segmentation.grid.CHUNK_ELEMENTS", 1)  # a head at a time
+    grid._step(dict(batch), CPU)
+    for i, spec in enumerate(specs):
+        alone = _ProbeRun.build(encoder, data, _cfg(lr=spec.lr), CPU, tmp_path / "a.pt", "", cached)
+        alone._step(dict(batch), CPU)
+        for a, b in zip(alone.head.state_dict().values(), grid.head.heads[i].state_dict().values()):
+            assert torch.equal(a, b), spec
+
+
+def test_the_grid_command_lists_every_head_and_names_the_best(
+    voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "g"
+    line = _line(voc, out, "--iters", "3", "--grid", "--grid-lrs", "0.01", "0.1")
+    assert main([*line, "--grid-layers", "1", "4"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("segmentation probe, protocol cached"), printed
+    assert any(line.startswith("4 heads trained together: best lr ") for line in printed)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(h["lr"], h["layers"]) for h in summary["heads"]] == [
+        (0.01, 1), (0.1, 1), (0.01, 4), (0.1, 4)
+    ]  # fmt: skip
+    assert summary["best_head"]["mIoU"] == max(h["mIoU"] for h in summary["heads"])
+    assert summary["probe"]["layers"] == 4 and (out / "grid.pt").is_file()
+    # run again: resumes from the finished checkpoint, the same figures
+    assert main([*line, "--grid-layers", "1", "4"]) == 0
+    assert json.loads((out / "summary.json").read_text())["heads"] == summary["heads"]

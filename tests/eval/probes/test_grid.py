@@ -14,6 +14,7 @@ from PIL import Image
 
 from siamae.commands.cli import main
 from siamae.data.image_folder import normalize
+from siamae.errors import CheckpointError
 from siamae.eval.probes.features import encode_features, grid_tokens
 from siamae.eval.probes.grid import HeadSpec, fit_grid, grid_specs, select_features
 from siamae.eval.probes.linear import LinearConfig, fit_probe
@@ -54,6 +55,20 @@ def test_the_grid_head_at_the_presets_lr_is_the_single_probe(protocol: str, epoc
     # the heads differ: another lr trains another head
     other = grid["grid_model"].probes[specs.index(HeadSpec(cfg.base_lr / 10, 1, "cls"))]
     assert not torch.allclose(other.fc.weight, head.fc.weight)
+
+
+def test_a_checkpoint_of_the_per_head_layout_is_refused_on_resume(tmp_path: Path) -> None:
+    train_x, train_y = grid_separable(60, seed=0)
+    cfg = LinearConfig.for_protocol("mae-sgd256", epochs=1, batch_size=32, warmup_epochs=0)
+    specs = grid_specs((0.1, 0.2), (1,), ("cls",))
+    fit_grid(train_x, train_y, train_x, train_y, 3, specs, cfg, out_dir=tmp_path)
+    ckpt = tmp_path / "checkpoints" / "last.pt"
+    state = torch.load(ckpt, weights_only=False)
+    assert state["config"]["grid_layout"] == "stacked"
+    del state["config"]["grid_layout"]  # as the per-head grid wrote them
+    torch.save(state, ckpt)
+    with pytest.raises(CheckpointError, match="grid_layout"):
+        fit_grid(train_x, train_y, train_x, train_y, 3, specs, cfg, out_dir=tmp_path, resume=True)
 
 
 def test_grid_features_are_the_single_probes(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,12 @@ from siamae.arguments import (
 from siamae.data.segmentation import LAYOUTS, SegmentationSet, open_segmentation
 from siamae.errors import SiamaeError
 from siamae.eval.segmentation.features import batches_per_epoch
+from siamae.eval.segmentation.grid import (
+    SEG_GRID_LAYERS,
+    SEG_GRID_LRS,
+    seg_grid_specs,
+    train_probe_grid,
+)
 from siamae.eval.segmentation.probe import (
     PROTOCOLS,
     ProbeConfig,
@@ -133,8 +140,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
+def _add_grid_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--grid",
+        action="store_true",
+        help="train a grid of heads in one pass over the cached features (--protocol cached): "
+        "every --grid-lrs x --grid-layers, the same batches, AdamW and schedule; summary.json "
+        "lists every head's mIoU and names the best (no pred/ PNGs or pictures)",
+    )
+    p.add_argument(
+        "--grid-lrs",
+        type=positive_float,
+        nargs="+",
+        default=None,
+        metavar="LR",
+        help="AdamW rates of the grid (default " + " ".join(f"{lr:g}" for lr in SEG_GRID_LRS) + ")",
+    )
+    p.add_argument(
+        "--grid-layers",
+        type=int,
+        nargs="+",
+        choices=SEG_GRID_LAYERS,
+        default=None,
+        help="heads on the last block and/or the last 4 (default: --layers)",
+    )
+
+
 def _add_length_options(p: argparse.ArgumentParser) -> None:
-    """The protocol (cached or dinov2) and how long the probe trains."""
+    """The protocol (cached or dinov2), how long the probe trains, and the grid of heads."""
+    _add_grid_options(p)
     p.add_argument(
         "--protocol",
         choices=tuple(PROTOCOLS),
@@ -186,6 +220,20 @@ def _check(args: argparse.Namespace) -> None:
         raise SiamaeError(f"--lr must be positive, got {args.lr}")
     if min(args.scale) <= 0:
         raise SiamaeError(f"--scale must be two positive sizes, got {list(args.scale)}")
+    _check_grid(args)
+
+
+def _check_grid(args: argparse.Namespace) -> None:
+    """--grid's options, checked before any work."""
+    given = [f"--grid-{n}" for n in ("lrs", "layers") if getattr(args, f"grid_{n}") is not None]
+    if not args.grid:
+        if given:
+            raise SiamaeError(f"{given[0]} sets the grid of heads; add --grid or drop it")
+        return
+    if args.protocol == "dinov2":
+        raise SiamaeError("--grid trains its heads on cached features; use --protocol cached")
+    if any(not math.isfinite(lr) for lr in args.grid_lrs or ()):
+        raise SiamaeError(f"--grid-lrs must be finite, got {args.grid_lrs}")
 
 
 def check_crop(crop: int, patch_size: int) -> None:
@@ -219,6 +267,11 @@ def _run(args: argparse.Namespace) -> int:
     )
     val_set = open_segmentation(args.data, args.val_split, args.layout, args.num_classes)
     fine_tuned = _fine_tuned_model(args.checkpoint)
+    if fine_tuned is not None and args.grid:
+        raise SiamaeError(
+            f"--grid trains probes of an encoder; --checkpoint {args.checkpoint!r} is a "
+            "fine-tuned segmentation model (drop --grid to score it)"
+        )
     if fine_tuned is not None:
         summary = _score_fine_tuned(args, fine_tuned, val_set, device, inference)
     else:
@@ -293,16 +346,19 @@ def _train_probe(
     device: torch.device,
     inference: InferenceConfig,
 ) -> dict[str, Any]:
+    layers = max(_grid_layers(args)) if args.grid else args.layers
+
     def check_layers(encoder: Encoder) -> None:
-        if args.layers > encoder.depth:
-            raise SiamaeError(f"--layers {args.layers}: the encoder has {encoder.depth} blocks")
+        if layers > encoder.depth:
+            flag = "--grid-layers" if args.grid else "--layers"
+            raise SiamaeError(f"{flag} {layers}: the encoder has {encoder.depth} blocks")
         check_crop(args.crop, encoder.patch_size)
 
     protocol = args.protocol
     encoder, source = encoder_from_args(args, check=check_layers)
     train_set = open_segmentation(args.data, args.train_split, args.layout, args.num_classes)
     cfg = ProbeConfig(
-        layers=args.layers,
+        layers=layers,
         iters=1,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -319,6 +375,8 @@ def _train_probe(
     cfg.warmup_iters = (
         args.warmup_iters if args.warmup_iters is not None else int(round(cfg.iters * WARMUP_SHARE))
     )
+    if args.grid:
+        return _train_grid(args, encoder, source, train_set, val_set, cfg, device, inference)
     return train_linear_probe(
         encoder,
         train_set,
@@ -335,15 +393,51 @@ def _train_probe(
     )
 
 
+def _grid_layers(args: argparse.Namespace) -> tuple[int, ...]:
+    return tuple(dict.fromkeys(args.grid_layers or (args.layers,)))
+
+
+def _train_grid(
+    args: argparse.Namespace,
+    encoder: Encoder,
+    source: str,
+    train_set: SegmentationSet,
+    val_set: SegmentationSet,
+    cfg: ProbeConfig,
+    device: torch.device,
+    inference: InferenceConfig,
+) -> dict[str, Any]:
+    specs = seg_grid_specs(tuple(dict.fromkeys(args.grid_lrs or SEG_GRID_LRS)), _grid_layers(args))
+    summary = train_probe_grid(
+        encoder,
+        train_set,
+        val_set,
+        args.out,
+        cfg,
+        specs,
+        inference,
+        device,
+        resume=not args.no_resume,
+        progress=not args.no_progress,
+        source=source,
+        feature_cache=args.feature_cache,
+    )
+    best = summary["best_head"]
+    print(f"{len(specs)} heads trained together: best {best['name']}, mIoU {best['mIoU']:.2f}")
+    return summary
+
+
 def _resolve_protocol(args: argparse.Namespace, device: torch.device) -> str:
     """--protocol, or the device's default (cached on a CPU, dinov2 on a GPU), said on the
     first line of the output."""
     gpu = device.type == "cuda"
-    protocol = args.protocol or ("dinov2" if gpu else "cached")
+    protocol = args.protocol or ("dinov2" if gpu and not args.grid else "cached")
     if protocol == "dinov2" and (args.copies != 1 or args.feature_cache is not None):
         flag = "--copies" if args.copies != 1 else "--feature-cache"
         raise SiamaeError(f"{flag} is for --protocol cached; drop it or pass --protocol cached")
     chosen = "as asked" if args.protocol else f"the default on {'a GPU' if gpu else 'a CPU'}"
+    if args.grid and not args.protocol and gpu:
+        chosen = "--grid's"
     other = "cached" if protocol == "dinov2" else "dinov2"
     print(
         f"segmentation probe, protocol {protocol} ({chosen}): {PROTOCOLS[protocol]}; "

@@ -255,6 +255,10 @@ class _ProbeRun:
         self.sampler.set_epoch(epoch, skip)
         return self.loader
 
+    def settings(self) -> dict[str, Any]:
+        """What a checkpoint must have been trained with to be resumed."""
+        return _plain(asdict(self.cfg))
+
     def resume(self) -> None:
         state = load_checkpoint(self.ckpt)  # a file in --out: anything may be there
         if state.get("format") != PROBE_FORMAT:
@@ -262,7 +266,7 @@ class _ProbeRun:
                 f"{str(self.ckpt)!r} is not a segmentation probe checkpoint; pass another --out, "
                 "or --no-resume to train the probe again over it"
             )
-        if state.get("config") != _plain(asdict(self.cfg)):
+        if state.get("config") != self.settings():
             raise CheckpointError(
                 f"{self.ckpt} was made with other probe settings; pass another --out or --no-resume"
             )
@@ -274,7 +278,7 @@ class _ProbeRun:
     def save(self) -> None:
         payload = {
             "format": PROBE_FORMAT,
-            "config": _plain(asdict(self.cfg)),
+            "config": self.settings(),
             "encoder": self.source,
             "head": self.head.state_dict(),
             "optimizer": self.optimizer.state_dict(),
