@@ -1,10 +1,13 @@
-"""Output paths checked before any work: a run that cannot write its results fails at once."""
+"""Output paths checked before any work: a run that cannot write its results fails at once; a
+command's bad input and unwritable outputs reported on one line."""
 
 from __future__ import annotations
 
 import errno
 import os
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from siamae.errors import SiamaeError
@@ -51,3 +54,34 @@ def check_writable(path: str | Path, option: str = "--out") -> None:
             f"{option} {str(path)!r}: cannot write in the folder {str(folder)!r} ({why}); "
             "choose an output folder you can write to"
         ) from None
+
+
+def one_line(err: SiamaeError) -> str:
+    """The error's own message, on one line. Raised in a DataLoader worker, it comes back wrapped in the
+    worker's traceback ("Caught DataError in DataLoader worker process 0. Original Traceback
+    ..."); its last line is the message."""
+    message = str(err)
+    if "Original Traceback" in message:
+        last = message.strip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if last.startswith("siamae.errors.") else last
+    return " ".join(message.split())  # one line, whatever a message quoted (a file's text, ...)
+
+
+def run_reporting_errors(command: Callable[[], int]) -> int:
+    """Run a command and return its exit code; bad input (a SiamaeError) and an output the user
+    can fix (a full disk, a read-only folder) are one line on stderr and exit code 2, an
+    interruption 130. Torch-free: the scoring-only commands use it without importing torch."""
+    try:
+        return command()
+    except SiamaeError as err:
+        print(f"siamae: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # A disk that fills up, or a folder that turns read-only, during a run.
+        if err.errno not in OUTPUT_ERRNOS:
+            raise
+        print(f"siamae: error: {err.strerror}: {err.filename or err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("siamae: interrupted", file=sys.stderr)
+        return 130

@@ -32,7 +32,6 @@ from siamae.commands.viz import visualize_checkpoint
 from siamae.config import Config
 from siamae.data import shard_writer, video_prepare
 from siamae.engine.trainer import train
-from siamae.errors import SiamaeError
 from siamae.eval import homology
 from siamae.eval.attention import run_command
 from siamae.eval.probes import cli as probe_cli
@@ -41,7 +40,7 @@ from siamae.eval.propagation import cli as propagation_cli
 from siamae.eval.segmentation import cli as segmentation_cli
 from siamae.finetune import segmentation
 from siamae.finetune.command import command_overrides
-from siamae.paths import OUTPUT_ERRNOS, check_writable
+from siamae.paths import check_writable, run_reporting_errors
 from siamae.recipes import load_config, recipe_value
 from siamae.registry import METHODS
 
@@ -327,17 +326,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     segmentation_cli.register(eval_sub)
 
 
-def one_line(err: SiamaeError) -> str:
-    """The error's own message, on one line. Raised in a DataLoader worker, it comes back wrapped in the
-    worker's traceback ("Caught DataError in DataLoader worker process 0. Original Traceback
-    ..."); its last line is the message."""
-    message = str(err)
-    if "Original Traceback" in message:
-        last = message.strip().splitlines()[-1]
-        message = last.split(": ", 1)[1] if last.startswith("siamae.errors.") else last
-    return " ".join(message.split())  # one line, whatever a message quoted (a file's text, ...)
-
-
 # What the allocators say when memory runs out: torch's CPU allocator (Linux, Windows), CUDA's.
 _OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "not enough memory", "out of memory")
 # The size asked for, as torch ("tried to allocate 1099511627776 bytes", "Tried to allocate
@@ -390,24 +378,16 @@ def out_of_memory_line(err: BaseException, args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+
+    def command() -> int:
         # Every command with an output path checks it before any work.
         for attr, option in (("out", "--out"), ("out_dir", "--out-dir")):
             if getattr(args, attr, None):
                 check_writable(getattr(args, attr), option)
         return int(args.func(args) or 0)
-    except SiamaeError as err:
-        print(f"siamae: error: {one_line(err)}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        # A disk that fills up, or a folder that turns read-only, during a run.
-        if err.errno not in OUTPUT_ERRNOS:
-            raise
-        print(f"siamae: error: {err.strerror}: {err.filename or err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("siamae: interrupted", file=sys.stderr)
-        return 130
+
+    try:
+        return run_reporting_errors(command)
     except (MemoryError, RuntimeError) as err:
         # Out of memory anywhere in a command, caught once here: one line, not an allocator's
         # traceback. A training run's checkpoint is written atomically and only after a whole

@@ -19,7 +19,7 @@ from typing import NoReturn
 
 from siamae.errors import SiamaeError
 from siamae.eval.propagation import scoring
-from siamae.paths import OUTPUT_ERRNOS, check_writable
+from siamae.paths import check_writable, run_reporting_errors
 
 BENCHMARKS = ("davis", "vip", "jhmdb")
 
@@ -150,18 +150,10 @@ def score_without_torch(argv: Sequence[str]) -> int | None:
         args = _scoring_parser(argv[1]).parse_args(argv[2:])
     except _NotScoringOnly:
         return None
-    try:
+
+    def command() -> int:
         if args.out:
             check_writable(args.out, "--out")
         return run_score_only(args, argv[1])
-    except SiamaeError as err:
-        print(f"siamae: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        if err.errno not in OUTPUT_ERRNOS:
-            raise
-        print(f"siamae: error: {err.strerror}: {err.filename or err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("siamae: interrupted", file=sys.stderr)
-        return 130
+
+    return run_reporting_errors(command)
