@@ -20,6 +20,7 @@ from siamae import threads as T
 from siamae.arguments import apply_threads_option
 from siamae.commands.cli import build_parser, main
 from siamae.commands.entry import main as entry_main
+from siamae.cores import cgroup_cores, quota_cores, usable_cores
 from siamae.engine.setup import THREADS_FILE, _init_worker
 from siamae.engine.trainer import train
 from siamae.errors import ConfigError
@@ -32,14 +33,11 @@ from siamae.threads import (
     ThreadGovernor,
     ThreadPlan,
     apply_thread_policy,
-    cgroup_cores,
     core_use,
     plan_threads,
-    quota_cores,
     refit_threads,
     reserved_cores,
     thread_governor,
-    usable_cores,
 )
 
 TINY = [
@@ -477,7 +475,7 @@ def test_a_run_refits_its_threads_and_says_so(
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    monkeypatch.setattr(T, "_affinity", lambda: 4)
+    monkeypatch.setattr(T, "affinity_cores", lambda: 4)
     monkeypatch.setattr(T, "cgroup_cores", lambda *a: None)
     meter = _ScriptedMeter(workers=0.1, others=0.0, cores=4, seconds_per_reading=10.0)
     monkeypatch.setattr(T, "CoreMeter", lambda: meter)
@@ -510,7 +508,7 @@ def test_a_run_without_passive_threads_keeps_the_plan(
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.setattr(T, "_affinity", lambda: 4)
+    monkeypatch.setattr(T, "affinity_cores", lambda: 4)
     monkeypatch.setattr(T, "cgroup_cores", lambda *a: None)
     # a re-fit would see 2 cores taken by others and go down to 2 threads
     meter = _ScriptedMeter(workers=0.0, others=2.0, cores=4, seconds_per_reading=10.0)

@@ -8,8 +8,9 @@ step can take 15-30x longer. So the main process gets the cores the scheduler an
 quota allow, less one per loader worker (at least 1), and every loader worker gets 1 thread.
 
 Precedence: ``run.threads`` (or ``--threads``), then ``OMP_NUM_THREADS`` when the user set it,
-then this policy. The arithmetic is in pure functions (:func:`plan_threads`, :func:`quota_cores`,
-:func:`refit_threads`) so it can be tested with any core count, quota and worker count.
+then this policy. The arithmetic is in pure functions (:func:`plan_threads`,
+:func:`siamae.cores.quota_cores`, :func:`refit_threads`) so it can be tested with any core
+count, quota and worker count.
 
 A loader worker is counted as a whole core at the start, because nothing is known yet. During
 training (:class:`ThreadGovernor`) the policy is re-fitted to what the cores are really used
@@ -35,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-PROC_CGROUP = Path("/proc/self/cgroup")
+from siamae.cores import affinity_cores, cgroup_cores, usable_cores
+
 PROC = Path("/proc")
 
 # A core counts as taken by others when more than this share of it is busy with them: a thread
@@ -108,77 +109,6 @@ def refit_threads(cores: int, workers_busy: float, others_busy: float) -> int:
     return max(1, cores - reserved_cores(workers_busy + others_busy))
 
 
-def quota_cores(quota_us: int | None, period_us: int | None) -> int | None:
-    """Cores a CFS quota allows (rounded up: 1.5 cores of quota keep 2 threads busy), or None."""
-    if quota_us is None or period_us is None or quota_us <= 0 or period_us <= 0:
-        return None
-    return max(1, math.ceil(quota_us / period_us))
-
-
-def _read_v2(path: Path) -> int | None:
-    # cpu.max: "<quota> <period>" or "max <period>"
-    try:
-        quota, period = path.read_text().split()[:2]
-    except (OSError, ValueError):
-        return None
-    return None if quota == "max" else quota_cores(int(quota), int(period))
-
-
-def _read_v1(folder: Path) -> int | None:
-    try:
-        quota = int((folder / "cpu.cfs_quota_us").read_text())
-        period = int((folder / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
-    return quota_cores(quota, period)  # -1: no quota
-
-
-def _ancestors(root: Path, relative: str) -> list[Path]:
-    # A quota anywhere above this process's cgroup limits it too: look at every level.
-    parts = [p for p in relative.strip().split("/") if p]
-    return [root.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
-
-
-def cgroup_cores(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int | None:
-    """The tightest CPU quota over this process's cgroups (v2 ``cpu.max``, v1 CFS), or None."""
-    try:
-        lines = proc_cgroup.read_text().splitlines()
-    except OSError:
-        lines = []
-    limits: list[int] = []
-    for line in lines or ["0::/"]:
-        _, controllers, relative = (line.split(":", 2) + ["", ""])[:3]
-        if controllers == "":  # cgroup v2, unified hierarchy
-            for folder in _ancestors(root, relative):
-                limits.append(_read_v2(folder / "cpu.max") or 0)
-        elif "cpu" in controllers.split(","):  # cgroup v1 cpu controller
-            for mount in (root / controllers, root / "cpu", root / "cpu,cpuacct"):
-                for folder in _ancestors(mount, relative):
-                    limits.append(_read_v1(folder) or 0)
-    found = [n for n in limits if n > 0]
-    return min(found) if found else None
-
-
-def _affinity() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1  # macOS, Windows
-
-
-def usable_cores(
-    affinity: int | None = None,
-    quota: int | None = None,
-    root: Path = CGROUP_ROOT,
-    proc_cgroup: Path = PROC_CGROUP,
-) -> int:
-    """Cores this process may run on: its CPU affinity, capped by its cgroup quota."""
-    if affinity is None:
-        affinity = _affinity()
-    if quota is None:
-        quota = cgroup_cores(root, proc_cgroup)
-    return max(1, min(affinity, quota) if quota else affinity)
-
-
 def _env_threads(environ: Mapping[str, str]) -> int | None:
     try:
         value = int(environ.get("OMP_NUM_THREADS", ""))
@@ -203,7 +133,7 @@ def apply_thread_policy(
     environ = os.environ if environ is None else environ
     if processes is None:
         processes = _local_processes(environ)
-    affinity, quota = _affinity(), cgroup_cores()
+    affinity, quota = affinity_cores(), cgroup_cores()
     plan = plan_threads(
         usable_cores(affinity, quota),
         workers,

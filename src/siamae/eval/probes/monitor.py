@@ -3,7 +3,8 @@ monitor is below; :class:`Monitors` adds RankMe on unlabelled images
 (:mod:`siamae.eval.probes.rankme`) and label propagation J&F on a DAVIS-layout root
 (:mod:`siamae.eval.propagation.dense_monitor`) at the same interval, and before the first step,
 and trains the online linear probe on the training batches
-(:mod:`siamae.eval.probes.online_linear`, every step; logged with each log window).
+(:mod:`siamae.eval.probes.online_linear`, every ``online_linear_every``-th step; logged
+with each log window).
 The other processes go on to their next step and wait for rank 0 in its gradient all-reduce:
 no collective is added for the monitor.
 

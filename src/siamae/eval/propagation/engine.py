@@ -363,12 +363,14 @@ class LabelPropagator:
         m = len(keys)
         q = query.reshape(d, n)
         unique: dict[int, int] = {}  # id(key) -> column block of key_mat
+        distinct: list[torch.Tensor] = []
         variants: dict[tuple[int, bool], int] = {}  # (id(key), restricted) -> variant
-        for key in keys:
-            unique.setdefault(id(key), len(unique))
         for key, r in zip(keys, restricted):
+            if id(key) not in unique:
+                unique[id(key)] = len(distinct)
+                distinct.append(key.reshape(d, n))
             variants.setdefault((id(key), r), len(variants))
-        key_mat = torch.cat([k.reshape(d, n) for k in {id(k): k for k in keys}.values()], dim=1)
+        key_mat = torch.cat(distinct, dim=1)  # (D, U*N)
         source = [unique[key_id] for key_id, _ in variants]  # key block of each variant
         slot_variant = torch.tensor([variants[id(k), r] for k, r in zip(keys, restricted)])
         runs = self._runs([r for _, r in variants])

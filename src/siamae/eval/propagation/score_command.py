@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from siamae.cores import usable_cores
 from siamae.errors import SiamaeError
 from siamae.eval.propagation import scoring
 from siamae.paths import check_writable, run_reporting_errors
@@ -56,7 +57,7 @@ def scoring_threads(requested: int | None) -> int:
     if requested is not None and requested < 1:
         raise SiamaeError(f"--threads must be 1 or more, got {requested}")
     env = os.environ.get("OMP_NUM_THREADS", "")
-    cores = scoring.usable_cores()
+    cores = usable_cores()
     if requested is not None:
         threads, source = requested, "set by --threads"
     elif env.isdigit() and int(env) > 0:

@@ -10,7 +10,6 @@ would otherwise be mostly torch's import.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import TypeVar
 import numpy as np
 from tqdm import tqdm
 
+from siamae.cores import usable_cores
 from siamae.errors import DataError
 from siamae.eval.propagation.layouts import (
     CLASSES,
@@ -68,13 +68,6 @@ def _pool_map(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(fn, jobs)
         return list(tqdm(results, total=len(jobs), desc=desc, unit=unit, disable=not progress))
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the system tells it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def check_predictions(predictions: str | Path, names: Iterable[str], layout: str) -> Path:
