@@ -33,6 +33,7 @@ def probe(args: argparse.Namespace, name: str, protocol: str, lr: float) -> dict
     line += ["--seed", str(args.seed)]
     if protocol == "cached":
         line += ["--feature-cache", str(args.out / "features"), "--copies", str(args.copies)]
+        line += ["--cached-views", args.cached_views]
     start = time.perf_counter()
     assert siamae(line) == 0, f"{name} failed"
     seconds = time.perf_counter() - start
@@ -42,6 +43,7 @@ def probe(args: argparse.Namespace, name: str, protocol: str, lr: float) -> dict
         "lr": lr,
         "seed": args.seed,
         "copies": args.copies if protocol == "cached" else None,
+        "cached_views": args.cached_views if protocol == "cached" else None,
         "mIoU": round(summary["mIoU"], 2),
         "IoU_object": round(summary["per_class"][1]["IoU"], 2),
         "train_iters": summary["train_iters"],
@@ -68,6 +70,9 @@ def main() -> None:
     p.add_argument("--checkpoint", help="the encoder (default: --random-init's)")
     p.add_argument("--random-init", default="vit_small_patch16_224", help="an untrained encoder")
     p.add_argument("--copies", type=int, default=1, help="cached views per image (--copies)")
+    p.add_argument(
+        "--cached-views", choices=("windows", "crops"), default="windows", help="--cached-views"
+    )
     p.add_argument("--seed", type=int, default=0, help="the probe's seed (crops, head)")
     p.add_argument(
         "--only", choices=("cached", "dinov2"), default=None, help="run one protocol alone"
@@ -84,7 +89,8 @@ def main() -> None:
     tag = f"seed{args.seed}"
     results = {}
     if args.only != "dinov2":
-        tag_c = f"{tag}_copies{args.copies}"
+        crops = "_crops" if args.cached_views == "crops" else ""
+        tag_c = f"{tag}_copies{args.copies}{crops}"
         results[f"cached {tag_c}"] = probe(args, f"cached_{tag_c}", "cached", args.lr)
         results[f"cached {tag_c}, reusing"] = probe(
             args, f"cached_again_{tag_c}", "cached", args.second_lr
@@ -92,7 +98,8 @@ def main() -> None:
     if args.only != "cached":
         results[f"dinov2 {tag}"] = probe(args, f"dinov2_{tag}", "dinov2", args.lr)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"results_{args.only or 'both'}_{tag}_copies{args.copies}.json"
+    crops = "_crops" if args.cached_views == "crops" else ""
+    name = f"results_{args.only or 'both'}_{tag}_copies{args.copies}{crops}.json"
     (args.out / name).write_text(json.dumps(results, indent=2) + "\n")
     print(
         "\n| probe | lr | mIoU | IoU object | iterations | features s | train s | eval s | wall s |"

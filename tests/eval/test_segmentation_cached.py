@@ -23,7 +23,12 @@ from siamae.eval.segmentation.features import (
     probe_features,
 )
 from siamae.eval.segmentation.grid import _GridRun, seg_grid_specs, train_probe_grid
-from siamae.eval.segmentation.probe import ProbeConfig, _ProbeRun, train_linear_probe
+from siamae.eval.segmentation.probe import (
+    ProbeConfig,
+    _ProbeRun,
+    cached_views,
+    train_linear_probe,
+)
 from siamae.loading import random_encoder
 from siamae.overlays import PALETTE
 from siamae.segmentation_scores import InferenceConfig
@@ -64,6 +69,7 @@ def voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _cfg(**kw: object) -> ProbeConfig:
     values = dict(iters=4, batch_size=4, lr=1e-2, warmup_iters=1, crop=32, scale=(48, 32))
     values.update(ratio_range=(1.0, 1.0), photometric=False, num_workers=0, protocol="cached")
+    values.update(cached_views="windows", copies=1)
     values.update(kw)
     return ProbeConfig(**values)  # type: ignore[arg-type]
 
@@ -185,13 +191,22 @@ def test_the_command_says_its_protocol_first_and_reuses_the_cache(
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("segmentation probe, protocol cached (the default on a CPU)"), out
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert summary["train_iters"] == 2 * 3  # 12 windows at batch 4, 2 epochs
+    # the default views: 4 augmented crops an image; an epoch is one crop of each image (6
+    # images at batch 4: 1 whole batch, as the dinov2 protocol's epoch)
+    assert summary["train_iters"] == 2 and summary["cached_views"] == 4 * 6
+    assert summary["probe"]["cached_views"] == "crops" and summary["probe"]["copies"] == 4
     assert summary["probe"]["warmup_iters"] == 0 and not summary["features_reused"]
     # a second probe of the same encoder (another lr, another --out) reads the same features
     line = _line(voc, tmp_path / "b", "--iters", "2", "--lr", "0.1", "--feature-cache", str(shared))
     assert main(line) == 0
     again = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert again["features_reused"] and again["feature_cache"] == summary["feature_cache"]
+    # windows: each image's 2 windows (40x48 -> 32x38), an epoch all of them (12 at batch 4)
+    line = _line(voc, tmp_path / "d", "--epochs", "2", "--cached-views", "windows")
+    assert main(line) == 0
+    windows = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert windows["train_iters"] == 2 * 3 and windows["cached_views"] == 12
+    assert windows["probe"]["cached_views"] == "windows" and windows["probe"]["copies"] == 1
     capsys.readouterr()
     assert main(_line(voc, tmp_path / "c", "--iters", "2", "--protocol", "dinov2")) == 0
     first = capsys.readouterr().out.splitlines()[0]
@@ -206,6 +221,8 @@ def test_the_command_says_its_protocol_first_and_reuses_the_cache(
         (["--protocol", "dinov2", "--copies", "2"], "--copies is for --protocol cached"),
         (["--protocol", "dinov2", "--feature-cache", "x"], "--feature-cache is for --protocol"),
         (["--copies", "0"], "--copies"),
+        (["--protocol", "dinov2", "--cached-views", "crops"], "--cached-views is for --protocol"),
+        (["--cached-views", "tiles"], "--cached-views"),
         (["--epochs", "0"], "--epochs"),
         (["--protocol", "fast"], "--protocol"),
         (["--grid", "--grid-lrs", "0"], "--grid-lrs"),
@@ -305,3 +322,69 @@ def test_the_grid_command_lists_every_head_and_names_the_best(
     # run again: resumes from the finished checkpoint, the same figures
     assert main([*line, "--grid-layers", "1", "4"]) == 0
     assert json.loads((out / "summary.json").read_text())["heads"] == summary["heads"]
+
+
+# -- cached crops (--cached-views crops) --------------------------------------------------------
+
+
+def test_cached_crops_are_the_dinov2_protocols_crops_in_its_order(
+    voc: Path, tmp_path: Path
+) -> None:
+    """Copy c of image i is the crop the dinov2 protocol draws for it in epoch c, and epoch e
+    reads copy e mod copies in that protocol's batch order."""
+    encoder = random_encoder("vit_tiny_patch8_32")
+    data = open_segmentation(voc, "train")
+    cfg = _cfg(
+        cached_views="crops", copies=2, batch_size=2, ratio_range=(0.5, 2.0), photometric=True
+    )
+    views = cached_views(data, cfg)
+    assert len(views) == 2 * len(data)
+    live = _ProbeRun.build(
+        encoder,
+        data,
+        _cfg(batch_size=2, protocol="dinov2", ratio_range=(0.5, 2.0), photometric=True),
+        CPU,
+        tmp_path / "a.pt",
+        "",
+    )
+    dataset = live.loader.dataset  # type: ignore[union-attr]
+    for copy in range(2):
+        for i in range(len(data)):
+            image, label, reason = views[copy * len(data) + i]
+            item = dataset[(copy, i)]
+            assert reason == ""
+            assert torch.equal(image, item["images"][0])
+            assert torch.equal(label, item["label"].to(torch.uint8))
+    key = cache_key(encoder, views, 1, 2, {"views": "crops"})
+    cached = cached_features(encoder, views, 1, tmp_path / "c", key, CPU, 3, progress=False)
+    assert cached.crop_copies == 2 and cached.batches_per_epoch(2) == len(data) // 2
+    labels = np.array(cached.labels)
+    for epoch in range(3):  # epoch 2 reads copy 0 again, in epoch 2's order
+        live.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        order = [i for _, i in live.sampler]  # type: ignore[union-attr]
+        got = torch.cat([b["label"] for b in cached.batches(2, cfg.seed, epoch)])
+        want = labels[[epoch % 2 * len(data) + i for i in order]]
+        assert torch.equal(got, torch.from_numpy(want.astype(np.int64)))
+
+
+def test_as_many_cached_crops_as_epochs_is_the_dinov2_protocols_run(
+    voc: Path, tmp_path: Path
+) -> None:
+    torch.set_num_threads(1)
+    encoder = random_encoder("vit_tiny_patch8_32")
+    data = open_segmentation(voc, "train")
+    inference = InferenceConfig(scale=(48, 32), crop=32, stride=21)
+    common = dict(iters=6, batch_size=2, warmup_iters=1, ratio_range=(0.5, 2.0), photometric=True)
+    runs = {}
+    for name, extra in (("dinov2", {"protocol": "dinov2"}), ("crops", {"cached_views": "crops"})):
+        cfg = _cfg(**common, **extra, copies=2 if name == "crops" else 1)  # 3 batches an epoch
+        runs[name] = train_linear_probe(
+            encoder, data, data, tmp_path / name, cfg, inference, CPU, progress=False
+        )
+    assert runs["crops"]["cached_views"] == 2 * len(data)
+    for key in ("mIoU", "mAcc", "aAcc", "train_iters"):
+        assert runs["crops"][key] == runs["dinov2"][key], key
+    heads = [torch.load(tmp_path / n / "probe.pt", weights_only=False)["head"] for n in runs]
+    for name, value in heads[0].items():
+        # the encoder saw the crops in other batches: float rounding, not other data
+        torch.testing.assert_close(heads[1][name], value, rtol=1e-5, atol=1e-6, msg=name)

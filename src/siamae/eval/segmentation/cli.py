@@ -35,6 +35,8 @@ from siamae.eval.segmentation.grid import (
     train_probe_grid,
 )
 from siamae.eval.segmentation.probe import (
+    CACHED_VIEWS,
+    DEFAULT_COPIES,
     PROTOCOLS,
     ProbeConfig,
     cached_views,
@@ -196,9 +198,19 @@ def _add_length_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--copies",
         type=positive_int,
-        default=1,
-        help="--protocol cached: views cached per training image, the windows of the image "
-        "plus COPIES - 1 augmented crops (default 1: the windows alone)",
+        default=None,
+        help="--protocol cached: views cached per training image: augmented crops (default "
+        f"{DEFAULT_COPIES['crops']}), or with --cached-views windows the windows of the image plus "
+        f"COPIES - 1 augmented crops (default {DEFAULT_COPIES['windows']}: the windows alone)",
+    )
+    p.add_argument(
+        "--cached-views",
+        choices=tuple(CACHED_VIEWS),
+        default=None,
+        help="--protocol cached: crops (the default): "
+        + CACHED_VIEWS["crops"]
+        + " (as many copies as epochs is the dinov2 protocol's run); windows: "
+        + CACHED_VIEWS["windows"],
     )
     p.add_argument(
         "--feature-cache",
@@ -369,7 +381,8 @@ def _train_probe(
         seed=args.seed,
         num_workers=args.num_workers,
         protocol=protocol,
-        copies=args.copies,
+        copies=args.copies or DEFAULT_COPIES[args.cached_views or "crops"],
+        cached_views=args.cached_views or "crops",
     )
     cfg.iters = _probe_iters(args, cfg, train_set)
     cfg.warmup_iters = (
@@ -432,8 +445,13 @@ def _resolve_protocol(args: argparse.Namespace, device: torch.device) -> str:
     first line of the output."""
     gpu = device.type == "cuda"
     protocol = args.protocol or ("dinov2" if gpu and not args.grid else "cached")
-    if protocol == "dinov2" and (args.copies != 1 or args.feature_cache is not None):
-        flag = "--copies" if args.copies != 1 else "--feature-cache"
+    cached_only = {
+        "--copies": args.copies is not None,
+        "--feature-cache": args.feature_cache is not None,
+        "--cached-views": args.cached_views is not None,
+    }
+    if protocol == "dinov2" and any(cached_only.values()):
+        flag = next(name for name, given in cached_only.items() if given)
         raise SiamaeError(f"{flag} is for --protocol cached; drop it or pass --protocol cached")
     chosen = "as asked" if args.protocol else f"the default on {'a GPU' if gpu else 'a CPU'}"
     if args.grid and not args.protocol and gpu:
@@ -455,8 +473,10 @@ def _probe_iters(args: argparse.Namespace, cfg: ProbeConfig, train_set: Segmenta
         if args.epochs is None:
             return DINOV2_ITERS
         return args.epochs * max(1, len(train_set) // cfg.batch_size)
-    views = len(cached_views(train_set, cfg))
     epochs = args.epochs or CACHED_EPOCHS
+    if cfg.cached_views == "crops":  # an epoch is the dinov2 protocol's, one crop an image
+        return epochs * max(1, len(train_set) // cfg.batch_size)
+    views = len(cached_views(train_set, cfg))
     return epochs * batches_per_epoch(views, cfg.batch_size)
 
 

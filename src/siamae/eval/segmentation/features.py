@@ -11,6 +11,11 @@ stored, per training image:
   protocol draws its crops (:class:`siamae.data.segmentation.SegmentationViews`), each seeded
   by (seed, copy, index).
 
+With ``crops=True`` (``--cached-views crops``) no windows are stored: copies 0 .. ``copies - 1``
+are all augmented crops, copy c of an image being the very crop the DINOv2 protocol draws for it
+in epoch c (the same seed triple), and the probe's epoch e reads copy e mod ``copies`` in
+the DINOv2 protocol's batch order: with as many copies as epochs it is that protocol's run.
+
 The features ((M, layers x D, crop/p, crop/p) float32) and labels ((M, crop, crop) uint8) are
 ``.npy`` files opened memory-mapped, so a set larger than memory trains from disk. They live in
 a folder named by a digest of the key: the encoder's weights (a SHA-256 of its tensors), the
@@ -108,11 +113,17 @@ class CachedViews(Dataset):
         seed: int = 0,
         ratio_range: tuple[float, float] = (0.5, 2.0),
         photometric: bool = True,
+        crops: bool = False,
     ) -> None:
         self.source, self.crop, self.scale, self.seed = source, crop, scale, seed
         self.views = SegmentationViews(crop, scale, ratio_range, photometric=photometric)
-        # (image index, copy, top, left): copy 0 the windows, others one augmented view each
+        self.crops = crops
+        # (image index, copy, top, left): copy 0 the windows (unless crops), others one
+        # augmented view each; with crops item j is copy j // images of image j % images
         self.items: list[tuple[int, int, int, int]] = []
+        if crops:
+            self.items = [(i, c, 0, 0) for c in range(copies) for i in range(len(source))]
+            return
         for i, pair in enumerate(source.pairs):
             size = _image_size(pair.image)
             h, w = rescale_size(*size, scale) if size is not None else (crop, crop)
@@ -129,7 +140,7 @@ class CachedViews(Dataset):
         index, copy, top, left = self.items[j]
         crop = self.crop
         try:
-            if copy == 0:
+            if copy == 0 and not self.crops:
                 image, label = self.source.read(index)
                 image, label = resize_pair(image, label, rescale_size(*label.shape, self.scale))
                 image = image[top : top + crop, left : left + crop]
@@ -159,19 +170,52 @@ class CachedFeatures:
     valid: np.ndarray  # indices of the readable items
     skipped: list[str] = field(default_factory=list)
     computed: bool = False  # False: read back from an earlier run
+    crop_copies: int = 0  # > 0: the crops layout (item copy x images + image), this many copies
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        if self.crop_copies:  # the DINOv2 protocol's: whole batches of images
+            return max(1, len(self.labels) // self.crop_copies // batch_size)
+        return batches_per_epoch(len(self.valid), batch_size)
 
     def batches(self, batch_size: int, seed: int, epoch: int, skip: int = 0) -> Iterator[dict]:
         """The epoch's batches (shuffled by (seed, epoch)) from batch ``skip`` on: features
         (B, C, g, g) float32 and labels (B, crop, crop) int64."""
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        if self.crop_copies:
+            yield from self._crop_batches(batch_size, g, epoch, skip)
+            return
         order = self.valid[torch.randperm(len(self.valid), generator=g).numpy()]
-        for b in range(skip, batches_per_epoch(len(self.valid), batch_size)):
+        for b in range(skip, self.batches_per_epoch(batch_size)):
             idx = np.sort(order[b * batch_size : (b + 1) * batch_size])
-            yield {
-                "features": torch.from_numpy(np.ascontiguousarray(self.features[idx])),
-                "label": torch.from_numpy(self.labels[idx].astype(np.int64)),
-                "skipped_files": [],
-            }
+            yield self._batch(idx)
+
+    def _crop_batches(
+        self, batch_size: int, g: torch.Generator, epoch: int, skip: int
+    ) -> Iterator[dict]:
+        """Copy ``epoch mod copies`` of the images in the DINOv2 protocol's order (its
+        EpochSampler's permutation, cut into whole batches); an unreadable image's place is
+        taken by the next readable one, as that protocol's data set does."""
+        images = len(self.labels) // self.crop_copies
+        first = epoch % self.crop_copies * images
+        readable = np.zeros(len(self.labels), dtype=bool)
+        readable[self.valid] = True
+        order = torch.randperm(images, generator=g).numpy()
+        for b in range(skip, self.batches_per_epoch(batch_size)):
+            idx = []
+            for i in order[b * batch_size : (b + 1) * batch_size]:
+                # valid holds 2 or more items, so some copy of the set is readable; an
+                # unreadable image is unreadable in every copy, so this copy has one too
+                while not readable[first + i]:
+                    i = (i + 1) % images
+                idx.append(first + i)
+            yield self._batch(np.array(idx, dtype=np.int64))
+
+    def _batch(self, idx: np.ndarray) -> dict:
+        return {
+            "features": torch.from_numpy(np.ascontiguousarray(self.features[idx])),
+            "label": torch.from_numpy(self.labels[idx].astype(np.int64)),
+            "skipped_files": [],
+        }
 
 
 def batches_per_epoch(items: int, batch_size: int) -> int:
@@ -249,6 +293,7 @@ def cached_features(
         valid,
         sorted(set(meta["skipped"].values())),
         computed=start < len(views),
+        crop_copies=len(views) // len(views.source) if views.crops else 0,
     )
 
 

@@ -25,7 +25,6 @@ from siamae.errors import CheckpointError, DataError
 from siamae.eval.segmentation.features import (
     CachedFeatures,
     CachedViews,
-    batches_per_epoch,
     cache_key,
     cached_features,
     probe_features,
@@ -35,11 +34,19 @@ from siamae.optim import lr_at
 from siamae.segmentation_scores import InferenceConfig, evaluate_segmentation
 
 PROBE_FORMAT = "siamae-segprobe-v1"
+CACHED_VIEWS = {
+    "crops": "--copies augmented crops per image, drawn as the dinov2 protocol draws its epochs' "
+    "crops; epoch e reads copy e mod --copies in that protocol's order",
+    "windows": "each training image's windows at the inference geometry, plus --copies - 1 "
+    "augmented crops, every epoch reads them all",
+}
+# --copies when not given: 4 crops matched the dinov2 protocol's mIoU in docs/segmentation.md
+DEFAULT_COPIES = {"crops": 4, "windows": 1}
 PROTOCOLS = {
     "dinov2": "DINOv2's: the frozen encoder runs on fresh augmented crops every iteration",
     "cached": "the frozen encoder's features of each training image computed once (windows of "
-    "the image at the protocol's size, plus --copies - 1 augmented crops), the head trained on "
-    "them",
+    "the image at the protocol's size, plus --copies - 1 augmented crops; --cached-views crops: "
+    "--copies augmented crops), the head trained on them",
 }
 
 # -- the frozen linear probe ------------------------------------------------------------------
@@ -78,7 +85,8 @@ class ProbeConfig:
     num_workers: int = 2
     checkpoint_every: int = 1000
     protocol: str = "dinov2"  # or "cached" (see PROTOCOLS)
-    copies: int = 1  # cached: views per image (1: the windows of the image alone)
+    cached_views: str = "crops"  # cached: or "windows" (see CACHED_VIEWS)
+    copies: int = 4  # cached: crops per image (windows: 1, the windows of the image alone)
 
 
 def train_linear_probe(
@@ -160,7 +168,14 @@ def train_linear_probe(
 def cached_views(train_set: SegmentationSet, cfg: ProbeConfig) -> CachedViews:
     """The training views the cached protocol encodes once (see CachedViews)."""
     return CachedViews(
-        train_set, cfg.crop, cfg.scale, cfg.copies, cfg.seed, cfg.ratio_range, cfg.photometric
+        train_set,
+        cfg.crop,
+        cfg.scale,
+        cfg.copies,
+        cfg.seed,
+        cfg.ratio_range,
+        cfg.photometric,
+        crops=cfg.cached_views == "crops",
     )
 
 
@@ -174,9 +189,13 @@ def _cached_training_features(
 ) -> CachedFeatures:
     views = cached_views(train_set, cfg)
     # Augmented copies depend on how they are drawn; the windows alone do not.
-    drawn = {"seed": cfg.seed, "ratio_range": list(cfg.ratio_range)} if cfg.copies > 1 else {}
-    if cfg.copies > 1:
+    crops = cfg.cached_views == "crops"
+    drawn: dict[str, Any] = {}
+    if cfg.copies > 1 or crops:
+        drawn = {"seed": cfg.seed, "ratio_range": list(cfg.ratio_range)}
         drawn["photometric"] = cfg.photometric
+    if crops:
+        drawn["views"] = "crops"
     key = cache_key(encoder, views, cfg.layers, cfg.copies, drawn)
     found = cached_features(
         encoder,
@@ -243,7 +262,7 @@ class _ProbeRun:
     @property
     def batches_per_epoch(self) -> int:
         if self.cached is not None:
-            return batches_per_epoch(len(self.cached.valid), self.cfg.batch_size)
+            return self.cached.batches_per_epoch(self.cfg.batch_size)
         assert self.sampler is not None
         return self.sampler.batches_per_epoch
 
