@@ -29,6 +29,7 @@ def run(args: argparse.Namespace, name: str, extra: list[str]) -> dict:
     crop = args.crop
     line = ["eval", "segment", *args.encoder, "--data", str(args.out / "voc"), "--out", str(out)]
     line += ["--protocol", "cached", "--epochs", str(args.epochs), "--lr", str(args.lr)]
+    line += ["--cached-views", args.cached_views]
     line += ["--batch-size", str(args.batch_size), "--crop", str(crop)]
     line += ["--stride", str(round(crop * 2 / 3)), "--scale", str(2 * crop), str(crop)]
     line += ["--num-workers", str(args.num_workers), "--no-resume", "--no-progress"]
@@ -66,6 +67,12 @@ def main() -> None:
     p.add_argument("--random-init", default="vit_small_patch16_224", help="an untrained encoder")
     p.add_argument("--checkpoint", help="the encoder (default: --random-init's)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--cached-views",
+        choices=("crops", "windows"),
+        default="crops",
+        help="--cached-views (the figures in docs/segmentation.md: windows, the default then)",
+    )
     args = p.parse_args()
     args.encoder = (
         ["--checkpoint", args.checkpoint]
