@@ -388,3 +388,28 @@ def test_as_many_cached_crops_as_epochs_is_the_dinov2_protocols_run(
     for name, value in heads[0].items():
         # the encoder saw the crops in other batches: float rounding, not other data
         torch.testing.assert_close(heads[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_an_unreadable_image_gives_its_place_to_the_next_as_in_the_dinov2_protocol(
+    tmp_path: Path,
+) -> None:
+    base = write_voc(tmp_path / "voc", {"train": 6, "val": 2})
+    (base / "JPEGImages" / "train002.jpg").write_bytes(b"not a jpeg")
+    encoder = random_encoder("vit_tiny_patch8_32")
+    data = open_segmentation(base, "train")
+    cfg = _cfg(cached_views="crops", copies=2, batch_size=3)
+    views = cached_views(data, cfg)
+    key = cache_key(encoder, views, 1, 2, {"views": "crops"})
+    cached = cached_features(encoder, views, 1, tmp_path / "c", key, CPU, 4, progress=False)
+    assert len(cached.valid) == 2 * 5 and any("train002" in line for line in cached.skipped)
+    labels = np.array(cached.labels)
+    live = _ProbeRun.build(
+        encoder, data, _cfg(batch_size=3, protocol="dinov2"), CPU, tmp_path / "a.pt", ""
+    )
+    for epoch in range(2):
+        live.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        order = [i for _, i in live.sampler]  # type: ignore[union-attr]
+        taken = [3 if i == 2 else i for i in order]  # the dinov2 data set reads image 3 instead
+        got = torch.cat([b["label"] for b in cached.batches(3, cfg.seed, epoch)])
+        want = labels[[epoch * len(data) + i for i in taken]]
+        assert torch.equal(got, torch.from_numpy(want.astype(np.int64)))

@@ -49,6 +49,7 @@ from siamae.data.segmentation import (
     resize_pair,
 )
 from siamae.data.sources import DECODE_ERRORS, UnreadableSample
+from siamae.errors import DataError
 from siamae.models.vit import Encoder
 
 CACHE_FORMAT = "siamae-segfeatures-v1"
@@ -203,11 +204,12 @@ class CachedFeatures:
         for b in range(skip, self.batches_per_epoch(batch_size)):
             idx = []
             for i in order[b * batch_size : (b + 1) * batch_size]:
-                # valid holds 2 or more items, so some copy of the set is readable; an
-                # unreadable image is unreadable in every copy, so this copy has one too
-                while not readable[first + i]:
-                    i = (i + 1) % images
-                idx.append(first + i)
+                for attempt in range(images):
+                    if readable[first + (i + attempt) % images]:
+                        idx.append(first + (i + attempt) % images)
+                        break
+                else:
+                    raise DataError(f"no crop of copy {epoch % self.crop_copies} is readable")
             yield self._batch(np.array(idx, dtype=np.int64))
 
     def _batch(self, idx: np.ndarray) -> dict:
