@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 from fractions import Fraction
 from pathlib import Path
 
@@ -295,14 +296,39 @@ def test_torchcodec_gives_the_same_frames_as_pyav(
     assert all(str(prepared) in c for c in calls)
 
 
+def _torchcodec_without_ffmpeg(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchcodec 0.17 and later as installed without FFmpeg: it imports, its flag says so."""
+    package = types.ModuleType("torchcodec")
+    decoders = types.ModuleType("torchcodec.decoders")
+    decoders.VideoDecoder = object  # type: ignore[attr-defined]
+    core = types.ModuleType("torchcodec._core")
+    ops = types.ModuleType("torchcodec._core.ops")
+    ops._FFMPEG_AVAILABLE = False  # type: ignore[attr-defined]
+    core.ops = ops  # type: ignore[attr-defined]
+    for name, module in (
+        ("torchcodec", package),
+        ("torchcodec.decoders", decoders),
+        ("torchcodec._core", core),
+        ("torchcodec._core.ops", ops),
+    ):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+@pytest.mark.parametrize("missing", ["torchcodec", "ffmpeg"])
 def test_missing_torchcodec_is_one_line_and_exit_2(
     prepared: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    missing: str,
 ) -> None:
-    monkeypatch.setitem(sys.modules, "torchcodec", None)  # import fails, as when not installed
-    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
+    if missing == "torchcodec":  # import fails, as when not installed
+        monkeypatch.setitem(sys.modules, "torchcodec", None)
+        monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
+    else:  # installed, but FFmpeg's libraries are not on the machine
+        _torchcodec_without_ffmpeg(monkeypatch)
+        with pytest.raises(DataError, match="FFmpeg's shared libraries were not found"):
+            check_torchcodec()
     args = [
         "pretrain",
         "--config",

@@ -38,6 +38,14 @@ def _decoder_class() -> Any:
         # torchcodec raises RuntimeError (it tried each FFmpeg major version) without the libraries
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"{MISSING} ({type(err).__name__}: {reason[:160]})") from None
+    # torchcodec 0.17 and later import without FFmpeg (its image decoders do not need it) and
+    # fail only when a video is opened; the flag it sets at import says whether FFmpeg loaded
+    try:
+        from torchcodec._core import ops
+    except ImportError:  # another layout: the decoder's own error says it when used
+        return VideoDecoder
+    if getattr(ops, "_FFMPEG_AVAILABLE", True) is False:
+        raise DataError(f"{MISSING} (FFmpeg's shared libraries were not found)")
     return VideoDecoder
 
 

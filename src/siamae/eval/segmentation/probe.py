@@ -44,9 +44,9 @@ CACHED_VIEWS = {
 DEFAULT_COPIES = {"crops": 4, "windows": 1}
 PROTOCOLS = {
     "dinov2": "DINOv2's: the frozen encoder runs on fresh augmented crops every iteration",
-    "cached": "the frozen encoder's features of each training image computed once (windows of "
-    "the image at the protocol's size, plus --copies - 1 augmented crops; --cached-views crops: "
-    "--copies augmented crops), the head trained on them",
+    "cached": "the frozen encoder's features of a fixed set of views of each training image "
+    "computed once (--copies of the dinov2 protocol's own augmented crops; --cached-views "
+    "windows: the image's windows at the protocol's size), the head trained on them",
 }
 
 # -- the frozen linear probe ------------------------------------------------------------------
