@@ -186,14 +186,15 @@ def _add_length_options(p: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=None,
         help=f"probe iterations (default: {DINOV2_ITERS} with --protocol dinov2, --epochs "
-        "passes over the training views with --protocol cached)",
+        "epochs with --protocol cached)",
     )
     p.add_argument(
         "--epochs",
         type=positive_int,
         default=None,
-        help=f"train this many passes over the training set instead of --iters (default with "
-        f"--protocol cached: {CACHED_EPOCHS}, DINOv2's 40k iterations x 16 over ADE20K)",
+        help="train this many passes over the training images (with --cached-views windows: "
+        "over all the cached views) instead of --iters (default with --protocol cached: "
+        f"{CACHED_EPOCHS}, DINOv2's 40k iterations x 16 over ADE20K)",
     )
     p.add_argument(
         "--copies",
