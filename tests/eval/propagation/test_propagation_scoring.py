@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from scipy.io import savemat
 
@@ -150,16 +151,20 @@ def test_score_only_imports_no_torch(tmp_path):
 
 
 @pytest.mark.parametrize("exact", [False, True])
-def test_resize_nearest_is_resize_ids(exact):
-    """The scorer's NumPy resize picks torch's pixels (float32 index arithmetic included)."""
+def test_resize_nearest_is_torchs_nearest(exact):
+    """The NumPy resize (the scorer's, and the engine's resize_ids) picks torch's pixels (float32
+    index arithmetic included): the published flow resizes with torch."""
     rng = np.random.default_rng(3)
     sizes = [1, 2, 3, 7, 24, 31, 240, 432, 480, 540, 613, 720, 854, 880, 1080]
     ids = rng.integers(0, 255, (1080, 1080), dtype=np.uint8)
     for h0, h1 in zip(sizes, sizes[::-1] + sizes[1:]):
         for w0, w1 in ((854, 880), (h1, h0), (480, 481)):
             src = ids[:h0, :w0]
-            want = resize_ids(src, (h1, w1), exact=exact)
+            t = torch.from_numpy(np.ascontiguousarray(src)).float()[None, None]
+            mode = "nearest-exact" if exact else "nearest"
+            want = F.interpolate(t, size=(h1, w1), mode=mode)[0, 0].numpy().astype(np.uint8)
             assert np.array_equal(resize_nearest(src, (h1, w1), exact=exact), want)
+            assert np.array_equal(resize_ids(src, (h1, w1), exact=exact), want)
 
 
 def per_seq_jf(root, folder):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from siamae.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from siamae.errors import SiamaeError
+from siamae.eval.propagation.layouts import resize_nearest
 from siamae.options import check, convert, replace_from_overrides
 from siamae.sizes import size_problem
 
@@ -435,12 +436,9 @@ class LabelPropagator:
 
 def resize_ids(ids: np.ndarray, size: tuple[int, int], exact: bool = False) -> np.ndarray:
     """Nearest-neighbour resize of an id map. ``exact=False`` samples like OpenCV's INTER_NEAREST
-    (floor(i * scale)), ``exact=True`` like PIL's NEAREST (cell centres)."""
-    if tuple(ids.shape[:2]) == tuple(size):
-        return ids
-    t = torch.from_numpy(np.ascontiguousarray(ids)).float()[None, None]
-    mode = "nearest-exact" if exact else "nearest"
-    return F.interpolate(t, size=size, mode=mode)[0, 0].numpy().astype(ids.dtype)
+    (floor(i * scale)), ``exact=True`` like PIL's NEAREST (cell centres): torch's ``nearest`` /
+    ``nearest-exact`` pixels, by the torch-free :func:`~.layouts.resize_nearest` the scorer uses."""
+    return resize_nearest(ids, size, exact)
 
 
 def propagate_video(
