@@ -8,7 +8,7 @@ frame, short side ``--short-side``, every third sequence held out for validation
 ``siamae eval segment`` with the same encoder, batch, lr, crop and epochs under both protocols,
 and a second cached probe (another lr) that reuses the first one's features. Every number comes
 from the project's own command, run in this process; the table is printed and written to
-OUT/results_<which>_seed<S>_copies<C>.json.
+OUT/results_<which>_seed<S>_copies<C or default>[_crops].json.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def probe(args: argparse.Namespace, name: str, protocol: str, lr: float) -> dict
     line += ["--num-workers", str(args.num_workers), "--no-resume", "--no-progress"]
     line += ["--seed", str(args.seed)]
     if protocol == "cached":
-        line += ["--feature-cache", str(args.out / "features"), "--copies", str(args.copies)]
-        line += ["--cached-views", args.cached_views]
+        line += ["--feature-cache", str(args.out / "features"), "--cached-views", args.cached_views]
+        line += ["--copies", str(args.copies)] if args.copies is not None else []
     start = time.perf_counter()
     assert siamae(line) == 0, f"{name} failed"
     seconds = time.perf_counter() - start
@@ -42,7 +42,7 @@ def probe(args: argparse.Namespace, name: str, protocol: str, lr: float) -> dict
         "protocol": protocol,
         "lr": lr,
         "seed": args.seed,
-        "copies": args.copies if protocol == "cached" else None,
+        "copies": summary["probe"]["copies"] if protocol == "cached" else None,
         "cached_views": args.cached_views if protocol == "cached" else None,
         "mIoU": round(summary["mIoU"], 2),
         "IoU_object": round(summary["per_class"][1]["IoU"], 2),
@@ -69,9 +69,9 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--checkpoint", help="the encoder (default: --random-init's)")
     p.add_argument("--random-init", default="vit_small_patch16_224", help="an untrained encoder")
-    p.add_argument("--copies", type=int, default=1, help="cached views per image (--copies)")
+    p.add_argument("--copies", type=int, default=None, help="--copies (default: the command's)")
     p.add_argument(
-        "--cached-views", choices=("windows", "crops"), default="windows", help="--cached-views"
+        "--cached-views", choices=("crops", "windows"), default="crops", help="--cached-views"
     )
     p.add_argument("--seed", type=int, default=0, help="the probe's seed (crops, head)")
     p.add_argument(
@@ -90,7 +90,7 @@ def main() -> None:
     results = {}
     if args.only != "dinov2":
         crops = "_crops" if args.cached_views == "crops" else ""
-        tag_c = f"{tag}_copies{args.copies}{crops}"
+        tag_c = f"{tag}_copies{args.copies or 'default'}{crops}"
         results[f"cached {tag_c}"] = probe(args, f"cached_{tag_c}", "cached", args.lr)
         results[f"cached {tag_c}, reusing"] = probe(
             args, f"cached_again_{tag_c}", "cached", args.second_lr
@@ -99,7 +99,7 @@ def main() -> None:
         results[f"dinov2 {tag}"] = probe(args, f"dinov2_{tag}", "dinov2", args.lr)
     args.out.mkdir(parents=True, exist_ok=True)
     crops = "_crops" if args.cached_views == "crops" else ""
-    name = f"results_{args.only or 'both'}_{tag}_copies{args.copies}{crops}.json"
+    name = f"results_{args.only or 'both'}_{tag}_copies{args.copies or 'default'}{crops}.json"
     (args.out / name).write_text(json.dumps(results, indent=2) + "\n")
     print(
         "\n| probe | lr | mIoU | IoU object | iterations | features s | train s | eval s | wall s |"
