@@ -370,6 +370,7 @@ def _train_probe(
     protocol = args.protocol
     encoder, source = encoder_from_args(args, check=check_layers)
     train_set = open_segmentation(args.data, args.train_split, args.layout, args.num_classes)
+    views = args.cached_views or ProbeConfig.cached_views
     cfg = ProbeConfig(
         layers=layers,
         iters=1,
@@ -382,8 +383,8 @@ def _train_probe(
         seed=args.seed,
         num_workers=args.num_workers,
         protocol=protocol,
-        copies=args.copies or DEFAULT_COPIES[args.cached_views or "crops"],
-        cached_views=args.cached_views or "crops",
+        copies=args.copies or DEFAULT_COPIES[views],
+        cached_views=views,
     )
     cfg.iters = _probe_iters(args, cfg, train_set)
     cfg.warmup_iters = (
@@ -470,12 +471,10 @@ def _probe_iters(args: argparse.Namespace, cfg: ProbeConfig, train_set: Segmenta
     passes over the training set: its images (dinov2), or the views cached (cached)."""
     if args.iters is not None:
         return args.iters
-    if cfg.protocol == "dinov2":
-        if args.epochs is None:
-            return DINOV2_ITERS
-        return args.epochs * max(1, len(train_set) // cfg.batch_size)
+    if cfg.protocol == "dinov2" and args.epochs is None:
+        return DINOV2_ITERS
     epochs = args.epochs or CACHED_EPOCHS
-    if cfg.cached_views == "crops":  # an epoch is the dinov2 protocol's, one crop an image
+    if cfg.protocol == "dinov2" or cfg.cached_views == "crops":  # an epoch: a crop of each image
         return epochs * max(1, len(train_set) // cfg.batch_size)
     views = len(cached_views(train_set, cfg))
     return epochs * batches_per_epoch(views, cfg.batch_size)

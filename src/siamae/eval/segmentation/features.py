@@ -240,6 +240,8 @@ def cache_key(
         "copies": copies,
         "layers": layers,
         "items": len(views),
+        # crops name their kind (the windows' keys predate the option and stay as they were)
+        **({"views": "crops"} if views.crops else {}),
         **extra,
     }
 

@@ -189,13 +189,10 @@ def _cached_training_features(
 ) -> CachedFeatures:
     views = cached_views(train_set, cfg)
     # Augmented copies depend on how they are drawn; the windows alone do not.
-    crops = cfg.cached_views == "crops"
     drawn: dict[str, Any] = {}
-    if cfg.copies > 1 or crops:
+    if cfg.copies > 1 or views.crops:
         drawn = {"seed": cfg.seed, "ratio_range": list(cfg.ratio_range)}
         drawn["photometric"] = cfg.photometric
-    if crops:
-        drawn["views"] = "crops"
     key = cache_key(encoder, views, cfg.layers, cfg.copies, drawn)
     found = cached_features(
         encoder,
